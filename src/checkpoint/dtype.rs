@@ -1,0 +1,128 @@
+//! Element types of checkpoint tensors and their conversion to and from f32.
+//!
+//! Only f16, bf16 and f32 tensors are compressed; every other safetensors dtype is carried
+//! through byte for byte. Conversions to f32 are exact; conversions from f32 round to nearest,
+//! ties to even (as PyTorch's `.to()` does).
+
+use half::{bf16, f16};
+pub use safetensors::Dtype;
+
+/// The float element types the engines understand (the compressible dtypes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum FloatType {
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// IEEE single precision.
+    F32,
+}
+
+impl FloatType {
+    /// The compressible float type of a safetensors dtype, if it is one.
+    pub fn from_dtype(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F16 => Some(FloatType::F16),
+            Dtype::BF16 => Some(FloatType::BF16),
+            Dtype::F32 => Some(FloatType::F32),
+            _ => None,
+        }
+    }
+    /// The safetensors dtype.
+    pub fn dtype(self) -> Dtype {
+        match self {
+            FloatType::F16 => Dtype::F16,
+            FloatType::BF16 => Dtype::BF16,
+            FloatType::F32 => Dtype::F32,
+        }
+    }
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            FloatType::F16 | FloatType::BF16 => 2,
+            FloatType::F32 => 4,
+        }
+    }
+    /// Code used in GPU uniforms: 0 = f16, 1 = bf16, 2 = f32.
+    pub fn code(self) -> u32 {
+        match self {
+            FloatType::F16 => 0,
+            FloatType::BF16 => 1,
+            FloatType::F32 => 2,
+        }
+    }
+    /// Element `i` of little-endian `bytes` as f32 (exact).
+    #[inline(always)]
+    pub fn load(self, bytes: &[u8], i: usize) -> f32 {
+        match self {
+            FloatType::F16 => f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
+            FloatType::BF16 => bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
+            FloatType::F32 => f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]),
+        }
+    }
+    /// Decodes all of little-endian `bytes` into `out` (cleared first).
+    pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
+        out.clear();
+        let n = bytes.len() / self.size();
+        out.reserve(n);
+        match self {
+            FloatType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
+            FloatType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
+            FloatType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        }
+    }
+    /// Appends `values` rounded to this type (nearest, ties to even) as little-endian bytes.
+    pub fn encode_into(self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.size());
+        match self {
+            FloatType::F16 => values.iter().for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_bits().to_le_bytes())),
+            FloatType::BF16 => values.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes())),
+            FloatType::F32 => values.iter().for_each(|&v| out.extend_from_slice(&v.to_le_bytes())),
+        }
+    }
+}
+
+/// Bytes taken by `numel` elements of `dtype` (sub-byte types rounded up).
+pub fn byte_len(dtype: Dtype, numel: u64) -> u64 {
+    (numel * dtype.bitsize() as u64).div_ceil(8)
+}
+
+/// The dtype's name as safetensors headers spell it (`"F16"`, `"BF16"`, ...).
+pub fn dtype_name(dtype: Dtype) -> String {
+    serde_json::to_value(dtype)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{dtype:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rounding() {
+        let vals = [0.0f32, -1.5, 65504.0, 1.0e-7, 3.1415927];
+        for ft in [FloatType::F16, FloatType::BF16, FloatType::F32] {
+            let mut bytes = Vec::new();
+            ft.encode_into(&vals, &mut bytes);
+            assert_eq!(bytes.len(), vals.len() * ft.size());
+            let mut back = Vec::new();
+            ft.decode_into(&bytes, &mut back);
+            for (i, (&v, &b)) in vals.iter().zip(&back).enumerate() {
+                assert_eq!(ft.load(&bytes, i), b);
+                let tol = match ft {
+                    FloatType::F32 => 0.0,
+                    FloatType::F16 => v.abs() * 1.0e-3 + 6.0e-8,
+                    FloatType::BF16 => v.abs() * 8.0e-3,
+                };
+                assert!((v - b).abs() <= tol, "{ft:?}: {v} -> {b}");
+            }
+        }
+        // bf16 1.0 + 2^-8 is a tie between 1.0 and 1.0078125: even mantissa wins.
+        let mut bytes = Vec::new();
+        FloatType::BF16.encode_into(&[1.0 + 1.0 / 256.0], &mut bytes);
+        assert_eq!(u16::from_le_bytes([bytes[0], bytes[1]]), 0x3f80);
+        assert_eq!(dtype_name(Dtype::BF16), "BF16");
+        assert_eq!(byte_len(Dtype::F4, 3), 2);
+    }
+}

@@ -1,0 +1,4 @@
+//! Checkpoint I/O: safetensors files (single or HF-sharded), dtypes, tensor selection, writing.
+
+pub mod dtype;
+pub mod writer;

@@ -1,0 +1,168 @@
+//! Streaming safetensors writer: the header first (all offsets are known from shapes and
+//! dtypes), then the tensors' bytes in order, so no tensor need be held whole in memory.
+
+use super::dtype::{byte_len, Dtype};
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Name, dtype and shape of one tensor to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorHeader {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape (row-major).
+    pub shape: Vec<usize>,
+}
+
+impl TensorHeader {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+    /// Bytes of data.
+    pub fn byte_len(&self) -> u64 {
+        byte_len(self.dtype, self.numel())
+    }
+}
+
+/// Writes one safetensors file tensor by tensor.
+pub struct SafetensorsWriter {
+    out: BufWriter<File>,
+    path: PathBuf,
+    names: Vec<String>,
+    sizes: Vec<u64>,
+    current: usize,
+    written: u64,
+}
+
+impl SafetensorsWriter {
+    /// Creates `path` and writes the header for `tensors`, whose data must then be written in
+    /// this order with [`write`](Self::write).
+    pub fn create(
+        path: &Path,
+        tensors: &[TensorHeader],
+        metadata: Option<&BTreeMap<String, String>>,
+    ) -> Result<Self> {
+        let header = header_json(tensors, metadata);
+        let mut padded = header.into_bytes();
+        while padded.len() % 8 != 0 {
+            padded.push(b' ');
+        }
+        let file = File::create(path).map_err(|e| Error::io(path, e))?;
+        let mut out = BufWriter::with_capacity(1 << 22, file);
+        out.write_all(&(padded.len() as u64).to_le_bytes())
+            .and_then(|_| out.write_all(&padded))
+            .map_err(|e| Error::io(path, e))?;
+        Ok(SafetensorsWriter {
+            out,
+            path: path.to_path_buf(),
+            names: tensors.iter().map(|t| t.name.clone()).collect(),
+            sizes: tensors.iter().map(TensorHeader::byte_len).collect(),
+            current: 0,
+            written: 0,
+        })
+    }
+
+    /// Appends data bytes; a call may span several tensors. Writing more than the header
+    /// announced is an error.
+    pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            self.skip_full();
+            let Some(&size) = self.sizes.get(self.current) else {
+                return Err(Error::checkpoint(&self.path, "more tensor data than the header announced"));
+            };
+            let take = ((size - self.written) as usize).min(bytes.len());
+            self.out
+                .write_all(&bytes[..take])
+                .map_err(|e| Error::io(&self.path, e))?;
+            self.written += take as u64;
+            bytes = &bytes[take..];
+        }
+        Ok(())
+    }
+
+    fn skip_full(&mut self) {
+        while self.current < self.sizes.len() && self.written == self.sizes[self.current] {
+            self.current += 1;
+            self.written = 0;
+        }
+    }
+
+    /// Flushes and syncs; fails if some tensor's data is missing.
+    pub fn finish(mut self) -> Result<()> {
+        self.skip_full();
+        if self.current < self.sizes.len() {
+            return Err(Error::tensor(&self.path, &self.names[self.current], "data incomplete"));
+        }
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io(&self.path, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// The JSON header for `tensors` laid out contiguously in the given order.
+fn header_json(tensors: &[TensorHeader], metadata: Option<&BTreeMap<String, String>>) -> String {
+    let mut map = serde_json::Map::new();
+    if let Some(m) = metadata {
+        map.insert("__metadata__".into(), serde_json::to_value(m).unwrap_or_default());
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        let end = offset + t.byte_len();
+        map.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    serde_json::Value::Object(map).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::SafeTensors;
+
+    #[test]
+    fn written_file_loads_with_the_safetensors_crate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let tensors = vec![
+            TensorHeader { name: "b".into(), dtype: Dtype::F16, shape: vec![2, 3] },
+            TensorHeader { name: "a".into(), dtype: Dtype::I64, shape: vec![1] },
+            TensorHeader { name: "empty".into(), dtype: Dtype::F32, shape: vec![0, 4] },
+        ];
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let mut w = SafetensorsWriter::create(&path, &tensors, Some(&meta)).unwrap();
+        let data: Vec<u8> = (0u8..20).collect();
+        w.write(&data[..5]).unwrap();
+        w.write(&data[5..]).unwrap();
+        assert!(w.write(&[0]).is_err());
+        w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("b").unwrap().data(), &data[..12]);
+        assert_eq!(st.tensor("a").unwrap().data(), &data[12..20]);
+        assert_eq!(st.tensor("empty").unwrap().shape(), &[0, 4]);
+        let (_, md) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(md.metadata().as_ref().unwrap()["format"], "pt");
+    }
+
+    #[test]
+    fn missing_data_is_an_error_naming_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let tensors = vec![TensorHeader { name: "w".into(), dtype: Dtype::F32, shape: vec![2] }];
+        let mut w = SafetensorsWriter::create(&path, &tensors, None).unwrap();
+        w.write(&[0; 4]).unwrap();
+        let err = w.finish().unwrap_err().to_string();
+        assert!(err.contains("'w'") && err.contains("incomplete"), "{err}");
+    }
+}

@@ -1,0 +1,13 @@
+//! udelta-gpu: UltraDelta compression of fine-tuned LLM weight deltas, on the GPU through wgpu
+//! compute shaders, with a CPU reference engine that produces the same bytes.
+//!
+//! Data flow (one module per stage):
+//! [`checkpoint`] (read safetensors) -> [`engine`] (delta, min/max, levels, selection) with the
+//! pure rules of [`algorithm`] -> [`codec`] (entropy coding) -> [`format`] (the `.udelta`
+//! container) -> [`pipeline`] (compress / decompress orchestration) -> [`cli`].
+
+pub mod checkpoint;
+pub mod error;
+pub mod staging;
+
+pub use error::{Error, Result};
