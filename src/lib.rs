@@ -6,7 +6,15 @@
 //! pure rules of [`algorithm`] -> [`codec`] (entropy coding) -> [`format`] (the `.udelta`
 //! container) -> [`pipeline`] (compress / decompress orchestration) -> [`cli`].
 
+pub mod algorithm;
 pub mod checkpoint;
+pub mod cli;
+pub mod codec;
+pub mod engine;
+pub mod format;
+pub mod pipeline;
+pub mod progress;
+pub mod report;
 pub mod error;
 pub mod staging;
 

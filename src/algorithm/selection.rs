@@ -1,0 +1,236 @@
+//! Step 3: distribution-aware random pruning with exact per-level counts.
+//!
+//! Every element `i` of a tensor gets a key `element_key(tensor_key, i)`: a keyed bijection of
+//! the 32-bit index, so keys within a tensor are distinct and look uniformly random. In a level
+//! with `n_v` entries, the `k_v = round_half_even(n_v * r')` entries with the smallest keys are
+//! pruned. The rule names one exact set; engines may find it however they like. Both engines
+//! here use the bucket method of [`bucket_cuts`] / [`threshold_from_candidates`]:
+//! a histogram of the keys' top [`BUCKET_BITS`] bits per level finds the bucket holding each
+//! level's cut, and only the entries of that bucket are sorted.
+
+use super::{round_half_even, TensorStats};
+
+/// Per-tensor key of the selection hash, derived from (seed, model, tensor name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorKey {
+    /// XORed into the index before the first mixing round.
+    pub k0: u32,
+    /// Added between the two mixing rounds.
+    pub k1: u32,
+}
+
+/// SplitMix64 finalizer (host side only).
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl TensorKey {
+    /// The key for `tensor` of `model` under `seed`: SplitMix64 chained over the seed, then the
+    /// UTF-8 bytes of the model name, a 0xFF separator (not valid UTF-8), and the tensor name.
+    pub fn new(seed: u64, model: &str, tensor: &str) -> Self {
+        let mut h = splitmix64(seed);
+        for b in model.bytes().chain([0xff]).chain(tensor.bytes()) {
+            h = splitmix64(h ^ b as u64);
+        }
+        TensorKey { k0: h as u32, k1: (h >> 32) as u32 }
+    }
+}
+
+/// `lowbias32` (C. Wellons): a bijective 32-bit mixer built from xor-shifts and odd multiplies.
+#[inline(always)]
+pub fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
+/// The selection key of element `index`: `mix32(mix32(index ^ k0) + k1)`. A bijection of the
+/// index for a fixed tensor key. Mirrored exactly in `shaders/common.wgsl`.
+#[inline(always)]
+pub fn element_key(key: TensorKey, index: u32) -> u32 {
+    mix32(mix32(index ^ key.k0).wrapping_add(key.k1))
+}
+
+/// The zero-adjusted rate `r' = max(0, (r - z) / (1 - z))`; a tensor whose entries all
+/// dequantize to zero (`z = 1`) gets `r' = 1`: there is nothing to keep.
+pub fn adjusted_rate(rate: f64, zero_fraction: f64) -> f64 {
+    if zero_fraction >= 1.0 {
+        1.0
+    } else {
+        ((rate - zero_fraction) / (1.0 - zero_fraction)).max(0.0)
+    }
+}
+
+/// Top bits of a key that pick its bucket.
+pub const BUCKET_BITS: u32 = 12;
+/// Number of buckets per level.
+pub const BUCKETS: usize = 1 << BUCKET_BITS;
+
+/// Bucket of a key.
+#[inline(always)]
+pub fn bucket_of(key: u32) -> usize {
+    (key >> (32 - BUCKET_BITS)) as usize
+}
+
+/// How many entries each level prunes and keeps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SelectionPlan {
+    /// The tensor's selection key.
+    pub key: TensorKey,
+    /// Entries per level (the level histogram).
+    pub histogram: Vec<u64>,
+    /// Entries pruned per level, `k_v`.
+    pub pruned: Vec<u64>,
+}
+
+impl SelectionPlan {
+    /// The plan for a tensor with `stats` and pruning rate `rate`.
+    pub fn new(key: TensorKey, stats: &TensorStats, rate: f64) -> Self {
+        let r = adjusted_rate(rate, stats.zero_fraction());
+        let pruned = stats
+            .histogram
+            .iter()
+            .map(|&n| (round_half_even(n as f64 * r) as u64).min(n))
+            .collect();
+        SelectionPlan { key, histogram: stats.histogram.clone(), pruned }
+    }
+
+    /// Entries kept per level, `n_v - k_v`.
+    pub fn kept_counts(&self) -> Vec<u64> {
+        self.histogram.iter().zip(&self.pruned).map(|(n, k)| n - k).collect()
+    }
+
+    /// Total entries kept.
+    pub fn kept(&self) -> u64 {
+        self.kept_counts().iter().sum()
+    }
+}
+
+/// Where a level's cut lies: in `bucket`, after `rank` of that bucket's entries (1-based:
+/// the `rank`-th smallest key of the bucket is the last one pruned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketCut {
+    /// The bucket holding the largest pruned key.
+    pub bucket: u32,
+    /// How many of the bucket's entries (smallest keys first) are pruned, >= 1.
+    pub rank: u64,
+}
+
+/// For each level, the bucket holding its cut (`None` when nothing is pruned), from the
+/// per-level bucket histogram laid out level-major (`hist[level * BUCKETS + bucket]`).
+pub fn bucket_cuts(hist: &[u64], pruned: &[u64]) -> Vec<Option<BucketCut>> {
+    pruned
+        .iter()
+        .enumerate()
+        .map(|(level, &k)| {
+            if k == 0 {
+                return None;
+            }
+            let row = &hist[level * BUCKETS..(level + 1) * BUCKETS];
+            let mut below = 0u64;
+            for (b, &c) in row.iter().enumerate() {
+                if below + c >= k {
+                    return Some(BucketCut { bucket: b as u32, rank: k - below });
+                }
+                below += c;
+            }
+            unreachable!("bucket histogram holds fewer entries than the plan prunes")
+        })
+        .collect()
+}
+
+/// Threshold of one level from the keys found in its cut bucket: entries with
+/// `key < threshold` are pruned. `None` cut gives 0 (prune nothing). The candidates are
+/// reordered in place.
+pub fn threshold_from_candidates(cut: Option<BucketCut>, candidates: &mut [u32]) -> u64 {
+    match cut {
+        None => 0,
+        Some(c) => {
+            let r = c.rank as usize - 1;
+            let (_, nth, _) = candidates.select_nth_unstable(r);
+            *nth as u64 + 1
+        }
+    }
+}
+
+/// Thresholds as the GPU kernels take them: `(threshold as u32, prune_all flag)`, since a
+/// threshold of `2^32` (prune every key) does not fit in a u32.
+pub fn split_threshold(t: u64) -> (u32, u32) {
+    if t > u32::MAX as u64 {
+        (0, 1)
+    } else {
+        (t as u32, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algorithm::QuantGrid;
+
+    #[test]
+    fn mixer_matches_reference_values_and_is_bijective_on_a_range() {
+        assert_eq!(mix32(0), 0);
+        assert_eq!(mix32(1), 0x6889_90c0); // computed independently in Python
+        assert_eq!(mix32(0xdead_beef), 0xe628_c683);
+        let key = TensorKey::new(7, "m", "t");
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..100_000u32 {
+            assert!(seen.insert(element_key(key, i)));
+        }
+        assert_ne!(TensorKey::new(7, "m", "t"), TensorKey::new(8, "m", "t"));
+        assert_ne!(TensorKey::new(7, "m", "t"), TensorKey::new(7, "mt", ""));
+    }
+
+    #[test]
+    fn adjusted_rate_and_exact_counts() {
+        assert_eq!(adjusted_rate(0.9, 0.0), 0.9);
+        assert!((adjusted_rate(0.9, 0.5) - 0.8).abs() < 1e-15);
+        assert_eq!(adjusted_rate(0.3, 0.5), 0.0);
+        assert_eq!(adjusted_rate(0.9, 1.0), 1.0);
+        // levels of 10, 5, 3, 1 entries at r' = 0.5: 5, round(2.5) = 2, round(1.5) = 2, round(0.5) = 0
+        let grid = QuantGrid { lo: 1.0, hi: 4.0, bits: 2 };
+        let stats = TensorStats { grid, histogram: vec![10, 5, 3, 1] };
+        let plan = SelectionPlan::new(TensorKey { k0: 0, k1: 0 }, &stats, 0.5);
+        assert_eq!(plan.pruned, vec![5, 2, 2, 0]);
+        assert_eq!(plan.kept_counts(), vec![5, 3, 1, 1]);
+        assert_eq!(plan.kept(), 10);
+    }
+
+    #[test]
+    fn bucket_method_finds_the_k_smallest_keys() {
+        let key = TensorKey::new(1, "model", "w");
+        let levels: Vec<usize> = (0..50_000u32).map(|i| (mix32(i * 7 + 1) % 3) as usize).collect();
+        let pruned = [0u64, 1, 9_000];
+        let mut hist = vec![0u64; 3 * BUCKETS];
+        for (i, &l) in levels.iter().enumerate() {
+            hist[l * BUCKETS + bucket_of(element_key(key, i as u32))] += 1;
+        }
+        let cuts = bucket_cuts(&hist, &pruned);
+        for level in 0..3 {
+            let mut keys: Vec<u32> = (0..levels.len())
+                .filter(|&i| levels[i] == level)
+                .map(|i| element_key(key, i as u32))
+                .collect();
+            let mut cand: Vec<u32> = keys
+                .iter()
+                .copied()
+                .filter(|&k| cuts[level].is_some_and(|c| bucket_of(k) as u32 == c.bucket))
+                .collect();
+            let t = threshold_from_candidates(cuts[level], &mut cand);
+            keys.sort_unstable();
+            let pruned_here = keys.iter().filter(|&&k| (k as u64) < t).count() as u64;
+            assert_eq!(pruned_here, pruned[level]);
+            if pruned[level] > 0 {
+                assert_eq!(t, keys[pruned[level] as usize - 1] as u64 + 1);
+            }
+        }
+        assert_eq!(split_threshold(1 << 32), (0, 1));
+        assert_eq!(split_threshold(5), (5, 0));
+    }
+}

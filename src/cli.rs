@@ -1,0 +1,315 @@
+//! The command line: `compress`, `decompress`, `inspect`, `synth`, `demo`.
+
+use crate::algorithm::CompressParams;
+use crate::checkpoint::dtype::FloatType;
+use crate::checkpoint::reader::Checkpoint;
+use crate::checkpoint::select::TensorSelector;
+use crate::engine::{self, Engine};
+use crate::error::{Error, Result};
+use crate::format::UdeltaReader;
+use crate::pipeline::compress::{compress, CompressOptions};
+use crate::pipeline::decompress::{decompress, DecompressOptions};
+use crate::pipeline::verify::verify;
+use crate::report::InspectReport;
+use crate::synth::{write_synthetic, Preset, SynthOptions};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// UltraDelta compression of fine-tuned LLM weight deltas, on the GPU (wgpu) or the CPU.
+#[derive(Debug, Parser)]
+#[command(name = "udelta-gpu", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Compress the delta between a fine-tuned checkpoint and its base into a .udelta file.
+    Compress(CompressArgs),
+    /// Rebuild the fine-tuned checkpoint (or only its deltas) from a .udelta file and the base.
+    Decompress(DecompressArgs),
+    /// Show what a .udelta file holds: per-tensor sizes, totals, measured and paper ratios.
+    Inspect(InspectArgs),
+    /// Write LLaMA-shaped synthetic base and fine-tuned checkpoints (for tests and benchmarks).
+    Synth(SynthArgs),
+    /// Synthesize a tiny model, compress, decompress, verify, and print the report.
+    Demo(DemoArgs),
+}
+
+/// `compress` arguments.
+#[derive(Debug, Args)]
+pub struct CompressArgs {
+    /// Base checkpoint: a .safetensors file or an HF directory (single file or shards).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Fine-tuned checkpoint, laid out like the base.
+    #[arg(long)]
+    pub finetuned: PathBuf,
+    /// Output .udelta file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Target sparsity s (fraction of delta entries pruned), in (0, 1).
+    #[arg(long, default_value_t = 0.95)]
+    pub sparsity: f64,
+    /// Quantization bits, 1..=8.
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    /// Sparsity step between the low/middle/high variance groups.
+    #[arg(long, default_value_t = 0.01)]
+    pub step: f64,
+    /// Additional rescale factor a (kept values are scaled by a / (1 - s)).
+    #[arg(long, default_value_t = 1.0)]
+    pub factor: f64,
+    /// Seed of the selection hash.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Compute engine: auto, cpu (GPU backends come with the GPU engine).
+    #[arg(long, default_value = "auto")]
+    pub adapter: String,
+    /// Compress exactly the tensors whose names match this regex (default: transformer-block linear weights).
+    #[arg(long)]
+    pub include: Option<String>,
+    /// Never compress tensors whose names match this regex.
+    #[arg(long)]
+    pub exclude: Option<String>,
+    /// Model name used in the selection hash (default: the fine-tuned path's last component).
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// Recompute every tensor on the CPU reference engine and fail on any difference.
+    #[arg(long)]
+    pub verify: bool,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `decompress` arguments.
+#[derive(Debug, Args)]
+pub struct DecompressArgs {
+    /// The .udelta file.
+    pub input: PathBuf,
+    /// The base checkpoint it was made against.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Output directory (must not exist unless --force).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Write only the reconstructed deltas of the compressed tensors, as f32 (DIR/model.safetensors).
+    #[arg(long)]
+    pub delta_only: bool,
+    /// Replace an existing output and apply to a base whose checksums differ.
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bars.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `inspect` arguments.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The .udelta file.
+    pub input: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Totals only, no per-tensor table.
+    #[arg(long)]
+    pub totals: bool,
+}
+
+/// `synth` arguments.
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Output directory (gets base/ and ft-1/ .. ft-M/).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Shapes: tiny, 7b or 13b (LLaMA-2).
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Override the number of transformer layers.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Element type: f16, bf16 or f32.
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+    /// Number of fine-tunes.
+    #[arg(long, default_value_t = 1)]
+    pub models: usize,
+    /// Number of shard files per checkpoint (default: the preset's).
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Extra vocabulary rows in the fine-tunes.
+    #[arg(long, default_value_t = 0)]
+    pub vocab_growth: usize,
+    /// No progress bar.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `demo` arguments.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Working directory (default: a temporary one, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Target sparsity.
+    #[arg(long, default_value_t = 0.95)]
+    pub sparsity: f64,
+    /// Compute engine (see compress --adapter).
+    #[arg(long, default_value = "auto")]
+    pub adapter: String,
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Compress(a) => run_compress(a),
+        Command::Decompress(a) => {
+            let opts = DecompressOptions { delta_only: a.delta_only, force: a.force, progress: !a.quiet };
+            let t = Instant::now();
+            decompress(&a.input, &a.base, &a.output, &opts)?;
+            eprintln!("wrote {} in {:.2} s", a.output.display(), t.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Command::Inspect(a) => {
+            let report = InspectReport::of(&UdeltaReader::open(&a.input)?);
+            print_report(&report, a.json, !a.totals)
+        }
+        Command::Synth(a) => run_synth(a),
+        Command::Demo(a) => run_demo(a),
+    }
+}
+
+fn print_report(report: &InspectReport, json: bool, per_tensor: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report).map_err(|e| Error::Param(e.to_string()))?);
+    } else {
+        print!("{}", report.to_text(per_tensor));
+    }
+    Ok(())
+}
+
+fn run_compress(a: CompressArgs) -> Result<()> {
+    let params = CompressParams { sparsity: a.sparsity, bits: a.bits, step: a.step, factor: a.factor, seed: a.seed };
+    params.validate()?;
+    let opts = CompressOptions {
+        params,
+        selector: TensorSelector::new(a.include.as_deref(), a.exclude.as_deref())?,
+        model_name: a.model_name,
+        force: a.force,
+        verify: a.verify,
+        progress: !a.quiet,
+    };
+    let mut engine = engine::create(&a.adapter)?;
+    let t = Instant::now();
+    let out = compress(&a.base, &a.finetuned, &a.output, &opts, engine.as_mut())?;
+    let secs = t.elapsed().as_secs_f64();
+    let report = InspectReport::of(&UdeltaReader::open(&out.path)?);
+    if !a.json {
+        eprintln!(
+            "compressed {} params in {secs:.2} s ({:.1} M params/s) on {}",
+            report.compressed_params,
+            report.compressed_params as f64 / secs / 1e6,
+            out.engine
+        );
+    }
+    print_report(&report, a.json, false)
+}
+
+fn parse_float_type(s: &str) -> Result<FloatType> {
+    match s {
+        "f16" => Ok(FloatType::F16),
+        "bf16" => Ok(FloatType::BF16),
+        "f32" => Ok(FloatType::F32),
+        other => Err(Error::Param(format!("--dtype {other}: expected f16, bf16 or f32"))),
+    }
+}
+
+fn run_synth(a: SynthArgs) -> Result<()> {
+    let opts = SynthOptions {
+        preset: a.preset.parse::<Preset>()?,
+        layers: a.layers,
+        dtype: parse_float_type(&a.dtype)?,
+        models: a.models,
+        shards: a.shards,
+        seed: a.seed,
+        vocab_growth: a.vocab_growth,
+    };
+    let t = Instant::now();
+    let progress = crate::progress::Progress::new("synth", 0, !a.quiet);
+    let report = write_synthetic(&a.out, &opts, &|done, total| {
+        progress.set(done, total);
+    })?;
+    progress.finish();
+    eprintln!(
+        "wrote {} and {} fine-tune(s) of {} params ({} bytes each) in {:.2} s",
+        report.base.display(),
+        report.finetuned.len(),
+        report.params_per_model,
+        report.bytes_per_model,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run_demo(a: DemoArgs) -> Result<()> {
+    let tmp;
+    let dir: &Path = match &a.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            d
+        }
+        None => {
+            tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            tmp.path()
+        }
+    };
+    let synth_dir = dir.join("synth");
+    println!("1. synthesizing a tiny LLaMA-shaped base and fine-tune in {}", synth_dir.display());
+    let opts = SynthOptions { preset: Preset::Tiny, layers: None, dtype: FloatType::F16, models: 1, shards: None, seed: 0, vocab_growth: 0 };
+    let _ = std::fs::remove_dir_all(&synth_dir);
+    let syn = write_synthetic(&synth_dir, &opts, &|_, _| {})?;
+    let ft = &syn.finetuned[0];
+    let file = dir.join("ft-1.udelta");
+    let _ = std::fs::remove_file(&file);
+    let mut engine: Box<dyn Engine> = engine::create(&a.adapter)?;
+    println!("2. compressing with UltraDelta (s = {}, 4 bits) on {}", a.sparsity, engine.name());
+    let params = CompressParams { sparsity: a.sparsity, ..Default::default() };
+    let copts = CompressOptions { params, selector: TensorSelector::new(None, None)?, model_name: None, force: true, verify: false, progress: false };
+    let t = Instant::now();
+    compress(&syn.base, ft, &file, &copts, engine.as_mut())?;
+    println!("   done in {:.3} s", t.elapsed().as_secs_f64());
+    let restored = dir.join("restored");
+    let _ = std::fs::remove_dir_all(&restored);
+    println!("3. decompressing into {}", restored.display());
+    decompress(&file, &syn.base, &restored, &DecompressOptions { delta_only: false, force: false, progress: false })?;
+    println!("4. verifying against the original fine-tune");
+    let reader = UdeltaReader::open(&file)?;
+    let v = verify(&reader, &Checkpoint::open(&syn.base)?, &Checkpoint::open(ft)?, &Checkpoint::open(&restored)?)?;
+    println!(
+        "   {} tensors bit-exact, {} compressed: {} of {} entries changed ({:.2}%), delta cosine similarity {:.3}",
+        v.exact_tensors,
+        v.compressed_tensors,
+        v.changed_elements,
+        v.compressed_elements,
+        100.0 * v.changed_elements as f64 / v.compressed_elements.max(1) as f64,
+        v.delta_cosine
+    );
+    println!("5. report");
+    print!("{}", InspectReport::of(&reader).to_text(true));
+    Ok(())
+}

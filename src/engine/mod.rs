@@ -1,0 +1,120 @@
+//! Engines compute what the algorithm needs from a (base, fine-tuned) tensor pair: pass 1
+//! ([`Engine::analyze`]) finds min/max and the level histogram, pass 2 ([`Engine::select`])
+//! quantizes again and returns the kept entries chosen by the exact per-level rule of
+//! [`crate::algorithm::selection`]. Every result is exact (min/max, integer counts, integer
+//! hashing), so all engines return identical values; [`cpu::CpuEngine`] is the reference.
+
+pub mod cpu;
+
+use crate::algorithm::{SelectionPlan, TensorStats};
+use crate::checkpoint::dtype::FloatType;
+
+/// One tensor pair as raw little-endian bytes: the delta is `finetuned - base`, in f32.
+#[derive(Debug, Clone, Copy)]
+pub struct DeltaInput<'a> {
+    /// Base tensor bytes (`numel` elements).
+    pub base: &'a [u8],
+    /// Element type of `base`.
+    pub base_type: FloatType,
+    /// Fine-tuned tensor bytes (`numel` elements: the rows shared with the base).
+    pub finetuned: &'a [u8],
+    /// Element type of `finetuned`.
+    pub finetuned_type: FloatType,
+}
+
+impl<'a> DeltaInput<'a> {
+    /// A pair over the first `numel` elements of both byte slices (which must hold them).
+    pub fn new(base: &'a [u8], base_type: FloatType, finetuned: &'a [u8], finetuned_type: FloatType, numel: usize) -> Self {
+        DeltaInput {
+            base: &base[..numel * base_type.size()],
+            base_type,
+            finetuned: &finetuned[..numel * finetuned_type.size()],
+            finetuned_type,
+        }
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.base.len() / self.base_type.size()
+    }
+
+    /// Writes the deltas of elements `start .. start + out.len()` (f32 subtraction) into `out`,
+    /// using `scratch` for the base values.
+    pub fn delta_range(&self, start: usize, out: &mut Vec<f32>, scratch: &mut Vec<f32>, len: usize) {
+        let range = |t: FloatType| start * t.size()..(start + len) * t.size();
+        self.finetuned_type.decode_into(&self.finetuned[range(self.finetuned_type)], out);
+        self.base_type.decode_into(&self.base[range(self.base_type)], scratch);
+        out.iter_mut().zip(scratch.iter()).for_each(|(f, b)| *f -= b);
+    }
+}
+
+/// The surviving entries of one tensor: positions ascending, with their levels.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeptEntries {
+    /// Element indices, strictly increasing.
+    pub positions: Vec<u32>,
+    /// Quantization level of each kept element.
+    pub levels: Vec<u8>,
+}
+
+/// Why an engine could not process a tensor (the caller adds file and tensor names).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A delta that is NaN or infinite.
+    #[error("delta at element {index} is not finite (base {base}, fine-tuned {finetuned})")]
+    NonFinite {
+        /// Lowest offending element index.
+        index: u64,
+        /// Base value there.
+        base: f32,
+        /// Fine-tuned value there.
+        finetuned: f32,
+    },
+    /// A GPU failure.
+    #[error("GPU: {0}")]
+    Gpu(String),
+    /// The engine's result disagrees with the plan (an engine or driver bug).
+    #[error("engine result inconsistent with the plan: {0}")]
+    Inconsistent(String),
+}
+
+/// A compute engine (CPU reference or GPU).
+pub trait Engine: Send {
+    /// Human-readable name, e.g. `cpu (2 threads)` or the adapter's name and backend.
+    fn name(&self) -> String;
+
+    /// Pass 1: exact min/max of the delta, then its level histogram at `bits`.
+    fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError>;
+
+    /// Pass 2: the kept entries under `plan` (exactly `plan.kept_counts()` per level).
+    fn select(&mut self, input: &DeltaInput, stats: &TensorStats, plan: &SelectionPlan) -> Result<KeptEntries, EngineError>;
+}
+
+/// The engine for `--adapter NAME`: `cpu`, or `auto` (the best available).
+pub fn create(adapter: &str) -> crate::Result<Box<dyn Engine>> {
+    match adapter {
+        "cpu" | "auto" => Ok(Box::new(cpu::CpuEngine)),
+        other => Err(crate::Error::Param(format!("--adapter {other}: expected auto or cpu"))),
+    }
+}
+
+/// Checks an engine's kept entries against the plan's per-level counts.
+pub fn check_kept(kept: &KeptEntries, plan: &SelectionPlan) -> Result<(), EngineError> {
+    let mut counts = vec![0u64; plan.histogram.len()];
+    for &l in &kept.levels {
+        match counts.get_mut(l as usize) {
+            Some(c) => *c += 1,
+            None => return Err(EngineError::Inconsistent(format!("level {l} out of range"))),
+        }
+    }
+    if counts != plan.kept_counts() || kept.positions.len() != kept.levels.len() {
+        return Err(EngineError::Inconsistent(format!(
+            "kept per level {counts:?}, plan {:?}",
+            plan.kept_counts()
+        )));
+    }
+    if kept.positions.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(EngineError::Inconsistent("kept positions not strictly increasing".into()));
+    }
+    Ok(())
+}

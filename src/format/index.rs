@@ -1,0 +1,175 @@
+//! The JSON index of a `.udelta` file.
+
+use crate::algorithm::{CompressParams, Group};
+use crate::codec::BlockInfo;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A byte range of the file holding one record, with its CRC-32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RecordRef {
+    /// Absolute file offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// CRC-32 (IEEE) of the bytes.
+    pub crc32: u32,
+}
+
+/// The model-wide scale: kept values are multiplied by `scale = gamma * factor / (1 - s)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The fine-tune's name (its path's last component); part of the selection hash.
+    pub name: String,
+    /// `factor / (1 - s)`.
+    pub rescale: f64,
+    /// Trace-norm rescaling factor (1 for a model compressed alone).
+    pub gamma: f64,
+    /// Sum of nuclear norms of the compressed, rescaled deltas (`T_m`), when estimated.
+    pub trace_norm: Option<f64>,
+    /// `gamma * rescale`: what decompress multiplies every kept value by.
+    pub scale: f64,
+}
+
+/// How the fine-tuned checkpoint was laid out, to write it back the same way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceLayout {
+    /// `single` (one .safetensors file), `directory` (DIR/model.safetensors) or `sharded`.
+    pub layout: String,
+    /// The files, in order, with their `__metadata__`.
+    pub shards: Vec<ShardInfo>,
+    /// The `metadata` object of `model.safetensors.index.json`, for sharded checkpoints.
+    pub index_metadata: Option<serde_json::Value>,
+}
+
+/// One file of the fine-tuned checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// File name.
+    pub file_name: String,
+    /// Its safetensors `__metadata__`.
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Identity of the base checkpoint the file was made against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaseInfo {
+    /// CRC-32 over the names and CRC-32s of every base tensor used, hex.
+    pub fingerprint: String,
+    /// Number of base tensors used.
+    pub tensors: usize,
+}
+
+/// Everything about one compressed tensor except its streams' bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressedTensor {
+    /// Base tensor dtype (safetensors spelling).
+    pub base_dtype: String,
+    /// Base tensor shape.
+    pub base_shape: Vec<usize>,
+    /// CRC-32 of the base tensor's bytes.
+    pub base_crc32: u32,
+    /// Elements shared with the base (all of them unless the vocabulary grew).
+    pub shared_numel: u64,
+    /// Bits of the smallest delta (`lo`, f32).
+    pub lo_bits: u32,
+    /// Bits of the largest delta (`hi`, f32).
+    pub hi_bits: u32,
+    /// Bit width.
+    pub bits: u32,
+    /// Allocation group.
+    pub group: Group,
+    /// Pruning rate `r`.
+    pub rate: f64,
+    /// Zero-adjusted rate `r'`.
+    pub adjusted_rate: f64,
+    /// Standard deviation of the dequantized delta.
+    pub std: f64,
+    /// Entries per level.
+    pub histogram: Vec<u64>,
+    /// Kept entries per level.
+    pub kept_counts: Vec<u64>,
+    /// Codec blocks.
+    pub blocks: Vec<BlockInfo>,
+    /// Position stream.
+    pub positions: RecordRef,
+    /// Level stream.
+    pub levels: RecordRef,
+    /// Raw bytes of the fine-tune's rows beyond the base (vocabulary growth).
+    pub tail: Option<RecordRef>,
+}
+
+impl CompressedTensor {
+    /// `lo` as f32.
+    pub fn lo(&self) -> f32 {
+        f32::from_bits(self.lo_bits)
+    }
+    /// `hi` as f32.
+    pub fn hi(&self) -> f32 {
+        f32::from_bits(self.hi_bits)
+    }
+    /// Number of kept entries.
+    pub fn kept(&self) -> u64 {
+        self.kept_counts.iter().sum()
+    }
+}
+
+/// How one fine-tuned tensor is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum TensorKind {
+    /// Identical to the base tensor (same dtype, shape and bytes): costs nothing.
+    Unchanged {
+        /// CRC-32 of the base bytes.
+        base_crc32: u32,
+    },
+    /// Stored losslessly.
+    Raw {
+        /// The bytes.
+        data: RecordRef,
+    },
+    /// UltraDelta-compressed delta.
+    Compressed(Box<CompressedTensor>),
+}
+
+/// One tensor of the fine-tuned checkpoint, in file order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorRecord {
+    /// Name.
+    pub name: String,
+    /// Fine-tuned dtype (safetensors spelling).
+    pub dtype: String,
+    /// Fine-tuned shape.
+    pub shape: Vec<usize>,
+    /// Index into `SourceLayout::shards`.
+    pub shard: usize,
+    /// How it is stored.
+    #[serde(flatten)]
+    pub kind: TensorKind,
+}
+
+/// The whole index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileIndex {
+    /// Format version (1).
+    pub format_version: u32,
+    /// Writer, e.g. `udelta-gpu 0.1.0`.
+    pub tool: String,
+    /// Engine that computed the payloads (informational; payloads do not depend on it).
+    pub engine: String,
+    /// UltraDelta parameters.
+    pub params: CompressParams,
+    /// Model name and scale.
+    pub model: ModelInfo,
+    /// Base identity.
+    pub base: BaseInfo,
+    /// Fine-tuned layout.
+    pub source: SourceLayout,
+    /// Every tensor of the fine-tune.
+    pub tensors: Vec<TensorRecord>,
+}
+
+/// CRC-32 of `bytes`.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}

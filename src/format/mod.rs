@@ -1,0 +1,34 @@
+//! The `.udelta` container (format v1, specified in `docs/FORMAT.md`).
+//!
+//! ```text
+//! header  16 bytes: magic "UDELTA\r\n", u32 format version, u32 flags (0)
+//! records          : byte blobs (raw tensors, position streams, level streams), each referenced
+//!                    from the index by offset, length and CRC-32
+//! index            : UTF-8 JSON (`FileIndex`): parameters, model scale, base fingerprint,
+//!                    per-tensor metadata and record references
+//! footer  32 bytes: u64 index offset, u64 index length, u32 index CRC-32, u32 format version,
+//!                    magic "UDLTEND\n"
+//! ```
+//! All integers little-endian. Records come first and the index last because the model's
+//! scale (gamma) is known only after every tensor is done.
+
+pub mod index;
+pub mod reader;
+pub mod writer;
+
+pub use index::{CompressedTensor, FileIndex, RecordRef, TensorKind, TensorRecord};
+pub use reader::UdeltaReader;
+pub use writer::UdeltaWriter;
+
+/// Leading magic.
+pub const MAGIC: [u8; 8] = *b"UDELTA\r\n";
+/// Trailing magic.
+pub const END_MAGIC: [u8; 8] = *b"UDLTEND\n";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Header length in bytes.
+pub const HEADER_LEN: u64 = 16;
+/// Footer length in bytes.
+pub const FOOTER_LEN: u64 = 32;
+/// Largest index this reader accepts (a hostile file cannot make it allocate more).
+pub const MAX_INDEX_LEN: u64 = 256 << 20;

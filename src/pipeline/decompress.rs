@@ -1,0 +1,194 @@
+//! `decompress`: `.udelta` + base -> the fine-tuned checkpoint (same dtypes, same file layout),
+//! or with `delta_only` the reconstructed deltas of the compressed tensors as f32.
+//!
+//! Every base tensor is checked against the CRC-32 recorded at compression, so a wrong base
+//! is refused (unless forced), naming the tensor. The output directory is staged and appears
+//! only when complete.
+
+use crate::algorithm::QuantGrid;
+use crate::checkpoint::dtype::{Dtype, FloatType};
+use crate::checkpoint::reader::{Checkpoint, TensorEntry};
+use crate::checkpoint::writer::{SafetensorsWriter, TensorHeader};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::format::index::crc32;
+use crate::format::{CompressedTensor, TensorKind, TensorRecord, UdeltaReader};
+use crate::progress::Progress;
+use crate::staging::StagedPath;
+use std::path::Path;
+
+/// Options of `decompress`.
+#[derive(Debug, Clone, Default)]
+pub struct DecompressOptions {
+    /// Write only the deltas of the compressed tensors (f32).
+    pub delta_only: bool,
+    /// Replace an existing output, and accept a base whose checksums differ.
+    pub force: bool,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+/// Parses a dtype name as written in the index.
+fn parse_dtype(reader: &UdeltaReader, tensor: &str, name: &str) -> Result<Dtype> {
+    serde_json::from_value(serde_json::Value::String(name.to_string()))
+        .map_err(|_| Error::format(reader.path(), format!("tensor '{tensor}': unknown dtype '{name}'")))
+}
+
+/// The header of a record's tensor as the fine-tune had it.
+fn header_of(reader: &UdeltaReader, r: &TensorRecord) -> Result<TensorHeader> {
+    Ok(TensorHeader { name: r.name.clone(), dtype: parse_dtype(reader, &r.name, &r.dtype)?, shape: r.shape.clone() })
+}
+
+/// The delta each level stands for: `scale * value(level)`, rounded to f32.
+pub fn level_deltas(c: &CompressedTensor, scale: f64) -> Vec<f32> {
+    let grid = QuantGrid { lo: c.lo(), hi: c.hi(), bits: c.bits };
+    grid.values().iter().map(|&v| (scale * v as f64) as f32).collect()
+}
+
+/// Decodes a compressed tensor's kept positions and levels.
+pub fn decode_kept(reader: &UdeltaReader, r: &TensorRecord, c: &CompressedTensor) -> Result<(Vec<u32>, Vec<u8>)> {
+    let what = |s: &str| format!("tensor '{}': {s}", r.name);
+    let positions = reader.read_record(&c.positions, &what("position stream"))?;
+    let levels = reader.read_record(&c.levels, &what("level stream"))?;
+    codec::decode_tensor(c.shared_numel, &c.kept_counts, &c.blocks, &positions, &levels)
+        .map_err(|e| Error::format(reader.path(), what(&format!("undecodable: {e}"))))
+}
+
+/// Finds and reads the base tensor a record was made against, checking dtype, shape and CRC.
+fn read_base(base: &Checkpoint, reader: &UdeltaReader, name: &str, dtype: &str, shape: &[usize], want_crc: u32, force: bool, buf: &mut Vec<u8>) -> Result<TensorEntry> {
+    let b = base.get(name).ok_or_else(|| {
+        Error::tensor(&base.path, name, format!("missing from the base, but {} was made against a base that has it", reader.path().display()))
+    })?;
+    if crate::checkpoint::dtype::dtype_name(b.dtype) != dtype || b.shape != shape {
+        return Err(Error::tensor(base.shard_path(b), name, format!(
+            "base has {} {:?}, {} expects {dtype} {shape:?}: wrong base",
+            crate::checkpoint::dtype::dtype_name(b.dtype), b.shape, reader.path().display()
+        )));
+    }
+    base.read_tensor(b, buf)?;
+    if !force && crc32(buf) != want_crc {
+        return Err(Error::tensor(base.shard_path(b), name, format!(
+            "differs from the base {} was made against (checksum mismatch): wrong base? (--force to apply anyway)",
+            reader.path().display()
+        )));
+    }
+    Ok(b.clone())
+}
+
+/// Produces the fine-tuned bytes of one compressed tensor from its base bytes.
+fn reconstruct(reader: &UdeltaReader, r: &TensorRecord, c: &CompressedTensor, base_bytes: &[u8], base_type: FloatType, out_type: FloatType, out: &mut Vec<u8>) -> Result<()> {
+    let (positions, levels) = decode_kept(reader, r, c)?;
+    let deltas = level_deltas(c, reader.index.model.scale);
+    out.clear();
+    if base_type == out_type {
+        out.extend_from_slice(base_bytes);
+    } else {
+        let mut vals = Vec::new();
+        base_type.decode_into(base_bytes, &mut vals);
+        out_type.encode_into(&vals, out);
+    }
+    let size = out_type.size();
+    let mut one = Vec::with_capacity(4);
+    for (&p, &l) in positions.iter().zip(&levels) {
+        let v = base_type.load(base_bytes, p as usize) + deltas[l as usize];
+        one.clear();
+        out_type.encode_into(&[v], &mut one);
+        out[p as usize * size..(p as usize + 1) * size].copy_from_slice(&one);
+    }
+    if let Some(tail) = &c.tail {
+        out.extend_from_slice(&reader.read_record(tail, &format!("tensor '{}': new rows", r.name))?);
+    }
+    Ok(())
+}
+
+/// Decompresses `input` against `base` into the directory `out_dir`.
+pub fn decompress(input: &Path, base_path: &Path, out_dir: &Path, opts: &DecompressOptions) -> Result<()> {
+    let staged = StagedPath::new(out_dir, opts.force)?;
+    let reader = UdeltaReader::open(input)?;
+    let base = Checkpoint::open(base_path)?;
+    std::fs::create_dir(staged.path()).map_err(|e| Error::io(out_dir, e))?;
+    if opts.delta_only {
+        write_deltas(&reader, &base, staged.path(), opts)?;
+    } else {
+        write_checkpoint(&reader, &base, staged.path(), opts)?;
+    }
+    staged.commit()
+}
+
+fn write_deltas(reader: &UdeltaReader, base: &Checkpoint, dir: &Path, opts: &DecompressOptions) -> Result<()> {
+    let compressed: Vec<(&TensorRecord, &CompressedTensor)> = reader.index.tensors.iter().filter_map(|r| match &r.kind {
+        TensorKind::Compressed(c) => Some((r, c.as_ref())),
+        _ => None,
+    }).collect();
+    let headers: Vec<TensorHeader> = compressed.iter().map(|(r, c)| TensorHeader { name: r.name.clone(), dtype: Dtype::F32, shape: c.base_shape.clone() }).collect();
+    let mut w = SafetensorsWriter::create(&dir.join("model.safetensors"), &headers, None)?;
+    let progress = Progress::new("deltas", compressed.iter().map(|(_, c)| c.shared_numel * 4).sum(), opts.progress);
+    let mut base_buf = Vec::new();
+    for (r, c) in compressed {
+        // Check the base even though only deltas are written: deltas of a wrong base are wrong.
+        read_base(base, reader, &r.name, &c.base_dtype, &c.base_shape, c.base_crc32, opts.force, &mut base_buf)?;
+        let (positions, levels) = decode_kept(reader, r, c)?;
+        let deltas = level_deltas(c, reader.index.model.scale);
+        let mut dense = vec![0f32; c.shared_numel as usize];
+        for (&p, &l) in positions.iter().zip(&levels) {
+            dense[p as usize] = deltas[l as usize];
+        }
+        w.write(bytemuck::cast_slice(&dense))?;
+        progress.inc(c.shared_numel * 4);
+    }
+    progress.finish();
+    w.finish()
+}
+
+fn write_checkpoint(reader: &UdeltaReader, base: &Checkpoint, dir: &Path, opts: &DecompressOptions) -> Result<()> {
+    let index = &reader.index;
+    let total: u64 = index.tensors.iter().map(|r| header_of(reader, r).map(|h| h.byte_len())).sum::<Result<u64>>()?;
+    let progress = Progress::new("decompress", total, opts.progress);
+    let (mut base_buf, mut out) = (Vec::new(), Vec::new());
+    let mut weight_map = serde_json::Map::new();
+    for (si, shard) in index.source.shards.iter().enumerate() {
+        let records: Vec<&TensorRecord> = index.tensors.iter().filter(|r| r.shard == si).collect();
+        let headers = records.iter().map(|r| header_of(reader, r)).collect::<Result<Vec<_>>>()?;
+        let name = Path::new(&shard.file_name);
+        if name.components().count() != 1 || shard.file_name.starts_with('.') {
+            return Err(Error::format(reader.path(), format!("unsafe shard file name '{}'", shard.file_name)));
+        }
+        let mut w = SafetensorsWriter::create(&dir.join(name), &headers, shard.metadata.as_ref())?;
+        for (r, h) in records.iter().zip(&headers) {
+            weight_map.insert(r.name.clone(), serde_json::Value::String(shard.file_name.clone()));
+            match &r.kind {
+                TensorKind::Unchanged { base_crc32 } => {
+                    read_base(base, reader, &r.name, &r.dtype, &r.shape, *base_crc32, opts.force, &mut base_buf)?;
+                    w.write(&base_buf)?;
+                }
+                TensorKind::Raw { data } => {
+                    w.write(&reader.read_record(data, &format!("tensor '{}'", r.name))?)?;
+                }
+                TensorKind::Compressed(c) => {
+                    let b = read_base(base, reader, &r.name, &c.base_dtype, &c.base_shape, c.base_crc32, opts.force, &mut base_buf)?;
+                    let bad_type = || Error::format(reader.path(), format!("tensor '{}': compressed tensor of a non-float dtype", r.name));
+                    let base_type = b.float_type().ok_or_else(bad_type)?;
+                    let out_type = FloatType::from_dtype(h.dtype).ok_or_else(bad_type)?;
+                    reconstruct(reader, r, c, &base_buf, base_type, out_type, &mut out)?;
+                    if out.len() as u64 != h.byte_len() {
+                        return Err(Error::format(reader.path(), format!("tensor '{}': reconstructed size differs from its shape", r.name)));
+                    }
+                    w.write(&out)?;
+                }
+            }
+            progress.inc(h.byte_len());
+        }
+        w.finish()?;
+    }
+    progress.finish();
+    if index.source.layout == "sharded" {
+        let json = serde_json::json!({
+            "metadata": index.source.index_metadata.clone().unwrap_or_else(|| serde_json::json!({})),
+            "weight_map": weight_map,
+        });
+        let path = dir.join("model.safetensors.index.json");
+        let text = serde_json::to_string_pretty(&json).map_err(|e| Error::format(reader.path(), e.to_string()))?;
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Orchestration of whole runs: reading checkpoints, driving an engine, coding, writing.
+
+pub mod compress;
+pub mod decompress;
+pub mod verify;
