@@ -32,6 +32,15 @@ fn map_chunks<T: Send>(input: &DeltaInput, f: impl Fn(usize, &[f32]) -> T + Sync
         .collect()
 }
 
+/// `-0.0` becomes `+0.0`: min/max may return either zero, and `lo`/`hi` are stored bit-exact.
+pub fn canonical_zero(x: f32) -> f32 {
+    if x == 0.0 {
+        0.0
+    } else {
+        x
+    }
+}
+
 /// Min, max and the first non-finite index of one chunk.
 fn chunk_min_max(start: usize, d: &[f32]) -> (f32, f32, Option<usize>) {
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
@@ -66,7 +75,8 @@ impl Engine for CpuEngine {
             (0.0, 0.0)
         } else {
             let lo = parts.iter().map(|p| p.0).fold(f32::INFINITY, f32::min);
-            (lo, parts.iter().map(|p| p.1).fold(f32::NEG_INFINITY, f32::max))
+            let hi = parts.iter().map(|p| p.1).fold(f32::NEG_INFINITY, f32::max);
+            (canonical_zero(lo), canonical_zero(hi))
         };
         let grid = QuantGrid { lo, hi, bits };
         let (k, max_level) = (grid.multiplier(), (grid.levels() - 1) as f32);

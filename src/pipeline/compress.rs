@@ -146,12 +146,19 @@ pub fn compress(base_path: &Path, ft_path: &Path, out: &Path, opts: &CompressOpt
     let mut writer = UdeltaWriter::create(out, opts.force)?;
     let base = Checkpoint::open(base_path)?;
     let ft = Checkpoint::open(ft_path)?;
-    if let Some(missing) = base.tensors.iter().find(|b| ft.get(&b.name).is_none()) {
-        return Err(Error::tensor(
-            ft_path,
-            &missing.name,
-            format!("missing from the fine-tuned checkpoint but present in the base {}", base.shard_path(missing).display()),
-        ));
+    // A fine-tune may drop buffers (newer exports omit `position_ids`), but a missing tensor
+    // that would be compressed means a truncated or wrong checkpoint.
+    for missing in base.tensors.iter().filter(|b| ft.get(&b.name).is_none()) {
+        if opts.selector.selects(&missing.name, &missing.shape, missing.dtype) {
+            return Err(Error::tensor(
+                ft_path,
+                &missing.name,
+                format!("missing from the fine-tuned checkpoint but present in the base {}", base.shard_path(missing).display()),
+            ));
+        }
+        if opts.progress {
+            eprintln!("note: base tensor '{}' is not in the fine-tune; the restored checkpoint will not have it either", missing.name);
+        }
     }
     let model = opts.model_name.clone().unwrap_or_else(|| model_name_of(ft_path));
     let kinds = ft.tensors.iter().map(|t| classify(&base, &ft, t, &opts.selector)).collect::<Result<Vec<_>>>()?;
