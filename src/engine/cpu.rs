@@ -58,7 +58,7 @@ fn chunk_min_max(start: usize, d: &[f32]) -> (f32, f32, Option<usize>) {
 
 impl Engine for CpuEngine {
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        "cpu".to_string()
     }
 
     fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError> {

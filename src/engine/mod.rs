@@ -80,7 +80,8 @@ pub enum EngineError {
 
 /// A compute engine (CPU reference or GPU).
 pub trait Engine: Send {
-    /// Human-readable name, e.g. `cpu (2 threads)` or the adapter's name and backend.
+    /// Name recorded in the file, e.g. `cpu` or the adapter's name and backend (nothing that
+    /// varies between runs on one machine, such as a thread count).
     fn name(&self) -> String;
 
     /// Pass 1: exact min/max of the delta, then its level histogram at `bits`.

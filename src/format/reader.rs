@@ -42,6 +42,10 @@ impl UdeltaReader {
                 "format version {version}, this build reads version {FORMAT_VERSION} (upgrade udelta-gpu?)"
             )));
         }
+        let flags = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+        if flags != 0 {
+            return Err(bad(format!("unknown header flags {flags:#x} (corrupted, or written by a newer version)")));
+        }
         let mut footer = [0u8; FOOTER_LEN as usize];
         file.read_exact_at(&mut footer, file_len - FOOTER_LEN).map_err(|e| Error::io(path, e))?;
         if footer[24..32] != END_MAGIC {
