@@ -2,4 +2,5 @@
 
 pub mod dtype;
 pub mod reader;
+pub mod select;
 pub mod writer;
