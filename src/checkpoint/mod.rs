@@ -1,4 +1,6 @@
 //! Checkpoint I/O: safetensors files (single or HF-sharded), dtypes, tensor selection, writing.
 
 pub mod dtype;
+pub mod reader;
+pub mod select;
 pub mod writer;
