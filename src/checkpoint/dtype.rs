@@ -101,7 +101,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_rounding() {
-        let vals = [0.0f32, -1.5, 65504.0, 1.0e-7, 3.1415927];
+        let vals = [0.0f32, -1.5, 65504.0, 1.0e-7, 1.2345678];
         for ft in [FloatType::F16, FloatType::BF16, FloatType::F32] {
             let mut bytes = Vec::new();
             ft.encode_into(&vals, &mut bytes);
