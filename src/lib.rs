@@ -7,6 +7,7 @@
 //! container) -> [`pipeline`] (compress / decompress orchestration) -> [`cli`].
 
 pub mod checkpoint;
+pub mod codec;
 pub mod error;
 pub mod staging;
 
