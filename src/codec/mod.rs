@@ -187,7 +187,7 @@ impl BlockCodec {
             numel,
             kept_counts: kept_counts.to_vec(),
             total_kept,
-            table: FreqTable::from_counts(kept_counts),
+            table: FreqTable::from_counts(kept_counts)?,
         })
     }
 

@@ -38,6 +38,8 @@
 //! checks both. An empty symbol sequence is an empty stream (no flush), as is any sequence
 //! under a single-symbol table.
 
+use super::CodecError;
+
 /// Precision of the frequency table: frequencies sum to `2^PROB_BITS`.
 pub const PROB_BITS: u32 = 15;
 /// `2^PROB_BITS`, the sum of all frequencies.
@@ -46,13 +48,17 @@ pub const PROB_SCALE: u32 = 1 << PROB_BITS;
 pub const RANS_L: u32 = 1 << 23;
 
 /// Normalizes a level histogram to frequencies summing to [`PROB_SCALE`] (see the module
-/// docs). Returns all zeros for an all-zero histogram. `counts.len()` must be at most 256 (the
-/// caller checks), so that every nonzero count can get a frequency of at least 1.
-pub fn normalize(counts: &[u64]) -> Vec<u32> {
-    debug_assert!(counts.len() <= 256);
+/// docs). Returns all zeros for an all-zero histogram. Fails for more than 256 levels.
+pub fn normalize(counts: &[u64]) -> Result<Vec<u32>, CodecError> {
+    if counts.len() > 256 {
+        return Err(CodecError::Histogram(format!(
+            "{} levels: at most 256 are supported",
+            counts.len()
+        )));
+    }
     let total: u128 = counts.iter().map(|&c| u128::from(c)).sum();
     if total == 0 {
-        return vec![0; counts.len()];
+        return Ok(vec![0; counts.len()]);
     }
     let scale = u128::from(PROB_SCALE);
     let mut f: Vec<u32> = counts
@@ -109,7 +115,7 @@ pub fn normalize(counts: &[u64]) -> Vec<u32> {
         f[i] -= 1;
         sum -= 1;
     }
-    f
+    Ok(f)
 }
 
 /// The static model of one tensor's levels: frequencies, cumulative frequencies and the
@@ -125,8 +131,8 @@ pub struct FreqTable {
 
 impl FreqTable {
     /// Builds the table from a histogram of at most 256 levels (see [`normalize`]).
-    pub fn from_counts(counts: &[u64]) -> Self {
-        let freq = normalize(counts);
+    pub fn from_counts(counts: &[u64]) -> Result<Self, CodecError> {
+        let freq = normalize(counts)?;
         let mut cum = Vec::with_capacity(freq.len());
         let mut acc = 0u32;
         for &f in &freq {
@@ -141,12 +147,12 @@ impl FreqTable {
                 slot_symbol.extend(std::iter::repeat_n(s as u8, f as usize));
             }
         }
-        FreqTable {
+        Ok(FreqTable {
             freq,
             cum,
             slot_symbol,
             single,
-        }
+        })
     }
 
     /// The normalized frequencies, one per level.
@@ -246,24 +252,26 @@ mod tests {
     #[test]
     fn codec_normalize_by_hand() {
         // Exact proportions.
-        assert_eq!(normalize(&[1, 1]), vec![16384, 16384]);
-        assert_eq!(normalize(&[3, 1, 0, 0]), vec![24576, 8192, 0, 0]);
+        assert_eq!(normalize(&[1, 1]).unwrap(), vec![16384, 16384]);
+        assert_eq!(normalize(&[3, 1, 0, 0]).unwrap(), vec![24576, 8192, 0, 0]);
         // 1/3 each: floors 10922 * 3 = 32766, deficit 2; all keys equal -> ties to the
         // smallest index: level 0 gets +1, then level 1 (level 0's key is now smaller).
-        assert_eq!(normalize(&[1, 1, 1]), vec![10923, 10923, 10922]);
+        assert_eq!(normalize(&[1, 1, 1]).unwrap(), vec![10923, 10923, 10922]);
         // A rare level is raised to 1; floor(32768 * 999_999 / 1_000_000) = 32767 (exactly
         // 32767.967), sum 32768: no adjustment.
-        assert_eq!(normalize(&[999_999, 1]), vec![32767, 1]);
+        assert_eq!(normalize(&[999_999, 1]).unwrap(), vec![32767, 1]);
         // Two rare levels: floors 32767 + 0 + 0 -> bumped to 32767 + 1 + 1 = 32769; excess 1
         // is taken from the only frequency >= 2.
-        assert_eq!(normalize(&[10_000_000, 1, 1]), vec![32766, 1, 1]);
+        assert_eq!(normalize(&[10_000_000, 1, 1]).unwrap(), vec![32766, 1, 1]);
         // 2:1 split of 32768: floors 21845 + 10922 = 32767; keys 2/43691 vs 1/21845 ->
         // 2 * 21845 = 43690 < 43691 -> level 1 gets the unit.
-        assert_eq!(normalize(&[2, 1]), vec![21845, 10923]);
+        assert_eq!(normalize(&[2, 1]).unwrap(), vec![21845, 10923]);
         // Single symbol.
-        assert_eq!(normalize(&[0, 0, 5, 0]), vec![0, 0, 32768, 0]);
+        assert_eq!(normalize(&[0, 0, 5, 0]).unwrap(), vec![0, 0, 32768, 0]);
         // Empty histogram.
-        assert_eq!(normalize(&[0, 0]), vec![0, 0]);
+        assert_eq!(normalize(&[0, 0]).unwrap(), vec![0, 0]);
+        // Too many levels.
+        assert!(normalize(&[1; 257]).is_err());
     }
 
     #[test]
@@ -271,12 +279,12 @@ mod tests {
         // 256 levels, every count 1 but one huge: every nonzero gets >= 1, sum is exact.
         let mut counts = vec![1u64; 256];
         counts[17] = u64::from(u32::MAX);
-        let f = normalize(&counts);
+        let f = normalize(&counts).unwrap();
         assert_eq!(f.iter().sum::<u32>(), PROB_SCALE);
         assert!(f.iter().all(|&v| v >= 1));
         assert_eq!(f[17], PROB_SCALE - 255);
         // Zero counts stay zero.
-        let f = normalize(&[0, 7, 0, 9, 0, 0, 0, 1]);
+        let f = normalize(&[0, 7, 0, 9, 0, 0, 0, 1]).unwrap();
         assert_eq!(f.iter().sum::<u32>(), PROB_SCALE);
         assert_eq!((f[0], f[2], f[4], f[5], f[6]), (0, 0, 0, 0, 0));
         assert!(f[1] > 0 && f[3] > 0 && f[7] > 0);
@@ -284,7 +292,7 @@ mod tests {
 
     #[test]
     fn codec_rans_round_trip_small() {
-        let table = FreqTable::from_counts(&[3, 1, 0, 2]);
+        let table = FreqTable::from_counts(&[3, 1, 0, 2]).unwrap();
         let symbols = [0u8, 3, 1, 0, 0, 3];
         let bytes = encode(&table, &symbols).unwrap();
         let mut out = [0u8; 6];
@@ -304,14 +312,14 @@ mod tests {
     fn codec_rans_one_symbol_stream_by_hand() {
         // f = [16384, 16384]: encoding symbol 1 from x = 2^23: x_max = 2^16 * 2^14 = 2^30, no
         // output; x = (2^23 / 2^14) << 15 + 0 + 16384 = 2^24 + 2^14.
-        let table = FreqTable::from_counts(&[1, 1]);
+        let table = FreqTable::from_counts(&[1, 1]).unwrap();
         let bytes = encode(&table, &[1]).unwrap();
         assert_eq!(bytes, (1u32 << 24 | 1 << 14).to_le_bytes().to_vec());
     }
 
     #[test]
     fn codec_rans_single_symbol_table() {
-        let table = FreqTable::from_counts(&[0, 0, 0, 9]);
+        let table = FreqTable::from_counts(&[0, 0, 0, 9]).unwrap();
         assert_eq!(table.single_symbol(), Some(3));
         assert!(encode(&table, &[3, 3, 3]).unwrap().is_empty());
         assert!(encode(&table, &[3, 1]).is_err());
