@@ -1,0 +1,557 @@
+//! Position coding: MSB-first bit packing and Golomb codes of gaps.
+//!
+//! # Bit order
+//! Bits are packed **MSB-first**: the first bit written is bit 7 (the most significant bit) of
+//! byte 0, the eighth is bit 0 of byte 0, the ninth is bit 7 of byte 1, and so on. A multi-bit
+//! field is written most significant bit first. The last byte is padded with `0` bits; a stream
+//! holds exactly `ceil(total_bits / 8)` bytes.
+//!
+//! # Golomb code with parameter `m >= 1`
+//! A gap `g >= 0` is written as `q = g / m` and `r = g % m` (integer division):
+//! 1. `q` in unary: `q` one bits followed by a single zero bit;
+//! 2. `r` in truncated binary: with `b = ceil(log2 m)` (so `b = 0` for `m = 1`) and
+//!    `u = 2^b - m`, a remainder `r < u` is written as `r` in `b - 1` bits, otherwise `r + u` is
+//!    written in `b` bits. For `m = 1` nothing is written; for `m` a power of two this is plain
+//!    `b`-bit binary.
+//!
+//! Example, `m = 3` (`b = 2`, `u = 1`): 0 -> `0 0`, 1 -> `0 10`, 2 -> `0 11`, 3 -> `10 0`,
+//! 4 -> `10 10`, 7 -> `110 10`.
+//!
+//! # Golomb parameter ([`golomb_parameter`])
+//! For `c` coded items among `n` elements (`1 <= c <= n`), density `p = c / n` and
+//! `theta = 1 - p`, `m` is the Gallager–van Voorhis choice, the smallest `m >= 1` with
+//! `theta^m + theta^(m+1) <= 1`, evaluated exactly as follows in unsigned integers (so every
+//! machine derives the same `m`):
+//! ```text
+//! t    = floor(2^64 * (n - c) / n)          // theta in 0.64 fixed point, t < 2^64
+//! x_0  = 2^64                               // theta^0 = 1.0
+//! x_j  = floor(x_(j-1) * t / 2^64)          // (u128 arithmetic) ~ theta^j
+//! m    = smallest j >= 1 with x_j + x_(j+1) <= 2^64, capped at n
+//! ```
+//! `x_j` never increases, so this is a well-defined monotone search; it needs about
+//! `0.69 * n / c` steps (a few dozen at the densities UltraDelta produces).
+//!
+//! # Block position stream ([`encode_block_positions`])
+//! A block covers `n` consecutive elements (offsets `0..n` from the block start) of which `k`
+//! are kept; `n` and `k` are known to the decoder from the block table.
+//! - If `k == 0` or `k == n` the stream is empty (0 bytes).
+//! - Otherwise, if `2k <= n` (direct mode), the coded set is the kept offsets (`c = k`); if
+//!   `2k > n` (complement mode), the coded set is the *non-kept* offsets (`c = n - k`).
+//! - `m = golomb_parameter(n, c)`. The `c` coded offsets `o_0 < o_1 < ... < o_(c-1)` are written
+//!   in increasing order as the Golomb codes of their gaps `g_0 = o_0` and
+//!   `g_i = o_i - o_(i-1) - 1` (the number of elements of the other set before each coded one,
+//!   counted from the block start or from the previous coded offset). Nothing is written for
+//!   the elements after the last coded offset. The stream ends after the last codeword, padded
+//!   to a byte boundary with zero bits.
+//!
+//! A decoder rejects a stream that ends early, a gap that would leave too few elements for the
+//! coded offsets still to come (`o_i <= n - (c - i)`), trailing bytes, and nonzero padding.
+
+/// Writes bits MSB-first into a byte vector, 32 bits at a time.
+#[derive(Debug, Default)]
+pub struct BitWriter {
+    out: Vec<u8>,
+    /// Pending bits live in the low `filled` bits of `acc` (`filled < 32` between calls);
+    /// the bits above them are stale and ignored.
+    acc: u64,
+    filled: u32,
+}
+
+impl BitWriter {
+    /// A writer whose output vector starts with `bytes` of capacity.
+    pub fn with_capacity(bytes: usize) -> Self {
+        BitWriter {
+            out: Vec::with_capacity(bytes),
+            acc: 0,
+            filled: 0,
+        }
+    }
+
+    /// Appends the low `n` bits of `value` (`n <= 32`, `value < 2^n`), most significant first.
+    #[inline]
+    pub fn put(&mut self, value: u64, n: u32) {
+        debug_assert!(n <= 32 && (n == 32 || value >> n == 0));
+        if n == 0 {
+            return;
+        }
+        self.acc = (self.acc << n) | value;
+        self.filled += n;
+        if self.filled >= 32 {
+            self.filled -= 32;
+            let word = (self.acc >> self.filled) as u32;
+            self.out.extend_from_slice(&word.to_be_bytes());
+        }
+    }
+
+    /// Appends `count` one bits.
+    pub fn put_ones(&mut self, mut count: u64) {
+        while count >= 32 {
+            self.put(0xFFFF_FFFF, 32);
+            count -= 32;
+        }
+        if count > 0 {
+            self.put((1u64 << count) - 1, count as u32);
+        }
+    }
+
+    /// Number of bits written so far.
+    pub fn bit_len(&self) -> u64 {
+        self.out.len() as u64 * 8 + u64::from(self.filled)
+    }
+
+    /// Pads the last byte with zero bits and returns the bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        let nbytes = self.filled.div_ceil(8);
+        if nbytes > 0 {
+            let mask = (1u64 << self.filled) - 1;
+            let v = (self.acc & mask) << (nbytes * 8 - self.filled);
+            for i in (0..nbytes).rev() {
+                self.out.push((v >> (8 * i)) as u8);
+            }
+        }
+        self.out
+    }
+}
+
+/// Reads bits MSB-first from a byte slice; never reads past its end.
+#[derive(Debug)]
+pub struct BitReader<'a> {
+    data: &'a [u8],
+    /// Next byte of `data` to load.
+    pos: usize,
+    /// Loaded, unread bits, left-aligned; the bits below them are zero.
+    buf: u64,
+    avail: u32,
+}
+
+/// `x << s`, zero for `s >= 64`.
+#[inline]
+fn shl(x: u64, s: u32) -> u64 {
+    x.checked_shl(s).unwrap_or(0)
+}
+
+impl<'a> BitReader<'a> {
+    /// A reader over `data`.
+    pub fn new(data: &'a [u8]) -> Self {
+        BitReader {
+            data,
+            pos: 0,
+            buf: 0,
+            avail: 0,
+        }
+    }
+
+    #[inline]
+    fn refill(&mut self) {
+        while self.avail <= 56 && self.pos < self.data.len() {
+            self.buf |= u64::from(self.data[self.pos]) << (56 - self.avail);
+            self.avail += 8;
+            self.pos += 1;
+        }
+    }
+
+    /// Reads `n <= 32` bits as an unsigned number; `None` if the data ends first.
+    #[inline]
+    pub fn read(&mut self, n: u32) -> Option<u64> {
+        debug_assert!(n <= 32);
+        if n == 0 {
+            return Some(0);
+        }
+        if self.avail < n {
+            self.refill();
+            if self.avail < n {
+                return None;
+            }
+        }
+        let v = self.buf >> (64 - n);
+        self.buf <<= n;
+        self.avail -= n;
+        Some(v)
+    }
+
+    /// Reads a unary number (ones terminated by a zero). Fails if the data ends first or if the
+    /// number would exceed `max`.
+    #[inline]
+    pub fn read_unary(&mut self, max: u64) -> Result<u64, &'static str> {
+        let mut q: u64 = 0;
+        loop {
+            if self.avail == 0 {
+                self.refill();
+                if self.avail == 0 {
+                    return Err("stream ends inside a unary quotient");
+                }
+            }
+            let ones = self.buf.leading_ones().min(self.avail);
+            q += u64::from(ones);
+            if q > max {
+                return Err("quotient runs past the end of the block");
+            }
+            if ones < self.avail {
+                self.buf = shl(self.buf, ones + 1);
+                self.avail -= ones + 1;
+                return Ok(q);
+            }
+            self.buf = 0;
+            self.avail = 0;
+        }
+    }
+
+    /// True if everything but the zero padding of the last byte has been read: no unread byte,
+    /// fewer than 8 unread bits, all of them zero.
+    pub fn at_clean_end(&self) -> bool {
+        self.pos == self.data.len() && self.avail < 8 && self.buf == 0
+    }
+}
+
+/// The Golomb parameter for `c` coded items among `n` elements (see the module docs for the
+/// exact integer rule). Returns 1 for `c == 0`, `n == 0` or `c >= n`.
+pub fn golomb_parameter(n: u32, c: u32) -> u32 {
+    if c == 0 || c >= n {
+        return 1;
+    }
+    const ONE: u128 = 1 << 64;
+    let t: u128 = (u128::from(n - c) << 64) / u128::from(n);
+    let mut x_j: u128 = ONE; // x_0
+    let mut x_next: u128 = (x_j * t) >> 64; // x_1
+    let mut m: u32 = 0;
+    loop {
+        // Invariant: x_j = x_m, x_next = x_(m+1).
+        m += 1;
+        x_j = x_next;
+        x_next = (x_j * t) >> 64;
+        if x_j + x_next <= ONE || m >= n {
+            return m;
+        }
+    }
+}
+
+/// A Golomb parameter with its truncated-binary constants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GolombCode {
+    /// The divisor `m >= 1`.
+    pub m: u32,
+    /// `b = ceil(log2 m)`.
+    pub b: u32,
+    /// `u = 2^b - m`: remainders below `u` take `b - 1` bits.
+    pub u: u32,
+}
+
+impl GolombCode {
+    /// The code with divisor `m` (`m >= 1`; 0 is treated as 1).
+    pub fn new(m: u32) -> Self {
+        let m = m.max(1);
+        let b = 32 - (m - 1).leading_zeros();
+        let u = ((1u64 << b) - u64::from(m)) as u32;
+        GolombCode { m, b, u }
+    }
+
+    /// Appends the codeword of `gap`.
+    #[inline]
+    pub fn put(&self, w: &mut BitWriter, gap: u32) {
+        let q = gap / self.m;
+        let r = gap % self.m;
+        let (rv, rn) = if r < self.u {
+            (u64::from(r), self.b - 1)
+        } else {
+            (u64::from(r + self.u), self.b)
+        };
+        if q + 1 + rn <= 32 {
+            // q ones, a zero, the remainder: one field.
+            let unary = ((1u64 << q) - 1) << 1;
+            w.put((unary << rn) | rv, q + 1 + rn);
+        } else {
+            w.put_ones(u64::from(q));
+            w.put(0, 1);
+            w.put(rv, rn);
+        }
+    }
+
+    /// Reads one codeword; the decoded gap must be `<= max_gap`.
+    #[inline]
+    pub fn get(&self, r: &mut BitReader<'_>, max_gap: u32) -> Result<u32, &'static str> {
+        let q = r.read_unary(u64::from(max_gap / self.m))?;
+        let rem = if self.b == 0 {
+            0
+        } else {
+            let v = r.read(self.b - 1).ok_or("stream ends inside a remainder")? as u32;
+            if v < self.u {
+                v
+            } else {
+                let bit = r.read(1).ok_or("stream ends inside a remainder")? as u32;
+                ((v << 1) | bit) - self.u
+            }
+        };
+        // q <= max_gap / m, so q * m + rem < (max_gap / m + 1) * m <= max_gap + m: no overflow
+        // in u64, and the bound check below is exact.
+        let gap = u64::from(q as u32) * u64::from(self.m) + u64::from(rem);
+        if gap > u64::from(max_gap) {
+            return Err("gap runs past the end of the block");
+        }
+        Ok(gap as u32)
+    }
+}
+
+/// Encodes one block's positions (see the module docs). `offsets` are the kept offsets within
+/// the block, strictly increasing and `< n` (the caller checks this).
+pub fn encode_block_positions(n: u32, offsets: &[u32]) -> Vec<u8> {
+    let k = offsets.len() as u32;
+    if k == 0 || k == n {
+        return Vec::new();
+    }
+    if 2 * u64::from(k) <= u64::from(n) {
+        let code = GolombCode::new(golomb_parameter(n, k));
+        let mut w = BitWriter::with_capacity(estimate_bytes(n, k, code));
+        let mut next = 0u32;
+        for &o in offsets {
+            code.put(&mut w, o - next);
+            next = o + 1;
+        }
+        w.finish()
+    } else {
+        let c = n - k;
+        let code = GolombCode::new(golomb_parameter(n, c));
+        let mut w = BitWriter::with_capacity(estimate_bytes(n, c, code));
+        // Non-kept offsets are the runs between kept ones; `next` is one past the previous
+        // non-kept offset, `cursor` the first offset not yet classified.
+        let mut next = 0u32;
+        let mut cursor = 0u32;
+        for &o in offsets.iter().chain(std::iter::once(&n)) {
+            if cursor < o {
+                code.put(&mut w, cursor - next);
+                for _ in cursor + 1..o {
+                    code.put(&mut w, 0);
+                }
+                next = o;
+            }
+            cursor = o + 1;
+        }
+        w.finish()
+    }
+}
+
+/// A capacity hint: quotient bits are about `n / m`, plus `1 + b` bits per item.
+fn estimate_bytes(n: u32, c: u32, code: GolombCode) -> usize {
+    let bits = u64::from(n / code.m) + u64::from(c) * u64::from(code.b + 1);
+    (bits / 8 + 8) as usize
+}
+
+/// Decodes one block's positions: `out.len()` is the kept count `k`, `n` the block length,
+/// `base` the block's first element; writes `base + offset` for every kept offset in
+/// increasing order. Errors describe what is wrong with the stream.
+pub fn decode_block_positions(
+    n: u32,
+    base: u32,
+    data: &[u8],
+    out: &mut [u32],
+) -> Result<(), &'static str> {
+    let k = out.len() as u64;
+    if k > u64::from(n) {
+        return Err("more kept entries than elements in the block");
+    }
+    let k = k as u32;
+    if k == 0 || k == n {
+        if !data.is_empty() {
+            return Err("stream must be empty for a block with no or all entries kept");
+        }
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = base + i as u32;
+        }
+        return Ok(());
+    }
+    let mut r = BitReader::new(data);
+    if 2 * u64::from(k) <= u64::from(n) {
+        let code = GolombCode::new(golomb_parameter(n, k));
+        let mut next = 0u32;
+        for (i, slot) in out.iter_mut().enumerate() {
+            // This offset must leave room for the k - i - 1 kept offsets after it.
+            let last_allowed = n - (k - i as u32);
+            let gap = code.get(&mut r, last_allowed - next)?;
+            let o = next + gap;
+            *slot = base + o;
+            next = o + 1;
+        }
+    } else {
+        let c = n - k;
+        let code = GolombCode::new(golomb_parameter(n, c));
+        const OVERFLOW: &str = "more kept entries than the block table says";
+        let mut next = 0u32; // one past the previous non-kept offset
+        let mut slots = out.iter_mut();
+        for i in 0..c {
+            let last_allowed = n - (c - i);
+            let gap = code.get(&mut r, last_allowed - next)?;
+            let x = next + gap;
+            // Offsets next..x are kept: at most k in total because x <= n - (c - i), so the
+            // OVERFLOW errors cannot happen; they only make that visible without a panic path.
+            for o in next..x {
+                *slots.next().ok_or(OVERFLOW)? = base + o;
+            }
+            next = x + 1;
+        }
+        for o in next..n {
+            *slots.next().ok_or(OVERFLOW)? = base + o;
+        }
+        if slots.next().is_some() {
+            return Err("fewer kept entries than the block table says");
+        }
+    }
+    if !r.at_clean_end() {
+        return Err("stream has trailing bits or bytes after the last kept entry");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bits of a stream as a '0'/'1' string, `nbits` long.
+    fn bits_of(bytes: &[u8], nbits: usize) -> String {
+        (0..nbits)
+            .map(|i| {
+                if bytes[i / 8] >> (7 - i % 8) & 1 == 1 {
+                    '1'
+                } else {
+                    '0'
+                }
+            })
+            .collect()
+    }
+
+    fn codeword(m: u32, gap: u32) -> String {
+        let mut w = BitWriter::default();
+        GolombCode::new(m).put(&mut w, gap);
+        let n = w.bit_len() as usize;
+        bits_of(&w.finish(), n)
+    }
+
+    #[test]
+    fn codec_golomb_codewords_by_hand() {
+        // m = 1: unary only.
+        assert_eq!(codeword(1, 0), "0");
+        assert_eq!(codeword(1, 3), "1110");
+        // m = 2: one remainder bit.
+        assert_eq!(codeword(2, 0), "00");
+        assert_eq!(codeword(2, 1), "01");
+        assert_eq!(codeword(2, 5), "1101");
+        // m = 3: b = 2, u = 1: r=0 -> "0", r=1 -> "10", r=2 -> "11".
+        assert_eq!(codeword(3, 0), "00");
+        assert_eq!(codeword(3, 1), "010");
+        assert_eq!(codeword(3, 2), "011");
+        assert_eq!(codeword(3, 3), "100");
+        assert_eq!(codeword(3, 4), "1010");
+        assert_eq!(codeword(3, 7), "11010");
+        // m = 4: plain 2-bit remainders.
+        assert_eq!(codeword(4, 6), "1010");
+        // m = 5: b = 3, u = 3: r in 0..3 -> 2 bits, r=3 -> "110", r=4 -> "111".
+        assert_eq!(codeword(5, 2), "010");
+        assert_eq!(codeword(5, 3), "0110");
+        assert_eq!(codeword(5, 4), "0111");
+        assert_eq!(codeword(5, 9), "10111");
+        // m = 6: b = 3, u = 2.
+        assert_eq!(codeword(6, 1), "001");
+        assert_eq!(codeword(6, 2), "0100");
+        assert_eq!(codeword(6, 5), "0111");
+        // A long quotient goes through the split path: 40 ones, a zero, 1 remainder bit.
+        assert_eq!(codeword(2, 81), format!("{}01", "1".repeat(40)));
+    }
+
+    #[test]
+    fn codec_golomb_constants() {
+        assert_eq!(GolombCode::new(1), GolombCode { m: 1, b: 0, u: 0 });
+        assert_eq!(GolombCode::new(2), GolombCode { m: 2, b: 1, u: 0 });
+        assert_eq!(GolombCode::new(3), GolombCode { m: 3, b: 2, u: 1 });
+        assert_eq!(GolombCode::new(7), GolombCode { m: 7, b: 3, u: 1 });
+        assert_eq!(GolombCode::new(8), GolombCode { m: 8, b: 3, u: 0 });
+        assert_eq!(GolombCode::new(9), GolombCode { m: 9, b: 4, u: 7 });
+    }
+
+    #[test]
+    fn codec_bit_writer_layout() {
+        let mut w = BitWriter::default();
+        w.put(0b101, 3);
+        w.put(0xABCD_EF01, 32);
+        w.put(1, 1);
+        assert_eq!(w.bit_len(), 36);
+        // 101 + 1010_1011_1100_1101_1110_1111_0000_0001 + 1 + 0000 padding
+        assert_eq!(
+            w.finish(),
+            vec![
+                0b1011_0101,
+                0b0111_1001,
+                0b1011_1101,
+                0b1110_0000,
+                0b0011_0000
+            ]
+        );
+    }
+
+    #[test]
+    fn codec_golomb_parameter_by_hand() {
+        // p = 1/2: theta = 1/2, 1/2 + 1/4 <= 1 -> m = 1.
+        assert_eq!(golomb_parameter(2, 1), 1);
+        assert_eq!(golomb_parameter(1000, 500), 1);
+        // theta = 0.7: 0.7 + 0.49 > 1, 0.49 + 0.343 <= 1 -> m = 2.
+        assert_eq!(golomb_parameter(10, 3), 2);
+        // theta = 0.9: 0.9^6 * 1.9 = 1.0097 > 1, 0.9^7 * 1.9 = 0.9088 -> m = 7.
+        assert_eq!(golomb_parameter(10, 1), 7);
+        assert_eq!(golomb_parameter(1000, 100), 7);
+        // theta = 0.95: 0.95^13 * 1.95 = 1.0015, 0.95^14 * 1.95 = 0.9514 -> m = 14.
+        assert_eq!(golomb_parameter(20, 1), 14);
+        // theta = 0.99: 0.99^68 * 1.99 = 1.0039, 0.99^69 * 1.99 = 0.9939 -> m = 69.
+        assert_eq!(golomb_parameter(100, 1), 69);
+        // theta = 0.6 (just below the golden ratio 0.618): 0.6 + 0.36 <= 1 -> m = 1;
+        // theta = 0.62: 0.62 + 0.3844 > 1 -> m = 2.
+        assert_eq!(golomb_parameter(5, 2), 1);
+        assert_eq!(golomb_parameter(50, 19), 2);
+        // One kept entry in a full block: ceil(ln(2 - 2^-20) / -ln(1 - 2^-20)) = 726_817.
+        assert_eq!(golomb_parameter(1 << 20, 1), 726_817);
+        // Degenerate inputs.
+        assert_eq!(golomb_parameter(10, 0), 1);
+        assert_eq!(golomb_parameter(10, 10), 1);
+        assert_eq!(golomb_parameter(0, 0), 1);
+    }
+
+    fn round_trip(n: u32, offsets: &[u32]) -> Vec<u8> {
+        let bytes = encode_block_positions(n, offsets);
+        let mut out = vec![0u32; offsets.len()];
+        decode_block_positions(n, 7, &bytes, &mut out).unwrap();
+        let expect: Vec<u32> = offsets.iter().map(|o| o + 7).collect();
+        assert_eq!(out, expect);
+        bytes
+    }
+
+    #[test]
+    fn codec_block_positions_by_hand() {
+        // n = 10, k = 1: m = 7 (b = 3, u = 1); offset 8 -> gap 8 = q 1, r 1 -> "10" + "010"
+        // (r >= u: r + u = 2 in 3 bits).
+        assert_eq!(round_trip(10, &[8]), vec![0b1001_0000]);
+        // n = 4, k = 2: m = 1 (theta 1/2); offsets 1, 3 -> gaps 1, 1 -> "10" "10".
+        assert_eq!(round_trip(4, &[1, 3]), vec![0b1010_0000]);
+        // n = 4, k = 3: complement, c = 1, theta = 3/4: 0.75 + 0.5625 > 1, 0.5625 + 0.4219 <= 1 -> m = 2.
+        // Non-kept offset 2 -> gap 2 = q 1, r 0 -> "10" "0".
+        assert_eq!(round_trip(4, &[0, 1, 3]), vec![0b1000_0000]);
+        // Empty and full blocks take no bytes.
+        assert!(round_trip(5, &[]).is_empty());
+        assert!(round_trip(5, &[0, 1, 2, 3, 4]).is_empty());
+        assert!(round_trip(1, &[0]).is_empty());
+    }
+
+    #[test]
+    fn codec_block_positions_rejects_bad_streams() {
+        let mut out = vec![0u32; 1];
+        // Empty stream for a block that needs bits.
+        assert!(decode_block_positions(10, 0, &[], &mut out).is_err());
+        // Trailing byte.
+        assert!(decode_block_positions(10, 0, &[0b1001_0000, 0], &mut out).is_err());
+        // Nonzero padding.
+        assert!(decode_block_positions(10, 0, &[0b1001_0001], &mut out).is_err());
+        // Gap past the block end: q = 2 -> gap >= 14 > 9.
+        assert!(decode_block_positions(10, 0, &[0b1100_0000], &mut out).is_err());
+        // All ones: unary never ends.
+        assert!(decode_block_positions(10, 0, &[0xFF; 4], &mut out).is_err());
+        // A non-empty stream for an empty or full block.
+        assert!(decode_block_positions(10, 0, &[0], &mut []).is_err());
+        // More kept than elements.
+        assert!(decode_block_positions(1, 0, &[], &mut [0, 0]).is_err());
+    }
+}

@@ -1,0 +1,578 @@
+//! Entropy codec for one compressed tensor's payload: which elements were kept (positions) and
+//! their quantization levels.
+//!
+//! # Input
+//! A tensor of `numel <= 2^32` elements keeps `kept` entries: strictly increasing element
+//! positions (`u32`, `< numel`) and, for each, a level (`u8`, `< 2^bits`, `bits` in 1..=8). The
+//! kept-level histogram `kept_counts` (length `2^bits`, sum `kept`) is stored in the file's
+//! metadata and known to both sides.
+//!
+//! # Blocks
+//! Elements are split into fixed ranges of [`BLOCK_ELEMENTS`] `= 2^20` elements: block `i`
+//! covers elements `i * 2^20 .. min((i + 1) * 2^20, numel)`; there are
+//! [`block_count`]`(numel) = ceil(numel / 2^20)` blocks (0 for an empty tensor). Each block has
+//! a [`BlockInfo`] (kept count, byte lengths of its two streams), stored by the container.
+//! The tensor's payload is two byte streams: `positions` is the concatenation, in block order,
+//! of every block's position stream, `levels` likewise of the level streams. Every block's
+//! streams are independent: block `i`'s bytes start at the sum of the earlier blocks' byte
+//! lengths, and decoding them needs only `numel`, `kept_counts` and the block's own
+//! [`BlockInfo`].
+//!
+//! - Position stream: the Golomb-coded gaps of the block's kept offsets, or of its non-kept
+//!   offsets when more than half are kept; empty when no or all entries are kept. Exact format
+//!   in [`golomb`].
+//! - Level stream: the block's kept levels in position order, one static rANS stream under a
+//!   frequency table normalized from `kept_counts`; empty for a block with no kept entry and
+//!   for every block when a single level has all the mass. Exact format in [`rans`].
+//!
+//! Encoding and decoding run the blocks in parallel (rayon); the output does not depend on the
+//! number of threads.
+
+pub mod golomb;
+pub mod rans;
+
+use rayon::prelude::*;
+use std::fmt;
+
+pub use rans::FreqTable;
+
+/// Elements per block (the last block of a tensor may be shorter).
+pub const BLOCK_ELEMENTS: u64 = 1 << 20;
+
+/// The largest supported element count: positions are `u32`.
+pub const MAX_NUMEL: u64 = 1 << 32;
+
+/// What the container stores for each block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockInfo {
+    /// Kept entries in this block.
+    pub kept: u32,
+    /// Length of this block's position stream in bytes.
+    pub position_bytes: u32,
+    /// Length of this block's level stream in bytes.
+    pub level_bytes: u32,
+}
+
+/// One tensor's encoded payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedTensor {
+    /// All blocks' position streams, concatenated in block order.
+    pub positions: Vec<u8>,
+    /// All blocks' level streams, concatenated in block order.
+    pub levels: Vec<u8>,
+    /// One entry per block, in order.
+    pub blocks: Vec<BlockInfo>,
+}
+
+/// One encoded block: its info and its two streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedBlock {
+    /// Kept count and stream lengths.
+    pub info: BlockInfo,
+    /// The block's position stream.
+    pub positions: Vec<u8>,
+    /// The block's level stream.
+    pub levels: Vec<u8>,
+}
+
+/// Which of a block's two streams an error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The position (Golomb) stream.
+    Positions,
+    /// The level (rANS) stream.
+    Levels,
+}
+
+impl fmt::Display for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stream::Positions => "position",
+            Stream::Levels => "level",
+        })
+    }
+}
+
+/// Errors of the codec. The caller adds the file path and tensor name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// The data handed to the encoder is inconsistent (a bug upstream, not a file problem).
+    #[error("codec input: {0}")]
+    Input(String),
+    /// The kept-level histogram is unusable.
+    #[error("level histogram: {0}")]
+    Histogram(String),
+    /// The block table does not fit the tensor or the streams.
+    #[error("block table: {0}")]
+    BlockTable(String),
+    /// A block's stream does not decode.
+    #[error("block {block}: {stream} stream: {msg}")]
+    Corrupt {
+        /// Index of the block.
+        block: usize,
+        /// Which stream.
+        stream: Stream,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Every block decoded, but the levels do not have the stored histogram.
+    #[error("decoded levels do not match the stored histogram: level {level}: stored {stored}, decoded {decoded}")]
+    HistogramMismatch {
+        /// The first level whose count differs.
+        level: usize,
+        /// Its count in the stored histogram.
+        stored: u64,
+        /// Its count among the decoded levels.
+        decoded: u64,
+    },
+}
+
+/// Number of blocks of a tensor with `numel` elements: `ceil(numel / BLOCK_ELEMENTS)`.
+pub fn block_count(numel: u64) -> usize {
+    numel.div_ceil(BLOCK_ELEMENTS) as usize
+}
+
+/// Where one block lies: in the tensor's elements, in the kept entries and in both streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSpan {
+    /// First element of the block.
+    pub element_start: u64,
+    /// Elements in the block (`BLOCK_ELEMENTS`, or less for the last block).
+    pub element_len: u32,
+    /// Index of the block's first kept entry among all the tensor's kept entries.
+    pub kept_start: u64,
+    /// Offset of the block's position stream in the tensor's position bytes.
+    pub position_start: u64,
+    /// Offset of the block's level stream in the tensor's level bytes.
+    pub level_start: u64,
+    /// The block's stored info.
+    pub info: BlockInfo,
+}
+
+/// The per-tensor state shared by all blocks: element count and level model. Build it once per
+/// tensor, then encode or decode blocks independently (e.g. while streaming a file).
+#[derive(Debug, Clone)]
+pub struct BlockCodec {
+    numel: u64,
+    kept_counts: Vec<u64>,
+    total_kept: u64,
+    table: FreqTable,
+}
+
+impl BlockCodec {
+    /// Checks `numel <= 2^32` and the histogram (length a power of two in 2..=256, sum at most
+    /// `numel`), and derives the frequency table.
+    pub fn new(numel: u64, kept_counts: &[u64]) -> Result<Self, CodecError> {
+        if numel > MAX_NUMEL {
+            return Err(CodecError::Input(format!(
+                "{numel} elements: at most 2^32 are supported"
+            )));
+        }
+        let len = kept_counts.len();
+        if !(2..=256).contains(&len) || !len.is_power_of_two() {
+            return Err(CodecError::Histogram(format!(
+                "{len} levels: must be 2^bits with bits in 1..=8"
+            )));
+        }
+        let total_kept = kept_counts
+            .iter()
+            .try_fold(0u64, |acc, &c| acc.checked_add(c))
+            .filter(|&t| t <= numel)
+            .ok_or_else(|| {
+                CodecError::Histogram(format!(
+                    "counts sum to more than the {numel} elements of the tensor"
+                ))
+            })?;
+        Ok(BlockCodec {
+            numel,
+            kept_counts: kept_counts.to_vec(),
+            total_kept,
+            table: FreqTable::from_counts(kept_counts)?,
+        })
+    }
+
+    /// Element count of the tensor.
+    pub fn numel(&self) -> u64 {
+        self.numel
+    }
+
+    /// Sum of the histogram: the tensor's kept entries.
+    pub fn total_kept(&self) -> u64 {
+        self.total_kept
+    }
+
+    /// The level model.
+    pub fn table(&self) -> &FreqTable {
+        &self.table
+    }
+
+    /// Number of blocks.
+    pub fn block_count(&self) -> usize {
+        block_count(self.numel)
+    }
+
+    /// First element and length of block `block` (which must be `< block_count()`).
+    pub fn block_range(&self, block: usize) -> (u64, u32) {
+        let start = block as u64 * BLOCK_ELEMENTS;
+        let len = self.numel.saturating_sub(start).min(BLOCK_ELEMENTS);
+        (start, len as u32)
+    }
+
+    /// Checks a block table against the tensor and the stream lengths: one entry per block,
+    /// `kept <= ` block length, kept entries summing to the histogram's total, byte lengths
+    /// summing to the stream lengths. Returns where every block lies.
+    pub fn layout(
+        &self,
+        blocks: &[BlockInfo],
+        positions_len: u64,
+        levels_len: u64,
+    ) -> Result<Vec<BlockSpan>, CodecError> {
+        let expected = self.block_count();
+        if blocks.len() != expected {
+            return Err(CodecError::BlockTable(format!(
+                "{} blocks, expected {expected} for {} elements",
+                blocks.len(),
+                self.numel
+            )));
+        }
+        let mut spans = Vec::with_capacity(blocks.len());
+        let (mut kept, mut pos, mut lev) = (0u64, 0u64, 0u64);
+        for (i, info) in blocks.iter().enumerate() {
+            let (element_start, element_len) = self.block_range(i);
+            if info.kept > element_len {
+                return Err(CodecError::BlockTable(format!(
+                    "block {i}: {} kept entries in a block of {element_len} elements",
+                    info.kept
+                )));
+            }
+            spans.push(BlockSpan {
+                element_start,
+                element_len,
+                kept_start: kept,
+                position_start: pos,
+                level_start: lev,
+                info: *info,
+            });
+            kept += u64::from(info.kept);
+            pos += u64::from(info.position_bytes);
+            lev += u64::from(info.level_bytes);
+        }
+        if kept != self.total_kept {
+            return Err(CodecError::BlockTable(format!(
+                "blocks hold {kept} kept entries, the level histogram {}",
+                self.total_kept
+            )));
+        }
+        if pos != positions_len {
+            return Err(CodecError::BlockTable(format!(
+                "position streams of the blocks total {pos} bytes, the payload has {positions_len}"
+            )));
+        }
+        if lev != levels_len {
+            return Err(CodecError::BlockTable(format!(
+                "level streams of the blocks total {lev} bytes, the payload has {levels_len}"
+            )));
+        }
+        Ok(spans)
+    }
+
+    /// Encodes block `block` from its kept entries (`positions` absolute, strictly increasing,
+    /// inside the block; `levels` of the same length, each with a nonzero histogram count).
+    /// Returns the block info and its position and level streams.
+    pub fn encode_block(
+        &self,
+        block: usize,
+        positions: &[u32],
+        levels: &[u8],
+    ) -> Result<EncodedBlock, CodecError> {
+        if block >= self.block_count() {
+            return Err(CodecError::Input(format!(
+                "block {block} does not exist ({} blocks)",
+                self.block_count()
+            )));
+        }
+        if positions.len() != levels.len() {
+            return Err(CodecError::Input(format!(
+                "block {block}: {} positions but {} levels",
+                positions.len(),
+                levels.len()
+            )));
+        }
+        let (start, len) = self.block_range(block);
+        let end = start + u64::from(len);
+        let mut offsets = Vec::with_capacity(positions.len());
+        let mut next = start;
+        for (i, &p) in positions.iter().enumerate() {
+            let p = u64::from(p);
+            if p < next || p >= end {
+                return Err(CodecError::Input(format!(
+                    "block {block}: position {p} (entry {i} of the block) is {}",
+                    if p >= end {
+                        "beyond the block (or the tensor)"
+                    } else {
+                        "not strictly increasing"
+                    }
+                )));
+            }
+            offsets.push((p - start) as u32);
+            next = p + 1;
+        }
+        let pos_bytes = golomb::encode_block_positions(len, &offsets);
+        let lev_bytes = rans::encode(&self.table, levels)
+            .map_err(|e| CodecError::Input(format!("block {block}: {e}")))?;
+        let info = BlockInfo {
+            kept: positions.len() as u32,
+            position_bytes: to_u32(pos_bytes.len(), block)?,
+            level_bytes: to_u32(lev_bytes.len(), block)?,
+        };
+        Ok(EncodedBlock {
+            info,
+            positions: pos_bytes,
+            levels: lev_bytes,
+        })
+    }
+
+    /// Decodes block `block` (whose [`BlockInfo`] is `info`) from exactly its own position and
+    /// level bytes into `out_positions` and `out_levels`, both of length `info.kept`.
+    ///
+    /// Checks: the byte lengths match `info`, every decoded position is inside the block and
+    /// strictly increasing, exactly `info.kept` entries decode, both streams are consumed
+    /// exactly (no truncation, no trailing bytes, zero padding, final rANS state). The
+    /// histogram of the levels is not checked here: a streaming caller compares the sum of the
+    /// blocks' histograms (see [`level_histogram`]) with the stored one at the end.
+    pub fn decode_block(
+        &self,
+        block: usize,
+        info: &BlockInfo,
+        positions: &[u8],
+        levels: &[u8],
+        out_positions: &mut [u32],
+        out_levels: &mut [u8],
+    ) -> Result<(), CodecError> {
+        let corrupt = |stream, msg: &str| CodecError::Corrupt {
+            block,
+            stream,
+            msg: msg.to_string(),
+        };
+        if block >= self.block_count() {
+            return Err(CodecError::BlockTable(format!(
+                "block {block} does not exist ({} blocks)",
+                self.block_count()
+            )));
+        }
+        let (start, len) = self.block_range(block);
+        if info.kept > len {
+            return Err(CodecError::BlockTable(format!(
+                "block {block}: {} kept entries in a block of {len} elements",
+                info.kept
+            )));
+        }
+        let kept = info.kept as usize;
+        if out_positions.len() != kept || out_levels.len() != kept {
+            return Err(CodecError::Input(format!(
+                "block {block}: output buffers hold {} positions and {} levels, the block {kept}",
+                out_positions.len(),
+                out_levels.len()
+            )));
+        }
+        if positions.len() as u64 != u64::from(info.position_bytes) {
+            return Err(corrupt(
+                Stream::Positions,
+                "length differs from the block table",
+            ));
+        }
+        if levels.len() as u64 != u64::from(info.level_bytes) {
+            return Err(corrupt(
+                Stream::Levels,
+                "length differs from the block table",
+            ));
+        }
+        // start + len <= numel <= 2^32, so every absolute position fits in u32.
+        golomb::decode_block_positions(len, start as u32, positions, out_positions)
+            .map_err(|m| corrupt(Stream::Positions, m))?;
+        rans::decode(&self.table, levels, out_levels).map_err(|m| corrupt(Stream::Levels, m))?;
+        Ok(())
+    }
+
+    /// Compares a histogram of decoded levels with the stored one.
+    pub fn check_histogram(&self, decoded: &[u64]) -> Result<(), CodecError> {
+        for (level, &stored) in self.kept_counts.iter().enumerate() {
+            let d = decoded.get(level).copied().unwrap_or(0);
+            if d != stored {
+                return Err(CodecError::HistogramMismatch {
+                    level,
+                    stored,
+                    decoded: d,
+                });
+            }
+        }
+        if let Some((level, &d)) = decoded
+            .iter()
+            .enumerate()
+            .skip(self.kept_counts.len())
+            .find(|(_, &d)| d != 0)
+        {
+            return Err(CodecError::HistogramMismatch {
+                level,
+                stored: 0,
+                decoded: d,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn to_u32(n: usize, block: usize) -> Result<u32, CodecError> {
+    u32::try_from(n).map_err(|_| CodecError::Input(format!("block {block}: stream over 4 GiB")))
+}
+
+/// Histogram (256 bins) of `levels`, counted in parallel.
+pub fn level_histogram(levels: &[u8]) -> Vec<u64> {
+    levels
+        .par_chunks(1 << 16)
+        .map(|chunk| {
+            let mut h = vec![0u64; 256];
+            for &l in chunk {
+                h[usize::from(l)] += 1;
+            }
+            h
+        })
+        .reduce(
+            || vec![0u64; 256],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
+
+/// Encodes one tensor's kept entries. `positions` are strictly increasing and `< numel`,
+/// `levels[i]` is the level of `positions[i]`, `kept_counts` is the histogram of `levels`
+/// (length `2^bits`). Blocks are encoded in parallel; the bytes do not depend on the thread
+/// count.
+pub fn encode_tensor(
+    numel: u64,
+    positions: &[u32],
+    levels: &[u8],
+    kept_counts: &[u64],
+) -> Result<EncodedTensor, CodecError> {
+    let codec = BlockCodec::new(numel, kept_counts)?;
+    if positions.len() != levels.len() {
+        return Err(CodecError::Input(format!(
+            "{} positions but {} levels",
+            positions.len(),
+            levels.len()
+        )));
+    }
+    let hist = level_histogram(levels);
+    if let Some(level) = (kept_counts.len()..256).find(|&l| hist[l] != 0) {
+        return Err(CodecError::Input(format!(
+            "level {level} out of range: {} levels",
+            kept_counts.len()
+        )));
+    }
+    if let Some(level) = (0..kept_counts.len()).find(|&l| hist[l] != kept_counts[l]) {
+        return Err(CodecError::Input(format!(
+            "level {level} occurs {} times, the histogram says {}",
+            hist[level], kept_counts[level]
+        )));
+    }
+    // Split the kept entries by block. If positions are not sorted, the per-block checks in
+    // encode_block fail for some block; if they all pass, the whole array is strictly
+    // increasing (blocks are disjoint increasing ranges) and every position is < numel.
+    let nblocks = codec.block_count();
+    let mut bounds = Vec::with_capacity(nblocks + 1);
+    bounds.push(0usize);
+    for b in 1..nblocks {
+        let end = b as u64 * BLOCK_ELEMENTS;
+        let from = bounds[b - 1];
+        bounds.push(from + positions[from..].partition_point(|&p| u64::from(p) < end));
+    }
+    bounds.push(positions.len());
+    if nblocks == 0 && !positions.is_empty() {
+        return Err(CodecError::Input(format!(
+            "{} positions in an empty tensor",
+            positions.len()
+        )));
+    }
+    let results: Vec<Result<EncodedBlock, CodecError>> = (0..nblocks)
+        .into_par_iter()
+        .map(|b| {
+            let (lo, hi) = (bounds[b], bounds[b + 1]);
+            codec.encode_block(b, &positions[lo..hi], &levels[lo..hi])
+        })
+        .collect();
+    let mut out = EncodedTensor {
+        positions: Vec::new(),
+        levels: Vec::new(),
+        blocks: Vec::with_capacity(nblocks),
+    };
+    let mut encoded = Vec::with_capacity(nblocks);
+    for r in results {
+        encoded.push(r?);
+    }
+    out.positions
+        .reserve_exact(encoded.iter().map(|e| e.positions.len()).sum());
+    out.levels
+        .reserve_exact(encoded.iter().map(|e| e.levels.len()).sum());
+    for e in encoded {
+        out.blocks.push(e.info);
+        out.positions.extend_from_slice(&e.positions);
+        out.levels.extend_from_slice(&e.levels);
+    }
+    Ok(out)
+}
+
+/// Validates the block table (count = `block_count(numel)`, each `kept <=` block length, kept
+/// summing to the histogram's total, byte lengths summing to the stream lengths), decodes all
+/// blocks in parallel and checks the decoded level histogram against `kept_counts`. Returns the
+/// kept positions (strictly increasing) and their levels.
+pub fn decode_tensor(
+    numel: u64,
+    kept_counts: &[u64],
+    blocks: &[BlockInfo],
+    positions: &[u8],
+    levels: &[u8],
+) -> Result<(Vec<u32>, Vec<u8>), CodecError> {
+    let codec = BlockCodec::new(numel, kept_counts)?;
+    let spans = codec.layout(blocks, positions.len() as u64, levels.len() as u64)?;
+    // total_kept <= numel <= 2^32 was checked by BlockCodec::new.
+    let total = codec.total_kept() as usize;
+    let mut out_pos = vec![0u32; total];
+    let mut out_lev = vec![0u8; total];
+    let mut jobs = Vec::with_capacity(spans.len());
+    {
+        let (mut rest_p, mut rest_l) = (out_pos.as_mut_slice(), out_lev.as_mut_slice());
+        for (i, span) in spans.iter().enumerate() {
+            let k = span.info.kept as usize;
+            let (p, tail_p) = std::mem::take(&mut rest_p).split_at_mut(k);
+            let (l, tail_l) = std::mem::take(&mut rest_l).split_at_mut(k);
+            rest_p = tail_p;
+            rest_l = tail_l;
+            jobs.push((i, span, p, l));
+        }
+    }
+    let results: Vec<Result<(), CodecError>> = jobs
+        .into_par_iter()
+        .map(|(i, span, p, l)| {
+            let ps = span.position_start as usize;
+            let ls = span.level_start as usize;
+            codec.decode_block(
+                i,
+                &span.info,
+                &positions[ps..ps + span.info.position_bytes as usize],
+                &levels[ls..ls + span.info.level_bytes as usize],
+                p,
+                l,
+            )
+        })
+        .collect();
+    for r in results {
+        r?;
+    }
+    codec.check_histogram(&level_histogram(&out_lev))?;
+    Ok((out_pos, out_lev))
+}
+
+#[cfg(test)]
+mod tests;

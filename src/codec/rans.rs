@@ -1,0 +1,331 @@
+//! Level coding: a static frequency table derived from the kept-level histogram, and a 32-bit
+//! byte-wise rANS coder (the classic `ryg_rans` "rans_byte" layout).
+//!
+//! # Frequency table ([`normalize`])
+//! From the histogram `counts` (one `u64` per level, total `T > 0`), frequencies `f` summing to
+//! `M = 2^PROB_BITS = 32768` are derived with integer arithmetic only:
+//! 1. `f[i] = 0` if `counts[i] == 0`, else `f[i] = max(1, floor(counts[i] * M / T))` (in `u128`).
+//! 2. While `sum(f) < M`: among the `i` with `counts[i] > 0`, pick the one with the largest
+//!    `counts[i] / (2 f[i] + 1)` (compared exactly as `counts[i] * (2 f[j] + 1) >
+//!    counts[j] * (2 f[i] + 1)`; ties go to the smaller `i`) and add 1 to `f[i]`.
+//! 3. While `sum(f) > M`: among the `i` with `f[i] >= 2`, pick the one with the smallest
+//!    `counts[i] / (2 f[i] - 1)` (ties to the smaller `i`) and subtract 1 from `f[i]`.
+//!
+//! (`counts / (2f ± 1)` is the first-order change of the coded size `sum counts[i] *
+//! log2(M / f[i])` when `f[i]` moves by one, so each step is the cheapest available.) Every level
+//! with a nonzero count gets `f >= 1`; the cumulative frequency `cum[i]` is `f[0] + ... +
+//! f[i-1]`. If one level has all the mass (`f = M`), levels are not coded at all: every level
+//! stream is empty and every kept entry has that level.
+//!
+//! # rANS stream ([`encode`], [`decode`])
+//! Constants: `PROB_BITS = 15`, `RANS_L = 2^23`; the state `x` is a `u32` kept in
+//! `[RANS_L, 256 * RANS_L)`. The encoder starts at `x = RANS_L` and processes the symbols in
+//! *reverse* order; for symbol `s` (frequency `f`, cumulative `c`):
+//! ```text
+//! while x >= ((RANS_L >> PROB_BITS) << 8) * f { emit byte (x & 0xFF); x >>= 8 }
+//! x = ((x / f) << PROB_BITS) + (x % f) + c
+//! ```
+//! then emits the final state. The stream is stored so that the decoder reads it front to
+//! back: bytes 0..4 are the final state, little-endian, followed by the renormalization bytes
+//! in reverse order of emission. The decoder reads `x` from the first 4 bytes, then for each
+//! symbol, in forward order:
+//! ```text
+//! slot = x & (M - 1); s = the symbol with cum[s] <= slot < cum[s] + f[s]
+//! x = f[s] * (x >> PROB_BITS) + slot - cum[s]
+//! while x < RANS_L { x = (x << 8) | next byte }
+//! ```
+//! A valid stream ends with `x == RANS_L` exactly when its last byte has been read; the decoder
+//! checks both. An empty symbol sequence is an empty stream (no flush), as is any sequence
+//! under a single-symbol table.
+
+use super::CodecError;
+
+/// Precision of the frequency table: frequencies sum to `2^PROB_BITS`.
+pub const PROB_BITS: u32 = 15;
+/// `2^PROB_BITS`, the sum of all frequencies.
+pub const PROB_SCALE: u32 = 1 << PROB_BITS;
+/// Lower bound of the normalized rANS state.
+pub const RANS_L: u32 = 1 << 23;
+
+/// Normalizes a level histogram to frequencies summing to [`PROB_SCALE`] (see the module
+/// docs). Returns all zeros for an all-zero histogram. Fails for more than 256 levels.
+pub fn normalize(counts: &[u64]) -> Result<Vec<u32>, CodecError> {
+    if counts.len() > 256 {
+        return Err(CodecError::Histogram(format!(
+            "{} levels: at most 256 are supported",
+            counts.len()
+        )));
+    }
+    let total: u128 = counts.iter().map(|&c| u128::from(c)).sum();
+    if total == 0 {
+        return Ok(vec![0; counts.len()]);
+    }
+    let scale = u128::from(PROB_SCALE);
+    let mut f: Vec<u32> = counts
+        .iter()
+        .map(|&c| {
+            if c == 0 {
+                0
+            } else {
+                (u128::from(c) * scale / total).max(1) as u32
+            }
+        })
+        .collect();
+    let mut sum: u32 = f.iter().sum();
+    while sum < PROB_SCALE {
+        // Largest counts[i] / (2 f[i] + 1).
+        let mut best: Option<usize> = None;
+        for (i, &c) in counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            best = match best {
+                Some(j)
+                    if u128::from(c) * u128::from(2 * f[j] + 1)
+                        <= u128::from(counts[j]) * u128::from(2 * f[i] + 1) =>
+                {
+                    Some(j)
+                }
+                _ => Some(i),
+            };
+        }
+        let i = best.expect("a nonzero count exists");
+        f[i] += 1;
+        sum += 1;
+    }
+    while sum > PROB_SCALE {
+        // Smallest counts[i] / (2 f[i] - 1) among f[i] >= 2.
+        let mut best: Option<usize> = None;
+        for (i, &c) in counts.iter().enumerate() {
+            if f[i] < 2 {
+                continue;
+            }
+            best = match best {
+                Some(j)
+                    if u128::from(c) * u128::from(2 * f[j] - 1)
+                        >= u128::from(counts[j]) * u128::from(2 * f[i] - 1) =>
+                {
+                    Some(j)
+                }
+                _ => Some(i),
+            };
+        }
+        // sum > M >= 256 >= number of nonzero counts, so some f[i] >= 2.
+        let i = best.expect("a frequency >= 2 exists");
+        f[i] -= 1;
+        sum -= 1;
+    }
+    Ok(f)
+}
+
+/// The static model of one tensor's levels: frequencies, cumulative frequencies and the
+/// decoding table.
+#[derive(Debug, Clone)]
+pub struct FreqTable {
+    freq: Vec<u32>,
+    cum: Vec<u32>,
+    /// For each slot in `0..PROB_SCALE`, its symbol; empty unless at least two symbols occur.
+    slot_symbol: Vec<u8>,
+    single: Option<u8>,
+}
+
+impl FreqTable {
+    /// Builds the table from a histogram of at most 256 levels (see [`normalize`]).
+    pub fn from_counts(counts: &[u64]) -> Result<Self, CodecError> {
+        let freq = normalize(counts)?;
+        let mut cum = Vec::with_capacity(freq.len());
+        let mut acc = 0u32;
+        for &f in &freq {
+            cum.push(acc);
+            acc += f;
+        }
+        let single = freq.iter().position(|&f| f == PROB_SCALE).map(|s| s as u8);
+        let mut slot_symbol = Vec::new();
+        if acc == PROB_SCALE && single.is_none() {
+            slot_symbol.reserve_exact(PROB_SCALE as usize);
+            for (s, &f) in freq.iter().enumerate() {
+                slot_symbol.extend(std::iter::repeat_n(s as u8, f as usize));
+            }
+        }
+        Ok(FreqTable {
+            freq,
+            cum,
+            slot_symbol,
+            single,
+        })
+    }
+
+    /// The normalized frequencies, one per level.
+    pub fn freqs(&self) -> &[u32] {
+        &self.freq
+    }
+
+    /// The level that has all the probability mass, if there is one (its streams are empty).
+    pub fn single_symbol(&self) -> Option<u8> {
+        self.single
+    }
+}
+
+/// Encodes `symbols` into one rANS stream (see the module docs). Fails if a symbol has
+/// frequency 0 (or is out of the table).
+pub fn encode(table: &FreqTable, symbols: &[u8]) -> Result<Vec<u8>, &'static str> {
+    if symbols.is_empty() || table.single.is_some() {
+        return match table.single {
+            Some(s) if symbols.iter().any(|&v| v != s) => {
+                Err("level has zero frequency in the histogram")
+            }
+            _ => Ok(Vec::new()),
+        };
+    }
+    let mut out = Vec::with_capacity(symbols.len() / 2 + 8);
+    let mut x: u32 = RANS_L;
+    for &s in symbols.iter().rev() {
+        let f = table.freq.get(usize::from(s)).copied().unwrap_or(0);
+        if f == 0 {
+            return Err("level has zero frequency in the histogram");
+        }
+        let x_max = ((RANS_L >> PROB_BITS) << 8) * f;
+        while x >= x_max {
+            out.push(x as u8);
+            x >>= 8;
+        }
+        x = ((x / f) << PROB_BITS) + (x % f) + table.cum[usize::from(s)];
+    }
+    out.extend_from_slice(&x.to_be_bytes());
+    out.reverse();
+    Ok(out)
+}
+
+/// Decodes `out.len()` symbols from one rANS stream, which must be consumed exactly and end in
+/// the initial state. Under a single-symbol table the stream must be empty.
+pub fn decode(table: &FreqTable, data: &[u8], out: &mut [u8]) -> Result<(), &'static str> {
+    if out.is_empty() {
+        return if data.is_empty() {
+            Ok(())
+        } else {
+            Err("stream must be empty for a block with no kept entries")
+        };
+    }
+    if let Some(s) = table.single {
+        out.fill(s);
+        return if data.is_empty() {
+            Ok(())
+        } else {
+            Err("stream must be empty when a single level has all the mass")
+        };
+    }
+    if table.slot_symbol.len() != PROB_SCALE as usize {
+        return Err("the level histogram is empty");
+    }
+    let Some((head, rest)) = data.split_first_chunk::<4>() else {
+        return Err("stream shorter than the 4-byte rANS state");
+    };
+    let mut x = u32::from_le_bytes(*head);
+    let mut bytes = rest.iter();
+    for o in out.iter_mut() {
+        let slot = x & (PROB_SCALE - 1);
+        let s = table.slot_symbol[slot as usize];
+        let f = table.freq[usize::from(s)];
+        // f * (x >> 15) + (slot - cum) <= f * ((x >> 15) + 1) - 1 <= 2^15 * 2^17 - 1: no overflow.
+        x = f * (x >> PROB_BITS) + slot - table.cum[usize::from(s)];
+        while x < RANS_L {
+            let Some(&b) = bytes.next() else {
+                return Err("stream truncated");
+            };
+            x = (x << 8) | u32::from(b);
+        }
+        *o = s;
+    }
+    if bytes.next().is_some() {
+        return Err("stream has trailing bytes");
+    }
+    if x != RANS_L {
+        return Err("final rANS state is wrong (corrupt stream)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codec_normalize_by_hand() {
+        // Exact proportions.
+        assert_eq!(normalize(&[1, 1]).unwrap(), vec![16384, 16384]);
+        assert_eq!(normalize(&[3, 1, 0, 0]).unwrap(), vec![24576, 8192, 0, 0]);
+        // 1/3 each: floors 10922 * 3 = 32766, deficit 2; all keys equal -> ties to the
+        // smallest index: level 0 gets +1, then level 1 (level 0's key is now smaller).
+        assert_eq!(normalize(&[1, 1, 1]).unwrap(), vec![10923, 10923, 10922]);
+        // A rare level is raised to 1; floor(32768 * 999_999 / 1_000_000) = 32767 (exactly
+        // 32767.967), sum 32768: no adjustment.
+        assert_eq!(normalize(&[999_999, 1]).unwrap(), vec![32767, 1]);
+        // Two rare levels: floors 32767 + 0 + 0 -> bumped to 32767 + 1 + 1 = 32769; excess 1
+        // is taken from the only frequency >= 2.
+        assert_eq!(normalize(&[10_000_000, 1, 1]).unwrap(), vec![32766, 1, 1]);
+        // 2:1 split of 32768: floors 21845 + 10922 = 32767; keys 2/43691 vs 1/21845 ->
+        // 2 * 21845 = 43690 < 43691 -> level 1 gets the unit.
+        assert_eq!(normalize(&[2, 1]).unwrap(), vec![21845, 10923]);
+        // Single symbol.
+        assert_eq!(normalize(&[0, 0, 5, 0]).unwrap(), vec![0, 0, 32768, 0]);
+        // Empty histogram.
+        assert_eq!(normalize(&[0, 0]).unwrap(), vec![0, 0]);
+        // Too many levels.
+        assert!(normalize(&[1; 257]).is_err());
+    }
+
+    #[test]
+    fn codec_normalize_properties() {
+        // 256 levels, every count 1 but one huge: every nonzero gets >= 1, sum is exact.
+        let mut counts = vec![1u64; 256];
+        counts[17] = u64::from(u32::MAX);
+        let f = normalize(&counts).unwrap();
+        assert_eq!(f.iter().sum::<u32>(), PROB_SCALE);
+        assert!(f.iter().all(|&v| v >= 1));
+        assert_eq!(f[17], PROB_SCALE - 255);
+        // Zero counts stay zero.
+        let f = normalize(&[0, 7, 0, 9, 0, 0, 0, 1]).unwrap();
+        assert_eq!(f.iter().sum::<u32>(), PROB_SCALE);
+        assert_eq!((f[0], f[2], f[4], f[5], f[6]), (0, 0, 0, 0, 0));
+        assert!(f[1] > 0 && f[3] > 0 && f[7] > 0);
+    }
+
+    #[test]
+    fn codec_rans_round_trip_small() {
+        let table = FreqTable::from_counts(&[3, 1, 0, 2]).unwrap();
+        let symbols = [0u8, 3, 1, 0, 0, 3];
+        let bytes = encode(&table, &symbols).unwrap();
+        let mut out = [0u8; 6];
+        decode(&table, &bytes, &mut out).unwrap();
+        assert_eq!(out, symbols);
+        // Zero-frequency level.
+        assert!(encode(&table, &[2]).is_err());
+        assert!(encode(&table, &[9]).is_err());
+        // Truncation and trailing bytes are detected.
+        assert!(decode(&table, &bytes[..bytes.len() - 1], &mut out).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode(&table, &longer, &mut out).is_err());
+    }
+
+    #[test]
+    fn codec_rans_one_symbol_stream_by_hand() {
+        // f = [16384, 16384]: encoding symbol 1 from x = 2^23: x_max = 2^16 * 2^14 = 2^30, no
+        // output; x = (2^23 / 2^14) << 15 + 0 + 16384 = 2^24 + 2^14.
+        let table = FreqTable::from_counts(&[1, 1]).unwrap();
+        let bytes = encode(&table, &[1]).unwrap();
+        assert_eq!(bytes, (1u32 << 24 | 1 << 14).to_le_bytes().to_vec());
+    }
+
+    #[test]
+    fn codec_rans_single_symbol_table() {
+        let table = FreqTable::from_counts(&[0, 0, 0, 9]).unwrap();
+        assert_eq!(table.single_symbol(), Some(3));
+        assert!(encode(&table, &[3, 3, 3]).unwrap().is_empty());
+        assert!(encode(&table, &[3, 1]).is_err());
+        let mut out = [0u8; 3];
+        decode(&table, &[], &mut out).unwrap();
+        assert_eq!(out, [3, 3, 3]);
+        assert!(decode(&table, &[0], &mut out).is_err());
+    }
+}
