@@ -42,6 +42,7 @@ pub enum Command {
 
 /// `compress` arguments.
 #[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
 pub struct CompressArgs {
     /// Base checkpoint: a .safetensors file or an HF directory (single file or shards).
     #[arg(long)]

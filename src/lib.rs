@@ -17,5 +17,6 @@ pub mod progress;
 pub mod report;
 pub mod error;
 pub mod staging;
+pub mod synth;
 
 pub use error::{Error, Result};

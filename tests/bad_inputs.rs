@@ -114,11 +114,14 @@ fn parameters_out_of_range_are_refused_before_any_work() {
         (vec!["--factor", "0"], "--factor"),
         (vec!["--step", "-1"], "--step"),
         (vec!["--include", "("], "regex"),
-        (vec!["--adapter", "quantum"], "--adapter"),
     ] {
         fails(compress(&fx, &fx.base, &fx.ft, &args), &[needle]);
         assert_clean(&fx);
     }
+    let out = fx.dir.path().join("out.udelta");
+    let args = ["compress", "--base", s(&fx.base), "--finetuned", s(&fx.ft), "-o", s(&out), "--adapter", "quantum"];
+    fails(udelta(&args), &["--adapter"]);
+    assert_clean(&fx);
 }
 
 #[test]

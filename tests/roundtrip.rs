@@ -30,7 +30,7 @@ struct Expect {
 }
 
 /// Steps 1-3 of ULTRADELTA.md for every compressed tensor of one model.
-fn expectations(base: &HashMap<String, T>, ft: &HashMap<String, T>, s: f64, step: f64, bits: u32) -> HashMap<String, Expect> {
+fn expectations(base: &HashMap<String, T>, ft: &HashMap<String, T>, sp: f64, step: f64, bits: u32) -> HashMap<String, Expect> {
     let nl = 1usize << bits;
     let mut names: Vec<&String> = ft.keys().filter(|n| is_linear(n)).collect();
     names.sort();
@@ -59,12 +59,16 @@ fn expectations(base: &HashMap<String, T>, ft: &HashMap<String, T>, s: f64, step
     for &i in &order {
         cum += stds[i].1;
         group[i] = if cum as f64 <= total as f64 / 3.0 { 0 } else if cum as f64 <= 2.0 * total as f64 / 3.0 { 1 } else { 2 };
-        [&mut nlow, &mut nmid, &mut nhigh][group[i]].clone_from(&([nlow, nmid, nhigh][group[i]] + stds[i].1));
+        match group[i] {
+            0 => nlow += stds[i].1,
+            1 => nmid += stds[i].1,
+            _ => nhigh += stds[i].1,
+        }
     }
-    let high = ((s * total as f64 - s * nmid as f64 - (s + step) * nlow as f64) / nhigh as f64).clamp(0.0, 0.99);
+    let high = ((sp * total as f64 - sp * nmid as f64 - (sp + step) * nlow as f64) / nhigh as f64).clamp(0.0, 0.99);
     for (i, (name, _, _)) in stds.iter().enumerate() {
         let e = out.get_mut(name).unwrap();
-        e.rate = [s + step, s, high][group[i]];
+        e.rate = [sp + step, sp, high][group[i]];
         let mut hist = vec![0u64; nl];
         e.levels.iter().for_each(|&q| hist[q] += 1);
         let n: u64 = hist.iter().sum();
@@ -75,17 +79,17 @@ fn expectations(base: &HashMap<String, T>, ft: &HashMap<String, T>, s: f64, step
     out
 }
 
-fn check_round_trip(dtype: Dtype, shards: usize, growth: usize, s: f64) {
+fn check_round_trip(dtype: Dtype, shards: usize, growth: usize, sparsity: f64) {
     let dir = tempfile::tempdir().unwrap();
     let (b, f) = llama_pair(dtype, growth, 42);
     let base = write_checkpoint(&dir.path().join("base"), &b, shards);
     let ftp = write_checkpoint(&dir.path().join("ft"), &f, shards);
     let file = dir.path().join("ft.udelta");
-    ok(udelta(&["compress", "--base", s(&base), "--finetuned", s(&ftp), "-o", s(&file), "--sparsity", &s.to_string(), "--adapter", "cpu", "-q"]));
+    ok(udelta(&["compress", "--base", s(&base), "--finetuned", s(&ftp), "-o", s(&file), "--sparsity", &sparsity.to_string(), "--adapter", "cpu", "-q"]));
     let index = read_index(&file);
     let (bm, fm) = (read_checkpoint(&base), read_checkpoint(&ftp));
-    let exp = expectations(&bm, &fm, s, 0.01, 4);
-    let scale = 1.0 / (1.0 - s);
+    let exp = expectations(&bm, &fm, sparsity, 0.01, 4);
+    let scale = 1.0 / (1.0 - sparsity);
     assert!((index["model"]["scale"].as_f64().unwrap() - scale).abs() < 1e-12);
 
     // Full reconstruction.
