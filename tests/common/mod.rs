@@ -199,3 +199,135 @@ pub fn fails(out: Output, needles: &[&str]) -> String {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// Reads the JSON index of a .udelta file straight from its footer (format v1, docs/FORMAT.md).
+pub fn read_index(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"UDELTA\r\n");
+    let f = &bytes[bytes.len() - 32..];
+    assert_eq!(&f[24..], b"UDLTEND\n");
+    let off = u64::from_le_bytes(f[0..8].try_into().unwrap()) as usize;
+    let len = u64::from_le_bytes(f[8..16].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[off..off + len]).unwrap()
+}
+
+pub struct Expect {
+    levels: Vec<usize>,
+    values: Vec<f32>,
+    rate: f64,
+    kept_per_level: Vec<u64>,
+}
+
+/// Steps 1-3 of ULTRADELTA.md for every compressed tensor of one model.
+pub fn expectations(base: &HashMap<String, T>, ft: &HashMap<String, T>, sp: f64, step: f64, bits: u32, compressed: impl Fn(&str) -> bool) -> HashMap<String, Expect> {
+    let nl = 1usize << bits;
+    let mut names: Vec<&String> = ft.keys().filter(|n| compressed(n)).collect();
+    names.sort();
+    let mut out = HashMap::new();
+    let mut stds = Vec::new();
+    for name in &names {
+        let (b, f) = (base[*name].values(), ft[*name].values());
+        let d: Vec<f32> = f.iter().zip(&b).map(|(x, y)| x - y).collect();
+        let lo = d.iter().cloned().fold(f32::INFINITY, f32::min);
+        let hi = d.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let k = ((nl - 1) as f64 / (hi as f64 - lo as f64)) as f32;
+        let levels: Vec<usize> = d.iter().map(|&x| ((x - lo) * k).round_ties_even().clamp(0.0, (nl - 1) as f32) as usize).collect();
+        let values: Vec<f32> = (0..nl).map(|q| (lo as f64 + q as f64 * (hi as f64 - lo as f64) / (nl - 1) as f64) as f32).collect();
+        let n = d.len() as f64;
+        let mean = levels.iter().map(|&q| values[q] as f64).sum::<f64>() / n;
+        let var = levels.iter().map(|&q| (values[q] as f64 - mean).powi(2)).sum::<f64>() / n;
+        stds.push((name.to_string(), d.len() as u64, var.sqrt()));
+        out.insert(name.to_string(), Expect { levels, values, rate: 0.0, kept_per_level: vec![] });
+    }
+    // Thirds by parameter count.
+    let total: u64 = stds.iter().map(|x| x.1).sum();
+    let mut order: Vec<usize> = (0..stds.len()).collect();
+    order.sort_by(|&a, &b| stds[a].2.partial_cmp(&stds[b].2).unwrap());
+    let (mut cum, mut nlow, mut nmid, mut nhigh) = (0u64, 0u64, 0u64, 0u64);
+    let mut group = vec![0; stds.len()];
+    for &i in &order {
+        cum += stds[i].1;
+        group[i] = if cum as f64 <= total as f64 / 3.0 { 0 } else if cum as f64 <= 2.0 * total as f64 / 3.0 { 1 } else { 2 };
+        match group[i] {
+            0 => nlow += stds[i].1,
+            1 => nmid += stds[i].1,
+            _ => nhigh += stds[i].1,
+        }
+    }
+    let high = ((sp * total as f64 - sp * nmid as f64 - (sp + step) * nlow as f64) / nhigh as f64).clamp(0.0, 0.99);
+    for (i, (name, _, _)) in stds.iter().enumerate() {
+        let e = out.get_mut(name).unwrap();
+        e.rate = [sp + step, sp, high][group[i]];
+        let mut hist = vec![0u64; nl];
+        e.levels.iter().for_each(|&q| hist[q] += 1);
+        let n: u64 = hist.iter().sum();
+        let z = (0..nl).filter(|&q| e.values[q] == 0.0).map(|q| hist[q]).sum::<u64>() as f64 / n as f64;
+        let r = ((e.rate - z) / (1.0 - z)).max(0.0);
+        e.kept_per_level = hist.iter().map(|&c| c - (c as f64 * r).round_ties_even() as u64).collect();
+    }
+    out
+}
+
+/// Decompresses `file` (full and delta-only) under `dir` and checks every tensor against the
+/// algorithm recomputed here; returns the restored checkpoint's directory.
+pub fn check_against_algorithm(dir: &Path, base: &Path, ftp: &Path, file: &Path, sparsity: f64, compressed: impl Fn(&str) -> bool) -> std::path::PathBuf {
+    let index = read_index(&file);
+    let (bm, fm) = (read_checkpoint(&base), read_checkpoint(&ftp));
+    let exp = expectations(&bm, &fm, sparsity, 0.01, 4, compressed);
+    let scale = 1.0 / (1.0 - sparsity);
+    assert!((index["model"]["scale"].as_f64().unwrap() - scale).abs() < 1e-12);
+
+    // Full reconstruction.
+    let out = dir.join("restored");
+    ok(udelta(&["decompress", s(&file), "--base", s(&base), "-o", s(&out), "-q"]));
+    let restored = read_checkpoint(&out);
+    assert_eq!(restored.len(), fm.len());
+    let dtype_of = |n: &str| fm[n].dtype;
+    let deltas_dir = dir.join("deltas");
+    ok(udelta(&["decompress", s(&file), "--base", s(&base), "-o", s(&deltas_dir), "--delta-only", "-q"]));
+    let deltas = read_checkpoint(&deltas_dir);
+    assert_eq!(deltas.len(), exp.len());
+
+    for (name, t) in &fm {
+        let r = &restored[name];
+        assert_eq!((r.dtype, &r.shape), (t.dtype, &t.shape), "{name}");
+        let Some(e) = exp.get(name) else {
+            assert_eq!(r.data, t.data, "{name} must be restored bit-exact");
+            continue;
+        };
+        let entry = index["tensors"].as_array().unwrap().iter().find(|x| x["name"] == name.as_str()).unwrap();
+        assert_eq!(entry["kind"], "compressed", "{name}");
+        assert!((entry["rate"].as_f64().unwrap() - e.rate).abs() < 1e-12, "{name}: rate {} vs {}", entry["rate"], e.rate);
+        let d = deltas[name].values();
+        let (bv, rv) = (bm[name].values(), r.values());
+        let mut kept = vec![0u64; e.values.len()];
+        let mut kept_pos = Vec::new();
+        for i in 0..d.len() {
+            if d[i] != 0.0 {
+                let q = e.levels[i];
+                kept[q] += 1;
+                kept_pos.push(i);
+                assert_eq!(d[i], (scale * e.values[q] as f64) as f32, "{name}[{i}]");
+                let want = decode(dtype_of(name), &encode(dtype_of(name), &[bv[i] + d[i]]))[0];
+                assert_eq!(rv[i].to_bits(), want.to_bits(), "{name}[{i}]");
+            } else {
+                assert_eq!(rv[i].to_bits(), bv[i].to_bits(), "{name}[{i}] pruned must equal base");
+            }
+        }
+        for q in 0..kept.len() {
+            if e.values[q] != 0.0 {
+                assert_eq!(kept[q], e.kept_per_level[q], "{name}: level {q}");
+            }
+        }
+        // Uniform spread: kept counts in 4 equal element ranges within 5 sigma of their mean.
+        let n = d.len();
+        let p = kept_pos.len() as f64 / n as f64;
+        for part in 0..4 {
+            let (a, z) = (part * n / 4, (part + 1) * n / 4);
+            let c = kept_pos.iter().filter(|&&i| i >= a && i < z).count() as f64;
+            let mean = p * (z - a) as f64;
+            assert!((c - mean).abs() <= 5.0 * (mean * (1.0 - p)).sqrt() + 1.0, "{name}: range {part}: {c} vs {mean}");
+        }
+    }
+    out
+}
