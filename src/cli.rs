@@ -227,6 +227,17 @@ fn run_compress(a: CompressArgs) -> Result<()> {
             report.compressed_params as f64 / secs / 1e6,
             out.engine
         );
+        let t = &out.times;
+        eprintln!(
+            "stages (s): read {:.2}  compare {:.2}  analyze {:.2}  select {:.2}  encode {:.2}  write {:.2}{}",
+            t.read,
+            t.compare,
+            t.analyze,
+            t.select,
+            t.encode,
+            t.write,
+            if a.verify { format!("  verify {:.2}", t.verify) } else { String::new() }
+        );
     }
     print_report(&report, a.json, false)
 }

@@ -35,10 +35,16 @@ impl QuantGrid {
         }
     }
 
-    /// Level of a delta value, given `lo`, the [`multiplier`](Self::multiplier) and `L - 1`.
+    /// Level of a delta value, given `lo`, the [`multiplier`](Self::multiplier) and `L - 1`:
+    /// `clamp(round_half_even((x - lo) * k), 0, L - 1)`. Since `x >= lo`, the product is
+    /// never negative; clamping first, then rounding by adding and subtracting `1.5 * 2^23`
+    /// (exact half-to-even rounding for values below `2^22`) gives the same result without a
+    /// call to `rintf` on CPUs lacking SSE4.1's `roundss`.
     #[inline(always)]
     pub fn level_of(x: f32, lo: f32, k: f32, max_level: f32) -> u8 {
-        ((x - lo) * k).round_ties_even().clamp(0.0, max_level) as u8
+        const ROUNDER: f32 = 12_582_912.0;
+        let t = ((x - lo) * k).clamp(0.0, max_level);
+        ((t + ROUNDER) - ROUNDER) as u8
     }
 
     /// Dequantized value of level `q`: `lo + q * (hi - lo) / (L - 1)`, evaluated in f64 and

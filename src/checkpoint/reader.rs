@@ -368,7 +368,8 @@ impl Checkpoint {
                 "tensor too large for this platform's memory",
             )
         })?;
-        buf.clear();
+        // Only growth is zero-filled: the read overwrites every byte.
+        buf.truncate(len);
         buf.resize(len, 0);
         self.read_range(t, 0, buf)
     }

@@ -38,6 +38,33 @@ pub struct CompressOptions {
     pub progress: bool,
 }
 
+/// Wall time spent in each stage, in seconds (stages run one after another on this thread).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StageTimes {
+    /// Reading tensors from the checkpoints (both passes).
+    pub read: f64,
+    /// Comparing uncompressed tensors with the base.
+    pub compare: f64,
+    /// Engine pass 1 (min/max, histograms).
+    pub analyze: f64,
+    /// Engine pass 2 (levels, selection, compaction).
+    pub select: f64,
+    /// Entropy coding.
+    pub encode: f64,
+    /// Writing records (raw tensors included) and the index.
+    pub write: f64,
+    /// Recomputing on the CPU engine (`--verify`).
+    pub verify: f64,
+}
+
+/// Times a closure into one of the stage counters.
+fn timed<T>(slot: &mut f64, f: impl FnOnce() -> T) -> T {
+    let t = std::time::Instant::now();
+    let r = f();
+    *slot += t.elapsed().as_secs_f64();
+    r
+}
+
 /// What a finished compression produced.
 #[derive(Debug, Clone)]
 pub struct CompressOutcome {
@@ -47,6 +74,8 @@ pub struct CompressOutcome {
     pub file_bytes: u64,
     /// The engine that ran.
     pub engine: String,
+    /// Where the time went.
+    pub times: StageTimes,
 }
 
 /// The name a fine-tuned checkpoint path gives its model: the last path component, without
@@ -168,23 +197,24 @@ pub fn compress(base_path: &Path, ft_path: &Path, out: &Path, opts: &CompressOpt
         Kind::Raw => 0,
         Kind::Compare(bi) | Kind::Compress(bi, _) => t.len + base.tensors[*bi].len,
     }).sum();
+    let mut times = StageTimes::default();
     let progress = Progress::new("analyze", pass1_bytes, opts.progress);
     let mut bufs = (Vec::new(), Vec::new());
     let mut plans = Vec::with_capacity(kinds.len());
     for (t, kind) in ft.tensors.iter().zip(&kinds) {
         plans.push(match *kind {
             Kind::Raw => Plan::Raw,
-            Kind::Compare(bi) => match compare(&base, &base.tensors[bi], &ft, t, &progress)? {
+            Kind::Compare(bi) => match timed(&mut times.compare, || compare(&base, &base.tensors[bi], &ft, t, &progress))? {
                 Some(base_crc32) => Plan::Unchanged { base_crc32 },
                 None => Plan::Raw,
             },
             Kind::Compress(bi, shared_numel) => {
                 let b = &base.tensors[bi];
-                read_pair(&base, b, &ft, t, &mut bufs)?;
+                timed(&mut times.read, || read_pair(&base, b, &ft, t, &mut bufs))?;
                 let input = DeltaInput::new(&bufs.0, float_type(&base, b)?, &bufs.1, float_type(&ft, t)?, shared_numel);
-                let stats = engine.analyze(&input, opts.params.bits).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
+                let stats = timed(&mut times.analyze, || engine.analyze(&input, opts.params.bits)).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
                 if opts.verify {
-                    let want = CpuEngine.analyze(&input, opts.params.bits).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
+                    let want = timed(&mut times.verify, || CpuEngine.analyze(&input, opts.params.bits)).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
                     if want != stats {
                         return Err(Error::Gpu(format!("--verify: tensor '{}': engine statistics differ from the CPU reference", t.name)));
                     }
@@ -228,6 +258,7 @@ pub fn compress(base_path: &Path, ft_path: &Path, out: &Path, opts: &CompressOpt
             }
             Plan::Raw => {
                 let mut start = 0u64;
+                let t0 = std::time::Instant::now();
                 let data = writer.append_chunks(|buf| {
                     if start >= t.len {
                         return Ok(false);
@@ -239,12 +270,13 @@ pub fn compress(base_path: &Path, ft_path: &Path, out: &Path, opts: &CompressOpt
                     progress.inc(n as u64);
                     Ok(true)
                 })?;
+                times.write += t0.elapsed().as_secs_f64();
                 TensorKind::Raw { data }
             }
             Plan::Compress { base: bi, shared_numel, stats, base_crc32, allocation } => {
                 let b = &base.tensors[bi];
                 let allocation = allocation.expect("one allocation per compressed tensor");
-                read_pair(&base, b, &ft, t, &mut bufs)?;
+                timed(&mut times.read, || read_pair(&base, b, &ft, t, &mut bufs))?;
                 if crc32(&bufs.0) != base_crc32 {
                     return Err(Error::tensor(base.shard_path(b), &b.name, "the base changed on disk during compression"));
                 }
@@ -252,20 +284,21 @@ pub fn compress(base_path: &Path, ft_path: &Path, out: &Path, opts: &CompressOpt
                 let input = DeltaInput::new(&bufs.0, float_type(&base, b)?, &bufs.1, ft_type, shared_numel);
                 let key = TensorKey::new(opts.params.seed, &model, &t.name);
                 let selection = SelectionPlan::new(key, &stats, allocation.rate);
-                let kept = engine.select(&input, &stats, &selection).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
+                let kept = timed(&mut times.select, || engine.select(&input, &stats, &selection)).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
                 if opts.verify {
-                    let want = CpuEngine.select(&input, &stats, &selection).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
+                    let want = timed(&mut times.verify, || CpuEngine.select(&input, &stats, &selection)).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
                     if want != kept {
                         return Err(Error::Gpu(format!("--verify: tensor '{}': engine kept entries differ from the CPU reference", t.name)));
                     }
                 }
                 let kept_counts = selection.kept_counts();
-                let enc = codec::encode_tensor(shared_numel as u64, &kept.positions, &kept.levels, &kept_counts)
+                let enc = timed(&mut times.encode, || codec::encode_tensor(shared_numel as u64, &kept.positions, &kept.levels, &kept_counts))
                     .map_err(|e| Error::tensor(ft.shard_path(t), &t.name, format!("encoding failed: {e}")))?;
-                let positions = writer.append(&enc.positions)?;
-                let levels = writer.append(&enc.levels)?;
                 let tail_start = shared_numel * ft_type.size();
-                let tail = (bufs.1.len() > tail_start).then(|| writer.append(&bufs.1[tail_start..])).transpose()?;
+                let (positions, levels, tail) = timed(&mut times.write, || -> Result<_> {
+                    let tail = (bufs.1.len() > tail_start).then(|| writer.append(&bufs.1[tail_start..])).transpose()?;
+                    Ok((writer.append(&enc.positions)?, writer.append(&enc.levels)?, tail))
+                })?;
                 progress.inc(b.len + t.len);
                 fingerprint.update(t.name.as_bytes());
                 fingerprint.update(&base_crc32.to_le_bytes());
@@ -315,6 +348,6 @@ pub fn compress(base_path: &Path, ft_path: &Path, out: &Path, opts: &CompressOpt
         },
         tensors: records,
     };
-    let file_bytes = writer.finish(&index)?;
-    Ok(CompressOutcome { path: out.to_path_buf(), file_bytes, engine: engine.name() })
+    let file_bytes = timed(&mut times.write, || writer.finish(&index))?;
+    Ok(CompressOutcome { path: out.to_path_buf(), file_bytes, engine: engine.name(), times })
 }
