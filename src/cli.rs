@@ -47,10 +47,11 @@ pub struct CompressArgs {
     /// Base checkpoint: a .safetensors file or an HF directory (single file or shards).
     #[arg(long)]
     pub base: PathBuf,
-    /// Fine-tuned checkpoint, laid out like the base.
-    #[arg(long)]
-    pub finetuned: PathBuf,
-    /// Output .udelta file.
+    /// Fine-tuned checkpoint, laid out like the base; repeat for several fine-tunes of one base
+    /// (compressed together, with trace-norm rescaling across them).
+    #[arg(long, required = true)]
+    pub finetuned: Vec<PathBuf>,
+    /// Output .udelta file; with several --finetuned, a directory receiving NAME.udelta each.
     #[arg(short, long)]
     pub output: PathBuf,
     /// Target sparsity s (fraction of delta entries pruned), in (0, 1).
@@ -180,10 +181,18 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Compress(a) => run_compress(a),
         Command::Decompress(a) => {
-            let opts = DecompressOptions { delta_only: a.delta_only, force: a.force, progress: !a.quiet };
+            let opts = DecompressOptions {
+                delta_only: a.delta_only,
+                force: a.force,
+                progress: !a.quiet,
+            };
             let t = Instant::now();
             decompress(&a.input, &a.base, &a.output, &opts)?;
-            eprintln!("wrote {} in {:.2} s", a.output.display(), t.elapsed().as_secs_f64());
+            eprintln!(
+                "wrote {} in {:.2} s",
+                a.output.display(),
+                t.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Command::Inspect(a) => {
@@ -197,7 +206,10 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn print_report(report: &InspectReport, json: bool, per_tensor: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report).map_err(|e| Error::Param(e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).map_err(|e| Error::Param(e.to_string()))?
+        );
     } else {
         print!("{}", report.to_text(per_tensor));
     }
@@ -205,7 +217,13 @@ fn print_report(report: &InspectReport, json: bool, per_tensor: bool) -> Result<
 }
 
 fn run_compress(a: CompressArgs) -> Result<()> {
-    let params = CompressParams { sparsity: a.sparsity, bits: a.bits, step: a.step, factor: a.factor, seed: a.seed };
+    let params = CompressParams {
+        sparsity: a.sparsity,
+        bits: a.bits,
+        step: a.step,
+        factor: a.factor,
+        seed: a.seed,
+    };
     params.validate()?;
     let opts = CompressOptions {
         params,
@@ -219,12 +237,16 @@ fn run_compress(a: CompressArgs) -> Result<()> {
     let t = Instant::now();
     let out = compress(&a.base, &a.finetuned, &a.output, &opts, engine.as_mut())?;
     let secs = t.elapsed().as_secs_f64();
-    let report = InspectReport::of(&UdeltaReader::open(&out.path)?);
+    let reports = out
+        .files
+        .iter()
+        .map(|(f, _)| Ok(InspectReport::of(&UdeltaReader::open(f)?)))
+        .collect::<Result<Vec<_>>>()?;
     if !a.json {
+        let params: u64 = reports.iter().map(|r| r.compressed_params).sum();
         eprintln!(
-            "compressed {} params in {secs:.2} s ({:.1} M params/s) on {}",
-            report.compressed_params,
-            report.compressed_params as f64 / secs / 1e6,
+            "compressed {params} params in {secs:.2} s ({:.1} M params/s) on {}",
+            params as f64 / secs / 1e6,
             out.engine
         );
         let t = &out.times;
@@ -239,7 +261,20 @@ fn run_compress(a: CompressArgs) -> Result<()> {
             if a.verify { format!("  verify {:.2}", t.verify) } else { String::new() }
         );
     }
-    print_report(&report, a.json, false)
+    if a.json && reports.len() > 1 {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reports).map_err(|e| Error::Param(e.to_string()))?
+        );
+        return Ok(());
+    }
+    for (r, (f, _)) in reports.iter().zip(&out.files) {
+        if !a.json && reports.len() > 1 {
+            println!("== {}", f.display());
+        }
+        print_report(r, a.json, false)?;
+    }
+    Ok(())
 }
 
 fn parse_float_type(s: &str) -> Result<FloatType> {
@@ -247,7 +282,9 @@ fn parse_float_type(s: &str) -> Result<FloatType> {
         "f16" => Ok(FloatType::F16),
         "bf16" => Ok(FloatType::BF16),
         "f32" => Ok(FloatType::F32),
-        other => Err(Error::Param(format!("--dtype {other}: expected f16, bf16 or f32"))),
+        other => Err(Error::Param(format!(
+            "--dtype {other}: expected f16, bf16 or f32"
+        ))),
     }
 }
 
@@ -291,27 +328,72 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         }
     };
     let synth_dir = dir.join("synth");
-    println!("1. synthesizing a tiny LLaMA-shaped base and fine-tune in {}", synth_dir.display());
-    let opts = SynthOptions { preset: Preset::Tiny, layers: None, dtype: FloatType::F16, models: 1, shards: None, seed: 0, vocab_growth: 0 };
+    println!(
+        "1. synthesizing a tiny LLaMA-shaped base and fine-tune in {}",
+        synth_dir.display()
+    );
+    let opts = SynthOptions {
+        preset: Preset::Tiny,
+        layers: None,
+        dtype: FloatType::F16,
+        models: 1,
+        shards: None,
+        seed: 0,
+        vocab_growth: 0,
+    };
     let _ = std::fs::remove_dir_all(&synth_dir);
     let syn = write_synthetic(&synth_dir, &opts, &|_, _| {})?;
     let ft = &syn.finetuned[0];
     let file = dir.join("ft-1.udelta");
     let _ = std::fs::remove_file(&file);
     let mut engine: Box<dyn Engine> = engine::create(&a.adapter)?;
-    println!("2. compressing with UltraDelta (s = {}, 4 bits) on {}", a.sparsity, engine.name());
-    let params = CompressParams { sparsity: a.sparsity, ..Default::default() };
-    let copts = CompressOptions { params, selector: TensorSelector::new(None, None)?, model_name: None, force: true, verify: false, progress: false };
+    println!(
+        "2. compressing with UltraDelta (s = {}, 4 bits) on {}",
+        a.sparsity,
+        engine.name()
+    );
+    let params = CompressParams {
+        sparsity: a.sparsity,
+        ..Default::default()
+    };
+    let copts = CompressOptions {
+        params,
+        selector: TensorSelector::new(None, None)?,
+        model_name: None,
+        force: true,
+        verify: false,
+        progress: false,
+    };
     let t = Instant::now();
-    compress(&syn.base, ft, &file, &copts, engine.as_mut())?;
+    compress(
+        &syn.base,
+        std::slice::from_ref(ft),
+        &file,
+        &copts,
+        engine.as_mut(),
+    )?;
     println!("   done in {:.3} s", t.elapsed().as_secs_f64());
     let restored = dir.join("restored");
     let _ = std::fs::remove_dir_all(&restored);
     println!("3. decompressing into {}", restored.display());
-    decompress(&file, &syn.base, &restored, &DecompressOptions { delta_only: false, force: false, progress: false })?;
+    decompress(
+        &file,
+        &syn.base,
+        &restored,
+        &DecompressOptions {
+            delta_only: false,
+            force: false,
+            progress: false,
+        },
+    )?;
     println!("4. verifying against the original fine-tune");
     let reader = UdeltaReader::open(&file)?;
-    let v = verify(&reader, &Checkpoint::open(&syn.base)?, &Checkpoint::open(ft)?, &Checkpoint::open(&restored)?)?;
+    let v = verify(
+        &reader,
+        &Checkpoint::open(&syn.base)?,
+        &Checkpoint::open(ft)?,
+        &Checkpoint::open(&restored)?,
+    )?;
     println!(
         "   {} tensors bit-exact, {} compressed: {} of {} entries changed ({:.2}%), delta cosine similarity {:.3}",
         v.exact_tensors,

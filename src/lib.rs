@@ -11,11 +11,11 @@ pub mod checkpoint;
 pub mod cli;
 pub mod codec;
 pub mod engine;
+pub mod error;
 pub mod format;
 pub mod pipeline;
 pub mod progress;
 pub mod report;
-pub mod error;
 pub mod staging;
 pub mod synth;
 

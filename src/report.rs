@@ -124,14 +124,24 @@ impl InspectReport {
                 t
             })
             .collect();
-        let compressed = || index.tensors.iter().filter_map(|r| match &r.kind {
-            TensorKind::Compressed(c) => Some(c.as_ref()),
-            _ => None,
-        });
+        let compressed = || {
+            index.tensors.iter().filter_map(|r| match &r.kind {
+                TensorKind::Compressed(c) => Some(c.as_ref()),
+                _ => None,
+            })
+        };
         let compressed_params: u64 = compressed().map(|c| c.shared_numel).sum();
         let kept: u64 = compressed().map(|c| c.kept()).sum();
-        let compressed_bytes: u64 = tensors.iter().filter(|t| t.kind == "compressed").map(|t| t.bytes_positions + t.bytes_levels + t.bytes_meta).sum();
-        let density = if compressed_params > 0 { kept as f64 / compressed_params as f64 } else { 0.0 };
+        let compressed_bytes: u64 = tensors
+            .iter()
+            .filter(|t| t.kind == "compressed")
+            .map(|t| t.bytes_positions + t.bytes_levels + t.bytes_meta)
+            .sum();
+        let density = if compressed_params > 0 {
+            kept as f64 / compressed_params as f64
+        } else {
+            0.0
+        };
         let p = &index.params;
         InspectReport {
             model: index.model.name.clone(),
@@ -151,7 +161,11 @@ impl InspectReport {
             kept,
             compressed_bytes,
             file_bytes: reader.file_len,
-            ratio_measured: if compressed_bytes > 0 { 2.0 * compressed_params as f64 / compressed_bytes as f64 } else { 0.0 },
+            ratio_measured: if compressed_bytes > 0 {
+                2.0 * compressed_params as f64 / compressed_bytes as f64
+            } else {
+                0.0
+            },
             ratio_paper: paper_ratio(density, p.bits),
             density,
         }
@@ -162,15 +176,35 @@ impl InspectReport {
         use std::fmt::Write;
         let mut s = String::new();
         if per_tensor {
-            let _ = writeln!(s, "{:<56} {:>16} {:>10} {:>7} {:>10} {:>11} {:>10} {:>8} {:>10}", "tensor", "shape", "kind", "rate", "kept", "positions", "levels", "meta", "raw");
+            let _ = writeln!(
+                s,
+                "{:<56} {:>16} {:>10} {:>7} {:>10} {:>11} {:>10} {:>8} {:>10}",
+                "tensor", "shape", "kind", "rate", "kept", "positions", "levels", "meta", "raw"
+            );
             for t in &self.tensors {
                 let shape = format!("{:?}", t.shape);
                 let rate = t.rate.map_or("-".into(), |r| format!("{r:.4}"));
                 let kept = t.kept.map_or("-".into(), |k| k.to_string());
-                let _ = writeln!(s, "{:<56} {:>16} {:>10} {:>7} {:>10} {:>11} {:>10} {:>8} {:>10}", t.name, shape, t.kind, rate, kept, t.bytes_positions, t.bytes_levels, t.bytes_meta, t.bytes_raw);
+                let _ = writeln!(
+                    s,
+                    "{:<56} {:>16} {:>10} {:>7} {:>10} {:>11} {:>10} {:>8} {:>10}",
+                    t.name,
+                    shape,
+                    t.kind,
+                    rate,
+                    kept,
+                    t.bytes_positions,
+                    t.bytes_levels,
+                    t.bytes_meta,
+                    t.bytes_raw
+                );
             }
         }
-        let _ = writeln!(s, "model {}  engine {}  base {}", self.model, self.engine, self.base_fingerprint);
+        let _ = writeln!(
+            s,
+            "model {}  engine {}  base {}",
+            self.model, self.engine, self.base_fingerprint
+        );
         let _ = writeln!(s, "sparsity {}  bits {}  step {}  factor {}  seed {}  gamma {}  trace_norm {}  scale {:.6}",
             self.sparsity, self.bits, self.step, self.factor, self.seed, self.gamma,
             self.trace_norm.map_or("-".into(), |t| format!("{t:.6e}")), self.scale);
@@ -188,7 +222,13 @@ mod tests {
     #[test]
     fn paper_ratios_match_the_published_figures() {
         // ULTRADELTA.md: 18.4, 32.9, 50.9, 132.5, 244.6 at s = 0.90 .. 0.995, b = 4.
-        let want = [(0.90, 18.4), (0.95, 32.9), (0.97, 50.9), (0.99, 132.5), (0.995, 244.6)];
+        let want = [
+            (0.90, 18.4),
+            (0.95, 32.9),
+            (0.97, 50.9),
+            (0.99, 132.5),
+            (0.995, 244.6),
+        ];
         for (s, r) in want {
             let got = paper_ratio(1.0 - s, 4);
             assert!((got - r).abs() < 0.05, "s={s}: {got}");

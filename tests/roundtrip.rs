@@ -11,8 +11,23 @@ fn check_round_trip(dtype: Dtype, shards: usize, growth: usize, sparsity: f64) {
     let base = write_checkpoint(&dir.path().join("base"), &b, shards);
     let ftp = write_checkpoint(&dir.path().join("ft"), &f, shards);
     let file = dir.path().join("ft.udelta");
-    ok(udelta(&["compress", "--base", s(&base), "--finetuned", s(&ftp), "-o", s(&file), "--sparsity", &sparsity.to_string(), "--adapter", "cpu", "-q"]));
-    let restored = check_against_algorithm(dir.path(), &base, &ftp, &file, sparsity, |n| n.contains(".layers.") && n.ends_with("_proj.weight"));
+    ok(udelta(&[
+        "compress",
+        "--base",
+        s(&base),
+        "--finetuned",
+        s(&ftp),
+        "-o",
+        s(&file),
+        "--sparsity",
+        &sparsity.to_string(),
+        "--adapter",
+        "cpu",
+        "-q",
+    ]));
+    let restored = check_against_algorithm(dir.path(), &base, &ftp, &file, sparsity, |n| {
+        n.contains(".layers.") && n.ends_with("_proj.weight")
+    });
     if shards > 1 {
         assert!(restored.join("model.safetensors.index.json").exists());
         assert_eq!(std::fs::read_dir(&restored).unwrap().count(), shards + 1);
@@ -43,7 +58,23 @@ fn same_inputs_give_identical_bytes_whatever_the_thread_count() {
     let mut files = Vec::new();
     for threads in ["1", "2", "1"] {
         let out = dir.path().join(format!("x{}.udelta", files.len()));
-        ok(udelta_env(&["compress", "--base", s(&base), "--finetuned", s(&ftp), "-o", s(&out), "--adapter", "cpu", "-q", "--model-name", "m"], &[("RAYON_NUM_THREADS", threads)]));
+        ok(udelta_env(
+            &[
+                "compress",
+                "--base",
+                s(&base),
+                "--finetuned",
+                s(&ftp),
+                "-o",
+                s(&out),
+                "--adapter",
+                "cpu",
+                "-q",
+                "--model-name",
+                "m",
+            ],
+            &[("RAYON_NUM_THREADS", threads)],
+        ));
         files.push(std::fs::read(&out).unwrap());
     }
     assert_eq!(files[0], files[1]);

@@ -53,7 +53,8 @@ pub fn allocate_rates(tensors: &[(u64, f64)], params: &CompressParams) -> Vec<Al
     }
     let high_rate = if n_high > 0 {
         let n = |c: u64| c as f64;
-        ((s * n(total) - s * n(n_mid) - (s + params.step) * n(n_low)) / n(n_high)).clamp(0.0, HIGH_RATE_MAX)
+        ((s * n(total) - s * n(n_mid) - (s + params.step) * n(n_low)) / n(n_high))
+            .clamp(0.0, HIGH_RATE_MAX)
     } else {
         s
     };
@@ -75,7 +76,11 @@ mod tests {
     use super::*;
 
     fn params(s: f64, step: f64) -> CompressParams {
-        CompressParams { sparsity: s, step, ..Default::default() }
+        CompressParams {
+            sparsity: s,
+            step,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -85,7 +90,10 @@ mod tests {
         let a = allocate_rates(&t, &params(0.9, 0.01));
         let groups: Vec<_> = a.iter().map(|x| x.group).collect();
         // sorted: 10 (c=10 low), 10 (20 low), 10 (30 low: 3*30 = 90 <= 90), 60 (90: high)
-        assert_eq!(groups, vec![Group::High, Group::Low, Group::Low, Group::Low]);
+        assert_eq!(
+            groups,
+            vec![Group::High, Group::Low, Group::Low, Group::Low]
+        );
         // high rate = (0.9*90 - 0 - 0.91*30) / 60 = (81 - 27.3)/60 = 0.895
         assert!((a[0].rate - 0.895).abs() < 1e-12);
         assert!((a[1].rate - 0.91).abs() < 1e-15);
@@ -110,7 +118,10 @@ mod tests {
         let t = [(5, 0.0), (5, 1.0), (5, 2.0), (1, 3.0)];
         let g = |a: &[Allocation]| a.iter().map(|x| x.group).collect::<Vec<_>>();
         let a = allocate_rates(&t, &params(0.1, 0.9));
-        assert_eq!(g(&a), vec![Group::Low, Group::Mid, Group::High, Group::High]);
+        assert_eq!(
+            g(&a),
+            vec![Group::Low, Group::Mid, Group::High, Group::High]
+        );
         // 0.1 - 0.9 * 5/6 < 0 -> clamped to 0
         assert_eq!(a[2].rate, 0.0);
         // N = 400, N_low = 100, N_high = 200: 0.995 - 0.005 * 100/200 = 0.9925 -> 0.99

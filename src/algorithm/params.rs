@@ -34,13 +34,21 @@ impl CompressParams {
     pub fn validate(&self) -> Result<()> {
         let s = self.sparsity;
         if !(s.is_finite() && s > 0.0 && s < 1.0) {
-            return Err(Error::Param(format!("--sparsity {s} must lie strictly between 0 and 1")));
+            return Err(Error::Param(format!(
+                "--sparsity {s} must lie strictly between 0 and 1"
+            )));
         }
         if !(1..=8).contains(&self.bits) {
-            return Err(Error::Param(format!("--bits {} must be between 1 and 8", self.bits)));
+            return Err(Error::Param(format!(
+                "--bits {} must be between 1 and 8",
+                self.bits
+            )));
         }
         if !(self.step.is_finite() && self.step >= 0.0) {
-            return Err(Error::Param(format!("--step {} must be a finite number >= 0", self.step)));
+            return Err(Error::Param(format!(
+                "--step {} must be a finite number >= 0",
+                self.step
+            )));
         }
         if s + self.step > 1.0 {
             return Err(Error::Param(format!(
@@ -49,7 +57,10 @@ impl CompressParams {
             )));
         }
         if !(self.factor.is_finite() && self.factor > 0.0) {
-            return Err(Error::Param(format!("--factor {} must be a finite number > 0", self.factor)));
+            return Err(Error::Param(format!(
+                "--factor {} must be a finite number > 0",
+                self.factor
+            )));
         }
         Ok(())
     }
@@ -75,13 +86,26 @@ mod tests {
         ok.validate().unwrap();
         assert_eq!(ok.rescale(), 1.0 / (1.0 - 0.95));
         for bad in [
-            CompressParams { sparsity: 0.0, ..ok },
-            CompressParams { sparsity: 1.0, ..ok },
-            CompressParams { sparsity: f64::NAN, ..ok },
+            CompressParams {
+                sparsity: 0.0,
+                ..ok
+            },
+            CompressParams {
+                sparsity: 1.0,
+                ..ok
+            },
+            CompressParams {
+                sparsity: f64::NAN,
+                ..ok
+            },
             CompressParams { bits: 0, ..ok },
             CompressParams { bits: 9, ..ok },
             CompressParams { step: -0.1, ..ok },
-            CompressParams { sparsity: 0.995, step: 0.01, ..ok },
+            CompressParams {
+                sparsity: 0.995,
+                step: 0.01,
+                ..ok
+            },
             CompressParams { factor: 0.0, ..ok },
         ] {
             assert!(matches!(bad.validate(), Err(Error::Param(_))), "{bad:?}");

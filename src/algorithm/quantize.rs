@@ -112,15 +112,26 @@ mod tests {
     #[test]
     fn levels_round_half_to_even() {
         // lo = 0, hi = 15, 4 bits: k = 1, so the level is the value rounded half to even.
-        let g = QuantGrid { lo: 0.0, hi: 15.0, bits: 4 };
+        let g = QuantGrid {
+            lo: 0.0,
+            hi: 15.0,
+            bits: 4,
+        };
         let k = g.multiplier();
         assert_eq!(k, 1.0);
         let lv = |x| QuantGrid::level_of(x, g.lo, k, 15.0);
-        assert_eq!([lv(0.5), lv(1.5), lv(2.5), lv(2.4999), lv(14.5), lv(15.0)], [0, 2, 2, 2, 14, 15]);
+        assert_eq!(
+            [lv(0.5), lv(1.5), lv(2.5), lv(2.4999), lv(14.5), lv(15.0)],
+            [0, 2, 2, 2, 14, 15]
+        );
         assert_eq!(g.value(0), 0.0);
         assert_eq!(g.value(15), 15.0);
         // Asymmetric grid: lo = -1, hi = 2, 2 bits: values -1, 0, 1, 2.
-        let g = QuantGrid { lo: -1.0, hi: 2.0, bits: 2 };
+        let g = QuantGrid {
+            lo: -1.0,
+            hi: 2.0,
+            bits: 2,
+        };
         assert_eq!(g.values(), vec![-1.0, 0.0, 1.0, 2.0]);
         assert_eq!(QuantGrid::level_of(0.5, -1.0, g.multiplier(), 3.0), 2); // 1.5 -> 2
         assert_eq!(QuantGrid::level_of(-0.5, -1.0, g.multiplier(), 3.0), 0); // 0.5 -> 0
@@ -128,7 +139,11 @@ mod tests {
 
     #[test]
     fn constant_tensor_has_one_level_and_no_nan() {
-        let g = QuantGrid { lo: 0.25, hi: 0.25, bits: 4 };
+        let g = QuantGrid {
+            lo: 0.25,
+            hi: 0.25,
+            bits: 4,
+        };
         assert_eq!(g.multiplier(), 0.0);
         assert_eq!(QuantGrid::level_of(0.25, 0.25, 0.0, 15.0), 0);
         let mut histogram = vec![0; 16];
@@ -136,14 +151,28 @@ mod tests {
         let st = TensorStats { grid: g, histogram };
         assert_eq!(st.std_dev(), 0.0);
         assert_eq!(st.zero_fraction(), 0.0);
-        let zero = TensorStats { grid: QuantGrid { lo: 0.0, hi: 0.0, bits: 4 }, ..st };
+        let zero = TensorStats {
+            grid: QuantGrid {
+                lo: 0.0,
+                hi: 0.0,
+                bits: 4,
+            },
+            ..st
+        };
         assert_eq!(zero.zero_fraction(), 1.0);
     }
 
     #[test]
     fn std_and_zero_fraction_from_histogram() {
         // values -1, 0, 1, 2 with counts 1, 2, 0, 1: mean 0.25, var = (1.5625 + 2*0.0625 + 3.0625)/4
-        let st = TensorStats { grid: QuantGrid { lo: -1.0, hi: 2.0, bits: 2 }, histogram: vec![1, 2, 0, 1] };
+        let st = TensorStats {
+            grid: QuantGrid {
+                lo: -1.0,
+                hi: 2.0,
+                bits: 2,
+            },
+            histogram: vec![1, 2, 0, 1],
+        };
         assert!((st.std_dev() - (4.75f64 / 4.0).sqrt()).abs() < 1e-15);
         assert_eq!(st.zero_fraction(), 0.5);
     }

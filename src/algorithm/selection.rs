@@ -35,7 +35,10 @@ impl TensorKey {
         for b in model.bytes().chain([0xff]).chain(tensor.bytes()) {
             h = splitmix64(h ^ b as u64);
         }
-        TensorKey { k0: h as u32, k1: (h >> 32) as u32 }
+        TensorKey {
+            k0: h as u32,
+            k1: (h >> 32) as u32,
+        }
     }
 }
 
@@ -97,12 +100,20 @@ impl SelectionPlan {
             .iter()
             .map(|&n| (round_half_even(n as f64 * r) as u64).min(n))
             .collect();
-        SelectionPlan { key, histogram: stats.histogram.clone(), pruned }
+        SelectionPlan {
+            key,
+            histogram: stats.histogram.clone(),
+            pruned,
+        }
     }
 
     /// Entries kept per level, `n_v - k_v`.
     pub fn kept_counts(&self) -> Vec<u64> {
-        self.histogram.iter().zip(&self.pruned).map(|(n, k)| n - k).collect()
+        self.histogram
+            .iter()
+            .zip(&self.pruned)
+            .map(|(n, k)| n - k)
+            .collect()
     }
 
     /// Total entries kept.
@@ -135,7 +146,10 @@ pub fn bucket_cuts(hist: &[u64], pruned: &[u64]) -> Vec<Option<BucketCut>> {
             let mut below = 0u64;
             for (b, &c) in row.iter().enumerate() {
                 if below + c >= k {
-                    return Some(BucketCut { bucket: b as u32, rank: k - below });
+                    return Some(BucketCut {
+                        bucket: b as u32,
+                        rank: k - below,
+                    });
                 }
                 below += c;
             }
@@ -194,8 +208,15 @@ mod tests {
         assert_eq!(adjusted_rate(0.3, 0.5), 0.0);
         assert_eq!(adjusted_rate(0.9, 1.0), 1.0);
         // levels of 10, 5, 3, 1 entries at r' = 0.5: 5, round(2.5) = 2, round(1.5) = 2, round(0.5) = 0
-        let grid = QuantGrid { lo: 1.0, hi: 4.0, bits: 2 };
-        let stats = TensorStats { grid, histogram: vec![10, 5, 3, 1] };
+        let grid = QuantGrid {
+            lo: 1.0,
+            hi: 4.0,
+            bits: 2,
+        };
+        let stats = TensorStats {
+            grid,
+            histogram: vec![10, 5, 3, 1],
+        };
         let plan = SelectionPlan::new(TensorKey { k0: 0, k1: 0 }, &stats, 0.5);
         assert_eq!(plan.pruned, vec![5, 2, 2, 0]);
         assert_eq!(plan.kept_counts(), vec![5, 3, 1, 1]);
@@ -205,7 +226,9 @@ mod tests {
     #[test]
     fn bucket_method_finds_the_k_smallest_keys() {
         let key = TensorKey::new(1, "model", "w");
-        let levels: Vec<usize> = (0..50_000u32).map(|i| (mix32(i * 7 + 1) % 3) as usize).collect();
+        let levels: Vec<usize> = (0..50_000u32)
+            .map(|i| (mix32(i * 7 + 1) % 3) as usize)
+            .collect();
         let pruned = [0u64, 1, 9_000];
         let mut hist = vec![0u64; 3 * BUCKETS];
         for (i, &l) in levels.iter().enumerate() {

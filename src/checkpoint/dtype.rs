@@ -55,9 +55,18 @@ impl FloatType {
     #[inline(always)]
     pub fn load(self, bytes: &[u8], i: usize) -> f32 {
         match self {
-            FloatType::F16 => f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
-            FloatType::BF16 => bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
-            FloatType::F32 => f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]),
+            FloatType::F16 => {
+                f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
+            }
+            FloatType::BF16 => {
+                bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
+            }
+            FloatType::F32 => f32::from_le_bytes([
+                bytes[4 * i],
+                bytes[4 * i + 1],
+                bytes[4 * i + 2],
+                bytes[4 * i + 3],
+            ]),
         }
     }
     /// Decodes all of little-endian `bytes` into `out` (cleared first).
@@ -66,18 +75,36 @@ impl FloatType {
         let n = bytes.len() / self.size();
         out.reserve(n);
         match self {
-            FloatType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
-            FloatType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
-            FloatType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            FloatType::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+            ),
+            FloatType::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+            ),
+            FloatType::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
         }
     }
     /// Appends `values` rounded to this type (nearest, ties to even) as little-endian bytes.
     pub fn encode_into(self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(values.len() * self.size());
         match self {
-            FloatType::F16 => values.iter().for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_bits().to_le_bytes())),
-            FloatType::BF16 => values.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes())),
-            FloatType::F32 => values.iter().for_each(|&v| out.extend_from_slice(&v.to_le_bytes())),
+            FloatType::F16 => values
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_bits().to_le_bytes())),
+            FloatType::BF16 => values
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes())),
+            FloatType::F32 => values
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&v.to_le_bytes())),
         }
     }
 }

@@ -74,7 +74,10 @@ impl SafetensorsWriter {
         while !bytes.is_empty() {
             self.skip_full();
             let Some(&size) = self.sizes.get(self.current) else {
-                return Err(Error::checkpoint(&self.path, "more tensor data than the header announced"));
+                return Err(Error::checkpoint(
+                    &self.path,
+                    "more tensor data than the header announced",
+                ));
             };
             let take = ((size - self.written) as usize).min(bytes.len());
             self.out
@@ -97,7 +100,11 @@ impl SafetensorsWriter {
     pub fn finish(mut self) -> Result<()> {
         self.skip_full();
         if self.current < self.sizes.len() {
-            return Err(Error::tensor(&self.path, &self.names[self.current], "data incomplete"));
+            return Err(Error::tensor(
+                &self.path,
+                &self.names[self.current],
+                "data incomplete",
+            ));
         }
         let file = self
             .out
@@ -111,7 +118,10 @@ impl SafetensorsWriter {
 fn header_json(tensors: &[TensorHeader], metadata: Option<&BTreeMap<String, String>>) -> String {
     let mut map = serde_json::Map::new();
     if let Some(m) = metadata {
-        map.insert("__metadata__".into(), serde_json::to_value(m).unwrap_or_default());
+        map.insert(
+            "__metadata__".into(),
+            serde_json::to_value(m).unwrap_or_default(),
+        );
     }
     let mut offset = 0u64;
     for t in tensors {
@@ -135,9 +145,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
         let tensors = vec![
-            TensorHeader { name: "b".into(), dtype: Dtype::F16, shape: vec![2, 3] },
-            TensorHeader { name: "a".into(), dtype: Dtype::I64, shape: vec![1] },
-            TensorHeader { name: "empty".into(), dtype: Dtype::F32, shape: vec![0, 4] },
+            TensorHeader {
+                name: "b".into(),
+                dtype: Dtype::F16,
+                shape: vec![2, 3],
+            },
+            TensorHeader {
+                name: "a".into(),
+                dtype: Dtype::I64,
+                shape: vec![1],
+            },
+            TensorHeader {
+                name: "empty".into(),
+                dtype: Dtype::F32,
+                shape: vec![0, 4],
+            },
         ];
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         let mut w = SafetensorsWriter::create(&path, &tensors, Some(&meta)).unwrap();
@@ -159,7 +181,11 @@ mod tests {
     fn missing_data_is_an_error_naming_the_tensor() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
-        let tensors = vec![TensorHeader { name: "w".into(), dtype: Dtype::F32, shape: vec![2] }];
+        let tensors = vec![TensorHeader {
+            name: "w".into(),
+            dtype: Dtype::F32,
+            shape: vec![2],
+        }];
         let mut w = SafetensorsWriter::create(&path, &tensors, None).unwrap();
         w.write(&[0; 4]).unwrap();
         let err = w.finish().unwrap_err().to_string();

@@ -94,7 +94,12 @@ impl Engine for CpuEngine {
         Ok(TensorStats { grid, histogram })
     }
 
-    fn select(&mut self, input: &DeltaInput, stats: &TensorStats, plan: &SelectionPlan) -> Result<KeptEntries, EngineError> {
+    fn select(
+        &mut self,
+        input: &DeltaInput,
+        stats: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError> {
         let grid = stats.grid;
         let (lo, k, max_level) = (grid.lo, grid.multiplier(), (grid.levels() - 1) as f32);
         let key = plan.key;
@@ -128,7 +133,10 @@ impl Engine for CpuEngine {
             );
         let cuts = bucket_cuts(&hist, &plan.pruned);
         // Pass B: the keys in each level's cut bucket.
-        let cut_bucket: Vec<u32> = cuts.iter().map(|c| c.map_or(u32::MAX, |c| c.bucket)).collect();
+        let cut_bucket: Vec<u32> = cuts
+            .iter()
+            .map(|c| c.map_or(u32::MAX, |c| c.bucket))
+            .collect();
         let found: Vec<Vec<(u8, u32)>> = levels
             .par_chunks(CHUNK)
             .enumerate()
@@ -187,7 +195,13 @@ mod tests {
 
     /// Straightforward restatement of steps 1 and 3, one element at a time, sorting every
     /// level's keys: the oracle for the chunked, bucketed engine.
-    fn naive(base: &[f32], ft: &[f32], bits: u32, rate: f64, key: TensorKey) -> (TensorStats, KeptEntries) {
+    fn naive(
+        base: &[f32],
+        ft: &[f32],
+        bits: u32,
+        rate: f64,
+        key: TensorKey,
+    ) -> (TensorStats, KeptEntries) {
         let d: Vec<f32> = ft.iter().zip(base).map(|(f, b)| f - b).collect();
         let lo = d.iter().copied().fold(f32::INFINITY, f32::min);
         let hi = d.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -196,7 +210,11 @@ mod tests {
         let levels: Vec<usize> = d
             .iter()
             .map(|&x| {
-                let k = if hi > lo { (l1 / (hi as f64 - lo as f64)) as f32 } else { 0.0 };
+                let k = if hi > lo {
+                    (l1 / (hi as f64 - lo as f64)) as f32
+                } else {
+                    0.0
+                };
                 ((x - lo) * k).round_ties_even().clamp(0.0, l1 as f32) as usize
             })
             .collect();
@@ -211,7 +229,10 @@ mod tests {
                 .map(|i| (element_key(key, i as u32), i))
                 .collect();
             members.sort_unstable();
-            members.iter().take(k as usize).for_each(|&(_, i)| pruned[i] = true);
+            members
+                .iter()
+                .take(k as usize)
+                .for_each(|&(_, i)| pruned[i] = true);
         }
         let mut kept = KeptEntries::default();
         for i in 0..d.len() {
@@ -226,7 +247,9 @@ mod tests {
     fn noise(n: usize, seed: u32, scale: f32) -> Vec<f32> {
         (0..n as u32)
             .map(|i| {
-                let u = crate::algorithm::selection::mix32(i.wrapping_mul(2654435761) ^ seed) as f32 / u32::MAX as f32;
+                let u = crate::algorithm::selection::mix32(i.wrapping_mul(2654435761) ^ seed)
+                    as f32
+                    / u32::MAX as f32;
                 (u - 0.5) * scale * (1.0 + 8.0 * (u - 0.5).powi(4))
             })
             .collect()
@@ -261,7 +284,11 @@ mod tests {
             (5000, FloatType::F32, 1, 0.3),
         ] {
             let base = noise(n, 1, 0.1);
-            let ft: Vec<f32> = base.iter().zip(noise(n, 2, 0.01)).map(|(b, d)| b + d).collect();
+            let ft: Vec<f32> = base
+                .iter()
+                .zip(noise(n, 2, 0.01))
+                .map(|(b, d)| b + d)
+                .collect();
             run(&base, &ft, ty, bits, rate);
         }
     }
@@ -287,6 +314,9 @@ mod tests {
         let b = vec![0u8; f.len()];
         let input = DeltaInput::new(&b, FloatType::F32, &f, FloatType::F32, ft.len());
         let err = CpuEngine.analyze(&input, 4).unwrap_err();
-        assert!(matches!(err, EngineError::NonFinite { index: 70_000, .. }), "{err}");
+        assert!(
+            matches!(err, EngineError::NonFinite { index: 70_000, .. }),
+            "{err}"
+        );
     }
 }

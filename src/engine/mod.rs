@@ -24,7 +24,13 @@ pub struct DeltaInput<'a> {
 
 impl<'a> DeltaInput<'a> {
     /// A pair over the first `numel` elements of both byte slices (which must hold them).
-    pub fn new(base: &'a [u8], base_type: FloatType, finetuned: &'a [u8], finetuned_type: FloatType, numel: usize) -> Self {
+    pub fn new(
+        base: &'a [u8],
+        base_type: FloatType,
+        finetuned: &'a [u8],
+        finetuned_type: FloatType,
+        numel: usize,
+    ) -> Self {
         DeltaInput {
             base: &base[..numel * base_type.size()],
             base_type,
@@ -40,11 +46,21 @@ impl<'a> DeltaInput<'a> {
 
     /// Writes the deltas of elements `start .. start + out.len()` (f32 subtraction) into `out`,
     /// using `scratch` for the base values.
-    pub fn delta_range(&self, start: usize, out: &mut Vec<f32>, scratch: &mut Vec<f32>, len: usize) {
+    pub fn delta_range(
+        &self,
+        start: usize,
+        out: &mut Vec<f32>,
+        scratch: &mut Vec<f32>,
+        len: usize,
+    ) {
         let range = |t: FloatType| start * t.size()..(start + len) * t.size();
-        self.finetuned_type.decode_into(&self.finetuned[range(self.finetuned_type)], out);
-        self.base_type.decode_into(&self.base[range(self.base_type)], scratch);
-        out.iter_mut().zip(scratch.iter()).for_each(|(f, b)| *f -= b);
+        self.finetuned_type
+            .decode_into(&self.finetuned[range(self.finetuned_type)], out);
+        self.base_type
+            .decode_into(&self.base[range(self.base_type)], scratch);
+        out.iter_mut()
+            .zip(scratch.iter())
+            .for_each(|(f, b)| *f -= b);
     }
 }
 
@@ -88,14 +104,21 @@ pub trait Engine: Send {
     fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError>;
 
     /// Pass 2: the kept entries under `plan` (exactly `plan.kept_counts()` per level).
-    fn select(&mut self, input: &DeltaInput, stats: &TensorStats, plan: &SelectionPlan) -> Result<KeptEntries, EngineError>;
+    fn select(
+        &mut self,
+        input: &DeltaInput,
+        stats: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError>;
 }
 
 /// The engine for `--adapter NAME`: `cpu`, or `auto` (the best available).
 pub fn create(adapter: &str) -> crate::Result<Box<dyn Engine>> {
     match adapter {
         "cpu" | "auto" => Ok(Box::new(cpu::CpuEngine)),
-        other => Err(crate::Error::Param(format!("--adapter {other}: expected auto or cpu"))),
+        other => Err(crate::Error::Param(format!(
+            "--adapter {other}: expected auto or cpu"
+        ))),
     }
 }
 
@@ -115,7 +138,9 @@ pub fn check_kept(kept: &KeptEntries, plan: &SelectionPlan) -> Result<(), Engine
         )));
     }
     if kept.positions.windows(2).any(|w| w[0] >= w[1]) {
-        return Err(EngineError::Inconsistent("kept positions not strictly increasing".into()));
+        return Err(EngineError::Inconsistent(
+            "kept positions not strictly increasing".into(),
+        ));
     }
     Ok(())
 }

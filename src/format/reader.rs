@@ -29,10 +29,13 @@ impl UdeltaReader {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if file_len < HEADER_LEN + FOOTER_LEN {
-            return Err(bad(format!("not a .udelta file: only {file_len} bytes (truncated?)")));
+            return Err(bad(format!(
+                "not a .udelta file: only {file_len} bytes (truncated?)"
+            )));
         }
         let mut header = [0u8; HEADER_LEN as usize];
-        file.read_exact_at(&mut header, 0).map_err(|e| Error::io(path, e))?;
+        file.read_exact_at(&mut header, 0)
+            .map_err(|e| Error::io(path, e))?;
         if header[..8] != MAGIC {
             return Err(bad("not a .udelta file (bad magic)".into()));
         }
@@ -44,35 +47,56 @@ impl UdeltaReader {
         }
         let flags = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
         if flags != 0 {
-            return Err(bad(format!("unknown header flags {flags:#x} (corrupted, or written by a newer version)")));
+            return Err(bad(format!(
+                "unknown header flags {flags:#x} (corrupted, or written by a newer version)"
+            )));
         }
         let mut footer = [0u8; FOOTER_LEN as usize];
-        file.read_exact_at(&mut footer, file_len - FOOTER_LEN).map_err(|e| Error::io(path, e))?;
+        file.read_exact_at(&mut footer, file_len - FOOTER_LEN)
+            .map_err(|e| Error::io(path, e))?;
         if footer[24..32] != END_MAGIC {
-            return Err(bad("footer missing: the file is truncated or corrupted".into()));
+            return Err(bad(
+                "footer missing: the file is truncated or corrupted".into()
+            ));
         }
         let word = |i: usize| u64::from_le_bytes(footer[i..i + 8].try_into().expect("8 bytes"));
         let (index_offset, index_len) = (word(0), word(8));
         let index_crc = u32::from_le_bytes(footer[16..20].try_into().expect("4 bytes"));
         if u32::from_le_bytes(footer[20..24].try_into().expect("4 bytes")) != version {
-            return Err(bad("footer version differs from header version (corrupted)".into()));
+            return Err(bad(
+                "footer version differs from header version (corrupted)".into(),
+            ));
         }
         let records_end = file_len - FOOTER_LEN;
-        if index_len > MAX_INDEX_LEN || index_offset < HEADER_LEN || index_offset.checked_add(index_len) != Some(records_end) {
+        if index_len > MAX_INDEX_LEN
+            || index_offset < HEADER_LEN
+            || index_offset.checked_add(index_len) != Some(records_end)
+        {
             return Err(bad(format!(
                 "index location {index_offset}+{index_len} is inconsistent with the file size {file_len} (corrupted or truncated)"
             )));
         }
         let mut json = vec![0u8; index_len as usize];
-        file.read_exact_at(&mut json, index_offset).map_err(|e| Error::io(path, e))?;
+        file.read_exact_at(&mut json, index_offset)
+            .map_err(|e| Error::io(path, e))?;
         if crc32(&json) != index_crc {
             return Err(bad("index checksum mismatch (corrupted)".into()));
         }
-        let index: FileIndex = serde_json::from_slice(&json).map_err(|e| bad(format!("index unreadable: {e}")))?;
+        let index: FileIndex =
+            serde_json::from_slice(&json).map_err(|e| bad(format!("index unreadable: {e}")))?;
         if index.format_version != FORMAT_VERSION {
-            return Err(bad(format!("index says format version {}", index.format_version)));
+            return Err(bad(format!(
+                "index says format version {}",
+                index.format_version
+            )));
         }
-        let reader = UdeltaReader { path: path.to_path_buf(), file, file_len, index_len, index };
+        let reader = UdeltaReader {
+            path: path.to_path_buf(),
+            file,
+            file_len,
+            index_len,
+            index,
+        };
         reader.check_records(index_offset)?;
         Ok(reader)
     }
@@ -80,14 +104,29 @@ impl UdeltaReader {
     /// Checks every record reference lies in `[HEADER_LEN, records_end)`, and each tensor's
     /// metadata is self-consistent enough to decode without unbounded allocation.
     fn check_records(&self, records_end: u64) -> Result<()> {
-        let in_range = |r: &RecordRef| r.offset >= HEADER_LEN && r.offset.checked_add(r.len).is_some_and(|e| e <= records_end);
+        let in_range = |r: &RecordRef| {
+            r.offset >= HEADER_LEN
+                && r.offset
+                    .checked_add(r.len)
+                    .is_some_and(|e| e <= records_end)
+        };
         for t in &self.index.tensors {
-            let fail = |what: &str| Err(Error::format(&self.path, format!("tensor '{}': {what}", t.name)));
+            let fail = |what: &str| {
+                Err(Error::format(
+                    &self.path,
+                    format!("tensor '{}': {what}", t.name),
+                ))
+            };
             if t.shard >= self.index.source.shards.len() {
                 return fail("shard index out of range");
             }
-            let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
-            let Some(numel) = numel else { return fail("shape overflows") };
+            let numel = t
+                .shape
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+            let Some(numel) = numel else {
+                return fail("shape overflows");
+            };
             match &t.kind {
                 TensorKind::Unchanged { .. } => {}
                 TensorKind::Raw { data } => {
@@ -101,7 +140,10 @@ impl UdeltaReader {
                         return fail("record outside the file");
                     }
                     let levels = 1usize << c.bits.min(8);
-                    if !(1..=8).contains(&c.bits) || c.histogram.len() != levels || c.kept_counts.len() != levels {
+                    if !(1..=8).contains(&c.bits)
+                        || c.histogram.len() != levels
+                        || c.kept_counts.len() != levels
+                    {
                         return fail("level tables inconsistent with the bit width");
                     }
                     if c.shared_numel > numel || c.histogram.iter().sum::<u64>() != c.shared_numel {
@@ -124,9 +166,14 @@ impl UdeltaReader {
     /// Reads one record and verifies its checksum; `what` names it in errors.
     pub fn read_record(&self, r: &RecordRef, what: &str) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; r.len as usize];
-        self.file.read_exact_at(&mut buf, r.offset).map_err(|e| Error::io(&self.path, e))?;
+        self.file
+            .read_exact_at(&mut buf, r.offset)
+            .map_err(|e| Error::io(&self.path, e))?;
         if crc32(&buf) != r.crc32 {
-            return Err(Error::format(&self.path, format!("{what}: checksum mismatch (corrupted)")));
+            return Err(Error::format(
+                &self.path,
+                format!("{what}: checksum mismatch (corrupted)"),
+            ));
         }
         Ok(buf)
     }

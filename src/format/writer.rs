@@ -20,7 +20,11 @@ impl UdeltaWriter {
     pub fn create(target: &Path, force: bool) -> Result<Self> {
         let staged = StagedPath::new(target, force)?;
         let file = File::create(staged.path()).map_err(|e| Error::io(target, e))?;
-        let mut w = UdeltaWriter { staged, out: BufWriter::with_capacity(1 << 22, file), offset: 0 };
+        let mut w = UdeltaWriter {
+            staged,
+            out: BufWriter::with_capacity(1 << 22, file),
+            offset: 0,
+        };
         let mut header = MAGIC.to_vec();
         header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         header.extend_from_slice(&0u32.to_le_bytes());
@@ -38,13 +42,20 @@ impl UdeltaWriter {
 
     /// Appends one record and returns its reference.
     pub fn append(&mut self, bytes: &[u8]) -> Result<RecordRef> {
-        let r = RecordRef { offset: self.offset, len: bytes.len() as u64, crc32: super::index::crc32(bytes) };
+        let r = RecordRef {
+            offset: self.offset,
+            len: bytes.len() as u64,
+            crc32: super::index::crc32(bytes),
+        };
         self.write_bytes(bytes)?;
         Ok(r)
     }
 
     /// Appends a record given in pieces (e.g. a raw tensor read chunk by chunk).
-    pub fn append_chunks(&mut self, mut next: impl FnMut(&mut Vec<u8>) -> Result<bool>) -> Result<RecordRef> {
+    pub fn append_chunks(
+        &mut self,
+        mut next: impl FnMut(&mut Vec<u8>) -> Result<bool>,
+    ) -> Result<RecordRef> {
         let offset = self.offset;
         let mut hasher = crc32fast::Hasher::new();
         let mut buf = Vec::new();
@@ -52,7 +63,16 @@ impl UdeltaWriter {
             hasher.update(&buf);
             self.write_bytes(&buf)?;
         }
-        Ok(RecordRef { offset, len: self.offset - offset, crc32: hasher.finalize() })
+        Ok(RecordRef {
+            offset,
+            len: self.offset - offset,
+            crc32: hasher.finalize(),
+        })
+    }
+
+    /// The final path of the file.
+    pub fn target(&self) -> &Path {
+        self.staged.target()
     }
 
     /// Bytes written so far.
@@ -62,7 +82,8 @@ impl UdeltaWriter {
 
     /// Writes the index and footer, syncs, and renames the file into place. Returns its size.
     pub fn finish(mut self, index: &FileIndex) -> Result<u64> {
-        let json = serde_json::to_vec(index).map_err(|e| Error::format(self.staged.target(), e.to_string()))?;
+        let json = serde_json::to_vec(index)
+            .map_err(|e| Error::format(self.staged.target(), e.to_string()))?;
         let index_offset = self.offset;
         self.write_bytes(&json)?;
         let mut footer = Vec::with_capacity(32);
@@ -73,7 +94,10 @@ impl UdeltaWriter {
         footer.extend_from_slice(&END_MAGIC);
         self.write_bytes(&footer)?;
         let target = self.staged.target().to_path_buf();
-        let file = self.out.into_inner().map_err(|e| Error::io(&target, e.into_error()))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io(&target, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&target, e))?;
         drop(file);
         self.staged.commit()?;

@@ -6,7 +6,9 @@
 //! selects the kept entries ([`Engine::select`]), entropy-codes them and appends the records.
 
 use crate::algorithm::selection::adjusted_rate;
-use crate::algorithm::{allocate_rates, Allocation, CompressParams, SelectionPlan, TensorKey, TensorStats};
+use crate::algorithm::{
+    allocate_rates, Allocation, CompressParams, SelectionPlan, TensorKey, TensorStats,
+};
 use crate::checkpoint::dtype::{dtype_name, FloatType};
 use crate::checkpoint::reader::{Checkpoint, Layout, TensorEntry};
 use crate::checkpoint::select::TensorSelector;
@@ -14,8 +16,11 @@ use crate::codec;
 use crate::engine::{cpu::CpuEngine, DeltaInput, Engine, EngineError};
 use crate::error::{Error, Result};
 use crate::format::index::{crc32, BaseInfo, ModelInfo, ShardInfo, SourceLayout};
-use crate::format::{CompressedTensor, FileIndex, TensorKind, TensorRecord, UdeltaWriter, FORMAT_VERSION};
+use crate::format::{
+    CompressedTensor, FileIndex, TensorKind, TensorRecord, UdeltaWriter, FORMAT_VERSION,
+};
 use crate::progress::Progress;
+use crate::staging::StagedPath;
 use std::path::{Path, PathBuf};
 
 /// Bytes per read when comparing or copying tensors that are not compressed.
@@ -68,10 +73,8 @@ fn timed<T>(slot: &mut f64, f: impl FnOnce() -> T) -> T {
 /// What a finished compression produced.
 #[derive(Debug, Clone)]
 pub struct CompressOutcome {
-    /// The `.udelta` file written.
-    pub path: PathBuf,
-    /// Its size in bytes.
-    pub file_bytes: u64,
+    /// The `.udelta` files written, one per fine-tune, with their sizes.
+    pub files: Vec<(PathBuf, u64)>,
     /// The engine that ran.
     pub engine: String,
     /// Where the time went.
@@ -82,15 +85,38 @@ pub struct CompressOutcome {
 /// a `.safetensors` extension.
 pub fn model_name_of(path: &Path) -> String {
     let p = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    name.strip_suffix(".safetensors").map(str::to_string).unwrap_or(name)
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    name.strip_suffix(".safetensors")
+        .map(str::to_string)
+        .unwrap_or(name)
 }
 
-/// How one fine-tuned tensor will be stored.
+/// How one fine-tuned tensor will be stored, once pass 1 has seen it.
 enum Plan {
-    Unchanged { base_crc32: u32 },
+    Unchanged {
+        base_crc32: u32,
+    },
     Raw,
-    Compress { base: usize, shared_numel: usize, stats: TensorStats, base_crc32: u32, allocation: Option<Allocation> },
+    Compress {
+        base: usize,
+        shared_numel: usize,
+        stats: TensorStats,
+        base_crc32: u32,
+        allocation: Option<Allocation>,
+    },
+}
+
+/// One fine-tune being compressed.
+struct Model {
+    name: String,
+    ckpt: Checkpoint,
+    writer: UdeltaWriter,
+    kinds: Vec<Kind>,
+    plans: Vec<Option<Plan>>,
+    records: Vec<Option<TensorRecord>>,
 }
 
 /// Decides how a fine-tuned tensor is handled, before reading any data.
@@ -100,25 +126,42 @@ enum Kind {
     Compress(usize, usize),
 }
 
-fn classify(base: &Checkpoint, ft: &Checkpoint, t: &TensorEntry, selector: &TensorSelector) -> Result<Kind> {
+fn classify(
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    t: &TensorEntry,
+    selector: &TensorSelector,
+) -> Result<Kind> {
     let ft_path = ft.shard_path(t);
     let Some(bi) = base.tensors.iter().position(|b| b.name == t.name) else {
         return Ok(Kind::Raw);
     };
     let b = &base.tensors[bi];
-    let grown = t.shape.len() == b.shape.len() && !t.shape.is_empty() && t.shape[0] > b.shape[0] && t.shape[1..] == b.shape[1..];
+    let grown = t.shape.len() == b.shape.len()
+        && !t.shape.is_empty()
+        && t.shape[0] > b.shape[0]
+        && t.shape[1..] == b.shape[1..];
     if t.shape != b.shape && !grown {
         return Err(Error::tensor(
             ft_path,
             &t.name,
-            format!("shape {:?} does not match the base's {:?} ({}): is this the right base?", t.shape, b.shape, base.shard_path(b).display()),
+            format!(
+                "shape {:?} does not match the base's {:?} ({}): is this the right base?",
+                t.shape,
+                b.shape,
+                base.shard_path(b).display()
+            ),
         ));
     }
     let selected = selector.selects(&t.name, &t.shape, t.dtype) && b.float_type().is_some();
     if selected {
         let shared = b.numel();
         if shared > u32::MAX as u64 {
-            return Err(Error::tensor(ft_path, &t.name, "more than 2^32 elements: too large to compress"));
+            return Err(Error::tensor(
+                ft_path,
+                &t.name,
+                "more than 2^32 elements: too large to compress",
+            ));
         }
         return Ok(Kind::Compress(bi, shared as usize));
     }
@@ -129,7 +172,13 @@ fn classify(base: &Checkpoint, ft: &Checkpoint, t: &TensorEntry, selector: &Tens
 }
 
 /// Compares a fine-tuned tensor with the base chunk by chunk; returns the base CRC-32 when equal.
-fn compare(base: &Checkpoint, b: &TensorEntry, ft: &Checkpoint, t: &TensorEntry, progress: &Progress) -> Result<Option<u32>> {
+fn compare(
+    base: &Checkpoint,
+    b: &TensorEntry,
+    ft: &Checkpoint,
+    t: &TensorEntry,
+    progress: &Progress,
+) -> Result<Option<u32>> {
     let mut hasher = crc32fast::Hasher::new();
     let (mut x, mut y) = (Vec::new(), Vec::new());
     let mut start = 0;
@@ -157,197 +206,451 @@ fn engine_error(path: &Path, tensor: &str, e: EngineError) -> Error {
     }
 }
 
-/// Reads a compressed tensor pair and makes the engine input over the shared elements.
-fn read_pair(base: &Checkpoint, b: &TensorEntry, ft: &Checkpoint, t: &TensorEntry, bufs: &mut (Vec<u8>, Vec<u8>)) -> Result<()> {
-    base.read_tensor(b, &mut bufs.0)?;
-    ft.read_tensor(t, &mut bufs.1)?;
-    Ok(())
-}
-
 fn float_type(c: &Checkpoint, t: &TensorEntry) -> Result<FloatType> {
-    t.float_type()
-        .ok_or_else(|| Error::tensor(c.shard_path(t), &t.name, format!("dtype {} cannot be compressed", dtype_name(t.dtype))))
+    t.float_type().ok_or_else(|| {
+        Error::tensor(
+            c.shard_path(t),
+            &t.name,
+            format!("dtype {} cannot be compressed", dtype_name(t.dtype)),
+        )
+    })
 }
 
-/// Compresses `finetuned` against `base` into `out` with `engine`.
-pub fn compress(base_path: &Path, ft_path: &Path, out: &Path, opts: &CompressOptions, engine: &mut dyn Engine) -> Result<CompressOutcome> {
-    opts.params.validate()?;
-    let mut writer = UdeltaWriter::create(out, opts.force)?;
-    let base = Checkpoint::open(base_path)?;
-    let ft = Checkpoint::open(ft_path)?;
+/// Opens a fine-tune and checks it against the base before any data is read.
+fn open_model(
+    base: &Checkpoint,
+    path: &Path,
+    name: String,
+    out: &Path,
+    opts: &CompressOptions,
+) -> Result<Model> {
+    let writer = UdeltaWriter::create(out, opts.force)?;
+    let ckpt = Checkpoint::open(path)?;
     // A fine-tune may drop buffers (newer exports omit `position_ids`), but a missing tensor
     // that would be compressed means a truncated or wrong checkpoint.
-    for missing in base.tensors.iter().filter(|b| ft.get(&b.name).is_none()) {
-        if opts.selector.selects(&missing.name, &missing.shape, missing.dtype) {
+    for missing in base.tensors.iter().filter(|b| ckpt.get(&b.name).is_none()) {
+        if opts
+            .selector
+            .selects(&missing.name, &missing.shape, missing.dtype)
+        {
             return Err(Error::tensor(
-                ft_path,
+                path,
                 &missing.name,
-                format!("missing from the fine-tuned checkpoint but present in the base {}", base.shard_path(missing).display()),
+                format!(
+                    "missing from the fine-tuned checkpoint but present in the base {}",
+                    base.shard_path(missing).display()
+                ),
             ));
         }
         if opts.progress {
-            eprintln!("note: base tensor '{}' is not in the fine-tune; the restored checkpoint will not have it either", missing.name);
+            eprintln!("note: base tensor '{}' is not in {}; the restored checkpoint will not have it either", missing.name, path.display());
         }
     }
-    let model = opts.model_name.clone().unwrap_or_else(|| model_name_of(ft_path));
-    let kinds = ft.tensors.iter().map(|t| classify(&base, &ft, t, &opts.selector)).collect::<Result<Vec<_>>>()?;
+    let kinds = ckpt
+        .tensors
+        .iter()
+        .map(|t| classify(base, &ckpt, t, &opts.selector))
+        .collect::<Result<Vec<_>>>()?;
+    let n = ckpt.tensors.len();
+    Ok(Model {
+        name,
+        ckpt,
+        writer,
+        kinds,
+        plans: (0..n).map(|_| None).collect(),
+        records: vec![None; n],
+    })
+}
 
-    // Pass 1.
-    let pass1_bytes: u64 = ft.tensors.iter().zip(&kinds).map(|(t, k)| match k {
-        Kind::Raw => 0,
-        Kind::Compare(bi) | Kind::Compress(bi, _) => t.len + base.tensors[*bi].len,
-    }).sum();
+/// Tensor names in processing order: the first fine-tune's order, then any other names.
+fn schedule(models: &[Model]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut order = Vec::new();
+    for m in models {
+        for t in &m.ckpt.tensors {
+            if seen.insert(t.name.clone()) {
+                order.push(t.name.clone());
+            }
+        }
+    }
+    order
+}
+
+/// Compresses each fine-tune in `finetuned` against `base` with `engine`. With one fine-tune
+/// `out` is the `.udelta` file; with several it is a directory that receives `NAME.udelta` per
+/// fine-tune (NAME = the path's last component), and the base is read once per tensor for all.
+pub fn compress(
+    base_path: &Path,
+    finetuned: &[PathBuf],
+    out: &Path,
+    opts: &CompressOptions,
+    engine: &mut dyn Engine,
+) -> Result<CompressOutcome> {
+    opts.params.validate()?;
+    if finetuned.is_empty() {
+        return Err(Error::Param(
+            "at least one --finetuned checkpoint is needed".into(),
+        ));
+    }
+    if finetuned.len() > 1 && opts.model_name.is_some() {
+        return Err(Error::Param(
+            "--model-name applies to a single --finetuned checkpoint".into(),
+        ));
+    }
+    let staged_dir = (finetuned.len() > 1)
+        .then(|| StagedPath::new(out, opts.force))
+        .transpose()?;
+    if let Some(d) = &staged_dir {
+        std::fs::create_dir(d.path()).map_err(|e| Error::io(out, e))?;
+    }
+    let base = Checkpoint::open(base_path)?;
+    let mut models = Vec::with_capacity(finetuned.len());
+    for path in finetuned {
+        let name = opts
+            .model_name
+            .clone()
+            .unwrap_or_else(|| model_name_of(path));
+        if models.iter().any(|m: &Model| m.name == name) {
+            return Err(Error::Param(format!(
+                "two fine-tunes are named '{name}': their files would collide"
+            )));
+        }
+        let file = match &staged_dir {
+            Some(d) => d.path().join(format!("{name}.udelta")),
+            None => out.to_path_buf(),
+        };
+        models.push(open_model(&base, path, name, &file, opts)?);
+    }
+    let order = schedule(&models);
     let mut times = StageTimes::default();
+    let mut base_buf = Vec::new();
+    let mut ft_buf = Vec::new();
+
+    // Pass 1: statistics of compressed tensors; comparison of the others.
+    let pass1_bytes: u64 = models
+        .iter()
+        .map(|m| {
+            m.ckpt
+                .tensors
+                .iter()
+                .zip(&m.kinds)
+                .map(|(t, k)| match k {
+                    Kind::Raw => 0,
+                    Kind::Compare(bi) | Kind::Compress(bi, _) => t.len + base.tensors[*bi].len,
+                })
+                .sum::<u64>()
+        })
+        .sum();
     let progress = Progress::new("analyze", pass1_bytes, opts.progress);
-    let mut bufs = (Vec::new(), Vec::new());
-    let mut plans = Vec::with_capacity(kinds.len());
-    for (t, kind) in ft.tensors.iter().zip(&kinds) {
-        plans.push(match *kind {
-            Kind::Raw => Plan::Raw,
-            Kind::Compare(bi) => match timed(&mut times.compare, || compare(&base, &base.tensors[bi], &ft, t, &progress))? {
-                Some(base_crc32) => Plan::Unchanged { base_crc32 },
-                None => Plan::Raw,
-            },
-            Kind::Compress(bi, shared_numel) => {
-                let b = &base.tensors[bi];
-                timed(&mut times.read, || read_pair(&base, b, &ft, t, &mut bufs))?;
-                let input = DeltaInput::new(&bufs.0, float_type(&base, b)?, &bufs.1, float_type(&ft, t)?, shared_numel);
-                let stats = timed(&mut times.analyze, || engine.analyze(&input, opts.params.bits)).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
-                if opts.verify {
-                    let want = timed(&mut times.verify, || CpuEngine.analyze(&input, opts.params.bits)).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
-                    if want != stats {
+    for name in &order {
+        let mut base_loaded = None;
+        for m in models.iter_mut() {
+            let Some(ti) = m.ckpt.tensors.iter().position(|t| &t.name == name) else {
+                continue;
+            };
+            let t = &m.ckpt.tensors[ti];
+            m.plans[ti] = Some(match m.kinds[ti] {
+                Kind::Raw => Plan::Raw,
+                Kind::Compare(bi) => match timed(&mut times.compare, || {
+                    compare(&base, &base.tensors[bi], &m.ckpt, t, &progress)
+                })? {
+                    Some(base_crc32) => Plan::Unchanged { base_crc32 },
+                    None => Plan::Raw,
+                },
+                Kind::Compress(bi, shared_numel) => {
+                    let b = &base.tensors[bi];
+                    if base_loaded != Some(bi) {
+                        timed(&mut times.read, || base.read_tensor(b, &mut base_buf))?;
+                        base_loaded = Some(bi);
+                    }
+                    timed(&mut times.read, || m.ckpt.read_tensor(t, &mut ft_buf))?;
+                    let input = DeltaInput::new(
+                        &base_buf,
+                        float_type(&base, b)?,
+                        &ft_buf,
+                        float_type(&m.ckpt, t)?,
+                        shared_numel,
+                    );
+                    let fail = |e| engine_error(m.ckpt.shard_path(t), &t.name, e);
+                    let stats = timed(&mut times.analyze, || {
+                        engine.analyze(&input, opts.params.bits)
+                    })
+                    .map_err(fail)?;
+                    if opts.verify
+                        && timed(&mut times.verify, || {
+                            CpuEngine.analyze(&input, opts.params.bits)
+                        })
+                        .map_err(fail)?
+                            != stats
+                    {
                         return Err(Error::Gpu(format!("--verify: tensor '{}': engine statistics differ from the CPU reference", t.name)));
                     }
+                    progress.inc(b.len + t.len);
+                    Plan::Compress {
+                        base: bi,
+                        shared_numel,
+                        stats,
+                        base_crc32: crc32(&base_buf),
+                        allocation: None,
+                    }
                 }
-                progress.inc(b.len + t.len);
-                Plan::Compress { base: bi, shared_numel, stats, base_crc32: crc32(&bufs.0), allocation: None }
-            }
-        });
+            });
+        }
     }
     progress.finish();
 
-    // The allocation plan over every compressed tensor of the model.
-    let stds: Vec<(u64, f64)> = plans.iter().filter_map(|p| match p {
-        Plan::Compress { shared_numel, stats, .. } => Some((*shared_numel as u64, stats.std_dev())),
-        _ => None,
-    }).collect();
-    let mut allocations = allocate_rates(&stds, &opts.params).into_iter();
-    for p in plans.iter_mut() {
-        if let Plan::Compress { allocation, .. } = p {
-            *allocation = allocations.next();
+    // The allocation plan of each model over its compressed tensors.
+    for m in models.iter_mut() {
+        let stds: Vec<(u64, f64)> = m
+            .plans
+            .iter()
+            .filter_map(|p| match p {
+                Some(Plan::Compress {
+                    shared_numel,
+                    stats,
+                    ..
+                }) => Some((*shared_numel as u64, stats.std_dev())),
+                _ => None,
+            })
+            .collect();
+        let mut allocations = allocate_rates(&stds, &opts.params).into_iter();
+        for p in m.plans.iter_mut() {
+            if let Some(Plan::Compress { allocation, .. }) = p {
+                *allocation = allocations.next();
+            }
         }
     }
 
-    // Pass 2.
-    let pass2_bytes: u64 = ft.tensors.iter().zip(&plans).map(|(t, p)| match p {
-        Plan::Unchanged { .. } => 0,
-        Plan::Raw => t.len,
-        Plan::Compress { base: bi, .. } => t.len + base.tensors[*bi].len,
-    }).sum();
+    // Pass 2: selection, coding, records.
+    let pass2_bytes: u64 = models
+        .iter()
+        .map(|m| {
+            m.ckpt
+                .tensors
+                .iter()
+                .zip(&m.plans)
+                .map(|(t, p)| match p {
+                    Some(Plan::Raw) => t.len,
+                    Some(Plan::Compress { base: bi, .. }) => t.len + base.tensors[*bi].len,
+                    _ => 0,
+                })
+                .sum::<u64>()
+        })
+        .sum();
     let progress = Progress::new("compress", pass2_bytes, opts.progress);
-    let mut records = Vec::with_capacity(plans.len());
-    let mut fingerprint = crc32fast::Hasher::new();
-    let mut base_used = 0;
-    for (t, plan) in ft.tensors.iter().zip(plans) {
-        let kind = match plan {
-            Plan::Unchanged { base_crc32 } => {
-                fingerprint.update(t.name.as_bytes());
-                fingerprint.update(&base_crc32.to_le_bytes());
-                base_used += 1;
-                TensorKind::Unchanged { base_crc32 }
-            }
-            Plan::Raw => {
-                let mut start = 0u64;
-                let t0 = std::time::Instant::now();
-                let data = writer.append_chunks(|buf| {
-                    if start >= t.len {
-                        return Ok(false);
-                    }
-                    let n = COPY_CHUNK.min(t.len - start) as usize;
-                    buf.resize(n, 0);
-                    ft.read_range(t, start, buf)?;
-                    start += n as u64;
-                    progress.inc(n as u64);
-                    Ok(true)
-                })?;
-                times.write += t0.elapsed().as_secs_f64();
-                TensorKind::Raw { data }
-            }
-            Plan::Compress { base: bi, shared_numel, stats, base_crc32, allocation } => {
-                let b = &base.tensors[bi];
-                let allocation = allocation.expect("one allocation per compressed tensor");
-                timed(&mut times.read, || read_pair(&base, b, &ft, t, &mut bufs))?;
-                if crc32(&bufs.0) != base_crc32 {
-                    return Err(Error::tensor(base.shard_path(b), &b.name, "the base changed on disk during compression"));
+    for name in &order {
+        let mut base_loaded = None;
+        for m in models.iter_mut() {
+            let Some(ti) = m.ckpt.tensors.iter().position(|t| &t.name == name) else {
+                continue;
+            };
+            let t = &m.ckpt.tensors[ti];
+            let kind = match m.plans[ti].take().expect("pass 1 planned every tensor") {
+                Plan::Unchanged { base_crc32 } => TensorKind::Unchanged { base_crc32 },
+                Plan::Raw => {
+                    let t0 = std::time::Instant::now();
+                    let mut start = 0u64;
+                    let data = m.writer.append_chunks(|buf| {
+                        if start >= t.len {
+                            return Ok(false);
+                        }
+                        let n = COPY_CHUNK.min(t.len - start) as usize;
+                        buf.resize(n, 0);
+                        m.ckpt.read_range(t, start, buf)?;
+                        start += n as u64;
+                        progress.inc(n as u64);
+                        Ok(true)
+                    })?;
+                    times.write += t0.elapsed().as_secs_f64();
+                    TensorKind::Raw { data }
                 }
-                let ft_type = float_type(&ft, t)?;
-                let input = DeltaInput::new(&bufs.0, float_type(&base, b)?, &bufs.1, ft_type, shared_numel);
-                let key = TensorKey::new(opts.params.seed, &model, &t.name);
-                let selection = SelectionPlan::new(key, &stats, allocation.rate);
-                let kept = timed(&mut times.select, || engine.select(&input, &stats, &selection)).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
-                if opts.verify {
-                    let want = timed(&mut times.verify, || CpuEngine.select(&input, &stats, &selection)).map_err(|e| engine_error(ft.shard_path(t), &t.name, e))?;
-                    if want != kept {
+                Plan::Compress {
+                    base: bi,
+                    shared_numel,
+                    stats,
+                    base_crc32,
+                    allocation,
+                } => {
+                    let b = &base.tensors[bi];
+                    if base_loaded != Some(bi) {
+                        timed(&mut times.read, || base.read_tensor(b, &mut base_buf))?;
+                        if crc32(&base_buf) != base_crc32 {
+                            return Err(Error::tensor(
+                                base.shard_path(b),
+                                &b.name,
+                                "the base changed on disk during compression",
+                            ));
+                        }
+                        base_loaded = Some(bi);
+                    }
+                    timed(&mut times.read, || m.ckpt.read_tensor(t, &mut ft_buf))?;
+                    let ft_type = float_type(&m.ckpt, t)?;
+                    let input = DeltaInput::new(
+                        &base_buf,
+                        float_type(&base, b)?,
+                        &ft_buf,
+                        ft_type,
+                        shared_numel,
+                    );
+                    let allocation = allocation.expect("one allocation per compressed tensor");
+                    let selection = SelectionPlan::new(
+                        TensorKey::new(opts.params.seed, &m.name, &t.name),
+                        &stats,
+                        allocation.rate,
+                    );
+                    let fail = |e| engine_error(m.ckpt.shard_path(t), &t.name, e);
+                    let kept = timed(&mut times.select, || {
+                        engine.select(&input, &stats, &selection)
+                    })
+                    .map_err(fail)?;
+                    if opts.verify
+                        && timed(&mut times.verify, || {
+                            CpuEngine.select(&input, &stats, &selection)
+                        })
+                        .map_err(fail)?
+                            != kept
+                    {
                         return Err(Error::Gpu(format!("--verify: tensor '{}': engine kept entries differ from the CPU reference", t.name)));
                     }
+                    let kept_counts = selection.kept_counts();
+                    let enc = timed(&mut times.encode, || {
+                        codec::encode_tensor(
+                            shared_numel as u64,
+                            &kept.positions,
+                            &kept.levels,
+                            &kept_counts,
+                        )
+                    })
+                    .map_err(|e| {
+                        Error::tensor(
+                            m.ckpt.shard_path(t),
+                            &t.name,
+                            format!("encoding failed: {e}"),
+                        )
+                    })?;
+                    let tail_start = shared_numel * ft_type.size();
+                    let writer = &mut m.writer;
+                    let (positions, levels, tail) = timed(&mut times.write, || -> Result<_> {
+                        let tail = (ft_buf.len() > tail_start)
+                            .then(|| writer.append(&ft_buf[tail_start..]))
+                            .transpose()?;
+                        Ok((
+                            writer.append(&enc.positions)?,
+                            writer.append(&enc.levels)?,
+                            tail,
+                        ))
+                    })?;
+                    progress.inc(b.len + t.len);
+                    TensorKind::Compressed(Box::new(CompressedTensor {
+                        base_dtype: dtype_name(b.dtype),
+                        base_shape: b.shape.clone(),
+                        base_crc32,
+                        shared_numel: shared_numel as u64,
+                        lo_bits: stats.grid.lo.to_bits(),
+                        hi_bits: stats.grid.hi.to_bits(),
+                        bits: opts.params.bits,
+                        group: allocation.group,
+                        rate: allocation.rate,
+                        adjusted_rate: adjusted_rate(allocation.rate, stats.zero_fraction()),
+                        std: stats.std_dev(),
+                        histogram: stats.histogram.clone(),
+                        kept_counts,
+                        blocks: enc.blocks,
+                        positions,
+                        levels,
+                        tail,
+                    }))
                 }
-                let kept_counts = selection.kept_counts();
-                let enc = timed(&mut times.encode, || codec::encode_tensor(shared_numel as u64, &kept.positions, &kept.levels, &kept_counts))
-                    .map_err(|e| Error::tensor(ft.shard_path(t), &t.name, format!("encoding failed: {e}")))?;
-                let tail_start = shared_numel * ft_type.size();
-                let (positions, levels, tail) = timed(&mut times.write, || -> Result<_> {
-                    let tail = (bufs.1.len() > tail_start).then(|| writer.append(&bufs.1[tail_start..])).transpose()?;
-                    Ok((writer.append(&enc.positions)?, writer.append(&enc.levels)?, tail))
-                })?;
-                progress.inc(b.len + t.len);
-                fingerprint.update(t.name.as_bytes());
-                fingerprint.update(&base_crc32.to_le_bytes());
-                base_used += 1;
-                TensorKind::Compressed(Box::new(CompressedTensor {
-                    base_dtype: dtype_name(b.dtype),
-                    base_shape: b.shape.clone(),
-                    base_crc32,
-                    shared_numel: shared_numel as u64,
-                    lo_bits: stats.grid.lo.to_bits(),
-                    hi_bits: stats.grid.hi.to_bits(),
-                    bits: opts.params.bits,
-                    group: allocation.group,
-                    rate: allocation.rate,
-                    adjusted_rate: adjusted_rate(allocation.rate, stats.zero_fraction()),
-                    std: stats.std_dev(),
-                    histogram: stats.histogram.clone(),
-                    kept_counts,
-                    blocks: enc.blocks,
-                    positions,
-                    levels,
-                    tail,
-                }))
-            }
-        };
-        records.push(TensorRecord { name: t.name.clone(), dtype: dtype_name(t.dtype), shape: t.shape.clone(), shard: t.shard, kind });
+            };
+            m.records[ti] = Some(TensorRecord {
+                name: t.name.clone(),
+                dtype: dtype_name(t.dtype),
+                shape: t.shape.clone(),
+                shard: t.shard,
+                kind,
+            });
+        }
     }
     progress.finish();
 
     let rescale = opts.params.rescale();
-    let index = FileIndex {
-        format_version: FORMAT_VERSION,
-        tool: format!("udelta-gpu {}", env!("CARGO_PKG_VERSION")),
+    let mut files = Vec::with_capacity(models.len());
+    for m in models {
+        let records: Vec<TensorRecord> = m
+            .records
+            .into_iter()
+            .map(|r| r.expect("pass 2 wrote every tensor"))
+            .collect();
+        let index = FileIndex {
+            format_version: FORMAT_VERSION,
+            tool: format!("udelta-gpu {}", env!("CARGO_PKG_VERSION")),
+            engine: engine.name(),
+            params: opts.params,
+            model: ModelInfo {
+                name: m.name,
+                rescale,
+                gamma: 1.0,
+                trace_norm: None,
+                scale: rescale,
+            },
+            base: base_info(&records),
+            source: source_layout(&m.ckpt),
+            tensors: records,
+        };
+        let target = m.writer.target().to_path_buf();
+        let bytes = timed(&mut times.write, || m.writer.finish(&index))?;
+        files.push((target, bytes));
+    }
+    if let Some(d) = staged_dir {
+        d.commit()?;
+        for (f, _) in files.iter_mut() {
+            *f = out.join(f.file_name().expect("a file name"));
+        }
+    }
+    Ok(CompressOutcome {
+        files,
         engine: engine.name(),
-        params: opts.params,
-        model: ModelInfo { name: model, rescale, gamma: 1.0, trace_norm: None, scale: rescale },
-        base: BaseInfo { fingerprint: format!("{:08x}", fingerprint.finalize()), tensors: base_used },
-        source: SourceLayout {
-            layout: match ft.layout {
-                Layout::SingleFile => "single",
-                Layout::Directory => "directory",
-                Layout::Sharded => "sharded",
-            }
-            .to_string(),
-            shards: ft.shards.iter().map(|s| ShardInfo { file_name: s.file_name.clone(), metadata: s.metadata.clone() }).collect(),
-            index_metadata: ft.index_metadata.clone(),
-        },
-        tensors: records,
-    };
-    let file_bytes = timed(&mut times.write, || writer.finish(&index))?;
-    Ok(CompressOutcome { path: out.to_path_buf(), file_bytes, engine: engine.name(), times })
+        times,
+    })
+}
+
+/// The base fingerprint: CRC-32 over the names and base CRC-32s of every base tensor used.
+fn base_info(records: &[TensorRecord]) -> BaseInfo {
+    let mut h = crc32fast::Hasher::new();
+    let mut used = 0;
+    for r in records {
+        let crc = match &r.kind {
+            TensorKind::Unchanged { base_crc32 } => *base_crc32,
+            TensorKind::Compressed(c) => c.base_crc32,
+            TensorKind::Raw { .. } => continue,
+        };
+        h.update(r.name.as_bytes());
+        h.update(&crc.to_le_bytes());
+        used += 1;
+    }
+    BaseInfo {
+        fingerprint: format!("{:08x}", h.finalize()),
+        tensors: used,
+    }
+}
+
+/// How the fine-tune was laid out, for decompression.
+fn source_layout(ckpt: &Checkpoint) -> SourceLayout {
+    SourceLayout {
+        layout: match ckpt.layout {
+            Layout::SingleFile => "single",
+            Layout::Directory => "directory",
+            Layout::Sharded => "sharded",
+        }
+        .to_string(),
+        shards: ckpt
+            .shards
+            .iter()
+            .map(|s| ShardInfo {
+                file_name: s.file_name.clone(),
+                metadata: s.metadata.clone(),
+            })
+            .collect(),
+        index_metadata: ckpt.index_metadata.clone(),
+    }
 }

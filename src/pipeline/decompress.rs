@@ -30,40 +30,87 @@ pub struct DecompressOptions {
 
 /// Parses a dtype name as written in the index.
 fn parse_dtype(reader: &UdeltaReader, tensor: &str, name: &str) -> Result<Dtype> {
-    serde_json::from_value(serde_json::Value::String(name.to_string()))
-        .map_err(|_| Error::format(reader.path(), format!("tensor '{tensor}': unknown dtype '{name}'")))
+    serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|_| {
+        Error::format(
+            reader.path(),
+            format!("tensor '{tensor}': unknown dtype '{name}'"),
+        )
+    })
 }
 
 /// The header of a record's tensor as the fine-tune had it.
 fn header_of(reader: &UdeltaReader, r: &TensorRecord) -> Result<TensorHeader> {
-    Ok(TensorHeader { name: r.name.clone(), dtype: parse_dtype(reader, &r.name, &r.dtype)?, shape: r.shape.clone() })
+    Ok(TensorHeader {
+        name: r.name.clone(),
+        dtype: parse_dtype(reader, &r.name, &r.dtype)?,
+        shape: r.shape.clone(),
+    })
 }
 
 /// The delta each level stands for: `scale * value(level)`, rounded to f32.
 pub fn level_deltas(c: &CompressedTensor, scale: f64) -> Vec<f32> {
-    let grid = QuantGrid { lo: c.lo(), hi: c.hi(), bits: c.bits };
-    grid.values().iter().map(|&v| (scale * v as f64) as f32).collect()
+    let grid = QuantGrid {
+        lo: c.lo(),
+        hi: c.hi(),
+        bits: c.bits,
+    };
+    grid.values()
+        .iter()
+        .map(|&v| (scale * v as f64) as f32)
+        .collect()
 }
 
 /// Decodes a compressed tensor's kept positions and levels.
-pub fn decode_kept(reader: &UdeltaReader, r: &TensorRecord, c: &CompressedTensor) -> Result<(Vec<u32>, Vec<u8>)> {
+pub fn decode_kept(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+) -> Result<(Vec<u32>, Vec<u8>)> {
     let what = |s: &str| format!("tensor '{}': {s}", r.name);
     let positions = reader.read_record(&c.positions, &what("position stream"))?;
     let levels = reader.read_record(&c.levels, &what("level stream"))?;
-    codec::decode_tensor(c.shared_numel, &c.kept_counts, &c.blocks, &positions, &levels)
-        .map_err(|e| Error::format(reader.path(), what(&format!("undecodable: {e}"))))
+    codec::decode_tensor(
+        c.shared_numel,
+        &c.kept_counts,
+        &c.blocks,
+        &positions,
+        &levels,
+    )
+    .map_err(|e| Error::format(reader.path(), what(&format!("undecodable: {e}"))))
 }
 
 /// Finds and reads the base tensor a record was made against, checking dtype, shape and CRC.
-fn read_base(base: &Checkpoint, reader: &UdeltaReader, name: &str, dtype: &str, shape: &[usize], want_crc: u32, force: bool, buf: &mut Vec<u8>) -> Result<TensorEntry> {
+fn read_base(
+    base: &Checkpoint,
+    reader: &UdeltaReader,
+    name: &str,
+    dtype: &str,
+    shape: &[usize],
+    want_crc: u32,
+    force: bool,
+    buf: &mut Vec<u8>,
+) -> Result<TensorEntry> {
     let b = base.get(name).ok_or_else(|| {
-        Error::tensor(&base.path, name, format!("missing from the base, but {} was made against a base that has it", reader.path().display()))
+        Error::tensor(
+            &base.path,
+            name,
+            format!(
+                "missing from the base, but {} was made against a base that has it",
+                reader.path().display()
+            ),
+        )
     })?;
     if crate::checkpoint::dtype::dtype_name(b.dtype) != dtype || b.shape != shape {
-        return Err(Error::tensor(base.shard_path(b), name, format!(
-            "base has {} {:?}, {} expects {dtype} {shape:?}: wrong base",
-            crate::checkpoint::dtype::dtype_name(b.dtype), b.shape, reader.path().display()
-        )));
+        return Err(Error::tensor(
+            base.shard_path(b),
+            name,
+            format!(
+                "base has {} {:?}, {} expects {dtype} {shape:?}: wrong base",
+                crate::checkpoint::dtype::dtype_name(b.dtype),
+                b.shape,
+                reader.path().display()
+            ),
+        ));
     }
     base.read_tensor(b, buf)?;
     if !force && crc32(buf) != want_crc {
@@ -76,7 +123,15 @@ fn read_base(base: &Checkpoint, reader: &UdeltaReader, name: &str, dtype: &str, 
 }
 
 /// Produces the fine-tuned bytes of one compressed tensor from its base bytes.
-fn reconstruct(reader: &UdeltaReader, r: &TensorRecord, c: &CompressedTensor, base_bytes: &[u8], base_type: FloatType, out_type: FloatType, out: &mut Vec<u8>) -> Result<()> {
+fn reconstruct(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+    base_bytes: &[u8],
+    base_type: FloatType,
+    out_type: FloatType,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let (positions, levels) = decode_kept(reader, r, c)?;
     let deltas = level_deltas(c, reader.index.model.scale);
     out.clear();
@@ -96,13 +151,20 @@ fn reconstruct(reader: &UdeltaReader, r: &TensorRecord, c: &CompressedTensor, ba
         out[p as usize * size..(p as usize + 1) * size].copy_from_slice(&one);
     }
     if let Some(tail) = &c.tail {
-        out.extend_from_slice(&reader.read_record(tail, &format!("tensor '{}': new rows", r.name))?);
+        out.extend_from_slice(
+            &reader.read_record(tail, &format!("tensor '{}': new rows", r.name))?,
+        );
     }
     Ok(())
 }
 
 /// Decompresses `input` against `base` into the directory `out_dir`.
-pub fn decompress(input: &Path, base_path: &Path, out_dir: &Path, opts: &DecompressOptions) -> Result<()> {
+pub fn decompress(
+    input: &Path,
+    base_path: &Path,
+    out_dir: &Path,
+    opts: &DecompressOptions,
+) -> Result<()> {
     let staged = StagedPath::new(out_dir, opts.force)?;
     let reader = UdeltaReader::open(input)?;
     let base = Checkpoint::open(base_path)?;
@@ -115,18 +177,48 @@ pub fn decompress(input: &Path, base_path: &Path, out_dir: &Path, opts: &Decompr
     staged.commit()
 }
 
-fn write_deltas(reader: &UdeltaReader, base: &Checkpoint, dir: &Path, opts: &DecompressOptions) -> Result<()> {
-    let compressed: Vec<(&TensorRecord, &CompressedTensor)> = reader.index.tensors.iter().filter_map(|r| match &r.kind {
-        TensorKind::Compressed(c) => Some((r, c.as_ref())),
-        _ => None,
-    }).collect();
-    let headers: Vec<TensorHeader> = compressed.iter().map(|(r, c)| TensorHeader { name: r.name.clone(), dtype: Dtype::F32, shape: c.base_shape.clone() }).collect();
+fn write_deltas(
+    reader: &UdeltaReader,
+    base: &Checkpoint,
+    dir: &Path,
+    opts: &DecompressOptions,
+) -> Result<()> {
+    let compressed: Vec<(&TensorRecord, &CompressedTensor)> = reader
+        .index
+        .tensors
+        .iter()
+        .filter_map(|r| match &r.kind {
+            TensorKind::Compressed(c) => Some((r, c.as_ref())),
+            _ => None,
+        })
+        .collect();
+    let headers: Vec<TensorHeader> = compressed
+        .iter()
+        .map(|(r, c)| TensorHeader {
+            name: r.name.clone(),
+            dtype: Dtype::F32,
+            shape: c.base_shape.clone(),
+        })
+        .collect();
     let mut w = SafetensorsWriter::create(&dir.join("model.safetensors"), &headers, None)?;
-    let progress = Progress::new("deltas", compressed.iter().map(|(_, c)| c.shared_numel * 4).sum(), opts.progress);
+    let progress = Progress::new(
+        "deltas",
+        compressed.iter().map(|(_, c)| c.shared_numel * 4).sum(),
+        opts.progress,
+    );
     let mut base_buf = Vec::new();
     for (r, c) in compressed {
         // Check the base even though only deltas are written: deltas of a wrong base are wrong.
-        read_base(base, reader, &r.name, &c.base_dtype, &c.base_shape, c.base_crc32, opts.force, &mut base_buf)?;
+        read_base(
+            base,
+            reader,
+            &r.name,
+            &c.base_dtype,
+            &c.base_shape,
+            c.base_crc32,
+            opts.force,
+            &mut base_buf,
+        )?;
         let (positions, levels) = decode_kept(reader, r, c)?;
         let deltas = level_deltas(c, reader.index.model.scale);
         let mut dense = vec![0f32; c.shared_numel as usize];
@@ -140,38 +232,88 @@ fn write_deltas(reader: &UdeltaReader, base: &Checkpoint, dir: &Path, opts: &Dec
     w.finish()
 }
 
-fn write_checkpoint(reader: &UdeltaReader, base: &Checkpoint, dir: &Path, opts: &DecompressOptions) -> Result<()> {
+fn write_checkpoint(
+    reader: &UdeltaReader,
+    base: &Checkpoint,
+    dir: &Path,
+    opts: &DecompressOptions,
+) -> Result<()> {
     let index = &reader.index;
-    let total: u64 = index.tensors.iter().map(|r| header_of(reader, r).map(|h| h.byte_len())).sum::<Result<u64>>()?;
+    let total: u64 = index
+        .tensors
+        .iter()
+        .map(|r| header_of(reader, r).map(|h| h.byte_len()))
+        .sum::<Result<u64>>()?;
     let progress = Progress::new("decompress", total, opts.progress);
     let (mut base_buf, mut out) = (Vec::new(), Vec::new());
     let mut weight_map = serde_json::Map::new();
     for (si, shard) in index.source.shards.iter().enumerate() {
         let records: Vec<&TensorRecord> = index.tensors.iter().filter(|r| r.shard == si).collect();
-        let headers = records.iter().map(|r| header_of(reader, r)).collect::<Result<Vec<_>>>()?;
+        let headers = records
+            .iter()
+            .map(|r| header_of(reader, r))
+            .collect::<Result<Vec<_>>>()?;
         let name = Path::new(&shard.file_name);
         if name.components().count() != 1 || shard.file_name.starts_with('.') {
-            return Err(Error::format(reader.path(), format!("unsafe shard file name '{}'", shard.file_name)));
+            return Err(Error::format(
+                reader.path(),
+                format!("unsafe shard file name '{}'", shard.file_name),
+            ));
         }
         let mut w = SafetensorsWriter::create(&dir.join(name), &headers, shard.metadata.as_ref())?;
         for (r, h) in records.iter().zip(&headers) {
-            weight_map.insert(r.name.clone(), serde_json::Value::String(shard.file_name.clone()));
+            weight_map.insert(
+                r.name.clone(),
+                serde_json::Value::String(shard.file_name.clone()),
+            );
             match &r.kind {
                 TensorKind::Unchanged { base_crc32 } => {
-                    read_base(base, reader, &r.name, &r.dtype, &r.shape, *base_crc32, opts.force, &mut base_buf)?;
+                    read_base(
+                        base,
+                        reader,
+                        &r.name,
+                        &r.dtype,
+                        &r.shape,
+                        *base_crc32,
+                        opts.force,
+                        &mut base_buf,
+                    )?;
                     w.write(&base_buf)?;
                 }
                 TensorKind::Raw { data } => {
                     w.write(&reader.read_record(data, &format!("tensor '{}'", r.name))?)?;
                 }
                 TensorKind::Compressed(c) => {
-                    let b = read_base(base, reader, &r.name, &c.base_dtype, &c.base_shape, c.base_crc32, opts.force, &mut base_buf)?;
-                    let bad_type = || Error::format(reader.path(), format!("tensor '{}': compressed tensor of a non-float dtype", r.name));
+                    let b = read_base(
+                        base,
+                        reader,
+                        &r.name,
+                        &c.base_dtype,
+                        &c.base_shape,
+                        c.base_crc32,
+                        opts.force,
+                        &mut base_buf,
+                    )?;
+                    let bad_type = || {
+                        Error::format(
+                            reader.path(),
+                            format!(
+                                "tensor '{}': compressed tensor of a non-float dtype",
+                                r.name
+                            ),
+                        )
+                    };
                     let base_type = b.float_type().ok_or_else(bad_type)?;
                     let out_type = FloatType::from_dtype(h.dtype).ok_or_else(bad_type)?;
                     reconstruct(reader, r, c, &base_buf, base_type, out_type, &mut out)?;
                     if out.len() as u64 != h.byte_len() {
-                        return Err(Error::format(reader.path(), format!("tensor '{}': reconstructed size differs from its shape", r.name)));
+                        return Err(Error::format(
+                            reader.path(),
+                            format!(
+                                "tensor '{}': reconstructed size differs from its shape",
+                                r.name
+                            ),
+                        ));
                     }
                     w.write(&out)?;
                 }
@@ -187,7 +329,8 @@ fn write_checkpoint(reader: &UdeltaReader, base: &Checkpoint, dir: &Path, opts: 
             "weight_map": weight_map,
         });
         let path = dir.join("model.safetensors.index.json");
-        let text = serde_json::to_string_pretty(&json).map_err(|e| Error::format(reader.path(), e.to_string()))?;
+        let text = serde_json::to_string_pretty(&json)
+            .map_err(|e| Error::format(reader.path(), e.to_string()))?;
         std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
     }
     Ok(())

@@ -44,8 +44,14 @@ pub struct T {
 
 pub fn encode(dtype: Dtype, v: &[f32]) -> Vec<u8> {
     match dtype {
-        Dtype::F16 => v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
-        Dtype::BF16 => v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+        Dtype::F16 => v
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => v
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect(),
         Dtype::F32 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
         _ => panic!("not a float dtype"),
     }
@@ -53,16 +59,30 @@ pub fn encode(dtype: Dtype, v: &[f32]) -> Vec<u8> {
 
 pub fn decode(dtype: Dtype, b: &[u8]) -> Vec<f32> {
     match dtype {
-        Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         _ => panic!("not a float dtype"),
     }
 }
 
 impl T {
     pub fn float(name: &str, dtype: Dtype, shape: &[usize], v: &[f32]) -> T {
-        T { name: name.into(), dtype, shape: shape.to_vec(), data: encode(dtype, v) }
+        T {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            data: encode(dtype, v),
+        }
     }
     pub fn values(&self) -> Vec<f32> {
         decode(self.dtype, &self.data)
@@ -73,7 +93,8 @@ impl T {
 /// an index.json, using the safetensors crate's serializer.
 pub fn write_checkpoint(dir: &Path, tensors: &[T], shards: usize) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    let meta: Option<HashMap<String, String>> = Some(HashMap::from([("format".into(), "pt".into())]));
+    let meta: Option<HashMap<String, String>> =
+        Some(HashMap::from([("format".into(), "pt".into())]));
     if shards <= 1 {
         write_file(&dir.join("model.safetensors"), tensors, &meta);
     } else {
@@ -87,7 +108,8 @@ pub fn write_checkpoint(dir: &Path, tensors: &[T], shards: usize) -> PathBuf {
             }
         }
         let total: usize = tensors.iter().map(|t| t.data.len()).sum();
-        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     }
     dir.to_path_buf()
@@ -96,7 +118,12 @@ pub fn write_checkpoint(dir: &Path, tensors: &[T], shards: usize) -> PathBuf {
 fn write_file(path: &Path, tensors: &[T], meta: &Option<HashMap<String, String>>) {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
-        .map(|t| (t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap()))
+        .map(|t| {
+            (
+                t.name.clone(),
+                TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
         .collect();
     serialize_to_file(views, meta.clone(), path).unwrap();
 }
@@ -107,14 +134,26 @@ pub fn read_checkpoint(dir: &Path) -> HashMap<String, T> {
     let mut files: Vec<PathBuf> = if dir.is_file() {
         vec![dir.to_path_buf()]
     } else {
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect()
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect()
     };
     files.sort();
     for f in files {
         let bytes = std::fs::read(&f).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         for (name, v) in st.tensors() {
-            out.insert(name.clone(), T { name, dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() });
+            out.insert(
+                name.clone(),
+                T {
+                    name,
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    data: v.data().to_vec(),
+                },
+            );
         }
     }
     out
@@ -126,7 +165,8 @@ pub fn read_checkpoint(dir: &Path) -> HashMap<String, T> {
 pub fn llama_pair(dtype: Dtype, growth: usize, seed: u64) -> (Vec<T>, Vec<T>) {
     let (h, i, v) = (64, 172, 96);
     let mut rng = Rng(seed);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![v, h])];
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![v, h])];
     for l in 0..2 {
         for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
             shapes.push((format!("model.layers.{l}.self_attn.{p}.weight"), vec![h, h]));
@@ -135,7 +175,10 @@ pub fn llama_pair(dtype: Dtype, growth: usize, seed: u64) -> (Vec<T>, Vec<T>) {
         shapes.push((format!("model.layers.{l}.mlp.up_proj.weight"), vec![i, h]));
         shapes.push((format!("model.layers.{l}.mlp.down_proj.weight"), vec![h, i]));
         shapes.push((format!("model.layers.{l}.input_layernorm.weight"), vec![h]));
-        shapes.push((format!("model.layers.{l}.post_attention_layernorm.weight"), vec![h]));
+        shapes.push((
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            vec![h],
+        ));
     }
     shapes.push(("model.norm.weight".into(), vec![h]));
     shapes.push(("lm_head.weight".into(), vec![v, h]));
@@ -143,7 +186,15 @@ pub fn llama_pair(dtype: Dtype, growth: usize, seed: u64) -> (Vec<T>, Vec<T>) {
     for (k, (name, shape)) in shapes.iter().enumerate() {
         let n: usize = shape.iter().product();
         let is_norm = shape.len() == 1;
-        let b: Vec<f32> = (0..n).map(|_| if is_norm { 1.0 + rng.normal(0.01) } else { rng.normal(0.02) }).collect();
+        let b: Vec<f32> = (0..n)
+            .map(|_| {
+                if is_norm {
+                    1.0 + rng.normal(0.01)
+                } else {
+                    rng.normal(0.02)
+                }
+            })
+            .collect();
         let scale = 2e-4 * (1.0 + (k % 5) as f64 * 1.5);
         let mut f: Vec<f32> = b.iter().map(|&x| x + rng.laplace(scale)).collect();
         if name == "model.norm.weight" {
@@ -159,7 +210,12 @@ pub fn llama_pair(dtype: Dtype, growth: usize, seed: u64) -> (Vec<T>, Vec<T>) {
     }
     let ids: Vec<u8> = (0..16i64).flat_map(|x| x.to_le_bytes()).collect();
     for list in [&mut base, &mut ft] {
-        list.push(T { name: "model.position_ids".into(), dtype: Dtype::I64, shape: vec![1, 16], data: ids.clone() });
+        list.push(T {
+            name: "model.position_ids".into(),
+            dtype: Dtype::I64,
+            shape: vec![1, 16],
+            data: ids.clone(),
+        });
     }
     (base, ft)
 }
@@ -181,14 +237,24 @@ pub fn udelta_env(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// Asserts success and returns stdout.
 pub fn ok(out: Output) -> String {
-    assert!(out.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 /// Asserts a clean failure (exit 1, no panic) whose message contains every `needle`; returns it.
 pub fn fails(out: Output, needles: &[&str]) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "expected exit 1, got {:?}: {err}", out.status);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit 1, got {:?}: {err}",
+        out.status
+    );
     assert!(!err.contains("panicked"), "panic: {err}");
     for n in needles {
         assert!(err.contains(n), "message lacks '{n}': {err}");
@@ -219,7 +285,14 @@ pub struct Expect {
 }
 
 /// Steps 1-3 of ULTRADELTA.md for every compressed tensor of one model.
-pub fn expectations(base: &HashMap<String, T>, ft: &HashMap<String, T>, sp: f64, step: f64, bits: u32, compressed: impl Fn(&str) -> bool) -> HashMap<String, Expect> {
+pub fn expectations(
+    base: &HashMap<String, T>,
+    ft: &HashMap<String, T>,
+    sp: f64,
+    step: f64,
+    bits: u32,
+    compressed: impl Fn(&str) -> bool,
+) -> HashMap<String, Expect> {
     let nl = 1usize << bits;
     let mut names: Vec<&String> = ft.keys().filter(|n| compressed(n)).collect();
     names.sort();
@@ -231,13 +304,30 @@ pub fn expectations(base: &HashMap<String, T>, ft: &HashMap<String, T>, sp: f64,
         let lo = d.iter().cloned().fold(f32::INFINITY, f32::min);
         let hi = d.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let k = ((nl - 1) as f64 / (hi as f64 - lo as f64)) as f32;
-        let levels: Vec<usize> = d.iter().map(|&x| ((x - lo) * k).round_ties_even().clamp(0.0, (nl - 1) as f32) as usize).collect();
-        let values: Vec<f32> = (0..nl).map(|q| (lo as f64 + q as f64 * (hi as f64 - lo as f64) / (nl - 1) as f64) as f32).collect();
+        let levels: Vec<usize> = d
+            .iter()
+            .map(|&x| ((x - lo) * k).round_ties_even().clamp(0.0, (nl - 1) as f32) as usize)
+            .collect();
+        let values: Vec<f32> = (0..nl)
+            .map(|q| (lo as f64 + q as f64 * (hi as f64 - lo as f64) / (nl - 1) as f64) as f32)
+            .collect();
         let n = d.len() as f64;
         let mean = levels.iter().map(|&q| values[q] as f64).sum::<f64>() / n;
-        let var = levels.iter().map(|&q| (values[q] as f64 - mean).powi(2)).sum::<f64>() / n;
+        let var = levels
+            .iter()
+            .map(|&q| (values[q] as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
         stds.push((name.to_string(), d.len() as u64, var.sqrt()));
-        out.insert(name.to_string(), Expect { levels, values, rate: 0.0, kept_per_level: vec![] });
+        out.insert(
+            name.to_string(),
+            Expect {
+                levels,
+                values,
+                rate: 0.0,
+                kept_per_level: vec![],
+            },
+        );
     }
     // Thirds by parameter count.
     let total: u64 = stds.iter().map(|x| x.1).sum();
@@ -247,30 +337,51 @@ pub fn expectations(base: &HashMap<String, T>, ft: &HashMap<String, T>, sp: f64,
     let mut group = vec![0; stds.len()];
     for &i in &order {
         cum += stds[i].1;
-        group[i] = if cum as f64 <= total as f64 / 3.0 { 0 } else if cum as f64 <= 2.0 * total as f64 / 3.0 { 1 } else { 2 };
+        group[i] = if cum as f64 <= total as f64 / 3.0 {
+            0
+        } else if cum as f64 <= 2.0 * total as f64 / 3.0 {
+            1
+        } else {
+            2
+        };
         match group[i] {
             0 => nlow += stds[i].1,
             1 => nmid += stds[i].1,
             _ => nhigh += stds[i].1,
         }
     }
-    let high = ((sp * total as f64 - sp * nmid as f64 - (sp + step) * nlow as f64) / nhigh as f64).clamp(0.0, 0.99);
+    let high = ((sp * total as f64 - sp * nmid as f64 - (sp + step) * nlow as f64) / nhigh as f64)
+        .clamp(0.0, 0.99);
     for (i, (name, _, _)) in stds.iter().enumerate() {
         let e = out.get_mut(name).unwrap();
         e.rate = [sp + step, sp, high][group[i]];
         let mut hist = vec![0u64; nl];
         e.levels.iter().for_each(|&q| hist[q] += 1);
         let n: u64 = hist.iter().sum();
-        let z = (0..nl).filter(|&q| e.values[q] == 0.0).map(|q| hist[q]).sum::<u64>() as f64 / n as f64;
+        let z = (0..nl)
+            .filter(|&q| e.values[q] == 0.0)
+            .map(|q| hist[q])
+            .sum::<u64>() as f64
+            / n as f64;
         let r = ((e.rate - z) / (1.0 - z)).max(0.0);
-        e.kept_per_level = hist.iter().map(|&c| c - (c as f64 * r).round_ties_even() as u64).collect();
+        e.kept_per_level = hist
+            .iter()
+            .map(|&c| c - (c as f64 * r).round_ties_even() as u64)
+            .collect();
     }
     out
 }
 
 /// Decompresses `file` (full and delta-only) under `dir` and checks every tensor against the
 /// algorithm recomputed here; returns the restored checkpoint's directory.
-pub fn check_against_algorithm(dir: &Path, base: &Path, ftp: &Path, file: &Path, sparsity: f64, compressed: impl Fn(&str) -> bool) -> std::path::PathBuf {
+pub fn check_against_algorithm(
+    dir: &Path,
+    base: &Path,
+    ftp: &Path,
+    file: &Path,
+    sparsity: f64,
+    compressed: impl Fn(&str) -> bool,
+) -> std::path::PathBuf {
     let index = read_index(&file);
     let (bm, fm) = (read_checkpoint(&base), read_checkpoint(&ftp));
     let exp = expectations(&bm, &fm, sparsity, 0.01, 4, compressed);
@@ -279,12 +390,29 @@ pub fn check_against_algorithm(dir: &Path, base: &Path, ftp: &Path, file: &Path,
 
     // Full reconstruction.
     let out = dir.join("restored");
-    ok(udelta(&["decompress", s(&file), "--base", s(&base), "-o", s(&out), "-q"]));
+    ok(udelta(&[
+        "decompress",
+        s(&file),
+        "--base",
+        s(&base),
+        "-o",
+        s(&out),
+        "-q",
+    ]));
     let restored = read_checkpoint(&out);
     assert_eq!(restored.len(), fm.len());
     let dtype_of = |n: &str| fm[n].dtype;
     let deltas_dir = dir.join("deltas");
-    ok(udelta(&["decompress", s(&file), "--base", s(&base), "-o", s(&deltas_dir), "--delta-only", "-q"]));
+    ok(udelta(&[
+        "decompress",
+        s(&file),
+        "--base",
+        s(&base),
+        "-o",
+        s(&deltas_dir),
+        "--delta-only",
+        "-q",
+    ]));
     let deltas = read_checkpoint(&deltas_dir);
     assert_eq!(deltas.len(), exp.len());
 
@@ -295,9 +423,19 @@ pub fn check_against_algorithm(dir: &Path, base: &Path, ftp: &Path, file: &Path,
             assert_eq!(r.data, t.data, "{name} must be restored bit-exact");
             continue;
         };
-        let entry = index["tensors"].as_array().unwrap().iter().find(|x| x["name"] == name.as_str()).unwrap();
+        let entry = index["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name.as_str())
+            .unwrap();
         assert_eq!(entry["kind"], "compressed", "{name}");
-        assert!((entry["rate"].as_f64().unwrap() - e.rate).abs() < 1e-12, "{name}: rate {} vs {}", entry["rate"], e.rate);
+        assert!(
+            (entry["rate"].as_f64().unwrap() - e.rate).abs() < 1e-12,
+            "{name}: rate {} vs {}",
+            entry["rate"],
+            e.rate
+        );
         let d = deltas[name].values();
         let (bv, rv) = (bm[name].values(), r.values());
         let mut kept = vec![0u64; e.values.len()];
@@ -311,7 +449,11 @@ pub fn check_against_algorithm(dir: &Path, base: &Path, ftp: &Path, file: &Path,
                 let want = decode(dtype_of(name), &encode(dtype_of(name), &[bv[i] + d[i]]))[0];
                 assert_eq!(rv[i].to_bits(), want.to_bits(), "{name}[{i}]");
             } else {
-                assert_eq!(rv[i].to_bits(), bv[i].to_bits(), "{name}[{i}] pruned must equal base");
+                assert_eq!(
+                    rv[i].to_bits(),
+                    bv[i].to_bits(),
+                    "{name}[{i}] pruned must equal base"
+                );
             }
         }
         for q in 0..kept.len() {
@@ -326,7 +468,10 @@ pub fn check_against_algorithm(dir: &Path, base: &Path, ftp: &Path, file: &Path,
             let (a, z) = (part * n / 4, (part + 1) * n / 4);
             let c = kept_pos.iter().filter(|&&i| i >= a && i < z).count() as f64;
             let mean = p * (z - a) as f64;
-            assert!((c - mean).abs() <= 5.0 * (mean * (1.0 - p)).sqrt() + 1.0, "{name}: range {part}: {c} vs {mean}");
+            assert!(
+                (c - mean).abs() <= 5.0 * (mean * (1.0 - p)).sqrt() + 1.0,
+                "{name}: range {part}: {c} vs {mean}"
+            );
         }
     }
     out
