@@ -79,47 +79,52 @@ pub fn decode_kept(
     .map_err(|e| Error::format(reader.path(), what(&format!("undecodable: {e}"))))
 }
 
-/// Finds and reads the base tensor a record was made against, checking dtype, shape and CRC.
-fn read_base(
-    base: &Checkpoint,
-    reader: &UdeltaReader,
-    name: &str,
-    dtype: &str,
-    shape: &[usize],
-    want_crc: u32,
+/// The base checkpoint, checked tensor by tensor against what a `.udelta` file expects.
+struct BaseSource<'a> {
+    base: &'a Checkpoint,
+    reader: &'a UdeltaReader,
     force: bool,
-    buf: &mut Vec<u8>,
-) -> Result<TensorEntry> {
-    let b = base.get(name).ok_or_else(|| {
-        Error::tensor(
-            &base.path,
-            name,
-            format!(
-                "missing from the base, but {} was made against a base that has it",
-                reader.path().display()
-            ),
-        )
-    })?;
-    if crate::checkpoint::dtype::dtype_name(b.dtype) != dtype || b.shape != shape {
-        return Err(Error::tensor(
-            base.shard_path(b),
-            name,
-            format!(
-                "base has {} {:?}, {} expects {dtype} {shape:?}: wrong base",
-                crate::checkpoint::dtype::dtype_name(b.dtype),
-                b.shape,
-                reader.path().display()
-            ),
-        ));
+}
+
+impl BaseSource<'_> {
+    /// Reads base tensor `name` into `buf`, checking its dtype, shape and CRC-32.
+    fn read(
+        &self,
+        name: &str,
+        dtype: &str,
+        shape: &[usize],
+        want_crc: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<TensorEntry> {
+        let (base, file) = (self.base, self.reader.path().display());
+        let b = base.get(name).ok_or_else(|| {
+            Error::tensor(
+                &base.path,
+                name,
+                format!("missing from the base, but {file} was made against a base that has it"),
+            )
+        })?;
+        let have = crate::checkpoint::dtype::dtype_name(b.dtype);
+        if have != dtype || b.shape != shape {
+            return Err(Error::tensor(
+                base.shard_path(b),
+                name,
+                format!(
+                    "base has {have} {:?}, {file} expects {dtype} {shape:?}: wrong base",
+                    b.shape
+                ),
+            ));
+        }
+        base.read_tensor(b, buf)?;
+        if !self.force && crc32(buf) != want_crc {
+            return Err(Error::tensor(
+                base.shard_path(b),
+                name,
+                format!("differs from the base {file} was made against (checksum mismatch): wrong base? (--force to apply anyway)"),
+            ));
+        }
+        Ok(b.clone())
     }
-    base.read_tensor(b, buf)?;
-    if !force && crc32(buf) != want_crc {
-        return Err(Error::tensor(base.shard_path(b), name, format!(
-            "differs from the base {} was made against (checksum mismatch): wrong base? (--force to apply anyway)",
-            reader.path().display()
-        )));
-    }
-    Ok(b.clone())
 }
 
 /// Produces the fine-tuned bytes of one compressed tensor from its base bytes.
@@ -168,6 +173,11 @@ pub fn decompress(
     let staged = StagedPath::new(out_dir, opts.force)?;
     let reader = UdeltaReader::open(input)?;
     let base = Checkpoint::open(base_path)?;
+    let base = BaseSource {
+        base: &base,
+        reader: &reader,
+        force: opts.force,
+    };
     std::fs::create_dir(staged.path()).map_err(|e| Error::io(out_dir, e))?;
     if opts.delta_only {
         write_deltas(&reader, &base, staged.path(), opts)?;
@@ -179,7 +189,7 @@ pub fn decompress(
 
 fn write_deltas(
     reader: &UdeltaReader,
-    base: &Checkpoint,
+    base: &BaseSource,
     dir: &Path,
     opts: &DecompressOptions,
 ) -> Result<()> {
@@ -209,14 +219,11 @@ fn write_deltas(
     let mut base_buf = Vec::new();
     for (r, c) in compressed {
         // Check the base even though only deltas are written: deltas of a wrong base are wrong.
-        read_base(
-            base,
-            reader,
+        base.read(
             &r.name,
             &c.base_dtype,
             &c.base_shape,
             c.base_crc32,
-            opts.force,
             &mut base_buf,
         )?;
         let (positions, levels) = decode_kept(reader, r, c)?;
@@ -234,7 +241,7 @@ fn write_deltas(
 
 fn write_checkpoint(
     reader: &UdeltaReader,
-    base: &Checkpoint,
+    base: &BaseSource,
     dir: &Path,
     opts: &DecompressOptions,
 ) -> Result<()> {
@@ -268,30 +275,18 @@ fn write_checkpoint(
             );
             match &r.kind {
                 TensorKind::Unchanged { base_crc32 } => {
-                    read_base(
-                        base,
-                        reader,
-                        &r.name,
-                        &r.dtype,
-                        &r.shape,
-                        *base_crc32,
-                        opts.force,
-                        &mut base_buf,
-                    )?;
+                    base.read(&r.name, &r.dtype, &r.shape, *base_crc32, &mut base_buf)?;
                     w.write(&base_buf)?;
                 }
                 TensorKind::Raw { data } => {
                     w.write(&reader.read_record(data, &format!("tensor '{}'", r.name))?)?;
                 }
                 TensorKind::Compressed(c) => {
-                    let b = read_base(
-                        base,
-                        reader,
+                    let b = base.read(
                         &r.name,
                         &c.base_dtype,
                         &c.base_shape,
                         c.base_crc32,
-                        opts.force,
                         &mut base_buf,
                     )?;
                     let bad_type = || {

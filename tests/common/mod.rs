@@ -382,8 +382,8 @@ pub fn check_against_algorithm(
     sparsity: f64,
     compressed: impl Fn(&str) -> bool,
 ) -> std::path::PathBuf {
-    let index = read_index(&file);
-    let (bm, fm) = (read_checkpoint(&base), read_checkpoint(&ftp));
+    let index = read_index(file);
+    let (bm, fm) = (read_checkpoint(base), read_checkpoint(ftp));
     let exp = expectations(&bm, &fm, sparsity, 0.01, 4, compressed);
     let scale = 1.0 / (1.0 - sparsity);
     assert!((index["model"]["scale"].as_f64().unwrap() - scale).abs() < 1e-12);
@@ -392,9 +392,9 @@ pub fn check_against_algorithm(
     let out = dir.join("restored");
     ok(udelta(&[
         "decompress",
-        s(&file),
+        s(file),
         "--base",
-        s(&base),
+        s(base),
         "-o",
         s(&out),
         "-q",
@@ -405,9 +405,9 @@ pub fn check_against_algorithm(
     let deltas_dir = dir.join("deltas");
     ok(udelta(&[
         "decompress",
-        s(&file),
+        s(file),
         "--base",
-        s(&base),
+        s(base),
         "-o",
         s(&deltas_dir),
         "--delta-only",
@@ -456,9 +456,9 @@ pub fn check_against_algorithm(
                 );
             }
         }
-        for q in 0..kept.len() {
+        for (q, (&got, &want)) in kept.iter().zip(&e.kept_per_level).enumerate() {
             if e.values[q] != 0.0 {
-                assert_eq!(kept[q], e.kept_per_level[q], "{name}: level {q}");
+                assert_eq!(got, want, "{name}: level {q}");
             }
         }
         // Uniform spread: kept counts in 4 equal element ranges within 5 sigma of their mean.
