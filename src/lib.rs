@@ -9,5 +9,6 @@
 pub mod checkpoint;
 pub mod error;
 pub mod staging;
+pub mod synth;
 
 pub use error::{Error, Result};

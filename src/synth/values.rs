@@ -1,0 +1,386 @@
+//! The values of the synthetic tensors, one block of rows at a time (see the module docs of
+//! [`crate::synth`] for the statistics).
+
+use super::rng::{exp2, key, Batch, Normals, Rng};
+use super::{Kind, Proj, Spec};
+use crate::checkpoint::dtype::FloatType;
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+/// Standard deviation of the base weights of linear layers and embeddings.
+pub const BASE_STD: f32 = 0.02;
+/// Norm weights of the base are `1 + NORM_BASE_STD * N(0, 1)`.
+pub const NORM_BASE_STD: f32 = 0.05;
+/// Rank of the low-rank part of every 2-D delta.
+pub const LOW_RANK: usize = 4;
+/// Fraction of a 2-D delta's expected energy (squared Frobenius norm) in the low-rank part.
+pub const LOW_RANK_ENERGY: f32 = 0.3;
+/// Relative weights of the low-rank components (normalized to unit energy).
+const LOW_RANK_WEIGHTS: [f32; LOW_RANK] = [1.0, 0.7, 0.5, 0.35];
+/// Log-normal sigma of the per-column scale of 2-D deltas ("outlier channels").
+pub const COLUMN_SIGMA: f32 = 0.25;
+/// Range of the log-uniform per-tensor delta scale (std) of linear layers, before the layer
+/// trend, projection factor and model factor.
+pub const LINEAR_SCALE: (f32, f32) = (3e-4, 3e-3);
+/// Range of the per-tensor delta scale of norm weights.
+pub const NORM_SCALE: (f32, f32) = (1e-3, 3e-3);
+/// Embedding and lm_head deltas: the linear range times these factors.
+pub const EMBED_FACTOR: f32 = 0.3;
+/// See [`EMBED_FACTOR`].
+pub const LM_HEAD_FACTOR: f32 = 0.5;
+/// Model `m` (0-based: ft-1 is 0) has its deltas scaled by `1 + MODEL_STEP * m`.
+pub const MODEL_STEP: f32 = 0.3;
+/// Log-normal sigma of a per-(model, tensor) jitter of the delta scale.
+pub const MODEL_JITTER_SIGMA: f32 = 0.1;
+
+// Purposes of the random streams.
+const P_BASE: u64 = 1;
+const P_DELTA: u64 = 2;
+const P_COLUMNS: u64 = 3;
+const P_NEW_ROWS: u64 = 4;
+const P_TENSOR_SCALE: u64 = 5;
+const P_MODEL_JITTER: u64 = 6;
+
+/// Projection-specific factor of the delta scale.
+fn proj_factor(p: Proj) -> f32 {
+    match p {
+        Proj::Q | Proj::K => 0.8,
+        Proj::V => 1.25,
+        Proj::O => 1.1,
+        Proj::Gate | Proj::Up => 1.0,
+        Proj::Down => 1.15,
+    }
+}
+
+fn log_uniform(rng: &mut Rng, (lo, hi): (f32, f32)) -> f32 {
+    let u = rng.uniform_f64() as f32;
+    lo * exp2(u * (hi / lo).log2())
+}
+
+/// `e^x` through the deterministic [`exp2`].
+fn exp(x: f32) -> f32 {
+    exp2(x * std::f32::consts::LOG2_E)
+}
+
+/// The standard deviation of the noise-free delta of tensor `t` in fine-tune `m` (0-based).
+pub fn delta_scale(seed: u64, t: usize, spec: &Spec, layers: usize, m: usize) -> f32 {
+    let mut r = Rng::stream(&[seed, P_TENSOR_SCALE, t as u64]);
+    let base = match spec.kind {
+        Kind::Proj(p) => {
+            let trend = if layers > 1 {
+                0.8 + 0.4 * spec.layer as f32 / (layers - 1) as f32
+            } else {
+                1.0
+            };
+            log_uniform(&mut r, LINEAR_SCALE) * trend * proj_factor(p)
+        }
+        Kind::Embed => log_uniform(&mut r, LINEAR_SCALE) * EMBED_FACTOR,
+        Kind::LmHead => log_uniform(&mut r, LINEAR_SCALE) * LM_HEAD_FACTOR,
+        Kind::InputNorm | Kind::PostNorm | Kind::FinalNorm => log_uniform(&mut r, NORM_SCALE),
+        Kind::PositionIds => 0.0,
+    };
+    let mut j = Normals::new(Rng::stream(&[seed, P_MODEL_JITTER, m as u64, t as u64]));
+    base * (1.0 + MODEL_STEP * m as f32) * exp(MODEL_JITTER_SIGMA * j.next())
+}
+
+/// bf16 bits of `x`, rounded to nearest, ties to even (NaN stays NaN): the same as
+/// `half::bf16::from_f32`, written without branches so that loops over it vectorize.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) | 0x40) as u16;
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// Appends `v` as little-endian bytes.
+fn push_u16s(out: &mut Vec<u8>, v: &[u16]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(v));
+    } else {
+        out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+    }
+}
+
+/// Rounding to the file's dtype and encoding, in batches that vectorize (half's slice
+/// conversions use F16C where the CPU has it). The bytes are those of
+/// [`FloatType::encode_into`] (tested).
+#[derive(Default)]
+pub struct Codec {
+    h: Vec<f16>,
+    bits: Vec<u16>,
+}
+
+impl Codec {
+    /// Appends `vals` rounded to `dtype` (nearest, ties to even) as little-endian bytes.
+    pub fn encode(&mut self, dtype: FloatType, vals: &[f32], out: &mut Vec<u8>) {
+        match dtype {
+            FloatType::F32 => {
+                if cfg!(target_endian = "little") {
+                    out.extend_from_slice(bytemuck::cast_slice(vals));
+                } else {
+                    out.extend(vals.iter().flat_map(|x| x.to_le_bytes()));
+                }
+            }
+            FloatType::F16 => {
+                self.h.resize(vals.len(), f16::ZERO);
+                self.h.convert_from_f32_slice(vals);
+                push_u16s(out, self.h.reinterpret_cast());
+            }
+            FloatType::BF16 => {
+                self.bits.clear();
+                self.bits.extend(vals.iter().map(|&x| bf16_bits(x)));
+                push_u16s(out, &self.bits);
+            }
+        }
+    }
+
+    /// Rounds `vals` to `dtype` in place and appends their bytes (as [`encode`](Self::encode)).
+    pub fn round_and_encode(&mut self, dtype: FloatType, vals: &mut [f32], out: &mut Vec<u8>) {
+        self.encode(dtype, vals, out);
+        match dtype {
+            FloatType::F32 => {}
+            FloatType::F16 => self.h.convert_to_f32_slice(vals),
+            FloatType::BF16 => {
+                for (v, &b) in vals.iter_mut().zip(&self.bits) {
+                    *v = bf16::from_bits(b).to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// Per-column coefficients of one fine-tune's delta of one tensor:
+/// `delta[r][j] = a[j] * T[r][j] + sum_k u[r][k] * b[j][k]`, with `T` unit-variance Student-t
+/// and `u` standard normal.
+struct DeltaParams {
+    a: Vec<f32>,
+    /// Empty for 1-D tensors (no low-rank part).
+    b: Vec<[f32; LOW_RANK]>,
+}
+
+impl DeltaParams {
+    fn new(seed: u64, m: usize, t: usize, spec: &Spec, layers: usize, cols: usize) -> Self {
+        let s = delta_scale(seed, t, spec, layers, m);
+        if spec.shape.len() < 2 {
+            return DeltaParams {
+                a: vec![s; cols],
+                b: Vec::new(),
+            };
+        }
+        let norm = LOW_RANK_WEIGHTS.iter().map(|w| w * w).sum::<f32>().sqrt();
+        let lr = LOW_RANK_ENERGY.sqrt() / norm;
+        let noise = (1.0 - LOW_RANK_ENERGY).sqrt();
+        let mut n = Normals::new(Rng::stream(&[seed, P_COLUMNS, 1 + m as u64, t as u64]));
+        let mut a = Vec::with_capacity(cols);
+        let mut b = Vec::with_capacity(cols);
+        for _ in 0..cols {
+            // E[c^2] = 1.
+            let c = exp(COLUMN_SIGMA * n.next() - COLUMN_SIGMA * COLUMN_SIGMA);
+            a.push(s * c * noise);
+            let mut bj = [0.0; LOW_RANK];
+            for (k, v) in bj.iter_mut().enumerate() {
+                *v = s * c * lr * LOW_RANK_WEIGHTS[k] * n.next();
+            }
+            b.push(bj);
+        }
+        DeltaParams { a, b }
+    }
+
+    /// `out[j] = base[j] + delta[r][j]` for fine-tune `m`.
+    fn add_row(
+        &self,
+        seed: u64,
+        (m, t, r): (usize, usize, usize),
+        base: &[f32],
+        out: &mut Vec<f32>,
+        sc: &mut Scratch,
+    ) {
+        let mut rng = Rng::stream(&[seed, P_DELTA, 1 + m as u64, t as u64, r as u64]);
+        out.clear();
+        sc.t.resize(base.len(), 0.0);
+        if self.b.is_empty() {
+            rng.fill_t5(&mut sc.t, &mut sc.batch);
+            out.extend(
+                base.iter()
+                    .zip(&self.a)
+                    .zip(&sc.t)
+                    .map(|((&x, &a), &t)| x + a * t),
+            );
+            return;
+        }
+        let (u0, u1) = rng.normal_pair();
+        let (u2, u3) = rng.normal_pair();
+        rng.fill_t5(&mut sc.t, &mut sc.batch);
+        out.extend(
+            base.iter()
+                .zip(&self.a)
+                .zip(&self.b)
+                .zip(&sc.t)
+                .map(|(((&x, &a), b), &t)| {
+                    let lr = u0 * b[0] + u1 * b[1] + u2 * b[2] + u3 * b[3];
+                    x + (a * t + lr)
+                }),
+        );
+    }
+}
+
+/// Reusable buffers of one worker.
+#[derive(Default)]
+struct Scratch {
+    batch: Batch,
+    codec: Codec,
+    /// Raw variates of one row.
+    t: Vec<f32>,
+}
+
+/// Generates one tensor of every model, block of rows by block of rows.
+pub struct TensorGen<'a> {
+    seed: u64,
+    t: usize,
+    spec: &'a Spec,
+    dtype: FloatType,
+    cols: usize,
+    /// One per fine-tune; `None`: the fine-tune keeps the base bytes.
+    deltas: Vec<Option<DeltaParams>>,
+}
+
+impl<'a> TensorGen<'a> {
+    /// Tensor `t` (`spec`) of a checkpoint with `layers` layers, for `models` fine-tunes.
+    /// `unchanged`: the fine-tunes equal the base.
+    pub fn new(
+        seed: u64,
+        t: usize,
+        spec: &'a Spec,
+        dtype: FloatType,
+        layers: usize,
+        models: usize,
+        unchanged: bool,
+    ) -> Self {
+        let cols = spec.cols();
+        let deltas = (0..models)
+            .map(|m| (!unchanged).then(|| DeltaParams::new(seed, m, t, spec, layers, cols)))
+            .collect();
+        TensorGen {
+            seed,
+            t,
+            spec,
+            dtype,
+            cols,
+            deltas,
+        }
+    }
+
+    /// Rows `r0..r1` of the base (first) and of every fine-tune, encoded.
+    pub fn block(&self, r0: usize, r1: usize) -> Vec<Vec<u8>> {
+        let bytes = (r1 - r0) * self.cols * self.dtype.size();
+        let mut outs: Vec<Vec<u8>> = (0..=self.deltas.len())
+            .map(|_| Vec::with_capacity(bytes))
+            .collect();
+        let mut sc = Scratch::default();
+        let mut base = vec![0.0; self.cols];
+        let mut ft = Vec::with_capacity(self.cols);
+        let (mean, std) = if self.spec.shape.len() < 2 {
+            (1.0, NORM_BASE_STD)
+        } else {
+            (0.0, BASE_STD)
+        };
+        for r in r0..r1 {
+            let mut rng = Rng::stream(&[self.seed, P_BASE, self.t as u64, r as u64]);
+            rng.fill_normal(&mut base, &mut sc.batch);
+            for v in base.iter_mut() {
+                *v = mean + std * *v;
+            }
+            let (b, fts) = outs.split_first_mut().expect("base output");
+            let start = b.len();
+            sc.codec.round_and_encode(self.dtype, &mut base, b);
+            for (m, (out, delta)) in fts.iter_mut().zip(&self.deltas).enumerate() {
+                match delta {
+                    None => out.extend_from_slice(&b[start..]),
+                    Some(d) => {
+                        d.add_row(self.seed, (m, self.t, r), &base, &mut ft, &mut sc);
+                        sc.codec.encode(self.dtype, &ft, out);
+                    }
+                }
+            }
+        }
+        outs
+    }
+
+    /// Rows `r0..r1` (at or past the base's row count) of every fine-tune: fresh values,
+    /// `BASE_STD * N(0, 1)`, different in every fine-tune.
+    pub fn growth_block(&self, r0: usize, r1: usize) -> Vec<Vec<u8>> {
+        let mut sc = Scratch::default();
+        let mut vals = vec![0.0; self.cols];
+        (0..self.deltas.len())
+            .map(|m| {
+                let mut out = Vec::with_capacity((r1 - r0) * self.cols * self.dtype.size());
+                for r in r0..r1 {
+                    let key = key(&[self.seed, P_NEW_ROWS, 1 + m as u64, self.t as u64, r as u64]);
+                    Rng::from_key(key).fill_normal(&mut vals, &mut sc.batch);
+                    vals.iter_mut().for_each(|v| *v *= BASE_STD);
+                    sc.codec.encode(self.dtype, &vals, &mut out);
+                }
+                out
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codec_matches_encode_into() {
+        let mut r = Rng::from_key(3);
+        let mut vals: Vec<f32> = (0..100_000)
+            .map(|i| {
+                let x = f32::from_bits(r.next_u64() as u32);
+                match i % 4 {
+                    0 => x, // any bit pattern: NaN, inf, subnormal, huge
+                    1 => 0.02 * r.normal_pair().0,
+                    2 => 1e-6 * r.normal_pair().0, // f16 subnormals
+                    _ => r.normal_pair().0,
+                }
+            })
+            .collect();
+        // Exact ties for both 16-bit types, and values that overflow f16.
+        vals.extend([
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            65520.0,
+            -7e4,
+        ]);
+        for dtype in [FloatType::F16, FloatType::BF16, FloatType::F32] {
+            let mut want = Vec::new();
+            dtype.encode_into(&vals, &mut want);
+            let mut codec = Codec::default();
+            let mut got = vec![7u8]; // appends
+            codec.encode(dtype, &vals, &mut got);
+            assert!(got[1..] == want[..], "{dtype:?}");
+            let finite: Vec<f32> = vals.iter().copied().filter(|v| v.is_finite()).collect();
+            let mut rounded = finite.clone();
+            let mut got = Vec::new();
+            codec.round_and_encode(dtype, &mut rounded, &mut got);
+            let mut want = Vec::new();
+            dtype.encode_into(&finite, &mut want);
+            assert!(got == want, "{dtype:?}");
+            let mut back = Vec::new();
+            dtype.decode_into(&want, &mut back);
+            assert!(
+                rounded
+                    .iter()
+                    .zip(&back)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dtype:?}"
+            );
+        }
+    }
+}
