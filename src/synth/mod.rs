@@ -60,10 +60,12 @@
 //! # Determinism and streaming
 //! Every row of every tensor draws from its own counter-based stream keyed by (seed, purpose,
 //! model, tensor index, row): rows are generated in parallel with rayon and the bytes do not
-//! depend on the thread count. The float transforms use only IEEE basic operations (no libm),
-//! so the files are the same on every platform. The base and all fine-tunes are generated
-//! together, a chunk of rows (a few tens of MB) at a time, and streamed to their files: memory
-//! stays bounded whatever the model size.
+//! depend on the thread count. The float transforms use only IEEE basic operations with our
+//! own polynomials (no libm, no FMA), and the AVX2 and baseline builds of each kernel give
+//! the same bits: the files are the same on every platform. The base and all fine-tunes are
+//! generated together, a chunk of rows (32 MB over all models) at a time, while a writer
+//! thread streams the previous chunk to the files: memory stays bounded (about 100 MB) whatever
+//! the model size.
 
 mod rng;
 mod values;
@@ -81,6 +83,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver};
 use values::TensorGen;
 
 /// The model shapes `synth` can produce.
@@ -526,30 +529,36 @@ fn config_json(opts: &SynthOptions, d: &Dims, finetune: Option<usize>) -> serde_
 /// Elements per parallel work item (a block of whole rows).
 const BLOCK_ELEMS: usize = 1 << 16;
 /// Bytes generated (over all models) per chunk handed to the writer thread; at most three
-/// chunks are alive at a time.
+/// chunks are alive at a time (one written, one queued, one generated), and their buffers are
+/// recycled. Per model a chunk is usually above the writer's 4 MiB buffer, so it goes to the
+/// file without another copy.
 const CHUNK_BYTES: usize = 32 << 20;
 
 /// Work for the writer thread.
 enum Job {
     /// Tensor `t` comes next: open the shards that hold it.
     Open(usize),
-    /// Blocks of rows, each with one byte buffer per model from `skip` on (0: the base first).
-    Data {
-        skip: usize,
-        blocks: Vec<Vec<Vec<u8>>>,
-    },
+    /// The next bytes of models `skip..` (0: the base first), one buffer each.
+    Data { skip: usize, bufs: Vec<Vec<u8>> },
 }
 
-/// Generates every tensor of every model in file order, handing the bytes to `emit`, which
-/// returns false to stop early.
+/// Generates every tensor of every model in file order, a chunk of rows at a time, handing
+/// the bytes to `emit`, which returns false to stop early. Buffers come from `recycle` when it
+/// has some (the writer returns them there).
 fn generate(
     opts: &SynthOptions,
     dims: &Dims,
     specs: &[Spec],
+    recycle: &Receiver<Vec<u8>>,
     mut emit: impl FnMut(Job) -> bool,
 ) -> bool {
     let models = opts.models + 1;
     let esize = opts.dtype.size();
+    let buffer = |len: usize| {
+        let mut b = recycle.try_recv().unwrap_or_default();
+        b.resize(len, 0);
+        b
+    };
     for (t, spec) in specs.iter().enumerate() {
         if !emit(Job::Open(t)) {
             return false;
@@ -560,7 +569,7 @@ fn generate(
                 .collect();
             if !emit(Job::Data {
                 skip: 0,
-                blocks: vec![vec![bytes; models]],
+                bufs: vec![bytes; models],
             }) {
                 return false;
             }
@@ -585,19 +594,31 @@ fn generate(
         for (first, end, skip) in [(0, base_rows, 0), (base_rows, base_rows + growth, 1)] {
             for c0 in (first..end).step_by(chunk_rows) {
                 let c1 = (c0 + chunk_rows).min(end);
-                let starts: Vec<usize> = (c0..c1).step_by(block_rows).collect();
-                let blocks = starts
-                    .into_par_iter()
-                    .map(|r0| {
-                        let r1 = (r0 + block_rows).min(c1);
-                        if skip == 0 {
-                            gen.block(r0, r1)
-                        } else {
-                            gen.growth_block(r0, r1)
-                        }
-                    })
+                let mut bufs: Vec<Vec<u8>> = (skip..models)
+                    .map(|_| buffer((c1 - c0) * gen.row_bytes()))
                     .collect();
-                if !emit(Job::Data { skip, blocks }) {
+                // Block k of every model's buffer: rows c0 + k * block_rows ..
+                let mut blocks: Vec<Vec<&mut [u8]>> = Vec::new();
+                for buf in bufs.iter_mut() {
+                    for (k, part) in buf.chunks_mut(block_rows * gen.row_bytes()).enumerate() {
+                        if k == blocks.len() {
+                            blocks.push(Vec::with_capacity(models));
+                        }
+                        blocks[k].push(part);
+                    }
+                }
+                blocks
+                    .into_par_iter()
+                    .enumerate()
+                    .for_each(|(k, mut outs)| {
+                        let r0 = c0 + k * block_rows;
+                        if skip == 0 {
+                            gen.fill(r0, &mut outs)
+                        } else {
+                            gen.fill_growth(r0, &mut outs)
+                        }
+                    });
+                if !emit(Job::Data { skip, bufs }) {
                     return false;
                 }
             }
@@ -663,18 +684,18 @@ pub fn write_synthetic(
     // A writer thread owns the files; this thread generates the next chunk (on the rayon pool)
     // while it writes the last one. The channel holds one chunk: at most three are alive.
     let outs = std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(1);
+        let (tx, rx) = sync_channel::<Job>(1);
+        let (recycle_tx, recycle_rx) = channel::<Vec<u8>>();
         let written = &written;
         let writer = scope.spawn(move || -> Result<Vec<ModelOut>> {
             for job in rx {
                 match job {
                     Job::Open(t) => outs.iter_mut().try_for_each(|o| o.prepare(t))?,
-                    Job::Data { skip, blocks } => {
-                        for block in blocks {
-                            for (o, bytes) in outs[skip..].iter_mut().zip(block) {
-                                o.write(&bytes)?;
-                                written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                            }
+                    Job::Data { skip, bufs } => {
+                        for (o, buf) in outs[skip..].iter_mut().zip(bufs) {
+                            o.write(&buf)?;
+                            written.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                            let _ = recycle_tx.send(buf);
                         }
                     }
                 }
@@ -683,7 +704,7 @@ pub fn write_synthetic(
             Ok(outs)
         });
         // A failed send means the writer stopped on an error, which join returns.
-        let _ = generate(opts, &dims, &specs, |job| {
+        generate(opts, &dims, &specs, &recycle_rx, |job| {
             let sent = tx.send(job).is_ok();
             progress(written.load(Ordering::Relaxed), total);
             sent

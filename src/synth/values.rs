@@ -1,7 +1,7 @@
 //! The values of the synthetic tensors, one block of rows at a time (see the module docs of
 //! [`crate::synth`] for the statistics).
 
-use super::rng::{exp2, key, Batch, Normals, Rng};
+use super::rng::{exp2, key, multiversion, Batch, Normals, Rng};
 use super::{Kind, Proj, Spec};
 use crate::checkpoint::dtype::FloatType;
 use half::slice::HalfFloatSliceExt;
@@ -97,12 +97,14 @@ fn bf16_bits(x: f32) -> u16 {
     }
 }
 
-/// Appends `v` as little-endian bytes.
-fn push_u16s(out: &mut Vec<u8>, v: &[u16]) {
+/// Writes `v` as little-endian bytes into `out` (of twice its length).
+fn put_u16s(out: &mut [u8], v: &[u16]) {
     if cfg!(target_endian = "little") {
-        out.extend_from_slice(bytemuck::cast_slice(v));
+        out.copy_from_slice(bytemuck::cast_slice(v));
     } else {
-        out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        for (o, x) in out.chunks_exact_mut(2).zip(v) {
+            o.copy_from_slice(&x.to_le_bytes());
+        }
     }
 }
 
@@ -116,31 +118,34 @@ pub struct Codec {
 }
 
 impl Codec {
-    /// Appends `vals` rounded to `dtype` (nearest, ties to even) as little-endian bytes.
-    pub fn encode(&mut self, dtype: FloatType, vals: &[f32], out: &mut Vec<u8>) {
+    /// Writes `vals` rounded to `dtype` (nearest, ties to even) as little-endian bytes into
+    /// `out`, which has exactly their size.
+    pub fn encode(&mut self, dtype: FloatType, vals: &[f32], out: &mut [u8]) {
         match dtype {
             FloatType::F32 => {
                 if cfg!(target_endian = "little") {
-                    out.extend_from_slice(bytemuck::cast_slice(vals));
+                    out.copy_from_slice(bytemuck::cast_slice(vals));
                 } else {
-                    out.extend(vals.iter().flat_map(|x| x.to_le_bytes()));
+                    for (o, x) in out.chunks_exact_mut(4).zip(vals) {
+                        o.copy_from_slice(&x.to_le_bytes());
+                    }
                 }
             }
             FloatType::F16 => {
                 self.h.resize(vals.len(), f16::ZERO);
                 self.h.convert_from_f32_slice(vals);
-                push_u16s(out, self.h.reinterpret_cast());
+                put_u16s(out, self.h.reinterpret_cast());
             }
             FloatType::BF16 => {
                 self.bits.clear();
                 self.bits.extend(vals.iter().map(|&x| bf16_bits(x)));
-                push_u16s(out, &self.bits);
+                put_u16s(out, &self.bits);
             }
         }
     }
 
-    /// Rounds `vals` to `dtype` in place and appends their bytes (as [`encode`](Self::encode)).
-    pub fn round_and_encode(&mut self, dtype: FloatType, vals: &mut [f32], out: &mut Vec<u8>) {
+    /// Rounds `vals` to `dtype` in place and writes their bytes (as [`encode`](Self::encode)).
+    pub fn round_and_encode(&mut self, dtype: FloatType, vals: &mut [f32], out: &mut [u8]) {
         self.encode(dtype, vals, out);
         match dtype {
             FloatType::F32 => {}
@@ -155,12 +160,12 @@ impl Codec {
 }
 
 /// Per-column coefficients of one fine-tune's delta of one tensor:
-/// `delta[r][j] = a[j] * T[r][j] + sum_k u[r][k] * b[j][k]`, with `T` unit-variance Student-t
+/// `delta[r][j] = a[j] * T[r][j] + sum_k u[r][k] * b[k][j]`, with `T` unit-variance Student-t
 /// and `u` standard normal.
 struct DeltaParams {
     a: Vec<f32>,
-    /// Empty for 1-D tensors (no low-rank part).
-    b: Vec<[f32; LOW_RANK]>,
+    /// `None` for 1-D tensors (no low-rank part).
+    b: Option<[Vec<f32>; LOW_RANK]>,
 }
 
 impl DeltaParams {
@@ -169,7 +174,7 @@ impl DeltaParams {
         if spec.shape.len() < 2 {
             return DeltaParams {
                 a: vec![s; cols],
-                b: Vec::new(),
+                b: None,
             };
         }
         let norm = LOW_RANK_WEIGHTS.iter().map(|w| w * w).sum::<f32>().sqrt();
@@ -177,18 +182,16 @@ impl DeltaParams {
         let noise = (1.0 - LOW_RANK_ENERGY).sqrt();
         let mut n = Normals::new(Rng::stream(&[seed, P_COLUMNS, 1 + m as u64, t as u64]));
         let mut a = Vec::with_capacity(cols);
-        let mut b = Vec::with_capacity(cols);
+        let mut b: [Vec<f32>; LOW_RANK] = Default::default();
         for _ in 0..cols {
             // E[c^2] = 1.
             let c = exp(COLUMN_SIGMA * n.next() - COLUMN_SIGMA * COLUMN_SIGMA);
             a.push(s * c * noise);
-            let mut bj = [0.0; LOW_RANK];
-            for (k, v) in bj.iter_mut().enumerate() {
-                *v = s * c * lr * LOW_RANK_WEIGHTS[k] * n.next();
+            for (k, bk) in b.iter_mut().enumerate() {
+                bk.push(s * c * lr * LOW_RANK_WEIGHTS[k] * n.next());
             }
-            b.push(bj);
         }
-        DeltaParams { a, b }
+        DeltaParams { a, b: Some(b) }
     }
 
     /// `out[j] = base[j] + delta[r][j]` for fine-tune `m`.
@@ -197,35 +200,43 @@ impl DeltaParams {
         seed: u64,
         (m, t, r): (usize, usize, usize),
         base: &[f32],
-        out: &mut Vec<f32>,
+        out: &mut [f32],
         sc: &mut Scratch,
     ) {
         let mut rng = Rng::stream(&[seed, P_DELTA, 1 + m as u64, t as u64, r as u64]);
-        out.clear();
         sc.t.resize(base.len(), 0.0);
-        if self.b.is_empty() {
-            rng.fill_t5(&mut sc.t, &mut sc.batch);
-            out.extend(
-                base.iter()
-                    .zip(&self.a)
-                    .zip(&sc.t)
-                    .map(|((&x, &a), &t)| x + a * t),
-            );
-            return;
+        match &self.b {
+            None => {
+                rng.fill_t5(&mut sc.t, &mut sc.batch);
+                combine(out, base, &sc.t, &self.a, [0.0; LOW_RANK], &[]);
+            }
+            Some(b) => {
+                let (u0, u1) = rng.normal_pair();
+                let (u2, u3) = rng.normal_pair();
+                rng.fill_t5(&mut sc.t, &mut sc.batch);
+                combine(out, base, &sc.t, &self.a, [u0, u1, u2, u3], b);
+            }
         }
-        let (u0, u1) = rng.normal_pair();
-        let (u2, u3) = rng.normal_pair();
-        rng.fill_t5(&mut sc.t, &mut sc.batch);
-        out.extend(
-            base.iter()
-                .zip(&self.a)
-                .zip(&self.b)
-                .zip(&sc.t)
-                .map(|(((&x, &a), b), &t)| {
-                    let lr = u0 * b[0] + u1 * b[1] + u2 * b[2] + u3 * b[3];
-                    x + (a * t + lr)
-                }),
-        );
+    }
+}
+
+multiversion! {
+    /// `out[j] = base[j] + (a[j] * t[j] + (u[0] b[0][j] + .. + u[3] b[3][j]))`; without `b`,
+    /// `out[j] = base[j] + a[j] * t[j]`.
+    fn combine(out: &mut [f32], base: &[f32], t: &[f32], a: &[f32], u: [f32; LOW_RANK], b: &[Vec<f32>]) {
+        let n = out.len();
+        let (base, t, a) = (&base[..n], &t[..n], &a[..n]);
+        if let [b0, b1, b2, b3] = b {
+            let (b0, b1, b2, b3) = (&b0[..n], &b1[..n], &b2[..n], &b3[..n]);
+            for j in 0..n {
+                let lr = u[0] * b0[j] + u[1] * b1[j] + u[2] * b2[j] + u[3] * b3[j];
+                out[j] = base[j] + (a[j] * t[j] + lr);
+            }
+        } else {
+            for j in 0..n {
+                out[j] = base[j] + a[j] * t[j];
+            }
+        }
     }
 }
 
@@ -275,59 +286,59 @@ impl<'a> TensorGen<'a> {
         }
     }
 
-    /// Rows `r0..r1` of the base (first) and of every fine-tune, encoded.
-    pub fn block(&self, r0: usize, r1: usize) -> Vec<Vec<u8>> {
-        let bytes = (r1 - r0) * self.cols * self.dtype.size();
-        let mut outs: Vec<Vec<u8>> = (0..=self.deltas.len())
-            .map(|_| Vec::with_capacity(bytes))
-            .collect();
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols * self.dtype.size()
+    }
+
+    /// Rows `r0..` of the base (`outs[0]`) and of every fine-tune (`outs[1..]`), encoded into
+    /// `outs`, which hold whole rows (all as many).
+    pub fn fill(&self, r0: usize, outs: &mut [&mut [u8]]) {
+        let rb = self.row_bytes();
         let mut sc = Scratch::default();
         let mut base = vec![0.0; self.cols];
-        let mut ft = Vec::with_capacity(self.cols);
+        let mut ft = vec![0.0; self.cols];
         let (mean, std) = if self.spec.shape.len() < 2 {
             (1.0, NORM_BASE_STD)
         } else {
             (0.0, BASE_STD)
         };
-        for r in r0..r1 {
+        let (b, fts) = outs.split_first_mut().expect("base output");
+        for (i, brow) in b.chunks_exact_mut(rb).enumerate() {
+            let r = r0 + i;
             let mut rng = Rng::stream(&[self.seed, P_BASE, self.t as u64, r as u64]);
             rng.fill_normal(&mut base, &mut sc.batch);
             for v in base.iter_mut() {
                 *v = mean + std * *v;
             }
-            let (b, fts) = outs.split_first_mut().expect("base output");
-            let start = b.len();
-            sc.codec.round_and_encode(self.dtype, &mut base, b);
+            sc.codec.round_and_encode(self.dtype, &mut base, brow);
             for (m, (out, delta)) in fts.iter_mut().zip(&self.deltas).enumerate() {
+                let orow = &mut out[i * rb..(i + 1) * rb];
                 match delta {
-                    None => out.extend_from_slice(&b[start..]),
+                    None => orow.copy_from_slice(brow),
                     Some(d) => {
                         d.add_row(self.seed, (m, self.t, r), &base, &mut ft, &mut sc);
-                        sc.codec.encode(self.dtype, &ft, out);
+                        sc.codec.encode(self.dtype, &ft, orow);
                     }
                 }
             }
         }
-        outs
     }
 
-    /// Rows `r0..r1` (at or past the base's row count) of every fine-tune: fresh values,
-    /// `BASE_STD * N(0, 1)`, different in every fine-tune.
-    pub fn growth_block(&self, r0: usize, r1: usize) -> Vec<Vec<u8>> {
+    /// Rows `r0..` (at or past the base's row count) of every fine-tune, into `outs` (one per
+    /// fine-tune, whole rows): fresh values, `BASE_STD * N(0, 1)`, different in every fine-tune.
+    pub fn fill_growth(&self, r0: usize, outs: &mut [&mut [u8]]) {
         let mut sc = Scratch::default();
         let mut vals = vec![0.0; self.cols];
-        (0..self.deltas.len())
-            .map(|m| {
-                let mut out = Vec::with_capacity((r1 - r0) * self.cols * self.dtype.size());
-                for r in r0..r1 {
-                    let key = key(&[self.seed, P_NEW_ROWS, 1 + m as u64, self.t as u64, r as u64]);
-                    Rng::from_key(key).fill_normal(&mut vals, &mut sc.batch);
-                    vals.iter_mut().for_each(|v| *v *= BASE_STD);
-                    sc.codec.encode(self.dtype, &vals, &mut out);
-                }
-                out
-            })
-            .collect()
+        for (m, out) in outs.iter_mut().enumerate() {
+            for (i, orow) in out.chunks_exact_mut(self.row_bytes()).enumerate() {
+                let r = (r0 + i) as u64;
+                let key = key(&[self.seed, P_NEW_ROWS, 1 + m as u64, self.t as u64, r]);
+                Rng::from_key(key).fill_normal(&mut vals, &mut sc.batch);
+                vals.iter_mut().for_each(|v| *v *= BASE_STD);
+                sc.codec.encode(self.dtype, &vals, orow);
+            }
+        }
     }
 }
 
@@ -362,15 +373,15 @@ mod tests {
             let mut want = Vec::new();
             dtype.encode_into(&vals, &mut want);
             let mut codec = Codec::default();
-            let mut got = vec![7u8]; // appends
+            let mut got = vec![7u8; want.len()];
             codec.encode(dtype, &vals, &mut got);
-            assert!(got[1..] == want[..], "{dtype:?}");
+            assert!(got == want, "{dtype:?}");
             let finite: Vec<f32> = vals.iter().copied().filter(|v| v.is_finite()).collect();
             let mut rounded = finite.clone();
-            let mut got = Vec::new();
-            codec.round_and_encode(dtype, &mut rounded, &mut got);
             let mut want = Vec::new();
             dtype.encode_into(&finite, &mut want);
+            let mut got = vec![0u8; want.len()];
+            codec.round_and_encode(dtype, &mut rounded, &mut got);
             assert!(got == want, "{dtype:?}");
             let mut back = Vec::new();
             dtype.decode_into(&want, &mut back);
