@@ -146,7 +146,7 @@ impl Rng {
         second.copy_from_slice(&b.second[..second.len()]);
     }
 
-    /// `out.len()` values of [`student_t5_unit`](Self::student_t5_unit), in a batch that
+    /// `out.len()` values of `student_t5_unit` (the tests' scalar reference), in a batch that
     /// vectorizes.
     pub fn fill_t5(&mut self, out: &mut [f32], b: &mut Batch) {
         self.fill_draws(out.len(), b);
@@ -233,7 +233,7 @@ fn split(r: u64) -> (f32, f32) {
     split_halves((r >> 32) as u32, r as u32)
 }
 
-/// [`split`] of the draw `hi << 32 | lo`.
+/// `split` of the draw `hi << 32 | lo`.
 #[inline(always)]
 fn split_halves(hi: u32, lo: u32) -> (f32, f32) {
     let w = ((hi >> 1) as i32 as f32 + 0.5) * (1.0 / 2_147_483_648.0);

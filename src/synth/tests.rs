@@ -498,25 +498,29 @@ fn progress_and_bad_options() {
     }
 }
 
-/// Timing harness, not a test: `cargo test --release --lib synth::tests::write_7b_two_layers
-/// -- --ignored --nocapture` (writes 2 x 1.33 GB under $SYNTH_DIR or the temp dir).
+/// Timing harness, not a test: `cargo test --lib synth::tests::write_7b_two_layers --
+/// --ignored --nocapture` writes 2 x 1.33 GB into a temporary directory under $SYNTH_DIR (or
+/// the system's), or into $SYNTH_OUT, kept, if that is set. $SYNTH_LAYERS=32: the full 7b.
 #[test]
 #[ignore]
 fn write_7b_two_layers() {
+    let keep = std::env::var_os("SYNTH_OUT").map(PathBuf::from);
     let root = std::env::var_os("SYNTH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    let dir = tempfile::tempdir_in(root).unwrap();
+    let tmp = tempfile::tempdir_in(root).unwrap();
+    let dir = keep.unwrap_or_else(|| tmp.path().to_path_buf());
+    let layers = std::env::var("SYNTH_LAYERS").map_or(2, |v| v.parse().unwrap());
     let opts = SynthOptions {
-        layers: Some(2),
+        layers: Some(layers),
         ..SynthOptions::new(Preset::Llama7B)
     };
     let t = std::time::Instant::now();
-    let rep = write(dir.path(), &opts);
+    let rep = write(&dir, &opts);
     let s = t.elapsed().as_secs_f64();
     let gb = 2.0 * rep.bytes_per_model as f64 / 1e9;
     eprintln!(
-        "7b --layers 2: {} params/model, {gb:.2} GB written in {s:.2} s ({:.2} GB/s)",
+        "7b --layers {layers}: {} params/model, {gb:.2} GB written in {s:.2} s ({:.2} GB/s)",
         rep.params_per_model,
         gb / s
     );

@@ -1,7 +1,7 @@
 //! The values of the synthetic tensors, one block of rows at a time (see the module docs of
 //! [`crate::synth`] for the statistics).
 
-use super::rng::{exp2, key, multiversion, Batch, Normals, Rng};
+use super::rng::{exp2, key, log2, multiversion, Batch, Normals, Rng};
 use super::{Kind, Proj, Spec};
 use crate::checkpoint::dtype::FloatType;
 use half::slice::HalfFloatSliceExt;
@@ -54,7 +54,7 @@ fn proj_factor(p: Proj) -> f32 {
 
 fn log_uniform(rng: &mut Rng, (lo, hi): (f32, f32)) -> f32 {
     let u = rng.uniform_f64() as f32;
-    lo * exp2(u * (hi / lo).log2())
+    lo * exp2(u * log2(hi / lo))
 }
 
 /// `e^x` through the deterministic [`exp2`].
@@ -62,7 +62,8 @@ fn exp(x: f32) -> f32 {
     exp2(x * std::f32::consts::LOG2_E)
 }
 
-/// The standard deviation of the noise-free delta of tensor `t` in fine-tune `m` (0-based).
+/// The standard deviation `s` of the delta of tensor `t` in fine-tune `m` (0-based), before
+/// the per-column scales (whose mean square is 1).
 pub fn delta_scale(seed: u64, t: usize, spec: &Spec, layers: usize, m: usize) -> f32 {
     let mut r = Rng::stream(&[seed, P_TENSOR_SCALE, t as u64]);
     let base = match spec.kind {
