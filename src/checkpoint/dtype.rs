@@ -4,6 +4,7 @@
 //! through byte for byte. Conversions to f32 are exact; conversions from f32 round to nearest,
 //! ties to even (as PyTorch's `.to()` does).
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 pub use safetensors::Dtype;
 
@@ -69,27 +70,25 @@ impl FloatType {
             ]),
         }
     }
-    /// Decodes all of little-endian `bytes` into `out` (cleared first).
+    /// Decodes all of little-endian `bytes` into `out` (cleared first). Uses the vectorized
+    /// slice conversions (F16C where the CPU has it) when `bytes` is aligned.
     pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
-        out.clear();
         let n = bytes.len() / self.size();
-        out.reserve(n);
+        out.clear();
+        out.resize(n, 0.0);
         match self {
-            FloatType::F16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
-            ),
-            FloatType::BF16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
-            ),
-            FloatType::F32 => out.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
+            FloatType::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
+                Ok(src) => src.convert_to_f32_slice(out),
+                Err(_) => out.iter_mut().enumerate().for_each(|(i, o)| *o = self.load(bytes, i)),
+            },
+            FloatType::BF16 => match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+                Ok(src) => out.iter_mut().zip(src).for_each(|(o, &b)| *o = f32::from_bits((b as u32) << 16)),
+                Err(_) => out.iter_mut().enumerate().for_each(|(i, o)| *o = self.load(bytes, i)),
+            },
+            FloatType::F32 => out
+                .iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         }
     }
     /// Appends `values` rounded to this type (nearest, ties to even) as little-endian bytes.
