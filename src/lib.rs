@@ -8,13 +8,7 @@
 
 pub mod algorithm;
 pub mod checkpoint;
-pub mod cli;
-pub mod codec;
 pub mod engine;
-pub mod format;
-pub mod pipeline;
-pub mod progress;
-pub mod report;
 pub mod error;
 pub mod staging;
 
