@@ -5,6 +5,7 @@
 //! hashing), so all engines return identical values; [`cpu::CpuEngine`] is the reference.
 
 pub mod cpu;
+pub mod gpu;
 
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::checkpoint::dtype::FloatType;
@@ -24,7 +25,13 @@ pub struct DeltaInput<'a> {
 
 impl<'a> DeltaInput<'a> {
     /// A pair over the first `numel` elements of both byte slices (which must hold them).
-    pub fn new(base: &'a [u8], base_type: FloatType, finetuned: &'a [u8], finetuned_type: FloatType, numel: usize) -> Self {
+    pub fn new(
+        base: &'a [u8],
+        base_type: FloatType,
+        finetuned: &'a [u8],
+        finetuned_type: FloatType,
+        numel: usize,
+    ) -> Self {
         DeltaInput {
             base: &base[..numel * base_type.size()],
             base_type,
@@ -40,11 +47,21 @@ impl<'a> DeltaInput<'a> {
 
     /// Writes the deltas of elements `start .. start + out.len()` (f32 subtraction) into `out`,
     /// using `scratch` for the base values.
-    pub fn delta_range(&self, start: usize, out: &mut Vec<f32>, scratch: &mut Vec<f32>, len: usize) {
+    pub fn delta_range(
+        &self,
+        start: usize,
+        out: &mut Vec<f32>,
+        scratch: &mut Vec<f32>,
+        len: usize,
+    ) {
         let range = |t: FloatType| start * t.size()..(start + len) * t.size();
-        self.finetuned_type.decode_into(&self.finetuned[range(self.finetuned_type)], out);
-        self.base_type.decode_into(&self.base[range(self.base_type)], scratch);
-        out.iter_mut().zip(scratch.iter()).for_each(|(f, b)| *f -= b);
+        self.finetuned_type
+            .decode_into(&self.finetuned[range(self.finetuned_type)], out);
+        self.base_type
+            .decode_into(&self.base[range(self.base_type)], scratch);
+        out.iter_mut()
+            .zip(scratch.iter())
+            .for_each(|(f, b)| *f -= b);
     }
 }
 
@@ -87,14 +104,56 @@ pub trait Engine: Send {
     fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError>;
 
     /// Pass 2: the kept entries under `plan` (exactly `plan.kept_counts()` per level).
-    fn select(&mut self, input: &DeltaInput, stats: &TensorStats, plan: &SelectionPlan) -> Result<KeptEntries, EngineError>;
+    fn select(
+        &mut self,
+        input: &DeltaInput,
+        stats: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError>;
 }
 
-/// The engine for `--adapter NAME`: `cpu`, or `auto` (the best available).
-pub fn create(adapter: &str) -> crate::Result<Box<dyn Engine>> {
-    match adapter {
-        "cpu" | "auto" => Ok(Box::new(cpu::CpuEngine)),
-        other => Err(crate::Error::Param(format!("--adapter {other}: expected auto or cpu"))),
+/// The engine for `--adapter NAME` with a device-memory budget of `gpu_mem` bytes:
+/// - `cpu`: the reference engine;
+/// - `vulkan`, `metal`, `dx12`, `gl`: the GPU engine on that backend only (an error naming the
+///   adapters found when it has none);
+/// - `auto`: the best GPU adapter (discrete > integrated > virtual > CPU-type such as lavapipe),
+///   announced on stderr; when none works, the CPU engine, with a message on stderr.
+///
+/// `WGPU_ADAPTER_NAME` (a case-insensitive part of the adapter name) narrows the GPU choice.
+pub fn create(adapter: &str, gpu_mem: u64) -> crate::Result<Box<dyn Engine>> {
+    use gpu::{AdapterChoice, GpuEngine, GpuOptions};
+    let backend = match adapter.to_ascii_lowercase().as_str() {
+        "cpu" => return Ok(Box::new(cpu::CpuEngine)),
+        "auto" => None,
+        "vulkan" => Some(wgpu::Backends::VULKAN),
+        "metal" => Some(wgpu::Backends::METAL),
+        "dx12" => Some(wgpu::Backends::DX12),
+        "gl" => Some(wgpu::Backends::GL),
+        other => {
+            return Err(crate::Error::Param(format!(
+                "--adapter {other}: expected auto, vulkan, metal, dx12, gl or cpu"
+            )))
+        }
+    };
+    let options = |adapter| GpuOptions {
+        adapter,
+        gpu_mem,
+        chunk_elements: None,
+    };
+    match backend {
+        Some(b) => Ok(Box::new(GpuEngine::new(options(AdapterChoice::Backend(
+            b,
+        )))?)),
+        None => match GpuEngine::new(options(AdapterChoice::Auto)) {
+            Ok(e) => {
+                eprintln!("udelta-gpu: using GPU adapter {}", e.adapter().summary());
+                Ok(Box::new(e))
+            }
+            Err(e) => {
+                eprintln!("udelta-gpu: no usable GPU ({e}); falling back to the CPU engine");
+                Ok(Box::new(cpu::CpuEngine))
+            }
+        },
     }
 }
 
@@ -114,7 +173,9 @@ pub fn check_kept(kept: &KeptEntries, plan: &SelectionPlan) -> Result<(), Engine
         )));
     }
     if kept.positions.windows(2).any(|w| w[0] >= w[1]) {
-        return Err(EngineError::Inconsistent("kept positions not strictly increasing".into()));
+        return Err(EngineError::Inconsistent(
+            "kept positions not strictly increasing".into(),
+        ));
     }
     Ok(())
 }
