@@ -178,6 +178,11 @@ impl ErrorSink {
         }
     }
 
+    /// A lost device explains every later error: it replaces what was reported before.
+    fn set_lost(&self, msg: String) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+    }
+
     /// `Err` once any failure was reported.
     pub fn check(&self) -> Result<(), EngineError> {
         match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -254,7 +259,7 @@ impl Gpu {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| sink.set(e.to_string())));
         let sink = errors.clone();
         device.set_device_lost_callback(move |reason, msg| {
-            sink.set(format!("device lost ({reason:?}): {msg}"))
+            sink.set_lost(format!("device lost ({reason:?}): {msg}"))
         });
         let max_binding = limits
             .max_storage_buffer_binding_size

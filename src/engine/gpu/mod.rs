@@ -77,6 +77,10 @@ pub struct GpuEngine {
     layout: Option<Layout>,
     options: GpuOptions,
     cpu_fallbacks: u64,
+    /// Unit tests only: fewer candidate slots than InA holds, to exercise batching.
+    candidate_capacity: Option<usize>,
+    /// Candidate batches of the last `select` (for tests).
+    candidate_batches: usize,
 }
 
 /// Order-preserving u32 key of an f32 (as `order_key` in `shaders/common.wgsl`), inverted.
@@ -134,6 +138,8 @@ impl GpuEngine {
             layout: None,
             options,
             cpu_fallbacks: 0,
+            candidate_capacity: None,
+            candidate_batches: 0,
         })
     }
 
@@ -523,8 +529,11 @@ impl GpuEngine {
 
         // Pass B: the candidates of each level's cut bucket, in batches that fit in InA.
         let mut candidates: Vec<Vec<u32>> = vec![Vec::new(); levels];
+        self.candidate_batches = 0;
         if total > 0 {
-            let capacity = layout.chunk;
+            let capacity = self
+                .candidate_capacity
+                .map_or(layout.chunk, |c| c.min(layout.chunk));
             let single = total as usize <= capacity;
             let mut c = 0;
             while c < chunks.len() {
@@ -551,6 +560,7 @@ impl GpuEngine {
                     batch += chunks[c].1;
                     c += 1;
                 }
+                self.candidate_batches += 1;
                 let count =
                     self.gpu.read_words(&stats, 0, stat::WORDS, &rb)?[stat::CANDIDATES] as usize;
                 if count > capacity {
@@ -717,6 +727,94 @@ mod tests {
             assert_eq!(unorder(order(x.to_bits())).to_bits(), x.to_bits());
         }
         assert!(is_subnormal(1e-40) && !is_subnormal(0.0) && !is_subnormal(1e-30));
+    }
+
+    /// The engine, or `None` after a loud message where there is no adapter (`CI=true`: panic).
+    fn engine(chunk: Option<usize>) -> Option<GpuEngine> {
+        match GpuEngine::new(GpuOptions {
+            chunk_elements: chunk,
+            ..Default::default()
+        }) {
+            Ok(e) => Some(e),
+            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("CI requires a GPU adapter (lavapipe): {e}")
+            }
+            Err(e) => {
+                eprintln!("\n!!!!!!!! GPU TEST DID NOT RUN: no usable GPU adapter: {e}\n");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn wgpu_failures_become_engine_errors() {
+        use crate::checkpoint::dtype::FloatType;
+        let values: Vec<f32> = (0..10_000).map(|i| (i % 17) as f32 * 0.125).collect();
+        let mut bytes = Vec::new();
+        FloatType::F32.encode_into(&values, &mut bytes);
+        let zeros = vec![0u8; bytes.len()];
+        let input = DeltaInput::new(&zeros, FloatType::F32, &bytes, FloatType::F32, values.len());
+        let Some(mut g) = engine(Some(4096)) else {
+            return;
+        };
+        assert_eq!(
+            g.analyze(&input, 4).unwrap(),
+            CpuEngine.analyze(&input, 4).unwrap()
+        );
+        // A validation error anywhere on the device (a buffer both mappable and storage).
+        let _bad = g.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 16,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let e = g.analyze(&input, 4).unwrap_err();
+        assert!(matches!(e, EngineError::Gpu(_)), "{e}");
+        // A lost device.
+        let Some(mut g) = engine(None) else { return };
+        g.gpu.device.destroy();
+        let e = g.analyze(&input, 4).unwrap_err();
+        assert!(matches!(e, EngineError::Gpu(_)), "{e}");
+        eprintln!("lost device: {e}");
+        let stats = CpuEngine.analyze(&input, 4).unwrap();
+        let plan = SelectionPlan::new(crate::algorithm::TensorKey::new(1, "m", "t"), &stats, 0.9);
+        assert!(matches!(
+            g.select(&input, &stats, &plan),
+            Err(EngineError::Gpu(_))
+        ));
+    }
+
+    #[test]
+    fn candidates_in_several_batches() {
+        use crate::checkpoint::dtype::FloatType;
+        let Some(mut g) = engine(Some(4096)) else {
+            return;
+        };
+        g.candidate_capacity = Some(64);
+        let values: Vec<f32> = (0..300_001u32)
+            .map(|i| (crate::algorithm::selection::mix32(i) >> 8) as f32 * 1e-9 - 0.008)
+            .collect();
+        let mut bytes = Vec::new();
+        FloatType::BF16.encode_into(&values, &mut bytes);
+        let zeros = vec![0u8; values.len() * 2];
+        let input = DeltaInput::new(
+            &zeros,
+            FloatType::F16,
+            &bytes,
+            FloatType::BF16,
+            values.len(),
+        );
+        let stats = CpuEngine.analyze(&input, 4).unwrap();
+        assert_eq!(g.analyze(&input, 4).unwrap(), stats);
+        for rate in [0.5, 0.95] {
+            let plan =
+                SelectionPlan::new(crate::algorithm::TensorKey::new(2, "m", "t"), &stats, rate);
+            assert!(
+                g.select(&input, &stats, &plan).unwrap()
+                    == CpuEngine.select(&input, &stats, &plan).unwrap()
+            );
+            assert!(g.candidate_batches > 1, "{} batches", g.candidate_batches);
+        }
     }
 
     #[test]
