@@ -283,6 +283,17 @@ impl Gpu {
         self.errors.check()
     }
 
+    /// Waits for one submission (and everything before it).
+    pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<(), EngineError> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
+        self.errors.check()
+    }
+
     /// Reads `len` bytes at `offset` of `src` through the map-read buffer `staging`, in pieces
     /// of at most its size. `offset` must be a multiple of 4; `src` must hold `len` rounded up
     /// to 4 bytes.

@@ -1,5 +1,5 @@
 //! The GPU engine: wgpu compute shaders (`shaders/*.wgsl`) that return exactly what
-//! [`CpuEngine`](super::cpu::CpuEngine) returns.
+//! [`CpuEngine`] returns.
 //!
 //! - `analyze`: [`Kernel::MinMax`] (exact min/max as order-preserving u32 keys, lowest
 //!   non-finite index), then [`Kernel::Histogram`] (level histogram, `k` computed on the host).
@@ -9,7 +9,7 @@
 //!   [`Kernel::Scan`], [`Kernel::Scatter`].
 //!
 //! Device memory is bounded by [`GpuOptions::gpu_mem`]: every buffer comes from one
-//! [`Pool`] planned by [`Layout::plan`]; tensors larger than one chunk (one storage binding, or
+//! pool whose sizes are planned from that budget (`pool::Layout::plan`); tensors larger than one chunk (one storage binding, or
 //! what the budget allows) are processed chunk by chunk, and their levels stay on the device
 //! when they fit, else they go to the host and back.
 //!
@@ -296,8 +296,23 @@ impl GpuEngine {
         (x as u32, tiles.div_ceil(x).max(1) as u32)
     }
 
-    fn submit(&self, enc: wgpu::CommandEncoder) {
-        self.gpu.queue.submit([enc.finish()]);
+    fn submit(&self, enc: wgpu::CommandEncoder) -> wgpu::SubmissionIndex {
+        self.gpu.queue.submit([enc.finish()])
+    }
+
+    /// Submits the work of one chunk, then waits for the chunk before it: at most two chunks
+    /// are in flight, so the upload of the next chunk overlaps the compute of this one while
+    /// wgpu's upload staging stays bounded (two chunks, however large the tensor).
+    fn submit_chunk(
+        &self,
+        enc: wgpu::CommandEncoder,
+        in_flight: &mut Option<wgpu::SubmissionIndex>,
+    ) -> Result<(), EngineError> {
+        let index = self.submit(enc);
+        match in_flight.replace(index) {
+            Some(previous) => self.gpu.wait_for(previous),
+            None => Ok(()),
+        }
     }
 
     fn encoder(&self) -> wgpu::CommandEncoder {
@@ -334,6 +349,7 @@ impl GpuEngine {
             .queue
             .write_buffer(&stats, 0, &words_to_bytes(&init));
         let base = Self::base_params(input);
+        let mut in_flight = None;
         for &(start, len) in &chunks {
             self.upload_inputs(input, (start, len), &a, &b);
             self.write_params(
@@ -351,7 +367,7 @@ impl GpuEngine {
                 &[&params, &a, &b, &stats],
                 self.stride_groups(len),
             );
-            self.submit(enc);
+            self.submit_chunk(enc, &mut in_flight)?;
         }
         let s = self.gpu.read_words(&stats, 0, stat::WORDS, &rb)?;
         if s[stat::BAD] != u32::MAX {
@@ -378,6 +394,7 @@ impl GpuEngine {
             num_levels: levels as u32,
             ..base
         };
+        let mut in_flight = None;
         // The last chunk is still on the device: go backwards.
         for (i, &(start, len)) in chunks.iter().enumerate().rev() {
             if i + 1 != chunks.len() {
@@ -401,7 +418,7 @@ impl GpuEngine {
                 &[&params, &a, &b, &hist, &stats],
                 self.stride_groups(len),
             );
-            self.submit(enc);
+            self.submit_chunk(enc, &mut in_flight)?;
         }
         let h = self.gpu.read_words(&hist, 0, levels, &rb)?;
         let s = self.gpu.read_words(&stats, 0, stat::WORDS, &rb)?;
@@ -474,6 +491,7 @@ impl GpuEngine {
 
         // Pass A: levels and the per-level bucket histogram.
         let mut spilled: Vec<Vec<u8>> = Vec::new();
+        let mut in_flight = None;
         for (c, &range) in chunks.iter().enumerate() {
             self.upload_inputs(input, range, &a, &b);
             self.write_params(&params, &chunk_params(range));
@@ -488,7 +506,7 @@ impl GpuEngine {
                 &[&params, &a, &b, lv, &bhist, &stats],
                 self.stride_groups(range.1.div_ceil(4)),
             );
-            self.submit(enc);
+            self.submit_chunk(enc, &mut in_flight)?;
             if !resident {
                 spilled.push(self.gpu.read(lv, 0, range.1 as u64, &rb)?);
             }
@@ -543,6 +561,7 @@ impl GpuEngine {
                     &0u32.to_le_bytes(),
                 );
                 let mut batch = 0;
+                let mut in_flight = None;
                 while c < chunks.len() && (batch == 0 || single || batch + chunks[c].1 <= capacity)
                 {
                     if !resident {
@@ -556,7 +575,7 @@ impl GpuEngine {
                         &[&params, level_buf(c), &table, &a, &stats],
                         self.stride_groups(chunks[c].1.div_ceil(4)),
                     );
-                    self.submit(enc);
+                    self.submit_chunk(enc, &mut in_flight)?;
                     batch += chunks[c].1;
                     c += 1;
                 }
