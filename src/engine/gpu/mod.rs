@@ -36,6 +36,10 @@ use device::Gpu;
 use kernels::{stat, Kernels, Params, TABLE_THRESHOLDS, TABLE_WORDS, TILE_ELEMENTS, WORKGROUP};
 use pool::{Layout, Pool, Slot};
 
+/// Most workgroups of a grid-stride kernel: 262,144 invocations fill the largest GPUs, and
+/// fewer, longer-running workgroups cost less per-workgroup setup (3x faster on lavapipe).
+const MAX_STRIDE_GROUPS: usize = 1024;
+
 /// Default device-memory budget (`--gpu-mem`).
 pub const DEFAULT_GPU_MEM: u64 = 1 << 30;
 
@@ -286,7 +290,7 @@ impl GpuEngine {
     fn stride_groups(&self, items: usize) -> (u32, u32) {
         let g = items
             .div_ceil(WORKGROUP as usize)
-            .clamp(1, self.gpu.max_groups as usize);
+            .clamp(1, (self.gpu.max_groups as usize).min(MAX_STRIDE_GROUPS));
         (g as u32, 1)
     }
 
