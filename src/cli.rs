@@ -38,6 +38,8 @@ pub enum Command {
     Synth(SynthArgs),
     /// Synthesize a tiny model, compress, decompress, verify, and print the report.
     Demo(DemoArgs),
+    /// List the GPU adapters wgpu sees (name, backend, type, driver, limits).
+    Adapters(AdaptersArgs),
 }
 
 /// `compress` arguments.
@@ -69,9 +71,12 @@ pub struct CompressArgs {
     /// Seed of the selection hash.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Compute engine: auto, cpu (GPU backends come with the GPU engine).
+    /// Compute engine: auto (best GPU, else CPU), vulkan, metal, dx12, gl or cpu.
     #[arg(long, default_value = "auto")]
     pub adapter: String,
+    /// Device memory the GPU engine may allocate (e.g. 1GiB, 512MiB, 300MB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub gpu_mem: u64,
     /// Compress exactly the tensors whose names match this regex (default: transformer-block linear weights).
     #[arg(long)]
     pub include: Option<String>,
@@ -176,6 +181,41 @@ pub struct DemoArgs {
     pub adapter: String,
 }
 
+/// `adapters` arguments.
+#[derive(Debug, Args)]
+pub struct AdaptersArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses a byte size: a number with an optional unit (B, K/KB, KiB, M/MB, MiB, G/GB, GiB).
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (e.g. 1GiB, 512MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit '{other}' in '{text}'")),
+    };
+    let bytes = value * mult as f64;
+    if !(bytes.is_finite() && bytes >= 1.0) {
+        return Err(format!("'{text}' is not a positive size"));
+    }
+    Ok(bytes as u64)
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -201,6 +241,27 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Synth(a) => run_synth(a),
         Command::Demo(a) => run_demo(a),
+        Command::Adapters(a) => {
+            let list = engine::gpu::list_adapters();
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).map_err(|e| Error::Param(e.to_string()))?
+                );
+            } else if list.is_empty() {
+                println!("wgpu sees no adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers for lavapipe)");
+            } else {
+                for ad in &list {
+                    println!("{}", ad.summary());
+                    println!("    driver: {} {}", ad.driver, ad.driver_info);
+                    println!(
+                        "    max storage binding {} B, max buffer {} B, max workgroups/dim {}, max invocations/workgroup {}",
+                        ad.max_storage_buffer_binding_size, ad.max_buffer_size, ad.max_compute_workgroups_per_dimension, ad.max_compute_invocations_per_workgroup
+                    );
+                }
+            }
+            Ok(())
+        }
     }
 }
 
@@ -233,7 +294,7 @@ fn run_compress(a: CompressArgs) -> Result<()> {
         verify: a.verify,
         progress: !a.quiet,
     };
-    let mut engine = engine::create(&a.adapter)?;
+    let mut engine = engine::create(&a.adapter, a.gpu_mem)?;
     let t = Instant::now();
     let out = compress(&a.base, &a.finetuned, &a.output, &opts, engine.as_mut())?;
     let secs = t.elapsed().as_secs_f64();
@@ -346,7 +407,7 @@ fn run_demo(a: DemoArgs) -> Result<()> {
     let ft = &syn.finetuned[0];
     let file = dir.join("ft-1.udelta");
     let _ = std::fs::remove_file(&file);
-    let mut engine: Box<dyn Engine> = engine::create(&a.adapter)?;
+    let mut engine: Box<dyn Engine> = engine::create(&a.adapter, engine::gpu::DEFAULT_GPU_MEM)?;
     println!(
         "2. compressing with UltraDelta (s = {}, 4 bits) on {}",
         a.sparsity,

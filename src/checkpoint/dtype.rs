@@ -79,11 +79,20 @@ impl FloatType {
         match self {
             FloatType::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
                 Ok(src) => src.convert_to_f32_slice(out),
-                Err(_) => out.iter_mut().enumerate().for_each(|(i, o)| *o = self.load(bytes, i)),
+                Err(_) => out
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, o)| *o = self.load(bytes, i)),
             },
             FloatType::BF16 => match bytemuck::try_cast_slice::<u8, u16>(bytes) {
-                Ok(src) => out.iter_mut().zip(src).for_each(|(o, &b)| *o = f32::from_bits((b as u32) << 16)),
-                Err(_) => out.iter_mut().enumerate().for_each(|(i, o)| *o = self.load(bytes, i)),
+                Ok(src) => out
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(o, &b)| *o = f32::from_bits((b as u32) << 16)),
+                Err(_) => out
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, o)| *o = self.load(bytes, i)),
             },
             FloatType::F32 => out
                 .iter_mut()

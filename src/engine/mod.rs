@@ -5,6 +5,7 @@
 //! hashing), so all engines return identical values; [`cpu::CpuEngine`] is the reference.
 
 pub mod cpu;
+pub mod gpu;
 
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::checkpoint::dtype::FloatType;
@@ -112,13 +113,58 @@ pub trait Engine: Send {
     ) -> Result<KeptEntries, EngineError>;
 }
 
-/// The engine for `--adapter NAME`: `cpu`, or `auto` (the best available).
-pub fn create(adapter: &str) -> crate::Result<Box<dyn Engine>> {
-    match adapter {
-        "cpu" | "auto" => Ok(Box::new(cpu::CpuEngine)),
-        other => Err(crate::Error::Param(format!(
-            "--adapter {other}: expected auto or cpu"
-        ))),
+/// The engine for `--adapter NAME` with a device-memory budget of `gpu_mem` bytes:
+/// - `cpu`: the reference engine;
+/// - `vulkan`, `metal`, `dx12`, `gl`: the GPU engine on that backend only (an error naming the
+///   adapters found when it has none);
+/// - `auto`: the best GPU adapter (discrete > integrated > virtual > CPU-type such as lavapipe),
+///   announced on stderr; the CPU engine (with a message on stderr) when none works or the best
+///   is a software rasterizer, which is slower than the CPU engine.
+///
+/// `WGPU_ADAPTER_NAME` (a case-insensitive part of the adapter name) narrows the GPU choice.
+pub fn create(adapter: &str, gpu_mem: u64) -> crate::Result<Box<dyn Engine>> {
+    use gpu::{AdapterChoice, GpuEngine, GpuOptions};
+    let backend = match adapter.to_ascii_lowercase().as_str() {
+        "cpu" => return Ok(Box::new(cpu::CpuEngine)),
+        "auto" => None,
+        "vulkan" => Some(wgpu::Backends::VULKAN),
+        "metal" => Some(wgpu::Backends::METAL),
+        "dx12" => Some(wgpu::Backends::DX12),
+        "gl" => Some(wgpu::Backends::GL),
+        other => {
+            return Err(crate::Error::Param(format!(
+                "--adapter {other}: expected auto, vulkan, metal, dx12, gl or cpu"
+            )))
+        }
+    };
+    let options = |adapter| GpuOptions {
+        adapter,
+        gpu_mem,
+        chunk_elements: None,
+    };
+    match backend {
+        Some(b) => Ok(Box::new(GpuEngine::new(options(AdapterChoice::Backend(
+            b,
+        )))?)),
+        None => match GpuEngine::new(options(AdapterChoice::Auto)) {
+            // A software rasterizer (lavapipe, llvmpipe, WARP) is slower than the CPU engine.
+            Ok(e) if e.adapter().device_type == "Cpu" => {
+                eprintln!(
+                    "udelta-gpu: only a software adapter was found ({}); using the faster CPU engine (--adapter {} forces it)",
+                    e.adapter().summary(),
+                    e.adapter().backend.to_ascii_lowercase()
+                );
+                Ok(Box::new(cpu::CpuEngine))
+            }
+            Ok(e) => {
+                eprintln!("udelta-gpu: using GPU adapter {}", e.adapter().summary());
+                Ok(Box::new(e))
+            }
+            Err(e) => {
+                eprintln!("udelta-gpu: no usable GPU ({e}); falling back to the CPU engine");
+                Ok(Box::new(cpu::CpuEngine))
+            }
+        },
     }
 }
 

@@ -1,0 +1,849 @@
+//! The GPU engine: wgpu compute shaders (`shaders/*.wgsl`) that return exactly what
+//! [`CpuEngine`] returns.
+//!
+//! - `analyze`: [`Kernel::MinMax`] (exact min/max as order-preserving u32 keys, lowest
+//!   non-finite index), then [`Kernel::Histogram`] (level histogram, `k` computed on the host).
+//! - `select`: [`Kernel::Levels`] (packed u8 levels kept on the device, per-level key-bucket
+//!   histogram), host [`bucket_cuts`]; [`Kernel::Gather`] (keys in each level's cut bucket), host
+//!   [`threshold_from_candidates`]; then ordered compaction per chunk: [`Kernel::TileCount`],
+//!   [`Kernel::Scan`], [`Kernel::Scatter`].
+//!
+//! Device memory is bounded by [`GpuOptions::gpu_mem`]: every buffer comes from one
+//! pool whose sizes are planned from that budget (`pool::Layout::plan`); tensors larger than one chunk (one storage binding, or
+//! what the budget allows) are processed chunk by chunk, and their levels stay on the device
+//! when they fit, else they go to the host and back.
+//!
+//! Exactness: inputs are decoded on bits (f16 subnormals included), and only `-` and `*` touch
+//! the values. A device may flush subnormal f32 values to zero; the kernels flag any element
+//! where that could matter (a subnormal input, or a nonzero difference below 2^-126), and such
+//! a tensor is computed by the CPU engine instead ([`GpuEngine::cpu_fallbacks`]).
+
+mod device;
+mod kernels;
+mod pool;
+
+pub use device::{list_adapters, AdapterReport};
+pub use kernels::{compose as compose_shader, shader_modules, Kernel, SHADER_FILES};
+
+use super::cpu::{canonical_zero, CpuEngine};
+use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries};
+use crate::algorithm::quantize::QuantGrid;
+use crate::algorithm::selection::{
+    bucket_cuts, split_threshold, threshold_from_candidates, BUCKETS, BUCKET_BITS,
+};
+use crate::algorithm::{SelectionPlan, TensorStats};
+use device::Gpu;
+use kernels::{stat, Kernels, Params, TABLE_THRESHOLDS, TABLE_WORDS, TILE_ELEMENTS, WORKGROUP};
+use pool::{Layout, Pool, Slot};
+
+/// Most workgroups of a grid-stride kernel: 262,144 invocations fill the largest GPUs, and
+/// fewer, longer-running workgroups cost less per-workgroup setup (3x faster on lavapipe).
+const MAX_STRIDE_GROUPS: usize = 1024;
+
+/// Default device-memory budget (`--gpu-mem`).
+pub const DEFAULT_GPU_MEM: u64 = 1 << 30;
+
+/// Which adapter to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterChoice {
+    /// The best adapter on any backend: discrete > integrated > virtual > other > CPU-type.
+    Auto,
+    /// The best adapter on these backends only.
+    Backend(wgpu::Backends),
+}
+
+/// How to build a [`GpuEngine`].
+#[derive(Debug, Clone)]
+pub struct GpuOptions {
+    /// Adapter choice (`WGPU_ADAPTER_NAME` further restricts it by name).
+    pub adapter: AdapterChoice,
+    /// Most bytes of device buffers alive at once.
+    pub gpu_mem: u64,
+    /// Test-only: at most this many elements per chunk (rounded up to a multiple of 1024).
+    pub chunk_elements: Option<usize>,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            adapter: AdapterChoice::Auto,
+            gpu_mem: DEFAULT_GPU_MEM,
+            chunk_elements: None,
+        }
+    }
+}
+
+/// The wgpu engine.
+pub struct GpuEngine {
+    gpu: Gpu,
+    kernels: Kernels,
+    pool: Pool,
+    layout: Option<Layout>,
+    options: GpuOptions,
+    cpu_fallbacks: u64,
+    /// Unit tests only: fewer candidate slots than InA holds, to exercise batching.
+    candidate_capacity: Option<usize>,
+    /// Candidate batches of the last `select` (for tests).
+    candidate_batches: usize,
+}
+
+/// Order-preserving u32 key of an f32 (as `order_key` in `shaders/common.wgsl`), inverted.
+fn unorder(key: u32) -> f32 {
+    f32::from_bits(if key & 0x8000_0000 != 0 {
+        key & 0x7fff_ffff
+    } else {
+        !key
+    })
+}
+
+/// Whether `x` is a nonzero subnormal.
+fn is_subnormal(x: f32) -> bool {
+    x != 0.0 && x.abs() < f32::MIN_POSITIVE
+}
+
+/// `(start, len)` of each chunk of `n` elements.
+fn chunk_ranges(n: usize, chunk: usize) -> Vec<(usize, usize)> {
+    (0..n.div_ceil(chunk))
+        .map(|c| (c * chunk, chunk.min(n - c * chunk)))
+        .collect()
+}
+
+fn words_to_bytes(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+impl GpuEngine {
+    /// Opens the adapter `options` asks for and compiles the kernels. Device buffers are
+    /// created on first use.
+    pub fn new(options: GpuOptions) -> crate::Result<Self> {
+        let backends = match options.adapter {
+            AdapterChoice::Auto => wgpu::Backends::all(),
+            AdapterChoice::Backend(b) => b,
+        };
+        let (instance, adapter) = device::pick_adapter(backends).map_err(crate::Error::Gpu)?;
+        let gpu = Gpu::open(instance, adapter).map_err(crate::Error::Gpu)?;
+        let binding = Self::binding_elements(&gpu);
+        Layout::plan(options.gpu_mem, 1, binding, options.chunk_elements)
+            .map_err(crate::Error::Gpu)?;
+        let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let kernels = Kernels::new(&gpu.device);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(crate::Error::Gpu(format!(
+                "{}: compiling the kernels: {e}",
+                gpu.report.summary()
+            )));
+        }
+        gpu.wait().map_err(|e| crate::Error::Gpu(e.to_string()))?;
+        let pool = Pool::new(gpu.device.clone(), options.gpu_mem);
+        Ok(GpuEngine {
+            gpu,
+            kernels,
+            pool,
+            layout: None,
+            options,
+            cpu_fallbacks: 0,
+            candidate_capacity: None,
+            candidate_batches: 0,
+        })
+    }
+
+    fn binding_elements(gpu: &Gpu) -> usize {
+        (gpu.max_binding / 4) as usize / TILE_ELEMENTS * TILE_ELEMENTS
+    }
+
+    /// The adapter in use.
+    pub fn adapter(&self) -> &AdapterReport {
+        &self.gpu.report
+    }
+
+    /// The device-memory budget.
+    pub fn gpu_mem(&self) -> u64 {
+        self.options.gpu_mem
+    }
+
+    /// Bytes of device buffers alive now.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.pool.live()
+    }
+
+    /// Most bytes of device buffers alive at once so far (never above [`gpu_mem`](Self::gpu_mem)).
+    pub fn peak_allocated_bytes(&self) -> u64 {
+        self.pool.peak()
+    }
+
+    /// Tensors (analyze or select calls) handed to the CPU engine because of subnormal values.
+    pub fn cpu_fallbacks(&self) -> u64 {
+        self.cpu_fallbacks
+    }
+
+    /// Elements per chunk for `bits`-bit tensors under this engine's budget.
+    pub fn chunk_elements(&self, bits: u32) -> usize {
+        Layout::plan(
+            self.options.gpu_mem,
+            bits,
+            Self::binding_elements(&self.gpu),
+            self.options.chunk_elements,
+        )
+        .map_or(0, |l| l.chunk)
+    }
+
+    /// Elements whose levels can stay on the device between the passes of `select` (larger
+    /// tensors send their levels through the host).
+    pub fn level_capacity(&self, bits: u32) -> usize {
+        Layout::plan(
+            self.options.gpu_mem,
+            bits,
+            Self::binding_elements(&self.gpu),
+            self.options.chunk_elements,
+        )
+        .map_or(0, |l| l.level_slots * l.chunk)
+    }
+
+    /// The layout for `bits`; switching layouts releases every buffer first.
+    fn prepare(&mut self, bits: u32) -> Result<Layout, EngineError> {
+        let layout = Layout::plan(
+            self.options.gpu_mem,
+            bits,
+            Self::binding_elements(&self.gpu),
+            self.options.chunk_elements,
+        )
+        .map_err(EngineError::Gpu)?;
+        if self.layout != Some(layout) {
+            self.pool.clear();
+            self.layout = Some(layout);
+        }
+        Ok(layout)
+    }
+
+    fn buf(&mut self, layout: &Layout, slot: Slot) -> Result<wgpu::Buffer, EngineError> {
+        self.pool.get(layout, slot)
+    }
+
+    /// Writes `bytes` at offset 0 of `buffer`, zero-padding the last word.
+    fn upload(&self, buffer: &wgpu::Buffer, bytes: &[u8]) {
+        let aligned = bytes.len() / 4 * 4;
+        if aligned > 0 {
+            self.gpu.queue.write_buffer(buffer, 0, &bytes[..aligned]);
+        }
+        if aligned < bytes.len() {
+            let mut tail = [0u8; 4];
+            tail[..bytes.len() - aligned].copy_from_slice(&bytes[aligned..]);
+            self.gpu.queue.write_buffer(buffer, aligned as u64, &tail);
+        }
+    }
+
+    /// Uploads elements `start .. start + len` of both inputs.
+    fn upload_inputs(
+        &self,
+        input: &DeltaInput,
+        (start, len): (usize, usize),
+        a: &wgpu::Buffer,
+        b: &wgpu::Buffer,
+    ) {
+        let (bs, fs) = (input.base_type.size(), input.finetuned_type.size());
+        self.upload(a, &input.base[start * bs..(start + len) * bs]);
+        self.upload(b, &input.finetuned[start * fs..(start + len) * fs]);
+    }
+
+    fn write_params(&self, buffer: &wgpu::Buffer, p: &Params) {
+        self.gpu
+            .queue
+            .write_buffer(buffer, 0, bytemuck::bytes_of(p));
+    }
+
+    /// Records one dispatch of `kernel` with `buffers` bound to bindings 0, 1, ...
+    fn pass(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        kernel: Kernel,
+        buffers: &[&wgpu::Buffer],
+        groups: (u32, u32),
+    ) {
+        let pipeline = self.kernels.get(kernel);
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        let bind = self
+            .gpu
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(kernel.file()),
+                layout: &layout,
+                entries: &entries,
+            });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(kernel.file()),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, 1);
+    }
+
+    /// Workgroups for a grid-stride loop over `items` (one per invocation at most).
+    fn stride_groups(&self, items: usize) -> (u32, u32) {
+        let g = items
+            .div_ceil(WORKGROUP as usize)
+            .clamp(1, (self.gpu.max_groups as usize).min(MAX_STRIDE_GROUPS));
+        (g as u32, 1)
+    }
+
+    /// Workgroups for one workgroup per tile, 2-D past the per-dimension limit.
+    fn tile_groups(&self, tiles: usize) -> (u32, u32) {
+        let x = tiles.clamp(1, self.gpu.max_groups as usize);
+        (x as u32, tiles.div_ceil(x).max(1) as u32)
+    }
+
+    fn submit(&self, enc: wgpu::CommandEncoder) -> wgpu::SubmissionIndex {
+        self.gpu.queue.submit([enc.finish()])
+    }
+
+    /// Submits the work of one chunk, then waits for the chunk before it: at most two chunks
+    /// are in flight, so the upload of the next chunk overlaps the compute of this one while
+    /// wgpu's upload staging stays bounded (two chunks, however large the tensor).
+    fn submit_chunk(
+        &self,
+        enc: wgpu::CommandEncoder,
+        in_flight: &mut Option<wgpu::SubmissionIndex>,
+    ) -> Result<(), EngineError> {
+        let index = self.submit(enc);
+        match in_flight.replace(index) {
+            Some(previous) => self.gpu.wait_for(previous),
+            None => Ok(()),
+        }
+    }
+
+    fn encoder(&self) -> wgpu::CommandEncoder {
+        self.gpu.device.create_command_encoder(&Default::default())
+    }
+
+    fn base_params(input: &DeltaInput) -> Params {
+        Params {
+            base_type: input.base_type.code(),
+            ft_type: input.finetuned_type.code(),
+            ..Default::default()
+        }
+    }
+
+    /// Pass 1 on the device; `None` when the tensor must go to the CPU engine.
+    fn analyze_gpu(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<Option<TensorStats>, EngineError> {
+        let n = input.numel();
+        let layout = self.prepare(bits)?;
+        let chunks = chunk_ranges(n, layout.chunk);
+        let a = self.buf(&layout, Slot::InA)?;
+        let b = self.buf(&layout, Slot::InB)?;
+        let stats = self.buf(&layout, Slot::Stats)?;
+        let hist = self.buf(&layout, Slot::BucketHist)?;
+        let params = self.buf(&layout, Slot::Params)?;
+        let rb = self.buf(&layout, Slot::Readback)?;
+        let mut init = [0u32; stat::WORDS];
+        init[stat::MIN] = u32::MAX;
+        init[stat::BAD] = u32::MAX;
+        self.gpu
+            .queue
+            .write_buffer(&stats, 0, &words_to_bytes(&init));
+        let base = Self::base_params(input);
+        let mut in_flight = None;
+        for &(start, len) in &chunks {
+            self.upload_inputs(input, (start, len), &a, &b);
+            self.write_params(
+                &params,
+                &Params {
+                    n: len as u32,
+                    start: start as u32,
+                    ..base
+                },
+            );
+            let mut enc = self.encoder();
+            self.pass(
+                &mut enc,
+                Kernel::MinMax,
+                &[&params, &a, &b, &stats],
+                self.stride_groups(len),
+            );
+            self.submit_chunk(enc, &mut in_flight)?;
+        }
+        let s = self.gpu.read_words(&stats, 0, stat::WORDS, &rb)?;
+        if s[stat::BAD] != u32::MAX {
+            let index = s[stat::BAD] as usize;
+            return Err(EngineError::NonFinite {
+                index: index as u64,
+                base: input.base_type.load(input.base, index),
+                finetuned: input.finetuned_type.load(input.finetuned, index),
+            });
+        }
+        if s[stat::FLAGS] & stat::FLAG_TINY != 0 {
+            return Ok(None);
+        }
+        let (lo, hi) = (
+            canonical_zero(unorder(s[stat::MIN])),
+            canonical_zero(unorder(s[stat::MAX])),
+        );
+        let grid = QuantGrid { lo, hi, bits };
+        let levels = grid.levels();
+        let p = Params {
+            lo,
+            k: grid.multiplier(),
+            max_level: (levels - 1) as f32,
+            num_levels: levels as u32,
+            ..base
+        };
+        let mut in_flight = None;
+        // The last chunk is still on the device: go backwards.
+        for (i, &(start, len)) in chunks.iter().enumerate().rev() {
+            if i + 1 != chunks.len() {
+                self.upload_inputs(input, (start, len), &a, &b);
+            }
+            self.write_params(
+                &params,
+                &Params {
+                    n: len as u32,
+                    start: start as u32,
+                    ..p
+                },
+            );
+            let mut enc = self.encoder();
+            if i + 1 == chunks.len() {
+                enc.clear_buffer(&hist, 0, Some(levels as u64 * 4));
+            }
+            self.pass(
+                &mut enc,
+                Kernel::Histogram,
+                &[&params, &a, &b, &hist, &stats],
+                self.stride_groups(len),
+            );
+            self.submit_chunk(enc, &mut in_flight)?;
+        }
+        let h = self.gpu.read_words(&hist, 0, levels, &rb)?;
+        let s = self.gpu.read_words(&stats, 0, stat::WORDS, &rb)?;
+        if s[stat::FLAGS] != 0 {
+            return Ok(None);
+        }
+        Ok(Some(TensorStats {
+            grid,
+            histogram: h.into_iter().map(u64::from).collect(),
+        }))
+    }
+
+    /// Pass 2 on the device; `None` when the tensor must go to the CPU engine.
+    fn select_gpu(
+        &mut self,
+        input: &DeltaInput,
+        st: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<Option<KeptEntries>, EngineError> {
+        let grid = st.grid;
+        if !grid.lo.is_finite()
+            || !grid.hi.is_finite()
+            || is_subnormal(grid.lo)
+            || is_subnormal(grid.hi)
+        {
+            return Ok(None);
+        }
+        let n = input.numel();
+        let levels = grid.levels();
+        if plan.histogram.len() != levels || plan.pruned.len() != levels {
+            return Err(EngineError::Inconsistent(format!(
+                "plan for {} levels, grid has {levels}",
+                plan.histogram.len()
+            )));
+        }
+        let layout = self.prepare(grid.bits)?;
+        let chunks = chunk_ranges(n, layout.chunk);
+        let resident = chunks.len() <= layout.level_slots;
+        let a = self.buf(&layout, Slot::InA)?;
+        let b = self.buf(&layout, Slot::InB)?;
+        let bhist = self.buf(&layout, Slot::BucketHist)?;
+        let stats = self.buf(&layout, Slot::Stats)?;
+        let params = self.buf(&layout, Slot::Params)?;
+        let rb = self.buf(&layout, Slot::Readback)?;
+        let table = self.buf(&layout, Slot::Table)?;
+        let tiles = self.buf(&layout, Slot::Tiles)?;
+        let mut level_bufs = Vec::new();
+        for i in 0..if resident { chunks.len() } else { 1 } {
+            level_bufs.push(self.buf(&layout, Slot::Levels(i))?);
+        }
+        let level_buf = |c: usize| &level_bufs[if resident { c } else { 0 }];
+        self.gpu
+            .queue
+            .write_buffer(&stats, 0, &words_to_bytes(&[0u32; stat::WORDS]));
+        let p = Params {
+            lo: grid.lo,
+            k: grid.multiplier(),
+            max_level: (levels - 1) as f32,
+            num_levels: levels as u32,
+            key0: plan.key.k0,
+            key1: plan.key.k1,
+            ..Self::base_params(input)
+        };
+        let chunk_params = |(start, len): (usize, usize)| Params {
+            n: len as u32,
+            start: start as u32,
+            num_tiles: len.div_ceil(TILE_ELEMENTS) as u32,
+            ..p
+        };
+
+        // Pass A: levels and the per-level bucket histogram.
+        let mut spilled: Vec<Vec<u8>> = Vec::new();
+        let mut in_flight = None;
+        for (c, &range) in chunks.iter().enumerate() {
+            self.upload_inputs(input, range, &a, &b);
+            self.write_params(&params, &chunk_params(range));
+            let mut enc = self.encoder();
+            if c == 0 {
+                enc.clear_buffer(&bhist, 0, Some(levels as u64 * BUCKETS as u64 * 4));
+            }
+            let lv = level_buf(c);
+            self.pass(
+                &mut enc,
+                Kernel::Levels,
+                &[&params, &a, &b, lv, &bhist, &stats],
+                self.stride_groups(range.1.div_ceil(4)),
+            );
+            self.submit_chunk(enc, &mut in_flight)?;
+            if !resident {
+                spilled.push(self.gpu.read(lv, 0, range.1 as u64, &rb)?);
+            }
+        }
+        let s = self.gpu.read_words(&stats, 0, stat::WORDS, &rb)?;
+        if s[stat::FLAGS] != 0 {
+            return Ok(None);
+        }
+        let hist: Vec<u64> = self
+            .gpu
+            .read_words(&bhist, 0, levels * BUCKETS, &rb)?
+            .into_iter()
+            .map(u64::from)
+            .collect();
+        for l in 0..levels {
+            let count: u64 = hist[l * BUCKETS..(l + 1) * BUCKETS].iter().sum();
+            if count != plan.histogram[l] || plan.pruned[l] > count {
+                return Err(EngineError::Inconsistent(format!(
+                    "level {l}: {count} entries on the device, the plan has {} (prunes {})",
+                    plan.histogram[l], plan.pruned[l]
+                )));
+            }
+        }
+        let cuts = bucket_cuts(&hist, &plan.pruned);
+        let expected: Vec<u64> = cuts
+            .iter()
+            .enumerate()
+            .map(|(l, c)| c.map_or(0, |c| hist[l * BUCKETS + c.bucket as usize]))
+            .collect();
+        let total: u64 = expected.iter().sum();
+        let mut tbl = vec![u32::MAX; TABLE_WORDS];
+        for (l, c) in cuts.iter().enumerate() {
+            tbl[l] = c.map_or(u32::MAX, |c| c.bucket);
+        }
+        self.gpu
+            .queue
+            .write_buffer(&table, 0, &words_to_bytes(&tbl));
+
+        // Pass B: the candidates of each level's cut bucket, in batches that fit in InA.
+        let mut candidates: Vec<Vec<u32>> = vec![Vec::new(); levels];
+        self.candidate_batches = 0;
+        if total > 0 {
+            let capacity = self
+                .candidate_capacity
+                .map_or(layout.chunk, |c| c.min(layout.chunk));
+            let single = total as usize <= capacity;
+            let mut c = 0;
+            while c < chunks.len() {
+                self.gpu.queue.write_buffer(
+                    &stats,
+                    (stat::CANDIDATES * 4) as u64,
+                    &0u32.to_le_bytes(),
+                );
+                let mut batch = 0;
+                let mut in_flight = None;
+                while c < chunks.len() && (batch == 0 || single || batch + chunks[c].1 <= capacity)
+                {
+                    if !resident {
+                        self.upload(level_buf(c), &spilled[c]);
+                    }
+                    self.write_params(&params, &chunk_params(chunks[c]));
+                    let mut enc = self.encoder();
+                    self.pass(
+                        &mut enc,
+                        Kernel::Gather,
+                        &[&params, level_buf(c), &table, &a, &stats],
+                        self.stride_groups(chunks[c].1.div_ceil(4)),
+                    );
+                    self.submit_chunk(enc, &mut in_flight)?;
+                    batch += chunks[c].1;
+                    c += 1;
+                }
+                self.candidate_batches += 1;
+                let count =
+                    self.gpu.read_words(&stats, 0, stat::WORDS, &rb)?[stat::CANDIDATES] as usize;
+                if count > capacity {
+                    return Err(EngineError::Inconsistent(format!(
+                        "{count} candidates overflow {capacity}"
+                    )));
+                }
+                for w in self.gpu.read_words(&a, 0, count, &rb)? {
+                    let l = (w >> (32 - BUCKET_BITS)) as usize;
+                    let Some(cut) = cuts.get(l).copied().flatten() else {
+                        return Err(EngineError::Inconsistent(format!(
+                            "candidate of level {l} without a cut"
+                        )));
+                    };
+                    candidates[l].push((cut.bucket << (32 - BUCKET_BITS)) | (w & 0xfffff));
+                }
+            }
+        }
+        for (l, cand) in candidates.iter_mut().enumerate() {
+            if cand.len() as u64 != expected[l] {
+                return Err(EngineError::Inconsistent(format!(
+                    "level {l}: {} candidates, expected {}",
+                    cand.len(),
+                    expected[l]
+                )));
+            }
+            let (t, all) = split_threshold(threshold_from_candidates(cuts[l], cand));
+            tbl[TABLE_THRESHOLDS + 2 * l] = t;
+            tbl[TABLE_THRESHOLDS + 2 * l + 1] = all;
+        }
+        self.gpu
+            .queue
+            .write_buffer(&table, 0, &words_to_bytes(&tbl));
+
+        // Pass C: ordered compaction, chunk by chunk.
+        let mut kept = KeptEntries::default();
+        for (c, &range) in chunks.iter().enumerate() {
+            if !resident {
+                self.upload(level_buf(c), &spilled[c]);
+            }
+            let cp = chunk_params(range);
+            self.write_params(&params, &cp);
+            let lv = level_buf(c);
+            let tg = self.tile_groups(cp.num_tiles as usize);
+            let mut enc = self.encoder();
+            enc.clear_buffer(&b, 0, Some(range.1.div_ceil(4) as u64 * 4));
+            self.pass(
+                &mut enc,
+                Kernel::TileCount,
+                &[&params, lv, &table, &tiles],
+                tg,
+            );
+            self.pass(&mut enc, Kernel::Scan, &[&params, &tiles, &stats], (1, 1));
+            self.pass(
+                &mut enc,
+                Kernel::Scatter,
+                &[&params, lv, &table, &tiles, &a, &b],
+                tg,
+            );
+            self.submit(enc);
+            let count = self.gpu.read_words(&stats, 0, stat::WORDS, &rb)?[stat::KEPT] as usize;
+            if count > range.1 {
+                return Err(EngineError::Inconsistent(format!(
+                    "{count} kept of {} elements",
+                    range.1
+                )));
+            }
+            if count > 0 {
+                kept.positions
+                    .extend(self.gpu.read_words(&a, 0, count, &rb)?);
+                kept.levels.extend(self.gpu.read(&b, 0, count as u64, &rb)?);
+            }
+        }
+        check_kept(&kept, plan)?;
+        Ok(Some(kept))
+    }
+
+    /// Whether a tensor of `n` elements at `bits` goes to the GPU at all.
+    fn gpu_can(n: usize, bits: u32) -> bool {
+        bits <= 8 && n < u32::MAX as usize
+    }
+}
+
+impl Engine for GpuEngine {
+    fn name(&self) -> String {
+        format!("gpu: {}", self.gpu.report.summary())
+    }
+
+    fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError> {
+        self.gpu.errors.check()?;
+        let n = input.numel();
+        if n == 0 {
+            let grid = QuantGrid {
+                lo: 0.0,
+                hi: 0.0,
+                bits,
+            };
+            return Ok(TensorStats {
+                grid,
+                histogram: vec![0; grid.levels()],
+            });
+        }
+        let r = if Self::gpu_can(n, bits) {
+            self.analyze_gpu(input, bits)?
+        } else {
+            None
+        };
+        match r {
+            Some(st) => Ok(st),
+            None => {
+                self.cpu_fallbacks += 1;
+                CpuEngine.analyze(input, bits)
+            }
+        }
+    }
+
+    fn select(
+        &mut self,
+        input: &DeltaInput,
+        stats: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError> {
+        self.gpu.errors.check()?;
+        let n = input.numel();
+        if n == 0 {
+            let kept = KeptEntries::default();
+            check_kept(&kept, plan)?;
+            return Ok(kept);
+        }
+        let r = if Self::gpu_can(n, stats.grid.bits) {
+            self.select_gpu(input, stats, plan)?
+        } else {
+            None
+        };
+        match r {
+            Some(k) => Ok(k),
+            None => {
+                self.cpu_fallbacks += 1;
+                CpuEngine.select(input, stats, plan)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_keys_invert() {
+        // order_key as in shaders/common.wgsl.
+        let order = |b: u32| {
+            if b & 0x8000_0000 != 0 {
+                !b
+            } else {
+                b | 0x8000_0000
+            }
+        };
+        let xs = [f32::MIN, -1.5, -1e-30, -0.0, 0.0, 1e-40, 2.5, f32::MAX];
+        for w in xs.windows(2) {
+            assert!(order(w[0].to_bits()) <= order(w[1].to_bits()), "{w:?}");
+        }
+        for x in xs {
+            assert_eq!(unorder(order(x.to_bits())).to_bits(), x.to_bits());
+        }
+        assert!(is_subnormal(1e-40) && !is_subnormal(0.0) && !is_subnormal(1e-30));
+    }
+
+    /// The engine, or `None` after a loud message where there is no adapter (`CI=true`: panic).
+    fn engine(chunk: Option<usize>) -> Option<GpuEngine> {
+        match GpuEngine::new(GpuOptions {
+            chunk_elements: chunk,
+            ..Default::default()
+        }) {
+            Ok(e) => Some(e),
+            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("CI requires a GPU adapter (lavapipe): {e}")
+            }
+            Err(e) => {
+                eprintln!("\n!!!!!!!! GPU TEST DID NOT RUN: no usable GPU adapter: {e}\n");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn wgpu_failures_become_engine_errors() {
+        use crate::checkpoint::dtype::FloatType;
+        let values: Vec<f32> = (0..10_000).map(|i| (i % 17) as f32 * 0.125).collect();
+        let mut bytes = Vec::new();
+        FloatType::F32.encode_into(&values, &mut bytes);
+        let zeros = vec![0u8; bytes.len()];
+        let input = DeltaInput::new(&zeros, FloatType::F32, &bytes, FloatType::F32, values.len());
+        let Some(mut g) = engine(Some(4096)) else {
+            return;
+        };
+        assert_eq!(
+            g.analyze(&input, 4).unwrap(),
+            CpuEngine.analyze(&input, 4).unwrap()
+        );
+        // A validation error anywhere on the device (a buffer both mappable and storage).
+        let _bad = g.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 16,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let e = g.analyze(&input, 4).unwrap_err();
+        assert!(matches!(e, EngineError::Gpu(_)), "{e}");
+        // A lost device.
+        let Some(mut g) = engine(None) else { return };
+        g.gpu.device.destroy();
+        let e = g.analyze(&input, 4).unwrap_err();
+        assert!(matches!(e, EngineError::Gpu(_)), "{e}");
+        eprintln!("lost device: {e}");
+        let stats = CpuEngine.analyze(&input, 4).unwrap();
+        let plan = SelectionPlan::new(crate::algorithm::TensorKey::new(1, "m", "t"), &stats, 0.9);
+        assert!(matches!(
+            g.select(&input, &stats, &plan),
+            Err(EngineError::Gpu(_))
+        ));
+    }
+
+    #[test]
+    fn candidates_in_several_batches() {
+        use crate::checkpoint::dtype::FloatType;
+        let Some(mut g) = engine(Some(4096)) else {
+            return;
+        };
+        g.candidate_capacity = Some(64);
+        let values: Vec<f32> = (0..300_001u32)
+            .map(|i| (crate::algorithm::selection::mix32(i) >> 8) as f32 * 1e-9 - 0.008)
+            .collect();
+        let mut bytes = Vec::new();
+        FloatType::BF16.encode_into(&values, &mut bytes);
+        let zeros = vec![0u8; values.len() * 2];
+        let input = DeltaInput::new(
+            &zeros,
+            FloatType::F16,
+            &bytes,
+            FloatType::BF16,
+            values.len(),
+        );
+        let stats = CpuEngine.analyze(&input, 4).unwrap();
+        assert_eq!(g.analyze(&input, 4).unwrap(), stats);
+        for rate in [0.5, 0.95] {
+            let plan =
+                SelectionPlan::new(crate::algorithm::TensorKey::new(2, "m", "t"), &stats, rate);
+            assert!(
+                g.select(&input, &stats, &plan).unwrap()
+                    == CpuEngine.select(&input, &stats, &plan).unwrap()
+            );
+            assert!(g.candidate_batches > 1, "{} batches", g.candidate_batches);
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_tensor() {
+        assert_eq!(chunk_ranges(0, 1024), vec![]);
+        assert_eq!(chunk_ranges(1025, 1024), vec![(0, 1024), (1024, 1)]);
+        assert_eq!(chunk_ranges(2048, 1024), vec![(0, 1024), (1024, 1024)]);
+    }
+}
