@@ -16,6 +16,7 @@ pub mod format;
 pub mod pipeline;
 pub mod progress;
 pub mod report;
+pub mod simd;
 pub mod staging;
 pub mod synth;
 

@@ -3,10 +3,9 @@
 
 use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries};
 use crate::algorithm::quantize::QuantGrid;
-use crate::algorithm::selection::{
-    bucket_cuts, bucket_of, element_key, threshold_from_candidates, BUCKETS,
-};
+use crate::algorithm::selection::{element_key, TensorKey};
 use crate::algorithm::{SelectionPlan, TensorStats};
+use crate::simd::multiversion;
 use rayon::prelude::*;
 
 /// Elements per work item.
@@ -16,19 +15,52 @@ const CHUNK: usize = 1 << 16;
 #[derive(Debug, Default)]
 pub struct CpuEngine;
 
-/// Runs `f(first_index, deltas)` on every chunk of the input in parallel; results in order.
-fn map_chunks<T: Send>(input: &DeltaInput, f: impl Fn(usize, &[f32]) -> T + Sync) -> Vec<T> {
+/// Per-thread buffers of one chunk.
+#[derive(Default)]
+struct Scratch {
+    delta: Vec<f32>,
+    base: Vec<f32>,
+    levels: Vec<u8>,
+    keys: Vec<u32>,
+}
+
+impl Scratch {
+    /// Fills `levels` with the levels of `delta`.
+    fn levels(&mut self, lo: f32, k: f32, max_level: f32) {
+        self.levels.resize(self.delta.len(), 0);
+        levels_into(&self.delta, lo, k, max_level, &mut self.levels);
+    }
+}
+
+multiversion! {
+    /// `out[i] = level(d[i])`.
+    fn levels_into(d: &[f32], lo: f32, k: f32, max_level: f32, out: &mut [u8]) {
+        for (o, &x) in out.iter_mut().zip(d) {
+            *o = QuantGrid::level_of(x, lo, k, max_level);
+        }
+    }
+}
+
+multiversion! {
+    /// `out[j] = element_key(key, start + j)`.
+    fn keys_into(key: TensorKey, start: u32, out: &mut [u32]) {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = element_key(key, start.wrapping_add(j as u32));
+        }
+    }
+}
+
+/// Runs `f(first_index, scratch)` on every chunk of the input in parallel, with the chunk's
+/// deltas in `scratch.delta`; results in chunk order.
+fn map_chunks<T: Send>(input: &DeltaInput, f: impl Fn(usize, &mut Scratch) -> T + Sync) -> Vec<T> {
     let n = input.numel();
     (0..n.div_ceil(CHUNK))
         .into_par_iter()
-        .map_init(
-            || (Vec::with_capacity(CHUNK), Vec::with_capacity(CHUNK)),
-            |(delta, scratch), c| {
-                let start = c * CHUNK;
-                input.delta_range(start, delta, scratch, CHUNK.min(n - start));
-                f(start, delta)
-            },
-        )
+        .map_init(Scratch::default, |sc, c| {
+            let start = c * CHUNK;
+            input.delta_range(start, &mut sc.delta, &mut sc.base, CHUNK.min(n - start));
+            f(start, sc)
+        })
         .collect()
 }
 
@@ -41,19 +73,60 @@ pub fn canonical_zero(x: f32) -> f32 {
     }
 }
 
+multiversion! {
+    /// Lane-wise min and max, and whether any value is NaN or infinite (integer test of the
+    /// exponent); eight independent lanes let the compiler vectorize.
+    fn min_max_lanes(d: &[f32]) -> ([f32; 8], [f32; 8], bool) {
+        let (mut lo, mut hi) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8]);
+        let mut special = [0u32; 8];
+        let mut lanes = d.chunks_exact(8);
+        for c in &mut lanes {
+            for k in 0..8 {
+                lo[k] = if c[k] < lo[k] { c[k] } else { lo[k] };
+                hi[k] = if c[k] > hi[k] { c[k] } else { hi[k] };
+                special[k] |= ((c[k].to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32;
+            }
+        }
+        for &x in lanes.remainder() {
+            lo[0] = lo[0].min(x);
+            hi[0] = hi[0].max(x);
+            special[0] |= !x.is_finite() as u32;
+        }
+        (lo, hi, special.iter().any(|&s| s != 0))
+    }
+}
+
 /// Min, max and the first non-finite index of one chunk.
 fn chunk_min_max(start: usize, d: &[f32]) -> (f32, f32, Option<usize>) {
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &x in d {
-        lo = lo.min(x);
-        hi = hi.max(x);
-    }
-    let bad = if lo.is_finite() && hi.is_finite() && d.iter().all(|x| !x.is_nan()) {
-        None
-    } else {
+    let (lo, hi, special) = min_max_lanes(d);
+    let bad = if special {
         d.iter().position(|x| !x.is_finite()).map(|i| start + i)
+    } else {
+        None
     };
-    (lo, hi, bad)
+    (
+        lo.into_iter().fold(f32::INFINITY, f32::min),
+        hi.into_iter().fold(f32::NEG_INFINITY, f32::max),
+        bad,
+    )
+}
+
+/// Histogram of levels, counted into four interleaved tables so that runs of equal levels
+/// (most entries share a few levels) do not serialize on one counter.
+fn level_histogram(levels: &[u8], n_levels: usize) -> Vec<u64> {
+    let mut tables = [[0u32; 256]; 4];
+    let mut quads = levels.chunks_exact(4);
+    for c in &mut quads {
+        for (t, &l) in tables.iter_mut().zip(c) {
+            t[l as usize] += 1;
+        }
+    }
+    for &l in quads.remainder() {
+        tables[0][l as usize] += 1;
+    }
+    (0..n_levels)
+        .map(|l| tables.iter().map(|t| t[l] as u64).sum())
+        .collect()
 }
 
 impl Engine for CpuEngine {
@@ -62,7 +135,7 @@ impl Engine for CpuEngine {
     }
 
     fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError> {
-        let parts = map_chunks(input, chunk_min_max);
+        let parts = map_chunks(input, |start, sc| chunk_min_max(start, &sc.delta));
         if let Some(index) = parts.iter().find_map(|p| p.2) {
             return Err(EngineError::NonFinite {
                 index: index as u64,
@@ -80,12 +153,9 @@ impl Engine for CpuEngine {
         };
         let grid = QuantGrid { lo, hi, bits };
         let (k, max_level) = (grid.multiplier(), (grid.levels() - 1) as f32);
-        let hists = map_chunks(input, |_, d| {
-            let mut h = vec![0u64; grid.levels()];
-            for &x in d {
-                h[QuantGrid::level_of(x, lo, k, max_level) as usize] += 1;
-            }
-            h
+        let hists = map_chunks(input, |_, sc| {
+            sc.levels(lo, k, max_level);
+            level_histogram(&sc.levels, grid.levels())
         });
         let mut histogram = vec![0u64; grid.levels()];
         for h in hists {
@@ -100,91 +170,152 @@ impl Engine for CpuEngine {
         stats: &TensorStats,
         plan: &SelectionPlan,
     ) -> Result<KeptEntries, EngineError> {
-        let grid = stats.grid;
-        let (lo, k, max_level) = (grid.lo, grid.multiplier(), (grid.levels() - 1) as f32);
-        let key = plan.key;
-        let levels_n = grid.levels();
-        let n = input.numel();
-        // Pass A: levels of every element, and per level the histogram of key buckets.
-        let mut levels = vec![0u8; n];
-        let hist = levels
-            .par_chunks_mut(CHUNK)
-            .enumerate()
-            .fold(
-                || (vec![0u32; levels_n * BUCKETS], Vec::new(), Vec::new()),
-                |(mut h, mut delta, mut scratch), (c, out)| {
-                    let start = c * CHUNK;
-                    input.delta_range(start, &mut delta, &mut scratch, out.len());
-                    for (j, (&x, l)) in delta.iter().zip(out.iter_mut()).enumerate() {
-                        *l = QuantGrid::level_of(x, lo, k, max_level);
-                        let b = bucket_of(element_key(key, (start + j) as u32));
-                        h[*l as usize * BUCKETS + b] += 1;
-                    }
-                    (h, delta, scratch)
-                },
-            )
-            .map(|(h, _, _)| h.into_iter().map(u64::from).collect::<Vec<u64>>())
-            .reduce(
-                || vec![0u64; levels_n * BUCKETS],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
-        let cuts = bucket_cuts(&hist, &plan.pruned);
-        // Pass B: the keys in each level's cut bucket.
-        let cut_bucket: Vec<u32> = cuts
-            .iter()
-            .map(|c| c.map_or(u32::MAX, |c| c.bucket))
-            .collect();
-        let found: Vec<Vec<(u8, u32)>> = levels
-            .par_chunks(CHUNK)
-            .enumerate()
-            .map(|(c, ls)| {
-                let start = c * CHUNK;
-                ls.iter()
-                    .enumerate()
-                    .filter_map(|(j, &l)| {
-                        let kk = element_key(key, (start + j) as u32);
-                        (bucket_of(kk) as u32 == cut_bucket[l as usize]).then_some((l, kk))
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut candidates = vec![Vec::new(); levels_n];
-        for (l, kk) in found.into_iter().flatten() {
-            candidates[l as usize].push(kk);
-        }
-        let thresholds: Vec<u64> = cuts
-            .iter()
-            .zip(candidates.iter_mut())
-            .map(|(&cut, cand)| threshold_from_candidates(cut, cand))
-            .collect();
-        // Pass C: compaction of the kept entries.
-        let parts: Vec<KeptEntries> = levels
-            .par_chunks(CHUNK)
-            .enumerate()
-            .map(|(c, ls)| {
-                let start = c * CHUNK;
-                let mut part = KeptEntries::default();
-                for (j, &l) in ls.iter().enumerate() {
-                    let i = (start + j) as u32;
-                    if element_key(key, i) as u64 >= thresholds[l as usize] {
-                        part.positions.push(i);
-                        part.levels.push(l);
-                    }
-                }
-                part
-            })
-            .collect();
-        let mut kept = KeptEntries::default();
-        for p in parts {
-            kept.positions.extend_from_slice(&p.positions);
-            kept.levels.extend_from_slice(&p.levels);
-        }
-        check_kept(&kept, plan)?;
-        Ok(kept)
+        select_with_margin(input, stats, plan, WINDOW_SIGMAS)
     }
+}
+
+/// Half-width of the key window around each level's expected cut, in standard deviations of
+/// the cut's position (`sqrt(p(1-p)/n)` in quantile units).
+const WINDOW_SIGMAS: f64 = 8.0;
+
+/// Per level, the key window `[lo, hi)` expected to hold the largest pruned key: keys are a
+/// pseudo-random permutation, so the cut of a level pruning `k` of `n` lies near `k/n * 2^32`.
+fn key_windows(plan: &SelectionPlan, sigmas: f64) -> Vec<(u64, u64)> {
+    const SPAN: f64 = 4_294_967_296.0;
+    plan.histogram
+        .iter()
+        .zip(&plan.pruned)
+        .map(|(&n, &k)| {
+            if k == 0 {
+                return (0, 0);
+            }
+            if k == n {
+                return (1 << 32, 1 << 32);
+            }
+            let p = k as f64 / n as f64;
+            let margin = sigmas * (p * (1.0 - p) / n as f64).sqrt() + sigmas / n as f64;
+            let at = |q: f64| (q.clamp(0.0, 1.0) * SPAN) as u64;
+            (at(p - margin), at(p + margin))
+        })
+        .collect()
+}
+
+/// What one chunk contributes: the keys inside each level's window, and the entries at or
+/// above the window's start (kept unless their key is below the cut).
+#[derive(Default)]
+struct ChunkSelection {
+    window: Vec<(u8, u32)>,
+    maybe_kept: KeptEntries,
+}
+
+/// Selection in one pass over the elements: entries below their level's key window are
+/// pruned, entries in it are candidates, and the exact cut is found among the candidates.
+/// Should a cut fall outside its window (about one level in 10^14 at 8 sigma, and whenever
+/// `sigmas` is 0), the cuts are found exactly from all keys instead. The result is the same
+/// either way: in each level, the entries with the `k_v` smallest keys are pruned.
+fn select_with_margin(
+    input: &DeltaInput,
+    stats: &TensorStats,
+    plan: &SelectionPlan,
+    sigmas: f64,
+) -> Result<KeptEntries, EngineError> {
+    let grid = stats.grid;
+    let (lo, k, max_level) = (grid.lo, grid.multiplier(), (grid.levels() - 1) as f32);
+    let key = plan.key;
+    let windows = key_windows(plan, sigmas);
+    let parts = map_chunks(input, |start, sc| {
+        sc.levels(lo, k, max_level);
+        sc.keys.resize(sc.delta.len(), 0);
+        keys_into(key, start as u32, &mut sc.keys);
+        let mut part = ChunkSelection::default();
+        for (j, (&l, &kk)) in sc.levels.iter().zip(&sc.keys).enumerate() {
+            let (w_lo, w_hi) = windows[l as usize];
+            if (kk as u64) < w_lo {
+                continue;
+            }
+            if (kk as u64) < w_hi {
+                part.window.push((l, kk));
+            }
+            part.maybe_kept.positions.push((start + j) as u32);
+            part.maybe_kept.levels.push(l);
+        }
+        part
+    });
+    // Entries below a window are the level's entries not passed on.
+    let mut below = plan.histogram.clone();
+    let mut window_keys = vec![Vec::new(); windows.len()];
+    for p in &parts {
+        p.maybe_kept
+            .levels
+            .iter()
+            .for_each(|&l| below[l as usize] -= 1);
+        p.window
+            .iter()
+            .for_each(|&(l, kk)| window_keys[l as usize].push(kk));
+    }
+    let mut thresholds = Vec::with_capacity(windows.len());
+    for (l, (&k_v, keys)) in plan.pruned.iter().zip(window_keys.iter_mut()).enumerate() {
+        let (b, (w_lo, _)) = (below[l], windows[l]);
+        if b > k_v || b + (keys.len() as u64) < k_v {
+            return select_exact(input, stats, plan);
+        }
+        thresholds.push(if k_v == b {
+            w_lo
+        } else {
+            *keys.select_nth_unstable((k_v - b - 1) as usize).1 as u64 + 1
+        });
+    }
+    let mut kept = KeptEntries::default();
+    for p in parts {
+        for (&i, &l) in p.maybe_kept.positions.iter().zip(&p.maybe_kept.levels) {
+            if element_key(key, i) as u64 >= thresholds[l as usize] {
+                kept.positions.push(i);
+                kept.levels.push(l);
+            }
+        }
+    }
+    check_kept(&kept, plan)?;
+    Ok(kept)
+}
+
+/// The selection by definition, from every key of every level (the fallback of
+/// [`select_with_margin`]; memory 4 bytes per element).
+fn select_exact(
+    input: &DeltaInput,
+    stats: &TensorStats,
+    plan: &SelectionPlan,
+) -> Result<KeptEntries, EngineError> {
+    let grid = stats.grid;
+    let (lo, k, max_level) = (grid.lo, grid.multiplier(), (grid.levels() - 1) as f32);
+    let levels: Vec<Vec<u8>> = map_chunks(input, |_, sc| {
+        sc.levels(lo, k, max_level);
+        sc.levels.clone()
+    });
+    let levels: Vec<u8> = levels.concat();
+    let mut keys = vec![Vec::new(); grid.levels()];
+    for (i, &l) in levels.iter().enumerate() {
+        keys[l as usize].push(element_key(plan.key, i as u32));
+    }
+    let thresholds: Vec<u64> = keys
+        .iter_mut()
+        .zip(&plan.pruned)
+        .map(|(ks, &k_v)| {
+            if k_v == 0 {
+                0
+            } else {
+                *ks.select_nth_unstable(k_v as usize - 1).1 as u64 + 1
+            }
+        })
+        .collect();
+    let mut kept = KeptEntries::default();
+    for (i, &l) in levels.iter().enumerate() {
+        if element_key(plan.key, i as u32) as u64 >= thresholds[l as usize] {
+            kept.positions.push(i as u32);
+            kept.levels.push(l);
+        }
+    }
+    check_kept(&kept, plan)?;
+    Ok(kept)
 }
 
 #[cfg(test)]
@@ -271,6 +402,13 @@ mod tests {
         let plan = SelectionPlan::new(key, &stats, rate);
         let kept = CpuEngine.select(&input, &stats, &plan).unwrap();
         assert_eq!(kept, want_kept);
+        // A zero-width window forces the exact fallback; a wide one many candidates.
+        for sigmas in [0.0, 1000.0] {
+            assert_eq!(
+                select_with_margin(&input, &stats, &plan, sigmas).unwrap(),
+                want_kept
+            );
+        }
     }
 
     #[test]

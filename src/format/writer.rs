@@ -13,7 +13,14 @@ pub struct UdeltaWriter {
     staged: StagedPath,
     out: BufWriter<File>,
     offset: u64,
+    /// Offset up to which a background `fdatasync` has been started.
+    synced_to: u64,
+    syncs: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
 }
+
+/// Bytes written between two background syncs: large outputs are flushed to disk while the
+/// compression goes on, so the final sync before the rename is short.
+const SYNC_EVERY: u64 = 256 << 20;
 
 impl UdeltaWriter {
     /// Stages `target` (refused if it exists and `force` is false) and writes the header.
@@ -24,6 +31,8 @@ impl UdeltaWriter {
             staged,
             out: BufWriter::with_capacity(1 << 22, file),
             offset: 0,
+            synced_to: 0,
+            syncs: Vec::new(),
         };
         let mut header = MAGIC.to_vec();
         header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -37,6 +46,25 @@ impl UdeltaWriter {
             .write_all(bytes)
             .map_err(|e| Error::io(self.staged.target(), e))?;
         self.offset += bytes.len() as u64;
+        if self.offset - self.synced_to >= SYNC_EVERY {
+            self.sync_in_background()?;
+        }
+        Ok(())
+    }
+
+    /// Hands what is written so far to the disk on another thread.
+    fn sync_in_background(&mut self) -> Result<()> {
+        let target = self.staged.target().to_path_buf();
+        self.out.flush().map_err(|e| Error::io(&target, e))?;
+        let file = self
+            .out
+            .get_ref()
+            .try_clone()
+            .map_err(|e| Error::io(&target, e))?;
+        self.syncs.retain(|h| !h.is_finished());
+        self.syncs
+            .push(std::thread::spawn(move || file.sync_data()));
+        self.synced_to = self.offset;
         Ok(())
     }
 

@@ -438,12 +438,21 @@ pub fn compress(
         })
         .sum();
     let progress = Progress::new("compress", pass2_bytes, opts.progress);
-    for name in &order {
+    // Raw tensors first: the disk writes them back while the compressed ones are computed.
+    let raw_first = [true, false]
+        .into_iter()
+        .flat_map(|raw| order.iter().map(move |n| (raw, n)));
+    for (raw_round, name) in raw_first {
         let mut base_loaded = None;
         for m in models.iter_mut() {
             let Some(ti) = m.ckpt.tensors.iter().position(|t| &t.name == name) else {
                 continue;
             };
+            match &m.plans[ti] {
+                Some(Plan::Raw) if raw_round => {}
+                Some(plan) if !raw_round && !matches!(plan, Plan::Raw) => {}
+                _ => continue,
+            }
             let t = &m.ckpt.tensors[ti];
             let kind = match m.plans[ti].take().expect("pass 1 planned every tensor") {
                 Plan::Unchanged { base_crc32 } => TensorKind::Unchanged { base_crc32 },

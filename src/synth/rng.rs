@@ -168,32 +168,7 @@ pub struct Batch {
     second: Vec<f32>,
 }
 
-/// Defines `fn $name(args)` running `$body` compiled for AVX2 where the CPU has it (checked at
-/// run time), and for the baseline target otherwise. The results are identical: the body
-/// uses no operation whose rounding depends on the instruction set (no FMA contraction
-/// happens in Rust), only the vector width changes.
-macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        $(#[$m])*
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn generic($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    generic($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2, checked just above.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            generic($($arg),*)
-        }
-    };
-}
-pub(crate) use multiversion;
+use crate::simd::multiversion;
 
 multiversion! {
     /// Draws for every lane in turn into `hi`, `lo` (lengths a multiple of [`LANES`]).

@@ -1,9 +1,10 @@
 //! The values of the synthetic tensors, one block of rows at a time (see the module docs of
 //! [`crate::synth`] for the statistics).
 
-use super::rng::{exp2, key, log2, multiversion, Batch, Normals, Rng};
+use super::rng::{exp2, key, log2, Batch, Normals, Rng};
 use super::{Kind, Proj, Spec};
 use crate::checkpoint::dtype::FloatType;
+use crate::simd::multiversion;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
