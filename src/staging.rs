@@ -5,6 +5,8 @@
 //! `StagedPath` without committing (an error, a panic, an interrupt) removes the temporary.
 
 use crate::error::{Error, Result};
+use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -107,6 +109,73 @@ pub fn remove_all_live() {
     let live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
     for p in live.iter() {
         remove_any(p);
+    }
+}
+
+/// Bytes written between two background syncs of a [`DurableFile`].
+const SYNC_EVERY: u64 = 256 << 20;
+
+/// A buffered output file that is handed to the disk in the background as it grows (so the
+/// sync before the final rename is short) and fully synced by [`finish`](Self::finish).
+pub struct DurableFile {
+    out: BufWriter<File>,
+    path: PathBuf,
+    written: u64,
+    synced_to: u64,
+    syncs: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl DurableFile {
+    /// Creates `path`; `name` is the path errors mention (the final name of a staged file).
+    pub fn create(path: &Path, name: &Path) -> Result<Self> {
+        let file = File::create(path).map_err(|e| Error::io(name, e))?;
+        Ok(DurableFile {
+            out: BufWriter::with_capacity(1 << 22, file),
+            path: name.to_path_buf(),
+            written: 0,
+            synced_to: 0,
+            syncs: Vec::new(),
+        })
+    }
+
+    /// Appends bytes.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out
+            .write_all(bytes)
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.written += bytes.len() as u64;
+        if self.written - self.synced_to >= SYNC_EVERY {
+            self.out.flush().map_err(|e| Error::io(&self.path, e))?;
+            let file = self
+                .out
+                .get_ref()
+                .try_clone()
+                .map_err(|e| Error::io(&self.path, e))?;
+            self.syncs.retain(|h| !h.is_finished());
+            self.syncs
+                .push(std::thread::spawn(move || file.sync_data()));
+            self.synced_to = self.written;
+        }
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Flushes, waits for the background syncs and syncs the rest.
+    pub fn finish(mut self) -> Result<()> {
+        for h in self.syncs.drain(..) {
+            h.join()
+                .unwrap_or(Ok(()))
+                .map_err(|e| Error::io(&self.path, e))?;
+        }
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io(&self.path, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&self.path, e))
     }
 }
 

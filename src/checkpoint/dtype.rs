@@ -70,6 +70,20 @@ impl FloatType {
             ]),
         }
     }
+    /// Stores `v` rounded to this type (nearest, ties to even) as element `i` of `bytes`.
+    #[inline(always)]
+    pub fn store(self, bytes: &mut [u8], i: usize, v: f32) {
+        match self {
+            FloatType::F16 => {
+                bytes[2 * i..2 * i + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes())
+            }
+            FloatType::BF16 => {
+                bytes[2 * i..2 * i + 2].copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes())
+            }
+            FloatType::F32 => bytes[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes()),
+        }
+    }
+
     /// Decodes all of little-endian `bytes` into `out` (cleared first). Uses the vectorized
     /// slice conversions (F16C where the CPU has it) when `bytes` is aligned.
     pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {

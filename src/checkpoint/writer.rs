@@ -3,9 +3,8 @@
 
 use super::dtype::{byte_len, Dtype};
 use crate::error::{Error, Result};
+use crate::staging::DurableFile;
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// Name, dtype and shape of one tensor to write.
@@ -32,7 +31,7 @@ impl TensorHeader {
 
 /// Writes one safetensors file tensor by tensor.
 pub struct SafetensorsWriter {
-    out: BufWriter<File>,
+    out: DurableFile,
     path: PathBuf,
     names: Vec<String>,
     sizes: Vec<u64>,
@@ -53,11 +52,9 @@ impl SafetensorsWriter {
         while padded.len() % 8 != 0 {
             padded.push(b' ');
         }
-        let file = File::create(path).map_err(|e| Error::io(path, e))?;
-        let mut out = BufWriter::with_capacity(1 << 22, file);
-        out.write_all(&(padded.len() as u64).to_le_bytes())
-            .and_then(|_| out.write_all(&padded))
-            .map_err(|e| Error::io(path, e))?;
+        let mut out = DurableFile::create(path, path)?;
+        out.write(&(padded.len() as u64).to_le_bytes())?;
+        out.write(&padded)?;
         Ok(SafetensorsWriter {
             out,
             path: path.to_path_buf(),
@@ -80,9 +77,7 @@ impl SafetensorsWriter {
                 ));
             };
             let take = ((size - self.written) as usize).min(bytes.len());
-            self.out
-                .write_all(&bytes[..take])
-                .map_err(|e| Error::io(&self.path, e))?;
+            self.out.write(&bytes[..take])?;
             self.written += take as u64;
             bytes = &bytes[take..];
         }
@@ -106,11 +101,7 @@ impl SafetensorsWriter {
                 "data incomplete",
             ));
         }
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| Error::io(&self.path, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.path, e))
+        self.out.finish()
     }
 }
 

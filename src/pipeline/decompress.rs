@@ -147,13 +147,9 @@ fn reconstruct(
         base_type.decode_into(base_bytes, &mut vals);
         out_type.encode_into(&vals, out);
     }
-    let size = out_type.size();
-    let mut one = Vec::with_capacity(4);
     for (&p, &l) in positions.iter().zip(&levels) {
         let v = base_type.load(base_bytes, p as usize) + deltas[l as usize];
-        one.clear();
-        out_type.encode_into(&[v], &mut one);
-        out[p as usize * size..(p as usize + 1) * size].copy_from_slice(&one);
+        out_type.store(out, p as usize, v);
     }
     if let Some(tail) = &c.tail {
         out.extend_from_slice(
