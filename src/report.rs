@@ -21,7 +21,7 @@ pub struct TensorReport {
     pub bytes_positions: u64,
     /// Bytes of the level stream.
     pub bytes_levels: u64,
-    /// Bytes of this tensor's index entry.
+    /// Bytes of this tensor's index entry (its share of the deflated index).
     pub bytes_meta: u64,
     /// Bytes stored losslessly (raw tensors, new vocabulary rows).
     pub bytes_raw: u64,
@@ -94,7 +94,11 @@ impl InspectReport {
             .tensors
             .iter()
             .map(|r| {
-                let bytes_meta = serde_json::to_vec(r).map(|v| v.len() as u64).unwrap_or(0);
+                // The index is stored deflated: each tensor is charged its share of it.
+                let json = serde_json::to_vec(r).map(|v| v.len() as u64).unwrap_or(0);
+                let bytes_meta = (json as f64 * reader.index_len as f64
+                    / reader.json_len.max(1) as f64)
+                    .ceil() as u64;
                 let mut t = TensorReport {
                     name: r.name.clone(),
                     shape: r.shape.clone(),

@@ -207,7 +207,7 @@ fn corrupted_udelta_files_are_detected() {
     ok(compress(&fx, &fx.base, &fx.ft, &[]));
     let good = std::fs::read(&out).unwrap();
     let n = good.len();
-    let index_off = u64::from_le_bytes(good[n - 32..n - 24].try_into().unwrap()) as usize;
+    let index_off = u64::from_le_bytes(good[n - 40..n - 32].try_into().unwrap()) as usize;
     let mut cases: Vec<(String, Vec<u8>)> = vec![
         ("empty".into(), vec![]),
         ("truncated-footer".into(), good[..n - 5].to_vec()),

@@ -46,7 +46,7 @@ fn payload(dir: &Path, base: &Path, ft: &Path, adapter: &str) -> (Vec<u8>, serde
     ]));
     let bytes = std::fs::read(&file).unwrap();
     let n = bytes.len();
-    let index_off = u64::from_le_bytes(bytes[n - 32..n - 24].try_into().unwrap()) as usize;
+    let index_off = u64::from_le_bytes(bytes[n - 40..n - 32].try_into().unwrap()) as usize;
     let mut index = read_index(&file);
     assert!(index["engine"]
         .as_str()

@@ -4,10 +4,10 @@
 //! header  16 bytes: magic "UDELTA\r\n", u32 format version, u32 flags (0)
 //! records          : byte blobs (raw tensors, position streams, level streams), each referenced
 //!                    from the index by offset, length and CRC-32
-//! index            : UTF-8 JSON (`FileIndex`): parameters, model scale, base fingerprint,
-//!                    per-tensor metadata and record references
-//! footer  32 bytes: u64 index offset, u64 index length, u32 index CRC-32, u32 format version,
-//!                    magic "UDLTEND\n"
+//! index            : UTF-8 JSON (`FileIndex`), raw-DEFLATE compressed: parameters, model
+//!                    scale, base fingerprint, per-tensor metadata and record references
+//! footer  40 bytes: u64 index offset, u64 index stored length, u64 index JSON length,
+//!                    u32 CRC-32 of the stored index, u32 format version, magic "UDLTEND\n"
 //! ```
 //! All integers little-endian. Records come first and the index last because the model's
 //! scale (gamma) is known only after every tensor is done.
@@ -29,6 +29,6 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Header length in bytes.
 pub const HEADER_LEN: u64 = 16;
 /// Footer length in bytes.
-pub const FOOTER_LEN: u64 = 32;
+pub const FOOTER_LEN: u64 = 40;
 /// Largest index this reader accepts (a hostile file cannot make it allocate more).
 pub const MAX_INDEX_LEN: u64 = 256 << 20;

@@ -15,8 +15,10 @@ pub struct UdeltaReader {
     file: File,
     /// File size in bytes.
     pub file_len: u64,
-    /// Length of the index JSON.
+    /// Stored (deflated) length of the index.
     pub index_len: u64,
+    /// Length of the index JSON.
+    pub json_len: u64,
     /// The parsed index.
     pub index: FileIndex,
 }
@@ -54,21 +56,22 @@ impl UdeltaReader {
         let mut footer = [0u8; FOOTER_LEN as usize];
         file.read_exact_at(&mut footer, file_len - FOOTER_LEN)
             .map_err(|e| Error::io(path, e))?;
-        if footer[24..32] != END_MAGIC {
+        if footer[32..40] != END_MAGIC {
             return Err(bad(
                 "footer missing: the file is truncated or corrupted".into()
             ));
         }
         let word = |i: usize| u64::from_le_bytes(footer[i..i + 8].try_into().expect("8 bytes"));
-        let (index_offset, index_len) = (word(0), word(8));
-        let index_crc = u32::from_le_bytes(footer[16..20].try_into().expect("4 bytes"));
-        if u32::from_le_bytes(footer[20..24].try_into().expect("4 bytes")) != version {
+        let (index_offset, index_len, json_len) = (word(0), word(8), word(16));
+        let index_crc = u32::from_le_bytes(footer[24..28].try_into().expect("4 bytes"));
+        if u32::from_le_bytes(footer[28..32].try_into().expect("4 bytes")) != version {
             return Err(bad(
                 "footer version differs from header version (corrupted)".into(),
             ));
         }
         let records_end = file_len - FOOTER_LEN;
         if index_len > MAX_INDEX_LEN
+            || json_len > MAX_INDEX_LEN
             || index_offset < HEADER_LEN
             || index_offset.checked_add(index_len) != Some(records_end)
         {
@@ -76,12 +79,16 @@ impl UdeltaReader {
                 "index location {index_offset}+{index_len} is inconsistent with the file size {file_len} (corrupted or truncated)"
             )));
         }
-        let mut json = vec![0u8; index_len as usize];
-        file.read_exact_at(&mut json, index_offset)
+        let mut packed = vec![0u8; index_len as usize];
+        file.read_exact_at(&mut packed, index_offset)
             .map_err(|e| Error::io(path, e))?;
-        if crc32(&json) != index_crc {
+        if crc32(&packed) != index_crc {
             return Err(bad("index checksum mismatch (corrupted)".into()));
         }
+        let json = miniz_oxide::inflate::decompress_to_vec_with_limit(&packed, json_len as usize)
+            .ok()
+            .filter(|j| j.len() as u64 == json_len)
+            .ok_or_else(|| bad("index does not inflate to its stated length (corrupted)".into()))?;
         let index: FileIndex =
             serde_json::from_slice(&json).map_err(|e| bad(format!("index unreadable: {e}")))?;
         if index.format_version != FORMAT_VERSION {
@@ -95,6 +102,7 @@ impl UdeltaReader {
             file,
             file_len,
             index_len,
+            json_len,
             index,
         };
         reader.check_records(index_offset)?;

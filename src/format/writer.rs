@@ -1,7 +1,7 @@
 //! Writes a `.udelta` file: header, records as they come, then index and footer; the file is
 //! staged under a temporary name and appears only when [`UdeltaWriter::finish`] succeeds.
 
-use super::{index::FileIndex, RecordRef, END_MAGIC, FORMAT_VERSION, MAGIC};
+use super::{index::FileIndex, RecordRef, END_MAGIC, FOOTER_LEN, FORMAT_VERSION, MAGIC};
 use crate::error::{Error, Result};
 use crate::staging::{DurableFile, StagedPath};
 use std::path::Path;
@@ -69,12 +69,14 @@ impl UdeltaWriter {
     pub fn finish(mut self, index: &FileIndex) -> Result<u64> {
         let json = serde_json::to_vec(index)
             .map_err(|e| Error::format(self.staged.target(), e.to_string()))?;
+        let packed = miniz_oxide::deflate::compress_to_vec(&json, 9);
         let index_offset = self.out.written();
-        self.out.write(&json)?;
-        let mut footer = Vec::with_capacity(32);
+        self.out.write(&packed)?;
+        let mut footer = Vec::with_capacity(FOOTER_LEN as usize);
         footer.extend_from_slice(&index_offset.to_le_bytes());
+        footer.extend_from_slice(&(packed.len() as u64).to_le_bytes());
         footer.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        footer.extend_from_slice(&super::index::crc32(&json).to_le_bytes());
+        footer.extend_from_slice(&super::index::crc32(&packed).to_le_bytes());
         footer.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         footer.extend_from_slice(&END_MAGIC);
         self.out.write(&footer)?;

@@ -270,11 +270,12 @@ pub fn s(p: &Path) -> &str {
 pub fn read_index(path: &Path) -> serde_json::Value {
     let bytes = std::fs::read(path).unwrap();
     assert_eq!(&bytes[..8], b"UDELTA\r\n");
-    let f = &bytes[bytes.len() - 32..];
-    assert_eq!(&f[24..], b"UDLTEND\n");
+    let f = &bytes[bytes.len() - 40..];
+    assert_eq!(&f[32..], b"UDLTEND\n");
     let off = u64::from_le_bytes(f[0..8].try_into().unwrap()) as usize;
     let len = u64::from_le_bytes(f[8..16].try_into().unwrap()) as usize;
-    serde_json::from_slice(&bytes[off..off + len]).unwrap()
+    let json = miniz_oxide::inflate::decompress_to_vec(&bytes[off..off + len]).unwrap();
+    serde_json::from_slice(&json).unwrap()
 }
 
 pub struct Expect {
