@@ -18,5 +18,6 @@ pub mod report;
 pub mod error;
 pub mod staging;
 pub mod synth;
+pub mod tracenorm;
 
 pub use error::{Error, Result};
