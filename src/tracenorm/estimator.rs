@@ -61,11 +61,11 @@ impl Default for EstimatorOptions {
         EstimatorOptions {
             probes: 16,
             max_probes: 64,
-            lanczos_steps: 40,
+            lanczos_steps: 100,
             seed: 0x7472_6163_656e_6f72, // "tracenor"
             deflation_block: 16,
             deflation_iters: 3,
-            quadrature_tol: 1e-5,
+            quadrature_tol: 1e-4,
             target_rel_std_error: 2e-3,
             exact_max_dim: 256,
         }
@@ -85,6 +85,10 @@ struct Tall<'a> {
     big: usize,
     xbuf: Vec<f32>,
     ybuf: Vec<f32>,
+    /// Operator calls, vectors multiplied, and the widest block so far.
+    calls: usize,
+    vectors: usize,
+    max_width: usize,
 }
 
 impl Tall<'_> {
@@ -111,6 +115,9 @@ impl Tall<'_> {
         if w == 0 {
             return Vec::new();
         }
+        self.calls += 1;
+        self.vectors += w;
+        self.max_width = self.max_width.max(w);
         self.xbuf.resize(din * w, 0.0);
         self.ybuf.resize(dout * w, 0.0);
         self.xbuf
@@ -150,14 +157,50 @@ fn orthogonalize(v: &mut [f64], basis: &[Vec<f64>]) {
     }
 }
 
+/// The result of [`estimate_nuclear_norm_with_report`]: the estimate and how it was obtained.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NuclearNormEstimate {
+    /// The estimated nuclear norm.
+    pub value: f64,
+    /// Estimated standard error of `value` from the probe sample (0 for the exact path; it does
+    /// not include the quadrature error, which is bounded by `quadrature_tol` per lane).
+    pub std_error: f64,
+    /// True when the matrix was small enough to be done exactly.
+    pub exact: bool,
+    /// Number of deflation vectors (the rank of the Hutch++ split).
+    pub deflation_rank: usize,
+    /// Number of Hutchinson probes used.
+    pub probes: usize,
+    /// Bound on the quadrature error: half the Gauss/Gauss-Radau gaps of the deflation lanes
+    /// plus half the mean gap of the probe lanes (nonzero when lanes hit `lanczos_steps`).
+    pub quadrature_bound: f64,
+    /// Number of `MatrixOperator::apply` calls.
+    pub operator_calls: usize,
+    /// Total number of vectors multiplied (sum of block widths over all calls).
+    pub operator_vectors: usize,
+    /// Widest block passed to `apply`.
+    pub max_block_width: usize,
+}
+
 /// Estimates the nuclear norm (sum of singular values) of the operator's matrix.
 ///
 /// Deterministic for given options (and a deterministic operator); 0 for an empty matrix.
 pub fn estimate_nuclear_norm(op: &mut dyn MatrixOperator, opts: &EstimatorOptions) -> f64 {
+    estimate_nuclear_norm_with_report(op, opts).value
+}
+
+/// [`estimate_nuclear_norm`], also reporting the standard error and the work done.
+pub fn estimate_nuclear_norm_with_report(
+    op: &mut dyn MatrixOperator,
+    opts: &EstimatorOptions,
+) -> NuclearNormEstimate {
     let (rows, cols) = (op.rows(), op.cols());
     let fro2 = op.frobenius_norm_sq();
     if rows == 0 || cols == 0 || fro2 <= 0.0 || !fro2.is_finite() {
-        return 0.0;
+        return NuclearNormEstimate {
+            exact: true,
+            ..Default::default()
+        };
     }
     let transposed = rows < cols;
     let (n, big) = if transposed {
@@ -172,11 +215,23 @@ pub fn estimate_nuclear_norm(op: &mut dyn MatrixOperator, opts: &EstimatorOption
         big,
         xbuf: Vec::new(),
         ybuf: Vec::new(),
+        calls: 0,
+        vectors: 0,
+        max_width: 0,
     };
-    if n <= opts.exact_max_dim {
-        return exact_nuclear_norm(&mut tall);
-    }
-    stochastic(&mut tall, fro2, opts)
+    let mut report = if n <= opts.exact_max_dim {
+        NuclearNormEstimate {
+            value: exact_nuclear_norm(&mut tall),
+            exact: true,
+            ..Default::default()
+        }
+    } else {
+        stochastic(&mut tall, fro2, opts)
+    };
+    report.operator_calls = tall.calls;
+    report.operator_vectors = tall.vectors;
+    report.max_block_width = tall.max_width;
+    report
 }
 
 /// Exact: read `B` out column by column (products with unit vectors are exact), form
@@ -438,7 +493,7 @@ fn solve_spd(a: &[f64], b: &[f64], p: usize) -> Option<(Vec<f64>, f64)> {
     Some((x, z[0]))
 }
 
-fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> f64 {
+fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNormEstimate {
     let n = tall.n;
     let fro = fro2.sqrt();
     // Breakdown threshold and absolute convergence floor, relative to ||A||_F.
@@ -532,6 +587,7 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> f64 {
     );
     run_lanes(tall, &mut lanes, opts, tiny, abs_floor);
     let head: f64 = lanes[..k].iter().map(|l| l.value).sum();
+    let head_gap: f64 = lanes[..k].iter().map(|l| l.gap).sum();
     let mut probes: Vec<Lane> = lanes.split_off(k);
 
     // 3. Tail: regression estimator with control variates ||Pz||^2 and ||B P z||^2.
@@ -560,5 +616,14 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> f64 {
         probes.extend(more);
         (tail, se) = tail_of(&probes);
     }
-    (head + tail).max(0.0)
+    NuclearNormEstimate {
+        value: (head + tail).max(0.0),
+        std_error: se,
+        exact: false,
+        deflation_rank: k,
+        probes: probes.len(),
+        quadrature_bound: 0.5 * head_gap
+            + 0.5 * probes.iter().map(|l| l.gap).sum::<f64>() / probes.len() as f64,
+        ..Default::default()
+    }
 }

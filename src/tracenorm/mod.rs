@@ -76,7 +76,10 @@ pub mod sparse;
 #[cfg(test)]
 mod tests;
 
-pub use estimator::{estimate_nuclear_norm, EstimatorOptions, MatrixOperator};
+pub use estimator::{
+    estimate_nuclear_norm, estimate_nuclear_norm_with_report, EstimatorOptions, MatrixOperator,
+    NuclearNormEstimate,
+};
 pub use sparse::CpuSparseOperator;
 
 /// A sparse matrix given by row-major element indices (strictly increasing, each

@@ -1,6 +1,7 @@
 //! Accuracy against an exact reference (nalgebra's symmetric eigenvalues of the smaller Gram
 //! matrix, formed in f64), determinism, and sensitivity to f32 rounding of the products.
 
+use super::estimator::estimate_nuclear_norm_with_report;
 use super::rng::{normal, uniform, vector_key};
 use super::*;
 use nalgebra::DMatrix;
@@ -352,23 +353,28 @@ fn empty_and_degenerate() {
     };
     let got = nuclear_norm(&d, &opts);
     assert!((got - 2.5).abs() < 1e-5, "{got}");
-    // A diagonal matrix: the nuclear norm is the sum of |d_i|.
+    // A diagonal matrix: the nuclear norm is the sum of |d_i|. Singular values spread over
+    // [0.5, 599] (condition number 1200) are the hard case for the quadrature: the lanes stop
+    // at `lanczos_steps` and the reported quadrature bound covers the error.
     let n = 600usize;
     let pos: Vec<u32> = (0..n).map(|i| (i * n + i) as u32).collect();
     let val: Vec<f32> = (0..n)
         .map(|i| if i % 2 == 0 { 1.0 + i as f32 } else { -0.5 })
         .collect();
     let want: f64 = val.iter().map(|v| v.abs() as f64).sum();
-    let got = nuclear_norm(
-        &SparseDelta {
-            rows: n,
-            cols: n,
-            positions: &pos,
-            values: &val,
-        },
-        &opts,
+    let d = SparseDelta {
+        rows: n,
+        cols: n,
+        positions: &pos,
+        values: &val,
+    };
+    let r = estimate_nuclear_norm_with_report(&mut CpuSparseOperator::new(&d), &opts);
+    let got = r.value;
+    assert!(
+        (got - want).abs() <= r.quadrature_bound + 3.0 * r.std_error,
+        "{got} vs {want}: {r:?}"
     );
-    assert!(((got - want) / want).abs() < 1e-3, "{got} vs {want}");
+    assert!(((got - want) / want).abs() < 5e-3, "{got} vs {want}");
 }
 
 #[test]
@@ -463,5 +469,121 @@ fn insensitive_to_f32_level_product_errors() {
                 assert!(d.abs() < 1e-4, "{name}: {rel} moved the estimate by {d}");
             }
         }
+    }
+}
+
+/// The accuracy table of the report (a few minutes):
+/// `cargo test --lib tracenorm::tests::accuracy_table -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn accuracy_table() {
+    let mut cases: Vec<(String, Kind, f64)> = Vec::new();
+    for d in [1.0, 0.005, 0.01, 0.05, 0.10] {
+        cases.push((format!("gauss {d}"), Kind::Gauss, d));
+        cases.push((format!("laplace {d}"), Kind::Laplace, d));
+    }
+    for d in [0.005, 0.01, 0.05, 0.10] {
+        cases.push((format!("student-t3 {d}"), Kind::StudentT(3.0), d));
+    }
+    for d in [0.01, 0.05] {
+        cases.push((format!("student-t2 {d}"), Kind::StudentT(2.0), d));
+        cases.push((format!("16 levels {d}"), Kind::Quantized, d));
+        cases.push((format!("rank-8 + noise {d}"), Kind::LowRankPlusNoise, d));
+        cases.push((format!("masked rank-8 + noise {d}"), Kind::MaskedLowRank, d));
+    }
+    for r in [8, 32, 64, 128] {
+        cases.push((format!("pure rank {r}"), Kind::PureLowRank(r), 1.0));
+    }
+    let shapes: &[(usize, usize)] = match std::env::var("TRACENORM_SHAPES").as_deref() {
+        Ok("square") => &[(2048, 2048)],
+        _ => &[(1024, 2752), (2752, 1024)],
+    };
+    eprintln!(
+        "| case | shape | exact | worst rel err (3 seeds) | mean probes | deflation | vectors |"
+    );
+    let mut worst_all: f64 = 0.0;
+    for &(rows, cols) in shapes {
+        for (ci, (name, kind, d)) in cases.iter().enumerate() {
+            let g = generate(rows, cols, *d, *kind, 1000 + ci as u64);
+            let exact = exact_reference(&g);
+            let (mut worst, mut probes, mut vectors, mut defl): (f64, usize, usize, usize) =
+                (0.0, 0, 0, 0);
+            for seed in 0..3u64 {
+                let opts = EstimatorOptions {
+                    seed,
+                    ..Default::default()
+                };
+                let mut op = CpuSparseOperator::new(&g.delta());
+                let r = estimate_nuclear_norm_with_report(&mut op, &opts);
+                let rel = (r.value - exact) / exact;
+                if rel.abs() > worst.abs() {
+                    worst = rel;
+                }
+                probes += r.probes;
+                vectors += r.operator_vectors;
+                defl = r.deflation_rank;
+            }
+            worst_all = worst_all.max(worst.abs());
+            eprintln!(
+                "| {name} | {rows}x{cols} | {exact:.5e} | {:+.3}% | {:.1} | {defl} | {} |",
+                worst * 100.0,
+                probes as f64 / 3.0,
+                vectors / 3
+            );
+        }
+    }
+    eprintln!("worst |rel err| over the table: {:.3}%", worst_all * 100.0);
+    assert!(worst_all <= TOL);
+}
+
+/// Heavy tails, with the quadrature bound and more Lanczos steps:
+/// `cargo test --lib tracenorm::tests::heavy_tail_report -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn heavy_tail_report() {
+    for (name, kind, d) in [
+        ("t1 (Cauchy) 1%", Kind::StudentT(1.0), 0.01),
+        ("t2 5%", Kind::StudentT(2.0), 0.05),
+        ("t2 1%", Kind::StudentT(2.0), 0.01),
+    ] {
+        let g = generate(1024, 2752, d, kind, 5000);
+        let exact = exact_reference(&g);
+        for steps in [40, 100] {
+            for seed in 0..3 {
+                let opts = EstimatorOptions {
+                    seed,
+                    lanczos_steps: steps,
+                    ..Default::default()
+                };
+                let r = estimate_nuclear_norm_with_report(
+                    &mut CpuSparseOperator::new(&g.delta()),
+                    &opts,
+                );
+                eprintln!(
+                    "{name} steps {steps} seed {seed}: rel err {:+.3}%, se {:.3}%, quad bound {:.3}%, vectors {}",
+                    (r.value - exact) / exact * 100.0,
+                    r.std_error / exact * 100.0,
+                    r.quadrature_bound / exact * 100.0,
+                    r.operator_vectors
+                );
+            }
+        }
+    }
+}
+
+/// Work done on the benchmark shapes (for sizing a GPU operator):
+/// `cargo test --lib tracenorm::tests::work_report -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn work_report() {
+    for &(rows, cols) in &[(1024usize, 2752usize), (4096, 4096), (4096, 11008)] {
+        let g = generate(rows, cols, 0.05, Kind::Quantized, 77);
+        let t = std::time::Instant::now();
+        let mut op = CpuSparseOperator::new(&g.delta());
+        let r = estimate_nuclear_norm_with_report(&mut op, &EstimatorOptions::default());
+        eprintln!(
+            "{rows}x{cols} 5%: {:.3} s, {r:?}",
+            t.elapsed().as_secs_f64()
+        );
     }
 }
