@@ -66,7 +66,7 @@ impl Default for EstimatorOptions {
             deflation_block: 16,
             deflation_iters: 3,
             quadrature_tol: 1e-4,
-            target_rel_std_error: 2e-3,
+            target_rel_std_error: 1e-3,
             exact_max_dim: 256,
         }
     }

@@ -494,9 +494,24 @@ fn accuracy_table() {
     for r in [8, 32, 64, 128] {
         cases.push((format!("pure rank {r}"), Kind::PureLowRank(r), 1.0));
     }
-    let shapes: &[(usize, usize)] = match std::env::var("TRACENORM_SHAPES").as_deref() {
-        Ok("square") => &[(2048, 2048)],
-        _ => &[(1024, 2752), (2752, 1024)],
+    // TRACENORM_SHAPES=square: a subset on 2048 x 2048 (square like q/k/v/o_proj: singular
+    // values reach down to 0, the slowest case for the quadrature; the exact reference takes
+    // about half a minute per case there).
+    let square = std::env::var("TRACENORM_SHAPES").as_deref() == Ok("square");
+    let shapes: &[(usize, usize)] = if square {
+        cases.retain(|(name, _, _)| {
+            [
+                "gauss 0.05",
+                "laplace 0.01",
+                "student-t3 0.01",
+                "16 levels 0.05",
+                "rank-8 + noise 0.05",
+            ]
+            .contains(&name.as_str())
+        });
+        &[(2048, 2048)]
+    } else {
+        &[(1024, 2752), (2752, 1024)]
     };
     eprintln!(
         "| case | shape | exact | worst rel err (3 seeds) | mean probes | deflation | vectors |"
