@@ -19,5 +19,6 @@ pub mod report;
 pub mod simd;
 pub mod staging;
 pub mod synth;
+pub mod tracenorm;
 
 pub use error::{Error, Result};

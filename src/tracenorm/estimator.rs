@@ -1,0 +1,629 @@
+//! The nuclear-norm estimator, written against [`MatrixOperator`] so that the products can run
+//! anywhere (CPU here, WGSL kernels later). See the module docs of [`super`] for the method.
+
+use super::eigen::{bidiagonal_sqrt_quadrature, jacobi_eigen, symmetric_eigenvalues};
+use super::rng;
+use rayon::prelude::*;
+
+/// Products with a matrix `A` (`rows x cols`) and its transpose, on blocks of vectors.
+///
+/// Block layout: a block of `w` vectors of length `d` is a row-major `d x w` array of f32,
+/// `x[i * w + l]` being entry `i` of vector `l` (so one matrix entry multiplies `w` contiguous
+/// numbers). The width `w` is `x.len() / input_dim` and changes from call to call (1 up to
+/// about `deflation_block * deflation_iters + max(probes, ...)`, 64 with the defaults; at most
+/// `exact_max_dim.min(64)` in the exact path): `transpose == false` computes `y = A x` with
+/// `x.len() == cols * w`, `y.len() == rows * w`; `transpose == true` computes `y = A^T x` with
+/// `x.len() == rows * w`, `y.len() == cols * w`. `y` must be overwritten, not accumulated into.
+///
+/// Precision: inputs and outputs are f32, and products may be accumulated in f32 in any order;
+/// the estimator keeps its own vectors in f64 and is insensitive to rounding at the f32 level
+/// (see the tests: relative output perturbations of 1e-6 move the estimate by about 1e-6).
+pub trait MatrixOperator {
+    /// Number of rows of `A`.
+    fn rows(&self) -> usize;
+    /// Number of columns of `A`.
+    fn cols(&self) -> usize;
+    /// `||A||_F^2`, the sum of the squares of the entries, accumulated in f64.
+    fn frobenius_norm_sq(&self) -> f64;
+    /// `y = A x` (`transpose == false`) or `y = A^T x`, for a row-major block of vectors.
+    fn apply(&mut self, x: &[f32], y: &mut [f32], transpose: bool);
+}
+
+/// Tuning of [`estimate_nuclear_norm`]. The defaults meet a 1 % relative error (in practice
+/// about 0.1 %) on the target matrices; see the module docs of [`super`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct EstimatorOptions {
+    /// Hutchinson probes per batch for the deflated remainder (at least 4 are used).
+    pub probes: usize,
+    /// Upper bound on the total number of probes when the standard error asks for more.
+    pub max_probes: usize,
+    /// Maximum number of Golub-Kahan-Lanczos steps per quadrature lane.
+    pub lanczos_steps: usize,
+    /// Seed of the Rademacher vectors.
+    pub seed: u64,
+    /// Block size of the randomized block Krylov deflation (0 disables deflation).
+    pub deflation_block: usize,
+    /// Number of multiplications by `A^T A` in the block Krylov deflation.
+    pub deflation_iters: usize,
+    /// A lane stops when its Gauss and Gauss-Radau estimates differ by less than this,
+    /// relative to the lane's value.
+    pub quadrature_tol: f64,
+    /// More probes are added while the estimated standard error of the result exceeds this
+    /// fraction of it.
+    pub target_rel_std_error: f64,
+    /// Matrices whose smaller dimension is at most this are done exactly (dense Gram matrix
+    /// and a symmetric eigen solver).
+    pub exact_max_dim: usize,
+}
+
+impl Default for EstimatorOptions {
+    fn default() -> Self {
+        EstimatorOptions {
+            probes: 16,
+            max_probes: 64,
+            lanczos_steps: 100,
+            seed: 0x7472_6163_656e_6f72, // "tracenor"
+            deflation_block: 16,
+            deflation_iters: 3,
+            quadrature_tol: 1e-4,
+            target_rel_std_error: 1e-3,
+            exact_max_dim: 256,
+        }
+    }
+}
+
+/// Random streams of the counter-based generator.
+const STREAM_DEFLATION: u64 = 1;
+const STREAM_PROBES: u64 = 2;
+
+/// The operator seen from the small side: `B` is `A` if `A` is tall, else `A^T`; `n` is the
+/// small dimension and `big` the other one.
+struct Tall<'a> {
+    op: &'a mut dyn MatrixOperator,
+    transposed: bool,
+    n: usize,
+    big: usize,
+    xbuf: Vec<f32>,
+    ybuf: Vec<f32>,
+    /// Operator calls, vectors multiplied, and the widest block so far.
+    calls: usize,
+    vectors: usize,
+    max_width: usize,
+}
+
+impl Tall<'_> {
+    /// `B v` for each vector (length `n` in, `big` out).
+    fn forward(&mut self, vs: &[&[f64]]) -> Vec<Vec<f64>> {
+        let (n, big, t) = (self.n, self.big, self.transposed);
+        self.product(vs, n, big, t)
+    }
+
+    /// `B^T u` for each vector (length `big` in, `n` out).
+    fn backward(&mut self, us: &[&[f64]]) -> Vec<Vec<f64>> {
+        let (n, big, t) = (self.n, self.big, self.transposed);
+        self.product(us, big, n, !t)
+    }
+
+    fn product(
+        &mut self,
+        vs: &[&[f64]],
+        din: usize,
+        dout: usize,
+        transpose: bool,
+    ) -> Vec<Vec<f64>> {
+        let w = vs.len();
+        if w == 0 {
+            return Vec::new();
+        }
+        self.calls += 1;
+        self.vectors += w;
+        self.max_width = self.max_width.max(w);
+        self.xbuf.resize(din * w, 0.0);
+        self.ybuf.resize(dout * w, 0.0);
+        self.xbuf
+            .par_chunks_mut(w)
+            .enumerate()
+            .for_each(|(i, row)| {
+                for (l, x) in row.iter_mut().enumerate() {
+                    *x = vs[l][i] as f32;
+                }
+            });
+        self.op.apply(&self.xbuf, &mut self.ybuf, transpose);
+        let y = &self.ybuf;
+        (0..w)
+            .into_par_iter()
+            .map(|l| (0..dout).map(|i| y[i * w + l] as f64).collect())
+            .collect()
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn axpy(alpha: f64, x: &[f64], y: &mut [f64]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}
+
+/// Classical Gram-Schmidt against `basis`, twice (CGS2): orthogonal to working precision.
+fn orthogonalize(v: &mut [f64], basis: &[Vec<f64>]) {
+    for _ in 0..2 {
+        let c: Vec<f64> = basis.iter().map(|q| dot(q, v)).collect();
+        for (q, c) in basis.iter().zip(c) {
+            axpy(-c, q, v);
+        }
+    }
+}
+
+/// The result of [`estimate_nuclear_norm_with_report`]: the estimate and how it was obtained.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NuclearNormEstimate {
+    /// The estimated nuclear norm.
+    pub value: f64,
+    /// Estimated standard error of `value` from the probe sample (0 for the exact path; it does
+    /// not include the quadrature error, which is bounded by `quadrature_tol` per lane).
+    pub std_error: f64,
+    /// True when the matrix was small enough to be done exactly.
+    pub exact: bool,
+    /// Number of deflation vectors (the rank of the Hutch++ split).
+    pub deflation_rank: usize,
+    /// Number of Hutchinson probes used.
+    pub probes: usize,
+    /// Bound on the quadrature error: half the Gauss/Gauss-Radau gaps of the deflation lanes
+    /// plus half the mean gap of the probe lanes (nonzero when lanes hit `lanczos_steps`).
+    pub quadrature_bound: f64,
+    /// Number of `MatrixOperator::apply` calls.
+    pub operator_calls: usize,
+    /// Total number of vectors multiplied (sum of block widths over all calls).
+    pub operator_vectors: usize,
+    /// Widest block passed to `apply`.
+    pub max_block_width: usize,
+}
+
+/// Estimates the nuclear norm (sum of singular values) of the operator's matrix.
+///
+/// Deterministic for given options (and a deterministic operator); 0 for an empty matrix.
+pub fn estimate_nuclear_norm(op: &mut dyn MatrixOperator, opts: &EstimatorOptions) -> f64 {
+    estimate_nuclear_norm_with_report(op, opts).value
+}
+
+/// [`estimate_nuclear_norm`], also reporting the standard error and the work done.
+pub fn estimate_nuclear_norm_with_report(
+    op: &mut dyn MatrixOperator,
+    opts: &EstimatorOptions,
+) -> NuclearNormEstimate {
+    let (rows, cols) = (op.rows(), op.cols());
+    let fro2 = op.frobenius_norm_sq();
+    if rows == 0 || cols == 0 || fro2 <= 0.0 || !fro2.is_finite() {
+        return NuclearNormEstimate {
+            exact: true,
+            ..Default::default()
+        };
+    }
+    let transposed = rows < cols;
+    let (n, big) = if transposed {
+        (rows, cols)
+    } else {
+        (cols, rows)
+    };
+    let mut tall = Tall {
+        op,
+        transposed,
+        n,
+        big,
+        xbuf: Vec::new(),
+        ybuf: Vec::new(),
+        calls: 0,
+        vectors: 0,
+        max_width: 0,
+    };
+    let mut report = if n <= opts.exact_max_dim {
+        NuclearNormEstimate {
+            value: exact_nuclear_norm(&mut tall),
+            exact: true,
+            ..Default::default()
+        }
+    } else {
+        stochastic(&mut tall, fro2, opts)
+    };
+    report.operator_calls = tall.calls;
+    report.operator_vectors = tall.vectors;
+    report.max_block_width = tall.max_width;
+    report
+}
+
+/// Exact: read `B` out column by column (products with unit vectors are exact), form
+/// `B^T B` in f64 and sum the square roots of its eigenvalues.
+fn exact_nuclear_norm(tall: &mut Tall) -> f64 {
+    let (n, big) = (tall.n, tall.big);
+    let mut cols: Vec<Vec<f64>> = Vec::with_capacity(n);
+    let chunk = 64;
+    for start in (0..n).step_by(chunk) {
+        let end = (start + chunk).min(n);
+        let units: Vec<Vec<f64>> = (start..end)
+            .map(|j| {
+                let mut e = vec![0.0; n];
+                e[j] = 1.0;
+                e
+            })
+            .collect();
+        let refs: Vec<&[f64]> = units.iter().map(|v| v.as_slice()).collect();
+        cols.extend(tall.forward(&refs));
+    }
+    debug_assert!(cols.iter().all(|c| c.len() == big));
+    let mut gram = vec![0.0; n * n];
+    gram.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        for (j, g) in row.iter_mut().enumerate().take(i + 1) {
+            *g = dot(&cols[i], &cols[j]);
+        }
+    });
+    for i in 0..n {
+        for j in i + 1..n {
+            gram[i * n + j] = gram[j * n + i];
+        }
+    }
+    let eig = symmetric_eigenvalues(&mut gram, n);
+    eig.iter().map(|&l| l.max(0.0).sqrt()).sum()
+}
+
+/// One Golub-Kahan-Lanczos quadrature lane for `v^T sqrt(B^T B) v`.
+struct Lane {
+    /// `||v||^2` of the starting vector.
+    norm2: f64,
+    /// Current right Lanczos vector (unit).
+    v: Vec<f64>,
+    /// Previous left Lanczos vector (unit), empty before the first step.
+    u: Vec<f64>,
+    /// All right Lanczos vectors so far, for re-orthogonalization.
+    history: Vec<Vec<f64>>,
+    alpha: Vec<f64>,
+    beta: Vec<f64>,
+    /// Current estimate `norm2 * (Gauss + Radau) / 2` and the gap `norm2 * |Gauss - Radau|`.
+    value: f64,
+    gap: f64,
+    done: bool,
+}
+
+impl Lane {
+    fn new(start: Vec<f64>) -> Lane {
+        let norm2 = dot(&start, &start);
+        let done = norm2 == 0.0;
+        let inv = if done { 0.0 } else { 1.0 / norm2.sqrt() };
+        let v: Vec<f64> = start.iter().map(|x| x * inv).collect();
+        Lane {
+            norm2,
+            history: vec![v.clone()],
+            v,
+            u: Vec::new(),
+            alpha: Vec::new(),
+            beta: Vec::new(),
+            value: 0.0,
+            gap: 0.0,
+            done,
+        }
+    }
+
+    /// `||B v_1||^2 * ||v||^2 = v^T G v` for the starting vector (after the first step).
+    fn x1(&self) -> f64 {
+        self.alpha.first().map_or(0.0, |a| a * a * self.norm2)
+    }
+}
+
+/// Runs all lanes to convergence. `tiny` is the breakdown threshold on alpha and beta, and
+/// `abs_floor` a per-unit-norm absolute gap that counts as converged.
+fn run_lanes(
+    tall: &mut Tall,
+    lanes: &mut [Lane],
+    opts: &EstimatorOptions,
+    tiny: f64,
+    abs_floor: f64,
+) {
+    let steps = opts.lanczos_steps.max(1);
+    for step in 0..steps {
+        let mut active: Vec<&mut Lane> = lanes.iter_mut().filter(|l| !l.done).collect();
+        if active.is_empty() {
+            break;
+        }
+        let vs: Vec<&[f64]> = active.iter().map(|l| l.v.as_slice()).collect();
+        let ys = tall.forward(&vs);
+        // u_j = B v_j - beta_{j-1} u_{j-1}; alpha_j = ||u_j||.
+        let us: Vec<Option<Vec<f64>>> = active
+            .par_iter_mut()
+            .zip(ys)
+            .map(|(lane, mut u)| {
+                if let Some(&b) = lane.beta.last() {
+                    axpy(-b, &lane.u, &mut u);
+                }
+                let a = dot(&u, &u).sqrt();
+                lane.alpha.push(a);
+                if a <= tiny {
+                    // B v_j is in the span of the previous vectors: the Krylov space is
+                    // invariant and Gauss quadrature on it is exact.
+                    lane.value = lane.norm2 * bidiagonal_sqrt_quadrature(&lane.alpha, &lane.beta);
+                    lane.gap = 0.0;
+                    lane.done = true;
+                    return None;
+                }
+                u.iter_mut().for_each(|x| *x /= a);
+                Some(u)
+            })
+            .collect();
+        let mut cont: Vec<&mut Lane> = Vec::new();
+        let mut cont_u: Vec<Vec<f64>> = Vec::new();
+        for (lane, u) in active.into_iter().zip(us) {
+            if let Some(u) = u {
+                cont.push(lane);
+                cont_u.push(u);
+            }
+        }
+        if cont.is_empty() {
+            continue;
+        }
+        let refs: Vec<&[f64]> = cont_u.iter().map(|u| u.as_slice()).collect();
+        let zs = tall.backward(&refs);
+        let last = step + 1 == steps;
+        cont.par_iter_mut()
+            .zip(zs)
+            .zip(cont_u)
+            .for_each(|((lane, mut v), u)| {
+                let a = *lane.alpha.last().unwrap();
+                axpy(-a, &lane.v, &mut v);
+                orthogonalize(&mut v, &lane.history);
+                let b = dot(&v, &v).sqrt();
+                lane.beta.push(b);
+                let gauss = bidiagonal_sqrt_quadrature(&lane.alpha, &lane.beta);
+                if b <= tiny {
+                    lane.value = lane.norm2 * gauss;
+                    lane.gap = 0.0;
+                    lane.done = true;
+                    return;
+                }
+                let mut ext = lane.alpha.clone();
+                ext.push(0.0);
+                let radau = bidiagonal_sqrt_quadrature(&ext, &lane.beta);
+                lane.value = lane.norm2 * 0.5 * (gauss + radau);
+                lane.gap = lane.norm2 * (gauss - radau).abs();
+                let tol = opts.quadrature_tol * lane.value.abs().max(abs_floor * lane.norm2);
+                if lane.gap <= tol || last {
+                    lane.done = true;
+                    return;
+                }
+                v.iter_mut().for_each(|x| *x /= b);
+                lane.u = u;
+                lane.history.push(v.clone());
+                lane.v = v;
+            });
+    }
+    // Lanes that never ran (zero start) keep value 0.
+}
+
+/// Least-squares regression estimator: the intercept of `y ~ 1 + sum_c (x_c - mean_c)` with
+/// known covariate means, and its standard error. Covariates that are (numerically) constant
+/// or would leave fewer than 2 residual degrees of freedom are dropped.
+fn regression_estimate(y: &[f64], covariates: &[(Vec<f64>, f64)]) -> (f64, f64) {
+    let m = y.len();
+    let mean_y = y.iter().sum::<f64>() / m as f64;
+    // Center and scale the usable covariates.
+    let mut cols: Vec<Vec<f64>> = Vec::new();
+    for (x, mu) in covariates {
+        if m < cols.len() + 4 {
+            break;
+        }
+        let c: Vec<f64> = x.iter().map(|v| v - mu).collect();
+        let cm = c.iter().sum::<f64>() / m as f64;
+        let var = c.iter().map(|v| (v - cm) * (v - cm)).sum::<f64>() / m as f64;
+        let scale = c.iter().map(|v| v * v).sum::<f64>() / m as f64;
+        if !var.is_finite() || var <= 1e-12 * scale {
+            continue;
+        }
+        let s = 1.0 / scale.sqrt();
+        cols.push(c.into_iter().map(|v| v * s).collect());
+    }
+    loop {
+        let p = cols.len() + 1;
+        // Normal equations for [1, cols...].
+        let design = |i: usize, r: usize| if i == 0 { 1.0 } else { cols[i - 1][r] };
+        let mut ata = vec![0.0; p * p];
+        let mut aty = vec![0.0; p];
+        for (r, &yr) in y.iter().enumerate() {
+            for i in 0..p {
+                aty[i] += design(i, r) * yr;
+                for j in 0..p {
+                    ata[i * p + j] += design(i, r) * design(j, r);
+                }
+            }
+        }
+        let Some((coef, inv00)) = solve_spd(&ata, &aty, p) else {
+            cols.pop();
+            continue;
+        };
+        let mut rss = 0.0;
+        for (r, &yr) in y.iter().enumerate() {
+            let fit: f64 = (0..p).map(|i| coef[i] * design(i, r)).sum();
+            rss += (yr - fit) * (yr - fit);
+        }
+        let dof = m.saturating_sub(p).max(1) as f64;
+        let se = (rss / dof * inv00).max(0.0).sqrt();
+        if p == 1 {
+            let var = y.iter().map(|v| (v - mean_y) * (v - mean_y)).sum::<f64>() / dof;
+            return (mean_y, (var / m as f64).sqrt());
+        }
+        return (coef[0], se);
+    }
+}
+
+/// Solves the small SPD system `a x = b` by Gaussian elimination with a pivot check; returns the
+/// solution and `(a^{-1})_{00}`, or None if `a` is numerically singular.
+fn solve_spd(a: &[f64], b: &[f64], p: usize) -> Option<(Vec<f64>, f64)> {
+    // Augment with e_0 to get the first column of the inverse.
+    let w = p + 2;
+    let mut m = vec![0.0; p * w];
+    for i in 0..p {
+        m[i * w..i * w + p].copy_from_slice(&a[i * p..i * p + p]);
+        m[i * w + p] = b[i];
+        m[i * w + p + 1] = if i == 0 { 1.0 } else { 0.0 };
+    }
+    let maxdiag = (0..p).map(|i| a[i * p + i].abs()).fold(0.0, f64::max);
+    for k in 0..p {
+        let piv = m[k * w + k];
+        if piv.is_nan() || piv.abs() <= 1e-10 * maxdiag {
+            return None;
+        }
+        for i in k + 1..p {
+            let f = m[i * w + k] / piv;
+            for j in k..w {
+                m[i * w + j] -= f * m[k * w + j];
+            }
+        }
+    }
+    let mut x = vec![0.0; p];
+    let mut z = vec![0.0; p];
+    for k in (0..p).rev() {
+        let mut sx = m[k * w + p];
+        let mut sz = m[k * w + p + 1];
+        for j in k + 1..p {
+            sx -= m[k * w + j] * x[j];
+            sz -= m[k * w + j] * z[j];
+        }
+        x[k] = sx / m[k * w + k];
+        z[k] = sz / m[k * w + k];
+    }
+    Some((x, z[0]))
+}
+
+fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNormEstimate {
+    let n = tall.n;
+    let fro = fro2.sqrt();
+    // Breakdown threshold and absolute convergence floor, relative to ||A||_F.
+    let tiny = 1e-6 * fro;
+    let abs_floor = fro / n as f64;
+
+    // 1. Randomized block Krylov deflation.
+    let block = opts.deflation_block.min(n / 2);
+    let mut basis: Vec<Vec<f64>> = Vec::new();
+    if block > 0 && opts.deflation_iters > 0 {
+        let mut cur: Vec<Vec<f64>> = (0..block)
+            .map(|j| {
+                let mut z = vec![0.0; n];
+                rng::rademacher(opts.seed, STREAM_DEFLATION, j as u64, &mut z);
+                z
+            })
+            .collect();
+        for _ in 0..opts.deflation_iters {
+            if basis.len() + cur.len() > n / 2 {
+                break;
+            }
+            let refs: Vec<&[f64]> = cur.iter().map(|v| v.as_slice()).collect();
+            let bv = tall.forward(&refs);
+            let refs: Vec<&[f64]> = bv.iter().map(|v| v.as_slice()).collect();
+            let gv = tall.backward(&refs);
+            let mut fresh: Vec<Vec<f64>> = Vec::new();
+            for mut y in gv {
+                let before = dot(&y, &y).sqrt();
+                if before == 0.0 {
+                    continue;
+                }
+                orthogonalize(&mut y, &basis);
+                orthogonalize(&mut y, &fresh);
+                let after = dot(&y, &y).sqrt();
+                if after <= 1e-10 * before || !after.is_finite() {
+                    continue;
+                }
+                y.iter_mut().for_each(|x| *x /= after);
+                fresh.push(y);
+            }
+            if fresh.is_empty() {
+                break;
+            }
+            basis.extend(fresh.iter().cloned());
+            cur = fresh;
+        }
+    }
+    // Rayleigh-Ritz: rotate the basis to Ritz vectors of B^T B, and get ||B Q||_F^2.
+    let k = basis.len();
+    let mut head_energy = 0.0;
+    let q: Vec<Vec<f64>> = if k > 0 {
+        let refs: Vec<&[f64]> = basis.iter().map(|v| v.as_slice()).collect();
+        let w = tall.forward(&refs);
+        let mut h = vec![0.0; k * k];
+        h.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = dot(&w[i], &w[j]);
+            }
+        });
+        head_energy = (0..k).map(|i| h[i * k + i]).sum();
+        let (_vals, vecs) = jacobi_eigen(&mut h, k);
+        (0..k)
+            .into_par_iter()
+            .map(|c| {
+                let mut out = vec![0.0; n];
+                for (r, b) in basis.iter().enumerate() {
+                    axpy(vecs[r * k + c], b, &mut out);
+                }
+                out
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    drop(basis);
+
+    // 2. Head lanes (one per deflation vector) and the first batch of probes, run together.
+    let probe_lane = |j: usize| {
+        let mut z = vec![0.0; n];
+        rng::rademacher(opts.seed, STREAM_PROBES, j as u64, &mut z);
+        orthogonalize(&mut z, &q);
+        Lane::new(z)
+    };
+    let batch = opts.probes.max(4);
+    let mut lanes: Vec<Lane> = q.iter().map(|v| Lane::new(v.clone())).collect();
+    lanes.extend(
+        (0..batch)
+            .into_par_iter()
+            .map(probe_lane)
+            .collect::<Vec<_>>(),
+    );
+    run_lanes(tall, &mut lanes, opts, tiny, abs_floor);
+    let head: f64 = lanes[..k].iter().map(|l| l.value).sum();
+    let head_gap: f64 = lanes[..k].iter().map(|l| l.gap).sum();
+    let mut probes: Vec<Lane> = lanes.split_off(k);
+
+    // 3. Tail: regression estimator with control variates ||Pz||^2 and ||B P z||^2.
+    let tail_energy = fro2 - head_energy;
+    let use_x1 = tail_energy > 1e-3 * fro2;
+    let tail_of = |probes: &[Lane]| {
+        let y: Vec<f64> = probes.iter().map(|l| l.value).collect();
+        let mut cov = vec![(
+            probes.iter().map(|l| l.norm2).collect::<Vec<_>>(),
+            (n - k) as f64,
+        )];
+        if use_x1 {
+            cov.push((probes.iter().map(Lane::x1).collect(), tail_energy));
+        }
+        regression_estimate(&y, &cov)
+    };
+    let (mut tail, mut se) = tail_of(&probes);
+    while se > opts.target_rel_std_error * (head + tail).abs() && probes.len() < opts.max_probes {
+        let start = probes.len();
+        let extra = batch.min(opts.max_probes - start);
+        let mut more: Vec<Lane> = (start..start + extra)
+            .into_par_iter()
+            .map(probe_lane)
+            .collect();
+        run_lanes(tall, &mut more, opts, tiny, abs_floor);
+        probes.extend(more);
+        (tail, se) = tail_of(&probes);
+    }
+    NuclearNormEstimate {
+        value: (head + tail).max(0.0),
+        std_error: se,
+        exact: false,
+        deflation_rank: k,
+        probes: probes.len(),
+        quadrature_bound: 0.5 * head_gap
+            + 0.5 * probes.iter().map(|l| l.gap).sum::<f64>() / probes.len() as f64,
+        ..Default::default()
+    }
+}
