@@ -40,6 +40,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// List the GPU adapters wgpu sees (name, backend, type, driver, limits).
     Adapters(AdaptersArgs),
+    /// Trace-norm rescaling across .udelta files of one base compressed separately (each with
+    /// --trace-norm): recomputes gamma from their stored trace norms, rewriting only metadata.
+    Rescale(RescaleArgs),
 }
 
 /// `compress` arguments.
@@ -89,6 +92,13 @@ pub struct CompressArgs {
     /// Recompute every tensor on the CPU reference engine and fail on any difference.
     #[arg(long)]
     pub verify: bool,
+    /// Estimate the trace norm T_m and store it (automatic with several --finetuned; needed to
+    /// `rescale` files compressed separately).
+    #[arg(long)]
+    pub trace_norm: bool,
+    /// Use this gamma for every model instead of the trace-norm rule.
+    #[arg(long)]
+    pub gamma: Option<f64>,
     /// Replace an existing output file.
     #[arg(long)]
     pub force: bool,
@@ -181,6 +191,14 @@ pub struct DemoArgs {
     pub adapter: String,
 }
 
+/// `rescale` arguments.
+#[derive(Debug, Args)]
+pub struct RescaleArgs {
+    /// The .udelta files (fine-tunes of one base).
+    #[arg(required = true, num_args = 2..)]
+    pub files: Vec<PathBuf>,
+}
+
 /// `adapters` arguments.
 #[derive(Debug, Args)]
 pub struct AdaptersArgs {
@@ -241,6 +259,13 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Synth(a) => run_synth(a),
         Command::Demo(a) => run_demo(a),
+        Command::Rescale(a) => {
+            let gammas = crate::pipeline::rescale::rescale(&a.files)?;
+            for (f, g) in a.files.iter().zip(gammas) {
+                println!("{}  gamma {g:.6}", f.display());
+            }
+            Ok(())
+        }
         Command::Adapters(a) => {
             let list = engine::gpu::list_adapters();
             if a.json {
@@ -293,6 +318,8 @@ fn run_compress(a: CompressArgs) -> Result<()> {
         force: a.force,
         verify: a.verify,
         progress: !a.quiet,
+        trace_norm: a.trace_norm,
+        gamma: a.gamma,
     };
     let mut engine = engine::create(&a.adapter, a.gpu_mem)?;
     let t = Instant::now();
@@ -312,11 +339,12 @@ fn run_compress(a: CompressArgs) -> Result<()> {
         );
         let t = &out.times;
         eprintln!(
-            "stages (s): read {:.2}  compare {:.2}  analyze {:.2}  select {:.2}  encode {:.2}  write {:.2}{}",
+            "stages (s): read {:.2}  compare {:.2}  analyze {:.2}  select {:.2}  trace norm {:.2}  encode {:.2}  write {:.2}{}",
             t.read,
             t.compare,
             t.analyze,
             t.select,
+            t.trace_norm,
             t.encode,
             t.write,
             if a.verify { format!("  verify {:.2}", t.verify) } else { String::new() }
@@ -423,6 +451,8 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         model_name: None,
         force: true,
         verify: false,
+        trace_norm: false,
+        gamma: None,
         progress: false,
     };
     let t = Instant::now();

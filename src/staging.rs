@@ -129,13 +129,30 @@ impl DurableFile {
     /// Creates `path`; `name` is the path errors mention (the final name of a staged file).
     pub fn create(path: &Path, name: &Path) -> Result<Self> {
         let file = File::create(path).map_err(|e| Error::io(name, e))?;
-        Ok(DurableFile {
+        Ok(Self::wrap(file, name, 0))
+    }
+
+    /// Opens the existing `path`, cuts it to `len` bytes, and appends from there.
+    pub fn truncate_and_append(path: &Path, name: &Path, len: u64) -> Result<Self> {
+        use std::io::{Seek, SeekFrom};
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(name, e))?;
+        file.set_len(len).map_err(|e| Error::io(name, e))?;
+        file.seek(SeekFrom::Start(len))
+            .map_err(|e| Error::io(name, e))?;
+        Ok(Self::wrap(file, name, len))
+    }
+
+    fn wrap(file: File, name: &Path, written: u64) -> Self {
+        DurableFile {
             out: BufWriter::with_capacity(1 << 22, file),
             path: name.to_path_buf(),
-            written: 0,
-            synced_to: 0,
+            written,
+            synced_to: written,
             syncs: Vec::new(),
-        })
+        }
     }
 
     /// Appends bytes.

@@ -5,6 +5,7 @@
 pub mod allocation;
 pub mod params;
 pub mod quantize;
+pub mod rescale;
 pub mod selection;
 
 pub use allocation::{allocate_rates, Allocation, Group};

@@ -58,6 +58,14 @@ impl QuantGrid {
     pub fn values(&self) -> Vec<f32> {
         (0..self.levels()).map(|q| self.value(q)).collect()
     }
+
+    /// The delta each level stands for after rescaling: `f32(scale * value(q))`.
+    pub fn scaled_values(&self, scale: f64) -> Vec<f32> {
+        self.values()
+            .iter()
+            .map(|&v| (scale * v as f64) as f32)
+            .collect()
+    }
 }
 
 /// What pass 1 learns about a tensor: its grid and level histogram.

@@ -108,6 +108,14 @@ impl CompressedTensor {
     pub fn hi(&self) -> f32 {
         f32::from_bits(self.hi_bits)
     }
+    /// The quantization grid.
+    pub fn grid(&self) -> crate::algorithm::QuantGrid {
+        crate::algorithm::QuantGrid {
+            lo: self.lo(),
+            hi: self.hi(),
+            bits: self.bits,
+        }
+    }
     /// Number of kept entries.
     pub fn kept(&self) -> u64 {
         self.kept_counts.iter().sum()

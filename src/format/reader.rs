@@ -15,6 +15,8 @@ pub struct UdeltaReader {
     file: File,
     /// File size in bytes.
     pub file_len: u64,
+    /// Offset of the index (the end of the records).
+    pub index_offset: u64,
     /// Stored (deflated) length of the index.
     pub index_len: u64,
     /// Length of the index JSON.
@@ -101,6 +103,7 @@ impl UdeltaReader {
             path: path.to_path_buf(),
             file,
             file_len,
+            index_offset,
             index_len,
             json_len,
             index,

@@ -67,22 +67,39 @@ impl UdeltaWriter {
 
     /// Writes the index and footer, syncs, and renames the file into place. Returns its size.
     pub fn finish(mut self, index: &FileIndex) -> Result<u64> {
-        let json = serde_json::to_vec(index)
-            .map_err(|e| Error::format(self.staged.target(), e.to_string()))?;
-        let packed = miniz_oxide::deflate::compress_to_vec(&json, 9);
-        let index_offset = self.out.written();
-        self.out.write(&packed)?;
-        let mut footer = Vec::with_capacity(FOOTER_LEN as usize);
-        footer.extend_from_slice(&index_offset.to_le_bytes());
-        footer.extend_from_slice(&(packed.len() as u64).to_le_bytes());
-        footer.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        footer.extend_from_slice(&super::index::crc32(&packed).to_le_bytes());
-        footer.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        footer.extend_from_slice(&END_MAGIC);
-        self.out.write(&footer)?;
+        write_index(&mut self.out, index, self.staged.target())?;
         let size = self.out.written();
         self.out.finish()?;
         self.staged.commit()?;
         Ok(size)
     }
+
+    /// Replaces the index of the existing file `path` (whose index starts at `index_offset`),
+    /// keeping its records: the new file is staged and renamed over the old one.
+    pub fn rewrite_index(path: &Path, index_offset: u64, index: &FileIndex) -> Result<u64> {
+        let staged = StagedPath::new(path, true)?;
+        std::fs::copy(path, staged.path()).map_err(|e| Error::io(path, e))?;
+        let mut out = DurableFile::truncate_and_append(staged.path(), path, index_offset)?;
+        write_index(&mut out, index, path)?;
+        let size = out.written();
+        out.finish()?;
+        staged.commit()?;
+        Ok(size)
+    }
+}
+
+/// Appends the deflated index and the footer.
+fn write_index(out: &mut DurableFile, index: &FileIndex, path: &Path) -> Result<()> {
+    let json = serde_json::to_vec(index).map_err(|e| Error::format(path, e.to_string()))?;
+    let packed = miniz_oxide::deflate::compress_to_vec(&json, 9);
+    let index_offset = out.written();
+    out.write(&packed)?;
+    let mut footer = Vec::with_capacity(FOOTER_LEN as usize);
+    footer.extend_from_slice(&index_offset.to_le_bytes());
+    footer.extend_from_slice(&(packed.len() as u64).to_le_bytes());
+    footer.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    footer.extend_from_slice(&super::index::crc32(&packed).to_le_bytes());
+    footer.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    footer.extend_from_slice(&END_MAGIC);
+    out.write(&footer)
 }

@@ -5,6 +5,7 @@
 //! is then made from all standard deviations, and pass 2 reads the compressed tensors again,
 //! selects the kept entries ([`Engine::select`]), entropy-codes them and appends the records.
 
+use crate::algorithm::rescale;
 use crate::algorithm::selection::adjusted_rate;
 use crate::algorithm::{
     allocate_rates, Allocation, CompressParams, SelectionPlan, TensorKey, TensorStats,
@@ -21,6 +22,7 @@ use crate::format::{
 };
 use crate::progress::Progress;
 use crate::staging::StagedPath;
+use crate::tracenorm::{nuclear_norm, EstimatorOptions, SparseDelta};
 use std::path::{Path, PathBuf};
 
 /// Bytes per read when comparing or copying tensors that are not compressed.
@@ -41,6 +43,11 @@ pub struct CompressOptions {
     pub verify: bool,
     /// Show progress bars.
     pub progress: bool,
+    /// Estimate each model's trace norm `T_m` (always done when several fine-tunes are
+    /// compressed together; with one, needed only to `rescale` files compressed separately).
+    pub trace_norm: bool,
+    /// Use this gamma for every model instead of the trace-norm rule.
+    pub gamma: Option<f64>,
 }
 
 /// Wall time spent in each stage, in seconds (stages run one after another on this thread).
@@ -60,6 +67,8 @@ pub struct StageTimes {
     pub write: f64,
     /// Recomputing on the CPU engine (`--verify`).
     pub verify: f64,
+    /// Nuclear-norm estimates.
+    pub trace_norm: f64,
 }
 
 /// Times a closure into one of the stage counters.
@@ -117,6 +126,8 @@ struct Model {
     kinds: Vec<Kind>,
     plans: Vec<Option<Plan>>,
     records: Vec<Option<TensorRecord>>,
+    /// Sum of the nuclear norms of the compressed, rescaled 2-D deltas.
+    trace_norm: f64,
 }
 
 /// Decides how a fine-tuned tensor is handled, before reading any data.
@@ -259,6 +270,7 @@ fn open_model(
         kinds,
         plans: (0..n).map(|_| None).collect(),
         records: vec![None; n],
+        trace_norm: 0.0,
     })
 }
 
@@ -321,6 +333,14 @@ pub fn compress(
         };
         models.push(open_model(&base, path, name, &file, opts)?);
     }
+    if let Some(g) = opts.gamma {
+        if !(g.is_finite() && g > 0.0) {
+            return Err(Error::Param(format!(
+                "--gamma {g} must be a finite number > 0"
+            )));
+        }
+    }
+    let with_trace_norm = opts.trace_norm || models.len() > 1;
     let order = schedule(&models);
     let mut times = StageTimes::default();
     let mut base_buf = Vec::new();
@@ -521,6 +541,20 @@ pub fn compress(
                     {
                         return Err(Error::Gpu(format!("--verify: tensor '{}': engine kept entries differ from the CPU reference", t.name)));
                     }
+                    if with_trace_norm && b.shape.len() == 2 {
+                        let deltas = stats.grid.scaled_values(opts.params.rescale());
+                        let values: Vec<f32> =
+                            kept.levels.iter().map(|&l| deltas[l as usize]).collect();
+                        let delta = SparseDelta {
+                            rows: b.shape[0],
+                            cols: b.shape[1],
+                            positions: &kept.positions,
+                            values: &values,
+                        };
+                        m.trace_norm += timed(&mut times.trace_norm, || {
+                            nuclear_norm(&delta, &EstimatorOptions::default())
+                        });
+                    }
                     let kept_counts = selection.kept_counts();
                     let enc = timed(&mut times.encode, || {
                         codec::encode_tensor(
@@ -583,8 +617,14 @@ pub fn compress(
     progress.finish();
 
     let rescale = opts.params.rescale();
+    let norms: Vec<f64> = models.iter().map(|m| m.trace_norm).collect();
+    let gammas = match opts.gamma {
+        Some(g) => vec![g; models.len()],
+        None if with_trace_norm => rescale::gammas(&norms).map_err(Error::Param)?,
+        None => vec![1.0; models.len()],
+    };
     let mut files = Vec::with_capacity(models.len());
-    for m in models {
+    for (m, gamma) in models.into_iter().zip(gammas) {
         let records: Vec<TensorRecord> = m
             .records
             .into_iter()
@@ -598,9 +638,9 @@ pub fn compress(
             model: ModelInfo {
                 name: m.name,
                 rescale,
-                gamma: 1.0,
-                trace_norm: None,
-                scale: rescale,
+                gamma,
+                trace_norm: with_trace_norm.then_some(m.trace_norm),
+                scale: gamma * rescale,
             },
             base: base_info(&records),
             source: source_layout(&m.ckpt),

@@ -5,7 +5,6 @@
 //! is refused (unless forced), naming the tensor. The output directory is staged and appears
 //! only when complete.
 
-use crate::algorithm::QuantGrid;
 use crate::checkpoint::dtype::{Dtype, FloatType};
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
 use crate::checkpoint::writer::{SafetensorsWriter, TensorHeader};
@@ -45,19 +44,6 @@ fn header_of(reader: &UdeltaReader, r: &TensorRecord) -> Result<TensorHeader> {
         dtype: parse_dtype(reader, &r.name, &r.dtype)?,
         shape: r.shape.clone(),
     })
-}
-
-/// The delta each level stands for: `scale * value(level)`, rounded to f32.
-pub fn level_deltas(c: &CompressedTensor, scale: f64) -> Vec<f32> {
-    let grid = QuantGrid {
-        lo: c.lo(),
-        hi: c.hi(),
-        bits: c.bits,
-    };
-    grid.values()
-        .iter()
-        .map(|&v| (scale * v as f64) as f32)
-        .collect()
 }
 
 /// Decodes a compressed tensor's kept positions and levels.
@@ -138,7 +124,7 @@ fn reconstruct(
     out: &mut Vec<u8>,
 ) -> Result<()> {
     let (positions, levels) = decode_kept(reader, r, c)?;
-    let deltas = level_deltas(c, reader.index.model.scale);
+    let deltas = c.grid().scaled_values(reader.index.model.scale);
     out.clear();
     if base_type == out_type {
         out.extend_from_slice(base_bytes);
@@ -223,7 +209,7 @@ fn write_deltas(
             &mut base_buf,
         )?;
         let (positions, levels) = decode_kept(reader, r, c)?;
-        let deltas = level_deltas(c, reader.index.model.scale);
+        let deltas = c.grid().scaled_values(reader.index.model.scale);
         let mut dense = vec![0f32; c.shared_numel as usize];
         for (&p, &l) in positions.iter().zip(&levels) {
             dense[p as usize] = deltas[l as usize];

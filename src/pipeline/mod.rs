@@ -2,4 +2,5 @@
 
 pub mod compress;
 pub mod decompress;
+pub mod rescale;
 pub mod verify;
