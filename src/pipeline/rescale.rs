@@ -43,7 +43,10 @@ pub fn rescale(files: &[PathBuf]) -> Result<Vec<f64>> {
         })
         .collect::<Result<Vec<f64>>>()?;
     let gamma = gammas(&norms).map_err(|e| {
-        let i = norms.iter().position(|&t| t.is_nan() || t <= 0.0).unwrap_or(0);
+        let i = norms
+            .iter()
+            .position(|&t| t.is_nan() || t <= 0.0)
+            .unwrap_or(0);
         Error::format(&files[i], e)
     })?;
     for (r, &g) in readers.iter().zip(&gamma) {
