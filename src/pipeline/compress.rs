@@ -164,6 +164,19 @@ fn classify(
             ),
         ));
     }
+    // A tensor the base would have compressed must be compressible in the fine-tune too: an
+    // integer (e.g. quantized) fine-tune of a float base is not a delta this tool can take.
+    if selector.selects(&b.name, &b.shape, b.dtype) && t.float_type().is_none() {
+        return Err(Error::tensor(
+            ft_path,
+            &t.name,
+            format!(
+                "dtype {} where the base has {}: only f16, bf16 and f32 tensors can be compressed",
+                dtype_name(t.dtype),
+                dtype_name(b.dtype)
+            ),
+        ));
+    }
     let selected = selector.selects(&t.name, &t.shape, t.dtype) && b.float_type().is_some();
     if selected {
         let shared = b.numel();
