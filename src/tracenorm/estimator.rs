@@ -65,7 +65,7 @@ impl Default for EstimatorOptions {
             seed: 0x7472_6163_656e_6f72, // "tracenor"
             deflation_block: 16,
             deflation_iters: 3,
-            quadrature_tol: 1e-4,
+            quadrature_tol: 5e-4,
             target_rel_std_error: 1e-3,
             exact_max_dim: 256,
         }
