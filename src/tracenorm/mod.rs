@@ -54,6 +54,24 @@
 //! Rademacher probes make the Hutchinson variance depend only on the off-diagonal part of
 //! `f(G)`, which is small for the tall random-like matrices of interest.
 //!
+//! # Defaults, accuracy and cost
+//!
+//! With [`EstimatorOptions::default`] (16 + 16 probes per batch up to 64, deflation 16 x 3,
+//! per-lane quadrature tolerance 5e-4, at most 100 steps, target standard error 0.1 %), the
+//! worst relative error over 52 test matrices of 1024 x 2752 and 2752 x 1024 (dense and 0.5 % to
+//! 10 % sparse; Gaussian, Laplace, Student-t with 2 and 3 degrees of freedom, 16 quantized
+//! levels, rank-8-plus-noise, pure rank 8 to 128) and three seeds each is 0.27 %; on 2048 x 2048
+//! it is 0.21 % (square matrices have singular values down to 0, the slowest case for the
+//! quadrature, and showed a small negative bias of 0.1 - 0.2 %). A 4096 x 11008 matrix at 5 %
+//! density (2.25 M entries) takes about 0.6 - 1.1 s on two shared cores, about 750
+//! matrix-vector products with `A` or `A^T`; the lane histories take up to
+//! `lanczos_steps * n * 8` bytes per lane (f64), in practice a few tens of MB.
+//!
+//! The hard cases are spectra with a very wide spread of singular values (condition numbers in
+//! the thousands, e.g. Cauchy-distributed entries or a diagonal matrix with entries from 0.5 to
+//! 600): lanes then need many Lanczos steps and stop at `lanczos_steps`; the reported
+//! [`NuclearNormEstimate::quadrature_bound`] covers that error.
+//!
 //! # Determinism
 //!
 //! All random numbers come from a counter-based generator ([`rng`]) keyed by (seed, stream,

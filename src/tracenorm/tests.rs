@@ -595,7 +595,14 @@ fn work_report() {
         let g = generate(rows, cols, 0.05, Kind::Quantized, 77);
         let t = std::time::Instant::now();
         let mut op = CpuSparseOperator::new(&g.delta());
-        let r = estimate_nuclear_norm_with_report(&mut op, &EstimatorOptions::default());
+        let mut opts = EstimatorOptions::default();
+        if let Some(t) = std::env::var("TRACENORM_QTOL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            opts.quadrature_tol = t;
+        }
+        let r = estimate_nuclear_norm_with_report(&mut op, &opts);
         eprintln!(
             "{rows}x{cols} 5%: {:.3} s, {r:?}",
             t.elapsed().as_secs_f64()
