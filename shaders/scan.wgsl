@@ -1,22 +1,9 @@
-// include: common.wgsl
+// include: common.wgsl workgroup_scan.wgsl
 // Select pass C2: exclusive prefix sum of the tile counts in place, in one workgroup (each
 // thread scans a contiguous run of tiles); the chunk's total goes to stats[STAT_KEPT].
 
 @group(0) @binding(1) var<storage, read_write> tiles: array<u32>;
 @group(0) @binding(2) var<storage, read_write> stats: array<atomic<u32>>;
-
-var<workgroup> sums: array<u32, 256>;
-
-// One Hillis-Steele step of an inclusive scan of `sums`.
-fn scan_step(lid: u32, offset: u32) {
-    var v = 0u;
-    if lid >= offset {
-        v = sums[lid - offset];
-    }
-    workgroupBarrier();
-    sums[lid] += v;
-    workgroupBarrier();
-}
 
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32) {

@@ -1,4 +1,4 @@
-// include: common.wgsl keep.wgsl
+// include: common.wgsl keep.wgsl workgroup_scan.wgsl
 // Select pass C3: ordered compaction. Each workgroup takes one tile, ranks its kept entries
 // with a workgroup prefix sum, and writes positions (global indices, ascending) and levels
 // (packed four per word with atomicOr into a zeroed buffer) from the tile's scanned offset.
@@ -8,18 +8,6 @@
 @group(0) @binding(3) var<storage, read> tiles: array<u32>;
 @group(0) @binding(4) var<storage, read_write> out_positions: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out_levels: array<atomic<u32>>;
-
-var<workgroup> sums: array<u32, 256>;
-
-fn scan_step(lid: u32, offset: u32) {
-    var v = 0u;
-    if lid >= offset {
-        v = sums[lid - offset];
-    }
-    workgroupBarrier();
-    sums[lid] += v;
-    workgroupBarrier();
-}
 
 @compute @workgroup_size(256)
 fn main(

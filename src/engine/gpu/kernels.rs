@@ -26,6 +26,10 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
     ),
     ("scan.wgsl", include_str!("../../../shaders/scan.wgsl")),
     (
+        "workgroup_scan.wgsl",
+        include_str!("../../../shaders/workgroup_scan.wgsl"),
+    ),
+    (
         "scatter.wgsl",
         include_str!("../../../shaders/scatter.wgsl"),
     ),
