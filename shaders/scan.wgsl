@@ -15,15 +15,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         s += tiles[t];
     }
     sums[lid] = s;
-    workgroupBarrier();
-    scan_step(lid, 1u);
-    scan_step(lid, 2u);
-    scan_step(lid, 4u);
-    scan_step(lid, 8u);
-    scan_step(lid, 16u);
-    scan_step(lid, 32u);
-    scan_step(lid, 64u);
-    scan_step(lid, 128u);
+    inclusive_scan(lid);
     var run = sums[lid] - s;
     for (var t = begin; t < end; t++) {
         let c = tiles[t];

@@ -28,15 +28,7 @@ fn main(
     }
     let c = countOneBits(mask);
     sums[lid] = c;
-    workgroupBarrier();
-    scan_step(lid, 1u);
-    scan_step(lid, 2u);
-    scan_step(lid, 4u);
-    scan_step(lid, 8u);
-    scan_step(lid, 16u);
-    scan_step(lid, 32u);
-    scan_step(lid, 64u);
-    scan_step(lid, 128u);
+    inclusive_scan(lid);
     var r = tiles[tile] + sums[lid] - c;
     for (var j = 0u; j < 4u; j++) {
         if ((mask >> j) & 1u) != 0u {

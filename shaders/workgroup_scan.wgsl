@@ -1,5 +1,5 @@
-// Workgroup-wide inclusive scan helper shared by the scan and scatter kernels: `sums` holds
-// one value per invocation; `scan_step` is one Hillis-Steele step.
+// Workgroup-wide inclusive scan shared by the scan and scatter kernels: each invocation puts
+// its value in `sums[lid]`, then `inclusive_scan(lid)` leaves the inclusive prefix sum there.
 
 var<workgroup> sums: array<u32, 256>;
 
@@ -12,4 +12,12 @@ fn scan_step(lid: u32, offset: u32) {
     workgroupBarrier();
     sums[lid] += v;
     workgroupBarrier();
+}
+
+// Inclusive prefix sum of `sums` over the 256 invocations (Hillis-Steele, log2(256) steps).
+fn inclusive_scan(lid: u32) {
+    workgroupBarrier();
+    for (var offset = 1u; offset < 256u; offset *= 2u) {
+        scan_step(lid, offset);
+    }
 }
