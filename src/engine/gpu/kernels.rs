@@ -29,6 +29,7 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         "scatter.wgsl",
         include_str!("../../../shaders/scatter.wgsl"),
     ),
+    ("spmm.wgsl", include_str!("../../../shaders/spmm.wgsl")),
 ];
 
 /// The compute kernels, one pipeline each (entry point `main`).
@@ -48,11 +49,13 @@ pub enum Kernel {
     Scan,
     /// Select pass C3: ordered compaction of the kept entries.
     Scatter,
+    /// Nuclear-norm products: CSR sparse matrix times a dense block of vectors.
+    Spmm,
 }
 
 impl Kernel {
     /// All kernels.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::MinMax,
         Kernel::Histogram,
         Kernel::Levels,
@@ -60,6 +63,7 @@ impl Kernel {
         Kernel::TileCount,
         Kernel::Scan,
         Kernel::Scatter,
+        Kernel::Spmm,
     ];
 
     /// The kernel's WGSL file.
@@ -72,6 +76,7 @@ impl Kernel {
             Kernel::TileCount => "tile_count.wgsl",
             Kernel::Scan => "scan.wgsl",
             Kernel::Scatter => "scatter.wgsl",
+            Kernel::Spmm => "spmm.wgsl",
         }
     }
 }
