@@ -3,9 +3,14 @@
 //! the tests say loudly that they did not run; with `CI=true` that is a failure (CI runs them on
 //! lavapipe).
 
+mod common;
+use common::*;
+use udelta_gpu::algorithm::CompressParams;
+use udelta_gpu::checkpoint::select::TensorSelector;
 use udelta_gpu::engine::cpu::CpuEngine;
 use udelta_gpu::engine::gpu::{AdapterChoice, GpuEngine, GpuOptions};
 use udelta_gpu::engine::{Engine, EngineError};
+use udelta_gpu::pipeline::compress::{compress, CompressOptions};
 use udelta_gpu::tracenorm::{CpuSparseOperator, EstimatorOptions, MatrixOperator, SparseDelta};
 
 /// The GPU engine, or `None` (after a loud message) where there is no adapter; with `CI=true`
@@ -230,4 +235,37 @@ fn gpu_nuclear_norm_matches_the_cpu_estimate() {
     check_estimate(&mut g, 512, 1024, 0.05, 1);
     check_estimate(&mut g, 1024, 2752, 0.01, 2);
     assert!(g.allocated_bytes() <= g.gpu_mem());
+}
+
+/// `compress --trace-norm` through the library: the GPU engine's `T_m` (products on the device)
+/// matches the CPU engine's.
+#[test]
+fn compress_records_the_gpu_trace_norm() {
+    let Some(mut g) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = llama_pair(safetensors::Dtype::F32, 0, 5);
+    let base = write_checkpoint(&dir.path().join("base"), &base, 1);
+    let ft = write_checkpoint(&dir.path().join("ft"), &ft, 1);
+    let opts = CompressOptions {
+        params: CompressParams::default(),
+        selector: TensorSelector::new(None, None).unwrap(),
+        model_name: None,
+        force: true,
+        verify: false,
+        progress: false,
+        trace_norm: true,
+        gamma: None,
+    };
+    let norm = |engine: &mut dyn Engine, name: &str| {
+        let out = dir.path().join(name);
+        compress(&base, std::slice::from_ref(&ft), &out, &opts, engine).unwrap();
+        read_index(&out)["model"]["trace_norm"].as_f64().unwrap()
+    };
+    let cpu = norm(&mut CpuEngine, "cpu.udelta");
+    let gpu = norm(&mut g, "gpu.udelta");
+    eprintln!("compress --trace-norm: CPU T_m {cpu}, GPU T_m {gpu}");
+    assert!(
+        cpu > 0.0 && (gpu - cpu).abs() <= 1e-3 * cpu,
+        "{gpu} vs {cpu}"
+    );
 }
