@@ -9,6 +9,7 @@ pub mod gpu;
 
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::checkpoint::dtype::FloatType;
+use crate::tracenorm::{EstimatorOptions, SparseDelta};
 
 /// One tensor pair as raw little-endian bytes: the delta is `finetuned - base`, in f32.
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +112,17 @@ pub trait Engine: Send {
         stats: &TensorStats,
         plan: &SelectionPlan,
     ) -> Result<KeptEntries, EngineError>;
+
+    /// Estimated nuclear norm (sum of singular values) of a sparse delta, for trace-norm
+    /// rescaling. The default runs [`crate::tracenorm::nuclear_norm`] on the CPU; the GPU engine
+    /// does the matrix products on the device.
+    fn nuclear_norm(
+        &mut self,
+        delta: &SparseDelta,
+        opts: &EstimatorOptions,
+    ) -> Result<f64, EngineError> {
+        Ok(crate::tracenorm::nuclear_norm(delta, opts))
+    }
 }
 
 /// The engine for `--adapter NAME` with a device-memory budget of `gpu_mem` bytes:

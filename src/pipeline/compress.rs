@@ -22,7 +22,7 @@ use crate::format::{
 };
 use crate::progress::Progress;
 use crate::staging::StagedPath;
-use crate::tracenorm::{nuclear_norm, EstimatorOptions, SparseDelta};
+use crate::tracenorm::{EstimatorOptions, SparseDelta};
 use std::path::{Path, PathBuf};
 
 /// Bytes per read when comparing or copying tensors that are not compressed.
@@ -565,8 +565,9 @@ pub fn compress(
                             values: &values,
                         };
                         m.trace_norm += timed(&mut times.trace_norm, || {
-                            nuclear_norm(&delta, &EstimatorOptions::default())
-                        });
+                            engine.nuclear_norm(&delta, &EstimatorOptions::default())
+                        })
+                        .map_err(fail)?;
                     }
                     let kept_counts = selection.kept_counts();
                     let enc = timed(&mut times.encode, || {

@@ -33,6 +33,7 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         "scatter.wgsl",
         include_str!("../../../shaders/scatter.wgsl"),
     ),
+    ("spmm.wgsl", include_str!("../../../shaders/spmm.wgsl")),
 ];
 
 /// The compute kernels, one pipeline each (entry point `main`).
@@ -52,11 +53,13 @@ pub enum Kernel {
     Scan,
     /// Select pass C3: ordered compaction of the kept entries.
     Scatter,
+    /// Nuclear-norm products: CSR sparse matrix times a dense block of vectors.
+    Spmm,
 }
 
 impl Kernel {
     /// All kernels.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::MinMax,
         Kernel::Histogram,
         Kernel::Levels,
@@ -64,6 +67,7 @@ impl Kernel {
         Kernel::TileCount,
         Kernel::Scan,
         Kernel::Scatter,
+        Kernel::Spmm,
     ];
 
     /// The kernel's WGSL file.
@@ -76,6 +80,7 @@ impl Kernel {
             Kernel::TileCount => "tile_count.wgsl",
             Kernel::Scan => "scan.wgsl",
             Kernel::Scatter => "scatter.wgsl",
+            Kernel::Spmm => "spmm.wgsl",
         }
     }
 }

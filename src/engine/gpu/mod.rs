@@ -21,9 +21,11 @@
 mod device;
 mod kernels;
 mod pool;
+mod spmm;
 
 pub use device::{list_adapters, AdapterReport};
 pub use kernels::{compose as compose_shader, shader_modules, Kernel, SHADER_FILES};
+pub use spmm::GpuSparseOperator;
 
 use super::cpu::{canonical_zero, CpuEngine};
 use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries};
@@ -32,6 +34,7 @@ use crate::algorithm::selection::{
     bucket_cuts, split_threshold, threshold_from_candidates, BUCKETS, BUCKET_BITS,
 };
 use crate::algorithm::{SelectionPlan, TensorStats};
+use crate::tracenorm::{estimate_nuclear_norm, EstimatorOptions, SparseDelta};
 use device::Gpu;
 use kernels::{stat, Kernels, Params, TABLE_THRESHOLDS, TABLE_WORDS, TILE_ELEMENTS, WORKGROUP};
 use pool::{Layout, Pool, Slot};
@@ -670,6 +673,30 @@ impl GpuEngine {
 impl Engine for GpuEngine {
     fn name(&self) -> String {
         format!("gpu: {}", self.gpu.report.summary())
+    }
+
+    /// The estimator on the host with its products on the device ([`GpuSparseOperator`]);
+    /// matrices whose operator would exceed `--gpu-mem` or one storage binding go to the CPU.
+    fn nuclear_norm(
+        &mut self,
+        delta: &SparseDelta,
+        opts: &EstimatorOptions,
+    ) -> Result<f64, EngineError> {
+        self.gpu.errors.check()?;
+        if delta.positions.is_empty() || delta.rows == 0 || delta.cols == 0 {
+            return Ok(0.0);
+        }
+        let too_big = spmm::planned_bytes(delta) > self.options.gpu_mem
+            || spmm::io_bytes(delta) > self.gpu.max_binding;
+        if too_big {
+            return Ok(crate::tracenorm::nuclear_norm(delta, opts));
+        }
+        let mut op = self.sparse_operator(delta)?;
+        let estimate = estimate_nuclear_norm(&mut op, opts);
+        match op.error() {
+            Some(e) => Err(e),
+            None => Ok(estimate),
+        }
     }
 
     fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError> {

@@ -1,0 +1,452 @@
+//! [`GpuSparseOperator`]: the [`MatrixOperator`] of the nuclear-norm estimator on the device.
+//!
+//! The matrix is uploaded once, as CSR (rows of `A`) and CSC (rows of `A^T`, built on the host
+//! by the same stable counting sort as [`crate::tracenorm::CpuSparseOperator`]); each copy is
+//! split into row blocks whose entries fit in one storage binding. Every
+//! [`apply`](MatrixOperator::apply) uploads `x`, dispatches [`Kernel::Spmm`] once per row block
+//! (grid-stride, at most [`MAX_STRIDE_GROUPS`] workgroups) and reads `y` back. Every output is
+//! summed by one invocation over its row's entries in stored order, so results are
+//! deterministic and equal the CPU operator's up to f32 rounding (a fused multiply-add).
+//!
+//! `apply` cannot return an error: the first GPU failure is recorded, every later product is
+//! zero, and [`GpuSparseOperator::error`] reports it (check it after the estimate).
+
+use super::device::Gpu;
+use super::kernels::{Kernel, Params};
+use super::{words_to_bytes, GpuEngine, MAX_STRIDE_GROUPS};
+use crate::engine::EngineError;
+use crate::tracenorm::{MatrixOperator, SparseDelta};
+
+/// Widest block of vectors the estimator uses with its default options (buffers are sized for
+/// it up front and grow if a wider block comes).
+const PLANNED_WIDTH: usize = 64;
+
+/// Compressed rows of a sparse f32 matrix (host side).
+struct HostCsr {
+    ptr: Vec<u32>,
+    idx: Vec<u32>,
+    val: Vec<f32>,
+}
+
+/// One row block of a CSR matrix on the device.
+struct Block {
+    first_row: usize,
+    rows: usize,
+    row_ptr: wgpu::Buffer,
+    idx: wgpu::Buffer,
+    val: wgpu::Buffer,
+    params: wgpu::Buffer,
+}
+
+/// A [`SparseDelta`] on the device, for [`crate::tracenorm::estimate_nuclear_norm`]. Built by
+/// [`GpuEngine::sparse_operator`]; borrows the engine's device and pipelines.
+pub struct GpuSparseOperator<'a> {
+    gpu: &'a Gpu,
+    pipeline: &'a wgpu::ComputePipeline,
+    rows: usize,
+    cols: usize,
+    frobenius_sq: f64,
+    /// Row blocks of `A` (CSR) and of `A^T` (CSC).
+    a: Vec<Block>,
+    at: Vec<Block>,
+    /// x, y and the map-read staging buffer, `capacity` f32 each.
+    io: Option<(wgpu::Buffer, wgpu::Buffer, wgpu::Buffer)>,
+    capacity: usize,
+    error: Option<EngineError>,
+}
+
+/// Checks what [`crate::tracenorm::CpuSparseOperator::new`] asserts.
+fn validate(delta: &SparseDelta) -> Result<(), EngineError> {
+    let bad = |m: String| Err(EngineError::Inconsistent(format!("sparse delta: {m}")));
+    if delta.positions.len() != delta.values.len() {
+        return bad(format!(
+            "{} positions, {} values",
+            delta.positions.len(),
+            delta.values.len()
+        ));
+    }
+    let total = delta.rows as u64 * delta.cols as u64;
+    let mut prev: Option<u32> = None;
+    for &p in delta.positions {
+        if p as u64 >= total {
+            return bad(format!(
+                "position {p} out of range for {} x {}",
+                delta.rows, delta.cols
+            ));
+        }
+        if prev.is_some_and(|q| q >= p) {
+            return bad("positions not strictly increasing".into());
+        }
+        prev = Some(p);
+    }
+    Ok(())
+}
+
+/// CSR and CSC of `delta` (validated, `cols > 0`).
+fn host_copies(delta: &SparseDelta) -> (HostCsr, HostCsr) {
+    let (rows, cols) = (delta.rows, delta.cols);
+    let nnz = delta.positions.len();
+    let mut ptr = vec![0u32; rows + 1];
+    let mut cptr = vec![0u32; cols + 1];
+    for &p in delta.positions {
+        ptr[p as usize / cols + 1] += 1;
+        cptr[p as usize % cols + 1] += 1;
+    }
+    for i in 0..rows {
+        ptr[i + 1] += ptr[i];
+    }
+    for j in 0..cols {
+        cptr[j + 1] += cptr[j];
+    }
+    let idx = delta
+        .positions
+        .iter()
+        .map(|&p| (p as usize % cols) as u32)
+        .collect();
+    let mut fill = cptr.clone();
+    let mut tidx = vec![0u32; nnz];
+    let mut tval = vec![0f32; nnz];
+    for (&p, &v) in delta.positions.iter().zip(delta.values) {
+        let (r, c) = (p as usize / cols, p as usize % cols);
+        let at = fill[c] as usize;
+        tidx[at] = r as u32;
+        tval[at] = v;
+        fill[c] += 1;
+    }
+    (
+        HostCsr {
+            ptr,
+            idx,
+            val: delta.values.to_vec(),
+        },
+        HostCsr {
+            ptr: cptr,
+            idx: tidx,
+            val: tval,
+        },
+    )
+}
+
+/// `(first_row, rows)` of row blocks of at most `max_nnz` entries each (a row longer than that
+/// gets a block of its own, and the caller rejects it).
+fn row_blocks(ptr: &[u32], max_nnz: usize) -> Vec<(usize, usize)> {
+    let rows = ptr.len() - 1;
+    let mut blocks = Vec::new();
+    let mut first = 0;
+    while first < rows {
+        let mut end = first + 1;
+        while end < rows && (ptr[end + 1] - ptr[first]) as usize <= max_nnz {
+            end += 1;
+        }
+        blocks.push((first, end - first));
+        first = end;
+    }
+    blocks
+}
+
+/// Device bytes the operator needs for `delta` (matrix copies, and x, y and staging for blocks
+/// of [`PLANNED_WIDTH`] vectors).
+pub(super) fn planned_bytes(delta: &SparseDelta) -> u64 {
+    let nnz = delta.positions.len() as u64;
+    let matrix = 2 * 8 * nnz + 4 * (delta.rows as u64 + delta.cols as u64 + 2);
+    matrix + 3 * io_bytes(delta)
+}
+
+/// Bytes of one x or y buffer for blocks of [`PLANNED_WIDTH`] vectors.
+pub(super) fn io_bytes(delta: &SparseDelta) -> u64 {
+    4 * (delta.rows.max(delta.cols) * PLANNED_WIDTH) as u64
+}
+
+impl GpuEngine {
+    /// A [`MatrixOperator`] for `delta` on this engine's device: CSR and CSC copies uploaded
+    /// once. The engine's buffer pool is emptied first when the operator would not fit beside
+    /// it within `--gpu-mem`; an operator larger than the whole budget, or whose `x`/`y` block
+    /// of 64 vectors exceeds one storage binding, is an error ([`Engine::nuclear_norm`]
+    /// then uses the CPU). Invalid positions give [`EngineError::Inconsistent`].
+    ///
+    /// [`Engine::nuclear_norm`]: crate::engine::Engine::nuclear_norm
+    pub fn sparse_operator(
+        &mut self,
+        delta: &SparseDelta,
+    ) -> Result<GpuSparseOperator<'_>, EngineError> {
+        let max_nnz = (self.gpu.max_binding / 4) as usize;
+        self.sparse_operator_blocked(delta, max_nnz)
+    }
+
+    /// [`sparse_operator`](Self::sparse_operator) with row blocks of at most `max_block_nnz`
+    /// entries (tests use small blocks to exercise the split).
+    pub fn sparse_operator_blocked(
+        &mut self,
+        delta: &SparseDelta,
+        max_block_nnz: usize,
+    ) -> Result<GpuSparseOperator<'_>, EngineError> {
+        self.gpu.errors.check()?;
+        validate(delta)?;
+        let max_nnz = max_block_nnz.clamp(1, (self.gpu.max_binding / 4) as usize);
+        let needed = planned_bytes(delta);
+        if needed > self.options.gpu_mem {
+            return Err(EngineError::Gpu(format!(
+                "sparse operator for {} x {} with {} entries needs {needed} bytes, over the \
+                 device-memory budget of {}",
+                delta.rows,
+                delta.cols,
+                delta.positions.len(),
+                self.options.gpu_mem
+            )));
+        }
+        if io_bytes(delta) > self.gpu.max_binding {
+            return Err(EngineError::Gpu(format!(
+                "sparse operator for {} x {}: a block of {PLANNED_WIDTH} vectors exceeds one \
+                 storage binding ({} bytes)",
+                delta.rows, delta.cols, self.gpu.max_binding
+            )));
+        }
+        if self.pool.live() + needed > self.options.gpu_mem {
+            self.pool.clear();
+            self.layout = None;
+        }
+        let gpu = &self.gpu;
+        let mut op = GpuSparseOperator {
+            gpu,
+            pipeline: self.kernels.get(Kernel::Spmm),
+            rows: delta.rows,
+            cols: delta.cols,
+            frobenius_sq: delta.values.iter().map(|&v| v as f64 * v as f64).sum(),
+            a: Vec::new(),
+            at: Vec::new(),
+            io: None,
+            capacity: 0,
+            error: None,
+        };
+        if delta.rows == 0 || delta.cols == 0 {
+            return Ok(op);
+        }
+        let (csr, csc) = host_copies(delta);
+        op.a = upload_blocks(gpu, &csr, max_nnz)?;
+        op.at = upload_blocks(gpu, &csc, max_nnz)?;
+        op.ensure_capacity(delta.rows.max(delta.cols) * PLANNED_WIDTH);
+        gpu.wait()?;
+        Ok(op)
+    }
+}
+
+fn storage(gpu: &Gpu, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+    let size = (bytes.len() as u64).max(4);
+    let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    if !bytes.is_empty() {
+        gpu.queue.write_buffer(&buffer, 0, bytes);
+    }
+    buffer
+}
+
+fn upload_blocks(gpu: &Gpu, m: &HostCsr, max_nnz: usize) -> Result<Vec<Block>, EngineError> {
+    let mut blocks = Vec::new();
+    for (first_row, rows) in row_blocks(&m.ptr, max_nnz) {
+        let (s, e) = (m.ptr[first_row] as usize, m.ptr[first_row + rows] as usize);
+        if e - s > (gpu.max_binding / 4) as usize {
+            return Err(EngineError::Gpu(format!(
+                "sparse operator: row {first_row} has {} entries, more than one storage binding \
+                 holds",
+                e - s
+            )));
+        }
+        let ptr: Vec<u32> = m.ptr[first_row..=first_row + rows]
+            .iter()
+            .map(|&p| p - s as u32)
+            .collect();
+        blocks.push(Block {
+            first_row,
+            rows,
+            row_ptr: storage(gpu, "spmm row_ptr", &words_to_bytes(&ptr)),
+            idx: storage(gpu, "spmm idx", &words_to_bytes(&m.idx[s..e])),
+            val: storage(gpu, "spmm val", bytemuck::cast_slice(&m.val[s..e])),
+            params: gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("spmm params"),
+                size: std::mem::size_of::<Params>() as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+        });
+    }
+    Ok(blocks)
+}
+
+impl GpuSparseOperator<'_> {
+    /// The first GPU failure seen by [`apply`](MatrixOperator::apply) (every product after it
+    /// was zero), or `None`. Also reports failures the device signalled asynchronously.
+    pub fn error(&self) -> Option<EngineError> {
+        match &self.error {
+            Some(EngineError::Gpu(m)) => Some(EngineError::Gpu(m.clone())),
+            Some(EngineError::Inconsistent(m)) => Some(EngineError::Inconsistent(m.clone())),
+            Some(EngineError::NonFinite {
+                index,
+                base,
+                finetuned,
+            }) => Some(EngineError::NonFinite {
+                index: *index,
+                base: *base,
+                finetuned: *finetuned,
+            }),
+            None => self.gpu.errors.check().err(),
+        }
+    }
+
+    /// Row blocks of `A` and of `A^T` (for tests of the split).
+    pub fn blocks(&self) -> (usize, usize) {
+        (self.a.len(), self.at.len())
+    }
+
+    /// Makes x, y and staging hold at least `floats` f32 each.
+    fn ensure_capacity(&mut self, floats: usize) {
+        if floats <= self.capacity && self.io.is_some() {
+            return;
+        }
+        let size = (floats.max(1) * 4) as u64;
+        let make = |label, usage| {
+            self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        use wgpu::BufferUsages as U;
+        let x = make("spmm x", U::STORAGE | U::COPY_DST);
+        let y = make("spmm y", U::STORAGE | U::COPY_SRC);
+        let staging = make("spmm staging", U::MAP_READ | U::COPY_DST);
+        if let Some((a, b, c)) = self.io.replace((x, y, staging)) {
+            a.destroy();
+            b.destroy();
+            c.destroy();
+        }
+        self.capacity = floats.max(1);
+    }
+
+    fn try_apply(&mut self, x: &[f32], y: &mut [f32], transpose: bool) -> Result<(), EngineError> {
+        self.gpu.errors.check()?;
+        let (in_dim, out_dim) = if transpose {
+            (self.rows, self.cols)
+        } else {
+            (self.cols, self.rows)
+        };
+        if in_dim == 0 || out_dim == 0 || x.is_empty() {
+            y.fill(0.0);
+            return Ok(());
+        }
+        let w = x.len() / in_dim;
+        if x.len() != in_dim * w || y.len() != out_dim * w {
+            return Err(EngineError::Inconsistent(format!(
+                "sparse operator: x has {} entries, y {}, for {in_dim} -> {out_dim} vectors",
+                x.len(),
+                y.len()
+            )));
+        }
+        let floats = in_dim.max(out_dim) * w;
+        if floats as u64 * 4 > self.gpu.max_binding {
+            return Err(EngineError::Gpu(format!(
+                "sparse operator: a block of {w} vectors of length {} exceeds one storage binding",
+                in_dim.max(out_dim)
+            )));
+        }
+        self.ensure_capacity(floats);
+        let (xb, yb, staging) = self.io.as_ref().expect("allocated just above");
+        self.gpu.queue.write_buffer(xb, 0, bytemuck::cast_slice(x));
+        let blocks = if transpose { &self.at } else { &self.a };
+        let layout = self.pipeline.get_bind_group_layout(0);
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        for b in blocks {
+            let p = Params {
+                n: b.rows as u32,
+                start: b.first_row as u32,
+                num_levels: w as u32,
+                ..Default::default()
+            };
+            self.gpu
+                .queue
+                .write_buffer(&b.params, 0, bytemuck::bytes_of(&p));
+            let entries: Vec<wgpu::BindGroupEntry> =
+                [&b.params, &b.row_ptr, &b.idx, &b.val, xb, yb]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, buf)| wgpu::BindGroupEntry {
+                        binding: i as u32,
+                        resource: buf.as_entire_binding(),
+                    })
+                    .collect();
+            let bind = self
+                .gpu
+                .device
+                .create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("spmm"),
+                    layout: &layout,
+                    entries: &entries,
+                });
+            let groups = (b.rows * w)
+                .div_ceil(super::WORKGROUP as usize)
+                .clamp(1, (self.gpu.max_groups as usize).min(MAX_STRIDE_GROUPS));
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("spmm"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(self.pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(groups as u32, 1, 1);
+        }
+        self.gpu.queue.submit([enc.finish()]);
+        let bytes = self.gpu.read(yb, 0, (y.len() * 4) as u64, staging)?;
+        for (o, c) in y.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Ok(())
+    }
+}
+
+impl MatrixOperator for GpuSparseOperator<'_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn frobenius_norm_sq(&self) -> f64 {
+        self.frobenius_sq
+    }
+
+    /// `y = A x` or `A^T x` on the device; zeros once a GPU failure was recorded (see
+    /// [`GpuSparseOperator::error`]).
+    fn apply(&mut self, x: &[f32], y: &mut [f32], transpose: bool) {
+        if self.error.is_none() {
+            if let Err(e) = self.try_apply(x, y, transpose) {
+                self.error = Some(e);
+            }
+        }
+        if self.error.is_some() {
+            y.fill(0.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_blocks_respect_the_entry_cap() {
+        // Rows with 3, 0, 2, 5, 1 entries.
+        let ptr = [0u32, 3, 3, 5, 10, 11];
+        assert_eq!(row_blocks(&ptr, 100), vec![(0, 5)]);
+        assert_eq!(row_blocks(&ptr, 5), vec![(0, 3), (3, 1), (4, 1)]);
+        assert_eq!(
+            row_blocks(&ptr, 1),
+            vec![(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
+        );
+        assert_eq!(row_blocks(&[0u32], 4), vec![]);
+    }
+}

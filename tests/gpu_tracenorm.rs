@@ -1,0 +1,271 @@
+//! The GPU sparse operator (`shaders/spmm.wgsl`) returns the CPU operator's products up to f32
+//! rounding, and `GpuEngine::nuclear_norm` agrees with the CPU estimate. Where no adapter exists
+//! the tests say loudly that they did not run; with `CI=true` that is a failure (CI runs them on
+//! lavapipe).
+
+mod common;
+use common::*;
+use udelta_gpu::algorithm::CompressParams;
+use udelta_gpu::checkpoint::select::TensorSelector;
+use udelta_gpu::engine::cpu::CpuEngine;
+use udelta_gpu::engine::gpu::{AdapterChoice, GpuEngine, GpuOptions};
+use udelta_gpu::engine::{Engine, EngineError};
+use udelta_gpu::pipeline::compress::{compress, CompressOptions};
+use udelta_gpu::tracenorm::{CpuSparseOperator, EstimatorOptions, MatrixOperator, SparseDelta};
+
+/// The GPU engine, or `None` (after a loud message) where there is no adapter; with `CI=true`
+/// a missing adapter fails the test.
+fn gpu() -> Option<GpuEngine> {
+    match GpuEngine::new(GpuOptions {
+        adapter: AdapterChoice::Auto,
+        ..Default::default()
+    }) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI requires a GPU adapter (lavapipe): {e}");
+            }
+            eprintln!("\n!!!!!!!! GPU TEST DID NOT RUN: no usable GPU adapter: {e}\n!!!!!!!! install lavapipe (mesa-vulkan-drivers) to run it\n");
+            None
+        }
+    }
+}
+
+/// SplitMix64: small deterministic RNG.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A random `rows x cols` matrix with each entry kept with probability `density`.
+/// `levels == 0`: values uniform in (-1, 1); else UltraDelta-like values, one of `levels`
+/// nonzero levels of a symmetric grid (step 1e-3).
+fn random_delta(
+    rows: usize,
+    cols: usize,
+    density: f64,
+    levels: u32,
+    seed: u64,
+) -> (Vec<u32>, Vec<f32>) {
+    let mut r = Rng(seed);
+    let (mut positions, mut values) = (Vec::new(), Vec::new());
+    for p in 0..(rows * cols) as u32 {
+        if r.unit() < density {
+            positions.push(p);
+            values.push(if levels == 0 {
+                (2.0 * r.unit() - 1.0) as f32
+            } else {
+                let l = (r.next() % levels as u64) as f32;
+                (l - (levels as f32 - 1.0) / 2.0) * 1e-3
+            });
+        }
+    }
+    (positions, values)
+}
+
+fn delta<'a>(rows: usize, cols: usize, m: &'a (Vec<u32>, Vec<f32>)) -> SparseDelta<'a> {
+    SparseDelta {
+        rows,
+        cols,
+        positions: &m.0,
+        values: &m.1,
+    }
+}
+
+/// Largest `|gpu - cpu| / bound` over a product, where `bound = sum_k |a_k| |x_k|` (the scale of
+/// f32 rounding of each output), and how many outputs are bit-identical.
+fn compare(
+    g: &mut dyn MatrixOperator,
+    c: &mut dyn MatrixOperator,
+    abs: &mut dyn MatrixOperator,
+    width: usize,
+    transpose: bool,
+    seed: u64,
+) -> (f64, usize, usize) {
+    let (din, dout) = if transpose {
+        (c.rows(), c.cols())
+    } else {
+        (c.cols(), c.rows())
+    };
+    let mut r = Rng(seed);
+    let x: Vec<f32> = (0..din * width)
+        .map(|_| (2.0 * r.unit() - 1.0) as f32)
+        .collect();
+    let xa: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+    let (mut yg, mut yc, mut ya) = (
+        vec![f32::NAN; dout * width],
+        vec![0f32; dout * width],
+        vec![0f32; dout * width],
+    );
+    g.apply(&x, &mut yg, transpose);
+    c.apply(&x, &mut yc, transpose);
+    abs.apply(&xa, &mut ya, transpose);
+    let mut worst = 0f64;
+    let mut same = 0;
+    for i in 0..yc.len() {
+        assert!(yg[i].is_finite(), "output {i} not written");
+        if yg[i].to_bits() == yc[i].to_bits() {
+            same += 1;
+        }
+        let err = (yg[i] as f64 - yc[i] as f64).abs();
+        if err > 0.0 {
+            worst = worst.max(err / ya[i] as f64);
+        }
+    }
+    (worst, same, yc.len())
+}
+
+fn check_products(g: &mut GpuEngine, rows: usize, cols: usize, max_block_nnz: Option<usize>) {
+    let m = random_delta(rows, cols, 0.05, 0, rows as u64 * 7 + cols as u64);
+    let d = delta(rows, cols, &m);
+    let abs_values: Vec<f32> = m.1.iter().map(|v| v.abs()).collect();
+    let mut cpu = CpuSparseOperator::new(&d);
+    let mut abs = CpuSparseOperator::new(&SparseDelta {
+        values: &abs_values,
+        ..d
+    });
+    let mut op = match max_block_nnz {
+        Some(b) => g.sparse_operator_blocked(&d, b).unwrap(),
+        None => g.sparse_operator(&d).unwrap(),
+    };
+    if max_block_nnz.is_some() {
+        let (a, at) = op.blocks();
+        assert!(a > 1 && at > 1, "{a} and {at} row blocks");
+    }
+    assert_eq!(op.frobenius_norm_sq(), cpu.frobenius_norm_sq());
+    assert_eq!((op.rows(), op.cols()), (rows, cols));
+    for width in [1, 8] {
+        for transpose in [false, true] {
+            let (worst, same, n) = compare(&mut op, &mut cpu, &mut abs, width, transpose, 99);
+            eprintln!(
+                "{rows} x {cols} ({} entries, blocks {max_block_nnz:?}), width {width}, \
+                 transpose {transpose}: max error {worst:.2e} of sum |a||x|, {same}/{n} \
+                 outputs bit-identical",
+                m.0.len()
+            );
+            assert!(worst <= 1e-5, "relative error {worst}");
+        }
+    }
+    assert!(op.error().is_none(), "{:?}", op.error());
+}
+
+#[test]
+fn gpu_products_match_the_cpu_operator() {
+    let Some(mut g) = gpu() else { return };
+    check_products(&mut g, 257, 1031, None);
+    check_products(&mut g, 1031, 257, None);
+    // Row blocks of at most 500 entries: several dispatches per product.
+    check_products(&mut g, 257, 1031, Some(500));
+}
+
+#[test]
+fn widths_and_degenerate_matrices() {
+    let Some(mut g) = gpu() else { return };
+    // An empty row and column, a single entry, and widths the estimator does not use.
+    let m = (vec![0u32, 5 * 7 + 6], vec![2.0f32, -3.0]);
+    let d = delta(6, 7, &m);
+    let mut op = g.sparse_operator(&d).unwrap();
+    let mut cpu = CpuSparseOperator::new(&d);
+    for width in [1, 3, 65, 200] {
+        for transpose in [false, true] {
+            let (din, dout) = if transpose { (6, 7) } else { (7, 6) };
+            let x: Vec<f32> = (0..din * width).map(|i| i as f32 - 5.0).collect();
+            let (mut yg, mut yc) = (vec![f32::NAN; dout * width], vec![0f32; dout * width]);
+            op.apply(&x, &mut yg, transpose);
+            cpu.apply(&x, &mut yc, transpose);
+            assert_eq!(yg, yc, "width {width}, transpose {transpose}");
+        }
+    }
+    assert!(op.error().is_none());
+    // A mismatched block is recorded, not a panic, and later products are zero.
+    let mut y = vec![1f32; 6];
+    op.apply(&[1.0; 8], &mut y, false);
+    assert!(matches!(op.error(), Some(EngineError::Inconsistent(_))));
+    let mut y = vec![1f32; 6];
+    op.apply(&[1.0; 7], &mut y, false);
+    assert_eq!(y, vec![0.0; 6]);
+    drop(op);
+    // Invalid positions are an error, an empty matrix has norm 0.
+    let bad = (vec![3u32, 3], vec![1.0f32, 1.0]);
+    assert!(g.sparse_operator(&delta(6, 7, &bad)).is_err());
+    assert!(g
+        .nuclear_norm(&delta(6, 7, &bad), &Default::default())
+        .is_err());
+    let empty = (vec![], vec![]);
+    assert_eq!(
+        g.nuclear_norm(&delta(6, 7, &empty), &Default::default())
+            .unwrap(),
+        0.0
+    );
+}
+
+fn check_estimate(g: &mut GpuEngine, rows: usize, cols: usize, density: f64, seed: u64) {
+    let m = random_delta(rows, cols, density, 16, seed);
+    let d = delta(rows, cols, &m);
+    let opts = EstimatorOptions::default();
+    let t = std::time::Instant::now();
+    let cpu = CpuEngine.nuclear_norm(&d, &opts).unwrap();
+    let t_cpu = t.elapsed();
+    let t = std::time::Instant::now();
+    let gpu = g.nuclear_norm(&d, &opts).unwrap();
+    let t_gpu = t.elapsed();
+    let rel = (gpu - cpu).abs() / cpu;
+    eprintln!(
+        "{rows} x {cols} at {density} ({} entries): CPU {cpu:.6} in {t_cpu:.2?}, GPU {gpu:.6} \
+         in {t_gpu:.2?}, relative difference {rel:.2e}",
+        m.0.len()
+    );
+    assert!(rel < 1e-3, "GPU {gpu} vs CPU {cpu}: {rel}");
+}
+
+#[test]
+fn gpu_nuclear_norm_matches_the_cpu_estimate() {
+    let Some(mut g) = gpu() else { return };
+    check_estimate(&mut g, 512, 1024, 0.05, 1);
+    check_estimate(&mut g, 1024, 2752, 0.01, 2);
+    assert!(g.allocated_bytes() <= g.gpu_mem());
+}
+
+/// `compress --trace-norm` through the library: the GPU engine's `T_m` (products on the device)
+/// matches the CPU engine's.
+#[test]
+fn compress_records_the_gpu_trace_norm() {
+    let Some(mut g) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = llama_pair(safetensors::Dtype::F32, 0, 5);
+    let base = write_checkpoint(&dir.path().join("base"), &base, 1);
+    let ft = write_checkpoint(&dir.path().join("ft"), &ft, 1);
+    let opts = CompressOptions {
+        params: CompressParams::default(),
+        selector: TensorSelector::new(None, None).unwrap(),
+        model_name: None,
+        force: true,
+        verify: false,
+        progress: false,
+        trace_norm: true,
+        gamma: None,
+    };
+    let norm = |engine: &mut dyn Engine, name: &str| {
+        let out = dir.path().join(name);
+        compress(&base, std::slice::from_ref(&ft), &out, &opts, engine).unwrap();
+        read_index(&out)["model"]["trace_norm"].as_f64().unwrap()
+    };
+    let cpu = norm(&mut CpuEngine, "cpu.udelta");
+    let gpu = norm(&mut g, "gpu.udelta");
+    eprintln!("compress --trace-norm: CPU T_m {cpu}, GPU T_m {gpu}");
+    assert!(
+        cpu > 0.0 && (gpu - cpu).abs() <= 1e-3 * cpu,
+        "{gpu} vs {cpu}"
+    );
+}
