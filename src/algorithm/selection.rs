@@ -3,10 +3,11 @@
 //! Every element `i` of a tensor gets a key `element_key(tensor_key, i)`: a keyed bijection of
 //! the 32-bit index, so keys within a tensor are distinct and look uniformly random. In a level
 //! with `n_v` entries, the `k_v = round_half_even(n_v * r')` entries with the smallest keys are
-//! pruned. The rule names one exact set; engines may find it however they like. Both engines
-//! here use the bucket method of [`bucket_cuts`] / [`threshold_from_candidates`]:
-//! a histogram of the keys' top [`BUCKET_BITS`] bits per level finds the bucket holding each
-//! level's cut, and only the entries of that bucket are sorted.
+//! pruned. The rule names one exact set; engines may find it however they like. The GPU engine
+//! uses the bucket method of [`bucket_cuts`] / [`threshold_from_candidates`]: a histogram of
+//! the keys' top [`BUCKET_BITS`] bits per level finds the bucket holding each level's cut, and
+//! only that bucket's entries are sorted. The CPU engine looks for the cut in a narrow key
+//! window around its expected place (`k_v / n_v * 2^32`) in one pass, with an exact fallback.
 
 use super::{round_half_even, TensorStats};
 
