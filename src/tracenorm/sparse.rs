@@ -7,12 +7,89 @@ use super::estimator::MatrixOperator;
 use super::SparseDelta;
 use rayon::prelude::*;
 
-/// Compressed rows of a sparse f32 matrix.
+/// Compressed rows of a sparse f32 matrix: row `r` holds entries `ptr[r]..ptr[r + 1]` of
+/// `idx` (column indices, increasing) and `val`.
 #[derive(Debug, Clone)]
-struct Csr {
-    ptr: Vec<usize>,
-    idx: Vec<u32>,
-    val: Vec<f32>,
+pub struct Csr {
+    /// Row starts (`rows + 1` entries).
+    pub ptr: Vec<u32>,
+    /// Column index of each entry.
+    pub idx: Vec<u32>,
+    /// Value of each entry.
+    pub val: Vec<f32>,
+}
+
+/// Checks that `delta` has as many values as positions, strictly increasing and in range.
+pub fn validate(delta: &SparseDelta) -> Result<(), String> {
+    if delta.positions.len() != delta.values.len() {
+        return Err(format!(
+            "{} positions, {} values",
+            delta.positions.len(),
+            delta.values.len()
+        ));
+    }
+    let total = delta.rows as u64 * delta.cols as u64;
+    let mut prev: Option<u32> = None;
+    for &p in delta.positions {
+        if p as u64 >= total {
+            return Err(format!(
+                "position {p} out of range for {} x {}",
+                delta.rows, delta.cols
+            ));
+        }
+        if prev.is_some_and(|q| q >= p) {
+            return Err("positions not strictly increasing".into());
+        }
+        prev = Some(p);
+    }
+    Ok(())
+}
+
+/// The CSR copy (rows of `A`) and the CSC copy (rows of `A^T`, built by a stable counting sort,
+/// so rows stay increasing within a column) of a validated `delta` (see [`validate`]).
+pub fn csr_and_csc(delta: &SparseDelta) -> (Csr, Csr) {
+    let (rows, cols) = (delta.rows, delta.cols);
+    let nnz = delta.positions.len();
+    let mut ptr = vec![0u32; rows + 1];
+    let mut cptr = vec![0u32; cols + 1];
+    for &p in delta.positions {
+        ptr[p as usize / cols + 1] += 1;
+        cptr[p as usize % cols + 1] += 1;
+    }
+    for i in 0..rows {
+        ptr[i + 1] += ptr[i];
+    }
+    for j in 0..cols {
+        cptr[j + 1] += cptr[j];
+    }
+    let idx = delta
+        .positions
+        .iter()
+        .map(|&p| (p as usize % cols) as u32)
+        .collect();
+    let mut fill = cptr.clone();
+    let mut tidx = vec![0u32; nnz];
+    let mut tval = vec![0f32; nnz];
+    for (&p, &v) in delta.positions.iter().zip(delta.values) {
+        let (r, c) = (p as usize / cols, p as usize % cols);
+        let at = fill[c] as usize;
+        tidx[at] = r as u32;
+        tval[at] = v;
+        fill[c] += 1;
+    }
+    let a = Csr {
+        ptr,
+        idx,
+        val: delta.values.to_vec(),
+    };
+    (
+        a,
+        Csr {
+            ptr: cptr,
+            idx: tidx,
+            val: tval,
+        },
+    )
 }
 
 /// A [`SparseDelta`] prepared for block products on the CPU (multi-threaded with rayon,
@@ -33,65 +110,16 @@ impl CpuSparseOperator {
     /// If `positions` and `values` differ in length, or the positions are not strictly
     /// increasing and below `rows * cols`.
     pub fn new(delta: &SparseDelta) -> Self {
-        let (rows, cols) = (delta.rows, delta.cols);
-        let nnz = delta.positions.len();
-        assert_eq!(
-            nnz,
-            delta.values.len(),
-            "positions and values differ in length"
-        );
-        let total = rows as u64 * cols as u64;
-        let mut prev: Option<u32> = None;
-        for &p in delta.positions {
-            assert!(
-                (p as u64) < total,
-                "position {p} out of range for {rows} x {cols}"
-            );
-            assert!(
-                prev.is_none_or(|q| q < p),
-                "positions must be strictly increasing"
-            );
-            prev = Some(p);
+        if let Err(e) = validate(delta) {
+            panic!("sparse delta: {e}");
         }
-        // CSR: positions are row-major and sorted, so rows are contiguous runs.
-        let mut ptr = vec![0usize; rows + 1];
-        let mut cptr = vec![0usize; cols + 1];
-        for &p in delta.positions {
-            ptr[p as usize / cols + 1] += 1;
-            cptr[p as usize % cols + 1] += 1;
-        }
-        for i in 0..rows {
-            ptr[i + 1] += ptr[i];
-        }
-        for j in 0..cols {
-            cptr[j + 1] += cptr[j];
-        }
-        let idx: Vec<u32> = delta
-            .positions
-            .iter()
-            .map(|&p| (p as usize % cols) as u32)
-            .collect();
-        let val = delta.values.to_vec();
-        // CSC by a stable counting sort: within a column, rows stay increasing.
-        let mut fill = cptr.clone();
-        let mut tidx = vec![0u32; nnz];
-        let mut tval = vec![0f32; nnz];
-        for (&p, &v) in delta.positions.iter().zip(delta.values) {
-            let (r, c) = (p as usize / cols, p as usize % cols);
-            tidx[fill[c]] = r as u32;
-            tval[fill[c]] = v;
-            fill[c] += 1;
-        }
+        let (a, at) = csr_and_csc(delta);
         let frobenius_sq = delta.values.iter().map(|&v| v as f64 * v as f64).sum();
         CpuSparseOperator {
-            rows,
-            cols,
-            a: Csr { ptr, idx, val },
-            at: Csr {
-                ptr: cptr,
-                idx: tidx,
-                val: tval,
-            },
+            rows: delta.rows,
+            cols: delta.cols,
+            a,
+            at,
             frobenius_sq,
         }
     }
@@ -108,7 +136,7 @@ fn rows_kernel(m: &Csr, first_row: usize, x: &[f32], y: &mut [f32], w: usize) {
     for (r, yr) in y.chunks_exact_mut(w).enumerate() {
         let row = first_row + r;
         yr.fill(0.0);
-        let (s, e) = (m.ptr[row], m.ptr[row + 1]);
+        let (s, e) = (m.ptr[row] as usize, m.ptr[row + 1] as usize);
         for (&c, &v) in m.idx[s..e].iter().zip(&m.val[s..e]) {
             let xr = &x[c as usize * w..c as usize * w + w];
             for (a, &b) in yr.iter_mut().zip(xr) {

@@ -15,18 +15,12 @@ use super::device::Gpu;
 use super::kernels::{Kernel, Params};
 use super::{words_to_bytes, GpuEngine, MAX_STRIDE_GROUPS};
 use crate::engine::EngineError;
+use crate::tracenorm::sparse::{csr_and_csc, validate, Csr};
 use crate::tracenorm::{MatrixOperator, SparseDelta};
 
 /// Widest block of vectors the estimator uses with its default options (buffers are sized for
 /// it up front and grow if a wider block comes).
 const PLANNED_WIDTH: usize = 64;
-
-/// Compressed rows of a sparse f32 matrix (host side).
-struct HostCsr {
-    ptr: Vec<u32>,
-    idx: Vec<u32>,
-    val: Vec<f32>,
-}
 
 /// One row block of a CSR matrix on the device.
 struct Block {
@@ -53,78 +47,6 @@ pub struct GpuSparseOperator<'a> {
     io: Option<(wgpu::Buffer, wgpu::Buffer, wgpu::Buffer)>,
     capacity: usize,
     error: Option<EngineError>,
-}
-
-/// Checks what [`crate::tracenorm::CpuSparseOperator::new`] asserts.
-fn validate(delta: &SparseDelta) -> Result<(), EngineError> {
-    let bad = |m: String| Err(EngineError::Inconsistent(format!("sparse delta: {m}")));
-    if delta.positions.len() != delta.values.len() {
-        return bad(format!(
-            "{} positions, {} values",
-            delta.positions.len(),
-            delta.values.len()
-        ));
-    }
-    let total = delta.rows as u64 * delta.cols as u64;
-    let mut prev: Option<u32> = None;
-    for &p in delta.positions {
-        if p as u64 >= total {
-            return bad(format!(
-                "position {p} out of range for {} x {}",
-                delta.rows, delta.cols
-            ));
-        }
-        if prev.is_some_and(|q| q >= p) {
-            return bad("positions not strictly increasing".into());
-        }
-        prev = Some(p);
-    }
-    Ok(())
-}
-
-/// CSR and CSC of `delta` (validated, `cols > 0`).
-fn host_copies(delta: &SparseDelta) -> (HostCsr, HostCsr) {
-    let (rows, cols) = (delta.rows, delta.cols);
-    let nnz = delta.positions.len();
-    let mut ptr = vec![0u32; rows + 1];
-    let mut cptr = vec![0u32; cols + 1];
-    for &p in delta.positions {
-        ptr[p as usize / cols + 1] += 1;
-        cptr[p as usize % cols + 1] += 1;
-    }
-    for i in 0..rows {
-        ptr[i + 1] += ptr[i];
-    }
-    for j in 0..cols {
-        cptr[j + 1] += cptr[j];
-    }
-    let idx = delta
-        .positions
-        .iter()
-        .map(|&p| (p as usize % cols) as u32)
-        .collect();
-    let mut fill = cptr.clone();
-    let mut tidx = vec![0u32; nnz];
-    let mut tval = vec![0f32; nnz];
-    for (&p, &v) in delta.positions.iter().zip(delta.values) {
-        let (r, c) = (p as usize / cols, p as usize % cols);
-        let at = fill[c] as usize;
-        tidx[at] = r as u32;
-        tval[at] = v;
-        fill[c] += 1;
-    }
-    (
-        HostCsr {
-            ptr,
-            idx,
-            val: delta.values.to_vec(),
-        },
-        HostCsr {
-            ptr: cptr,
-            idx: tidx,
-            val: tval,
-        },
-    )
 }
 
 /// `(first_row, rows)` of row blocks of at most `max_nnz` entries each (a row longer than that
@@ -181,7 +103,7 @@ impl GpuEngine {
         max_block_nnz: usize,
     ) -> Result<GpuSparseOperator<'_>, EngineError> {
         self.gpu.errors.check()?;
-        validate(delta)?;
+        validate(delta).map_err(|m| EngineError::Inconsistent(format!("sparse delta: {m}")))?;
         let max_nnz = max_block_nnz.clamp(1, (self.gpu.max_binding / 4) as usize);
         let needed = planned_bytes(delta);
         if needed > self.options.gpu_mem {
@@ -221,7 +143,7 @@ impl GpuEngine {
         if delta.rows == 0 || delta.cols == 0 {
             return Ok(op);
         }
-        let (csr, csc) = host_copies(delta);
+        let (csr, csc) = csr_and_csc(delta);
         op.a = upload_blocks(gpu, &csr, max_nnz)?;
         op.at = upload_blocks(gpu, &csc, max_nnz)?;
         op.ensure_capacity(delta.rows.max(delta.cols) * PLANNED_WIDTH);
@@ -244,7 +166,7 @@ fn storage(gpu: &Gpu, label: &str, bytes: &[u8]) -> wgpu::Buffer {
     buffer
 }
 
-fn upload_blocks(gpu: &Gpu, m: &HostCsr, max_nnz: usize) -> Result<Vec<Block>, EngineError> {
+fn upload_blocks(gpu: &Gpu, m: &Csr, max_nnz: usize) -> Result<Vec<Block>, EngineError> {
     let mut blocks = Vec::new();
     for (first_row, rows) in row_blocks(&m.ptr, max_nnz) {
         let (s, e) = (m.ptr[first_row] as usize, m.ptr[first_row + rows] as usize);
