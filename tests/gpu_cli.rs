@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use safetensors::Dtype;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Whether `--adapter vulkan` works here (loud message or CI failure when not).
 fn vulkan_available() -> bool {
@@ -16,12 +16,7 @@ fn vulkan_available() -> bool {
         .as_array()
         .is_some_and(|l| l.iter().any(|a| a["backend"] == "Vulkan"));
     if !found {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI requires a Vulkan adapter (lavapipe: apt-get install mesa-vulkan-drivers libvulkan1)");
-        }
-        eprintln!(
-            "\n!!!!!!!! GPU TEST DID NOT RUN: no Vulkan adapter (install mesa-vulkan-drivers)\n"
-        );
+        report_missing_gpu("no Vulkan adapter");
     }
     found
 }
@@ -84,12 +79,6 @@ fn gpu_and_cpu_files_match_on_minilm() {
     if !vulkan_available() {
         return;
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dest = root.join("target/testdata/minilm");
-    let status = std::process::Command::new(root.join("scripts/fetch-minilm.sh"))
-        .arg(&dest)
-        .status()
-        .unwrap();
-    assert!(status.success(), "could not fetch the MiniLM test weights");
-    same_payloads(&dest.join("base"), &dest.join("ft"));
+    let (base, ft) = minilm();
+    same_payloads(&base, &ft);
 }

@@ -4,6 +4,8 @@
 //! small device-memory cap. Where no adapter exists the tests say loudly that they did not run;
 //! with `CI=true` that is a failure (CI runs them on lavapipe).
 
+mod common;
+use common::report_missing_gpu;
 use std::sync::Mutex;
 use udelta_gpu::algorithm::selection::TensorKey;
 use udelta_gpu::algorithm::{SelectionPlan, TensorStats};
@@ -27,10 +29,7 @@ fn gpu(opts: GpuOptions) -> Option<GpuEngine> {
     match r {
         Ok(e) => Some(e),
         Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("CI requires a GPU adapter (lavapipe): {e}");
-            }
-            eprintln!("\n!!!!!!!! GPU TEST DID NOT RUN: no usable GPU adapter: {e}\n!!!!!!!! install lavapipe (mesa-vulkan-drivers) to run it\n");
+            report_missing_gpu(&format!("no usable GPU adapter: {e}"));
             None
         }
     }

