@@ -24,6 +24,9 @@ use crate::progress::Progress;
 use crate::staging::StagedPath;
 use crate::tracenorm::{EstimatorOptions, SparseDelta};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::prefetch::{Prefetch, ReadJob, TensorRead};
 
 /// Bytes per read when comparing or copying tensors that are not compressed.
 const COPY_CHUNK: u64 = 64 << 20;
@@ -53,7 +56,8 @@ pub struct CompressOptions {
 /// Wall time spent in each stage, in seconds (stages run one after another on this thread).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct StageTimes {
-    /// Reading tensors from the checkpoints (both passes).
+    /// Waiting for tensors to be read (both passes; reads run ahead on their own thread, so
+    /// this is only the part the compute did not hide).
     pub read: f64,
     /// Comparing uncompressed tensors with the base.
     pub compare: f64,
@@ -121,7 +125,7 @@ enum Plan {
 /// One fine-tune being compressed.
 struct Model {
     name: String,
-    ckpt: Checkpoint,
+    ckpt: Arc<Checkpoint>,
     writer: UdeltaWriter,
     kinds: Vec<Kind>,
     plans: Vec<Option<Plan>>,
@@ -278,13 +282,37 @@ fn open_model(
     let n = ckpt.tensors.len();
     Ok(Model {
         name,
-        ckpt,
+        ckpt: Arc::new(ckpt),
         writer,
         kinds,
         plans: (0..n).map(|_| None).collect(),
         records: vec![None; n],
         trace_norm: 0.0,
     })
+}
+
+/// The reads one tensor name needs: the base tensor, then the fine-tuned tensor of each model
+/// that compresses it, in model order (nothing when no model compresses it).
+fn compress_reads(name: &str, base: &Arc<Checkpoint>, models: &[Model]) -> ReadJob {
+    let mut job = Vec::new();
+    for m in models {
+        let Some(ti) = m.ckpt.tensors.iter().position(|t| t.name == name) else {
+            continue;
+        };
+        if let Kind::Compress(bi, _) = m.kinds[ti] {
+            if job.is_empty() {
+                job.push(TensorRead {
+                    ckpt: base.clone(),
+                    tensor: base.tensors[bi].clone(),
+                });
+            }
+            job.push(TensorRead {
+                ckpt: m.ckpt.clone(),
+                tensor: m.ckpt.tensors[ti].clone(),
+            });
+        }
+    }
+    job
 }
 
 /// Tensor names in processing order: the first fine-tune's order, then any other names.
@@ -328,7 +356,7 @@ pub fn compress(
     if let Some(d) = &staged_dir {
         std::fs::create_dir(d.path()).map_err(|e| Error::io(out, e))?;
     }
-    let base = Checkpoint::open(base_path)?;
+    let base = Arc::new(Checkpoint::open(base_path)?);
     let mut models = Vec::with_capacity(finetuned.len());
     for path in finetuned {
         let name = opts
@@ -356,8 +384,6 @@ pub fn compress(
     let with_trace_norm = opts.trace_norm || models.len() > 1;
     let order = schedule(&models);
     let mut times = StageTimes::default();
-    let mut base_buf = Vec::new();
-    let mut ft_buf = Vec::new();
 
     // Pass 1: statistics of compressed tensors; comparison of the others.
     let pass1_bytes: u64 = models
@@ -375,8 +401,16 @@ pub fn compress(
         })
         .sum();
     let progress = Progress::new("analyze", pass1_bytes, opts.progress);
+    let mut loads = Prefetch::start(
+        order
+            .iter()
+            .map(|n| compress_reads(n, &base, &models))
+            .collect(),
+    );
     for name in &order {
-        let mut base_loaded = None;
+        let mut loaded = timed(&mut times.read, || loads.next())?.into_iter();
+        // Empty when no model compresses this tensor.
+        let base_buf = loaded.next().unwrap_or_default();
         for m in models.iter_mut() {
             let Some(ti) = m.ckpt.tensors.iter().position(|t| &t.name == name) else {
                 continue;
@@ -392,11 +426,7 @@ pub fn compress(
                 },
                 Kind::Compress(bi, shared_numel) => {
                     let b = &base.tensors[bi];
-                    if base_loaded != Some(bi) {
-                        timed(&mut times.read, || base.read_tensor(b, &mut base_buf))?;
-                        base_loaded = Some(bi);
-                    }
-                    timed(&mut times.read, || m.ckpt.read_tensor(t, &mut ft_buf))?;
+                    let ft_buf = loaded.next().expect("one read per compressing model");
                     let input = DeltaInput::new(
                         &base_buf,
                         float_type(&base, b)?,
@@ -419,6 +449,7 @@ pub fn compress(
                         return Err(Error::Gpu(format!("--verify: tensor '{}': engine statistics differ from the CPU reference", t.name)));
                     }
                     progress.inc(b.len + t.len);
+                    loads.recycle([ft_buf]);
                     Plan::Compress {
                         base: bi,
                         shared_numel,
@@ -429,7 +460,9 @@ pub fn compress(
                 }
             });
         }
+        loads.recycle([base_buf]);
     }
+    drop(loads);
     progress.finish();
 
     // The allocation plan of each model over its compressed tensors.
@@ -472,11 +505,28 @@ pub fn compress(
         .sum();
     let progress = Progress::new("compress", pass2_bytes, opts.progress);
     // Raw tensors first: the disk writes them back while the compressed ones are computed.
-    let raw_first = [true, false]
-        .into_iter()
-        .flat_map(|raw| order.iter().map(move |n| (raw, n)));
-    for (raw_round, name) in raw_first {
-        let mut base_loaded = None;
+    // The compressed ones follow in reverse order: those pass 1 read last are the likeliest
+    // to be still in the page cache when the checkpoints are larger than memory.
+    let compress_order: Vec<&String> = order.iter().rev().collect();
+    let mut loads = Prefetch::start(
+        compress_order
+            .iter()
+            .map(|n| compress_reads(n, &base, &models))
+            .collect(),
+    );
+    let rounds = order
+        .iter()
+        .map(|n| (true, n))
+        .chain(compress_order.iter().map(|n| (false, *n)));
+    for (raw_round, name) in rounds {
+        let mut loaded = if raw_round {
+            Vec::new()
+        } else {
+            timed(&mut times.read, || loads.next())?
+        }
+        .into_iter();
+        let base_buf = loaded.next().unwrap_or_default();
+        let mut base_checked = false;
         for m in models.iter_mut() {
             let Some(ti) = m.ckpt.tensors.iter().position(|t| &t.name == name) else {
                 continue;
@@ -514,8 +564,7 @@ pub fn compress(
                     allocation,
                 } => {
                     let b = &base.tensors[bi];
-                    if base_loaded != Some(bi) {
-                        timed(&mut times.read, || base.read_tensor(b, &mut base_buf))?;
+                    if !base_checked {
                         if crc32(&base_buf) != base_crc32 {
                             return Err(Error::tensor(
                                 base.shard_path(b),
@@ -523,9 +572,9 @@ pub fn compress(
                                 "the base changed on disk during compression",
                             ));
                         }
-                        base_loaded = Some(bi);
+                        base_checked = true;
                     }
-                    timed(&mut times.read, || m.ckpt.read_tensor(t, &mut ft_buf))?;
+                    let ft_buf = loaded.next().expect("one read per compressing model");
                     let ft_type = float_type(&m.ckpt, t)?;
                     let input = DeltaInput::new(
                         &base_buf,
@@ -598,6 +647,7 @@ pub fn compress(
                         ))
                     })?;
                     progress.inc(b.len + t.len);
+                    loads.recycle([ft_buf]);
                     TensorKind::Compressed(Box::new(CompressedTensor {
                         base_dtype: dtype_name(b.dtype),
                         base_shape: b.shape.clone(),
@@ -627,7 +677,9 @@ pub fn compress(
                 kind,
             });
         }
+        loads.recycle([base_buf]);
     }
+    drop(loads);
     progress.finish();
 
     let rescale = opts.params.rescale();

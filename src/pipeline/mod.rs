@@ -2,5 +2,6 @@
 
 pub mod compress;
 pub mod decompress;
+pub mod prefetch;
 pub mod rescale;
 pub mod verify;

@@ -1,0 +1,184 @@
+//! Reading ahead: a background thread reads the tensors of the next step while the engine
+//! works on the current ones, so disk time hides behind compute instead of adding to it.
+//!
+//! Jobs are read strictly in the order given, one job ahead of the consumer (a rendezvous
+//! channel): at most two jobs' buffers exist at once, plus the one being read, which keeps
+//! memory bounded by three times the largest job. Buffers handed back with
+//! [`Prefetch::recycle`] are reused, so steady state allocates nothing.
+
+use crate::checkpoint::reader::{Checkpoint, TensorEntry};
+use crate::error::Result;
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// One tensor to read whole.
+pub struct TensorRead {
+    /// The checkpoint that holds it.
+    pub ckpt: Arc<Checkpoint>,
+    /// The tensor.
+    pub tensor: TensorEntry,
+}
+
+/// The tensors of one step, read together and delivered together.
+pub type ReadJob = Vec<TensorRead>;
+
+/// A reader thread working through a list of [`ReadJob`]s.
+pub struct Prefetch {
+    loaded: Option<Receiver<Result<Vec<Vec<u8>>>>>,
+    spare: Sender<Vec<u8>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Prefetch {
+    /// Starts reading `jobs` in order.
+    pub fn start(jobs: Vec<ReadJob>) -> Prefetch {
+        let (loaded_tx, loaded_rx) = sync_channel(0);
+        let (spare_tx, spare_rx) = channel::<Vec<u8>>();
+        let thread = std::thread::Builder::new()
+            .name("udelta-read".into())
+            .spawn(move || {
+                for job in jobs {
+                    let mut bufs = Vec::with_capacity(job.len());
+                    let mut result = Ok(());
+                    for r in &job {
+                        let mut buf = spare_rx.try_recv().unwrap_or_default();
+                        result = r.ckpt.read_tensor(&r.tensor, &mut buf);
+                        bufs.push(buf);
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                    let failed = result.is_err();
+                    if loaded_tx.send(result.map(|()| bufs)).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .expect("spawning the reader thread");
+        Prefetch {
+            loaded: Some(loaded_rx),
+            spare: spare_tx,
+            thread: Some(thread),
+        }
+    }
+
+    /// The buffers of the next job, one per tensor in the job's order (blocks until read).
+    pub fn next(&mut self) -> Result<Vec<Vec<u8>>> {
+        self.loaded
+            .as_ref()
+            .and_then(|rx| rx.recv().ok())
+            .unwrap_or_else(|| {
+                Err(crate::error::Error::Param(
+                    "internal: the reader thread ended early".into(),
+                ))
+            })
+    }
+
+    /// Hands buffers back for reuse by later reads.
+    pub fn recycle(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        // Buffers without capacity are not worth a slot: a reader taking one would allocate
+        // anew while a real buffer waited behind it.
+        for b in bufs.into_iter().filter(|b| b.capacity() > 0) {
+            // The reader may have finished; then the buffer is simply freed.
+            let _ = self.spare.send(b);
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        // Closing the channel stops the reader at its next send; wait for it so no read
+        // outlives the pass that asked for it.
+        self.loaded.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::dtype::Dtype;
+    use crate::checkpoint::writer::{SafetensorsWriter, TensorHeader};
+
+    /// A checkpoint of `n` f32 tensors `t{i}` of 1000 elements, every element of `t{i}` = i.
+    fn checkpoint(dir: &std::path::Path, n: usize) -> Arc<Checkpoint> {
+        let path = dir.join("model.safetensors");
+        let headers: Vec<TensorHeader> = (0..n)
+            .map(|i| TensorHeader {
+                name: format!("t{i}"),
+                dtype: Dtype::F32,
+                shape: vec![1000],
+            })
+            .collect();
+        let mut w = SafetensorsWriter::create(&path, &headers, None).unwrap();
+        for i in 0..n {
+            w.write(bytemuck::cast_slice(&[i as f32; 1000])).unwrap();
+        }
+        w.finish().unwrap();
+        Arc::new(Checkpoint::open(&path).unwrap())
+    }
+
+    #[test]
+    fn jobs_arrive_in_order_and_buffers_are_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = checkpoint(dir.path(), 40);
+        let read = |i: usize| TensorRead {
+            ckpt: ckpt.clone(),
+            tensor: ckpt.get(&format!("t{i}")).unwrap().clone(),
+        };
+        // Pairs of tensors, with an empty job after every pair (as for tensors no model
+        // compresses): empty jobs must not make the reader allocate afresh.
+        let jobs: Vec<ReadJob> = (0..20)
+            .flat_map(|k| [vec![read(2 * k), read(2 * k + 1)], vec![]])
+            .collect();
+        let mut p = Prefetch::start(jobs);
+        let mut seen = std::collections::HashSet::new();
+        for k in 0..20 {
+            let bufs = p.next().unwrap();
+            assert_eq!(bufs.len(), 2);
+            for (j, b) in bufs.iter().enumerate() {
+                let want = (2 * k + j) as f32;
+                assert!(bytemuck::cast_slice::<u8, f32>(b)
+                    .iter()
+                    .all(|&v| v == want));
+                seen.insert(b.as_ptr() as usize);
+            }
+            p.recycle(bufs);
+            let empty = p.next().unwrap();
+            assert!(empty.is_empty());
+            p.recycle(empty.into_iter().chain([Vec::new()]));
+        }
+        // One job held here, one waiting in the channel, one being read.
+        assert!(
+            seen.len() <= 6,
+            "{} distinct buffers for 40 reads",
+            seen.len()
+        );
+    }
+
+    #[test]
+    fn a_failed_read_is_reported_and_ends_the_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = checkpoint(dir.path(), 2);
+        let mut bogus = ckpt.get("t1").unwrap().clone();
+        bogus.offset += 1 << 30;
+        let jobs = vec![
+            vec![TensorRead {
+                ckpt: ckpt.clone(),
+                tensor: ckpt.get("t0").unwrap().clone(),
+            }],
+            vec![TensorRead {
+                ckpt: ckpt.clone(),
+                tensor: bogus,
+            }],
+        ];
+        let mut p = Prefetch::start(jobs);
+        assert_eq!(p.next().unwrap().len(), 1);
+        let err = p.next().unwrap_err().to_string();
+        assert!(err.contains("t1"), "{err}");
+        assert!(p.next().is_err());
+    }
+}
