@@ -408,7 +408,7 @@ pub fn compress(
             .collect(),
     );
     for name in &order {
-        let mut loaded = timed(&mut times.read, || loads.next())?.into_iter();
+        let mut loaded = timed(&mut times.read, || loads.next_job())?.into_iter();
         // Empty when no model compresses this tensor.
         let base_buf = loaded.next().unwrap_or_default();
         for m in models.iter_mut() {
@@ -522,7 +522,7 @@ pub fn compress(
         let mut loaded = if raw_round {
             Vec::new()
         } else {
-            timed(&mut times.read, || loads.next())?
+            timed(&mut times.read, || loads.next_job())?
         }
         .into_iter();
         let base_buf = loaded.next().unwrap_or_default();

@@ -64,7 +64,7 @@ impl Prefetch {
     }
 
     /// The buffers of the next job, one per tensor in the job's order (blocks until read).
-    pub fn next(&mut self) -> Result<Vec<Vec<u8>>> {
+    pub fn next_job(&mut self) -> Result<Vec<Vec<u8>>> {
         self.loaded
             .as_ref()
             .and_then(|rx| rx.recv().ok())
@@ -137,7 +137,7 @@ mod tests {
         let mut p = Prefetch::start(jobs);
         let mut seen = std::collections::HashSet::new();
         for k in 0..20 {
-            let bufs = p.next().unwrap();
+            let bufs = p.next_job().unwrap();
             assert_eq!(bufs.len(), 2);
             for (j, b) in bufs.iter().enumerate() {
                 let want = (2 * k + j) as f32;
@@ -147,7 +147,7 @@ mod tests {
                 seen.insert(b.as_ptr() as usize);
             }
             p.recycle(bufs);
-            let empty = p.next().unwrap();
+            let empty = p.next_job().unwrap();
             assert!(empty.is_empty());
             p.recycle(empty.into_iter().chain([Vec::new()]));
         }
@@ -176,9 +176,9 @@ mod tests {
             }],
         ];
         let mut p = Prefetch::start(jobs);
-        assert_eq!(p.next().unwrap().len(), 1);
-        let err = p.next().unwrap_err().to_string();
+        assert_eq!(p.next_job().unwrap().len(), 1);
+        let err = p.next_job().unwrap_err().to_string();
         assert!(err.contains("t1"), "{err}");
-        assert!(p.next().is_err());
+        assert!(p.next_job().is_err());
     }
 }
