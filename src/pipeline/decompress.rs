@@ -15,6 +15,9 @@ use crate::format::{CompressedTensor, TensorKind, TensorRecord, UdeltaReader};
 use crate::progress::Progress;
 use crate::staging::StagedPath;
 use std::path::Path;
+use std::sync::Arc;
+
+use super::prefetch::{Prefetch, ReadJob, TensorRead};
 
 /// Options of `decompress`.
 #[derive(Debug, Clone, Default)]
@@ -67,21 +70,14 @@ pub fn decode_kept(
 
 /// The base checkpoint, checked tensor by tensor against what a `.udelta` file expects.
 struct BaseSource<'a> {
-    base: &'a Checkpoint,
+    base: &'a Arc<Checkpoint>,
     reader: &'a UdeltaReader,
     force: bool,
 }
 
 impl BaseSource<'_> {
-    /// Reads base tensor `name` into `buf`, checking its dtype, shape and CRC-32.
-    fn read(
-        &self,
-        name: &str,
-        dtype: &str,
-        shape: &[usize],
-        want_crc: u32,
-        buf: &mut Vec<u8>,
-    ) -> Result<TensorEntry> {
+    /// The base tensor `name`, checked to have the dtype and shape the file expects.
+    fn entry(&self, name: &str, dtype: &str, shape: &[usize]) -> Result<&TensorEntry> {
         let (base, file) = (self.base, self.reader.path().display());
         let b = base.get(name).ok_or_else(|| {
             Error::tensor(
@@ -101,48 +97,99 @@ impl BaseSource<'_> {
                 ),
             ));
         }
-        base.read_tensor(b, buf)?;
-        if !self.force && crc32(buf) != want_crc {
+        Ok(b)
+    }
+
+    /// Checks the bytes read for base tensor `b` against the CRC-32 the file recorded.
+    fn check(&self, b: &TensorEntry, bytes: &[u8], want_crc: u32) -> Result<()> {
+        if !self.force && crc32(bytes) != want_crc {
             return Err(Error::tensor(
-                base.shard_path(b),
-                name,
-                format!("differs from the base {file} was made against (checksum mismatch): wrong base? (--force to apply anyway)"),
+                self.base.shard_path(b),
+                &b.name,
+                format!(
+                    "differs from the base {} was made against (checksum mismatch): wrong base? (--force to apply anyway)",
+                    self.reader.path().display()
+                ),
             ));
         }
-        Ok(b.clone())
+        Ok(())
+    }
+
+    /// What record `r` needs from the base: its tensor entry and expected CRC-32, or `None`
+    /// for tensors stored whole in the file. Checks dtype and shape.
+    fn needs(&self, r: &TensorRecord) -> Result<Option<(&TensorEntry, u32)>> {
+        Ok(match &r.kind {
+            TensorKind::Unchanged { base_crc32 } => {
+                Some((self.entry(&r.name, &r.dtype, &r.shape)?, *base_crc32))
+            }
+            TensorKind::Compressed(c) => Some((
+                self.entry(&r.name, &c.base_dtype, &c.base_shape)?,
+                c.base_crc32,
+            )),
+            TensorKind::Raw { .. } => None,
+        })
+    }
+
+    /// Starts reading, in order, the base tensors `records` need, after checking every one
+    /// of them (so a base that lacks a tensor is refused before anything is written).
+    fn prefetch<'r>(
+        &self,
+        records: impl IntoIterator<Item = &'r TensorRecord>,
+    ) -> Result<Prefetch> {
+        let jobs = records
+            .into_iter()
+            .map(|r| {
+                Ok(match self.needs(r)? {
+                    Some((b, _)) => vec![TensorRead {
+                        ckpt: self.base.clone(),
+                        tensor: b.clone(),
+                    }],
+                    None => Vec::new(),
+                })
+            })
+            .collect::<Result<Vec<ReadJob>>>()?;
+        Ok(Prefetch::start(jobs))
     }
 }
 
-/// Produces the fine-tuned bytes of one compressed tensor from its base bytes.
+/// Turns the base bytes of one compressed tensor into its fine-tuned bytes (in place when
+/// the dtypes agree, else into a new buffer).
 fn reconstruct(
     reader: &UdeltaReader,
     r: &TensorRecord,
     c: &CompressedTensor,
-    base_bytes: &[u8],
+    base_bytes: Vec<u8>,
     base_type: FloatType,
     out_type: FloatType,
-    out: &mut Vec<u8>,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     let (positions, levels) = decode_kept(reader, r, c)?;
     let deltas = c.grid().scaled_values(reader.index.model.scale);
-    out.clear();
-    if base_type == out_type {
-        out.extend_from_slice(base_bytes);
-    } else {
+    let base_values = (base_type != out_type).then(|| {
         let mut vals = Vec::new();
-        base_type.decode_into(base_bytes, &mut vals);
-        out_type.encode_into(&vals, out);
-    }
+        base_type.decode_into(&base_bytes, &mut vals);
+        vals
+    });
+    let mut out = match &base_values {
+        None => base_bytes,
+        Some(vals) => {
+            let mut out = Vec::new();
+            out_type.encode_into(vals, &mut out);
+            out
+        }
+    };
     for (&p, &l) in positions.iter().zip(&levels) {
-        let v = base_type.load(base_bytes, p as usize) + deltas[l as usize];
-        out_type.store(out, p as usize, v);
+        let base = match &base_values {
+            None => out_type.load(&out, p as usize),
+            Some(vals) => vals[p as usize],
+        };
+        out_type.store(&mut out, p as usize, base + deltas[l as usize]);
     }
     if let Some(tail) = &c.tail {
         out.extend_from_slice(
             &reader.read_record(tail, &format!("tensor '{}': new rows", r.name))?,
         );
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Decompresses `input` against `base` into the directory `out_dir`.
@@ -154,7 +201,7 @@ pub fn decompress(
 ) -> Result<()> {
     let staged = StagedPath::new(out_dir, opts.force)?;
     let reader = UdeltaReader::open(input)?;
-    let base = Checkpoint::open(base_path)?;
+    let base = Arc::new(Checkpoint::open(base_path)?);
     let base = BaseSource {
         base: &base,
         reader: &reader,
@@ -192,22 +239,25 @@ fn write_deltas(
             shape: c.base_shape.clone(),
         })
         .collect();
+    // Check the base even though only deltas are written: deltas of a wrong base are wrong.
+    let mut loads = base.prefetch(compressed.iter().map(|(r, _)| *r))?;
     let mut w = SafetensorsWriter::create(&dir.join("model.safetensors"), &headers, None)?;
     let progress = Progress::new(
         "deltas",
         compressed.iter().map(|(_, c)| c.shared_numel * 4).sum(),
         opts.progress,
     );
-    let mut base_buf = Vec::new();
     for (r, c) in compressed {
-        // Check the base even though only deltas are written: deltas of a wrong base are wrong.
-        base.read(
-            &r.name,
-            &c.base_dtype,
-            &c.base_shape,
+        let base_buf = loads
+            .next_job()?
+            .pop()
+            .expect("one read per compressed tensor");
+        base.check(
+            base.entry(&r.name, &c.base_dtype, &c.base_shape)?,
+            &base_buf,
             c.base_crc32,
-            &mut base_buf,
         )?;
+        loads.recycle([base_buf]);
         let (positions, levels) = decode_kept(reader, r, c)?;
         let deltas = c.grid().scaled_values(reader.index.model.scale);
         let mut dense = vec![0f32; c.shared_numel as usize];
@@ -221,6 +271,48 @@ fn write_deltas(
     w.finish()
 }
 
+/// The fine-tuned bytes of record `r` (header `h`), given the base bytes it needs (if any).
+fn restore(
+    reader: &UdeltaReader,
+    base: &BaseSource,
+    r: &TensorRecord,
+    h: &TensorHeader,
+    base_bytes: Option<Vec<u8>>,
+) -> Result<Vec<u8>> {
+    let needs = base.needs(r)?;
+    if let (Some((b, crc)), Some(bytes)) = (needs, &base_bytes) {
+        base.check(b, bytes, crc)?;
+    }
+    let base_bytes = || base_bytes.ok_or_else(|| Error::Param("internal: base not read".into()));
+    let out = match &r.kind {
+        TensorKind::Unchanged { .. } => base_bytes()?,
+        TensorKind::Raw { data } => reader.read_record(data, &format!("tensor '{}'", r.name))?,
+        TensorKind::Compressed(c) => {
+            let bad_type = || {
+                Error::format(
+                    reader.path(),
+                    format!(
+                        "tensor '{}': compressed tensor of a non-float dtype",
+                        r.name
+                    ),
+                )
+            };
+            let base_type = needs
+                .and_then(|(b, _)| b.float_type())
+                .ok_or_else(bad_type)?;
+            let out_type = FloatType::from_dtype(h.dtype).ok_or_else(bad_type)?;
+            reconstruct(reader, r, c, base_bytes()?, base_type, out_type)?
+        }
+    };
+    if out.len() as u64 != h.byte_len() {
+        return Err(Error::format(
+            reader.path(),
+            format!("tensor '{}': restored size differs from its shape", r.name),
+        ));
+    }
+    Ok(out)
+}
+
 fn write_checkpoint(
     reader: &UdeltaReader,
     base: &BaseSource,
@@ -228,20 +320,8 @@ fn write_checkpoint(
     opts: &DecompressOptions,
 ) -> Result<()> {
     let index = &reader.index;
-    let total: u64 = index
-        .tensors
-        .iter()
-        .map(|r| header_of(reader, r).map(|h| h.byte_len()))
-        .sum::<Result<u64>>()?;
-    let progress = Progress::new("decompress", total, opts.progress);
-    let (mut base_buf, mut out) = (Vec::new(), Vec::new());
-    let mut weight_map = serde_json::Map::new();
+    let mut shards = Vec::with_capacity(index.source.shards.len());
     for (si, shard) in index.source.shards.iter().enumerate() {
-        let records: Vec<&TensorRecord> = index.tensors.iter().filter(|r| r.shard == si).collect();
-        let headers = records
-            .iter()
-            .map(|r| header_of(reader, r))
-            .collect::<Result<Vec<_>>>()?;
         let name = Path::new(&shard.file_name);
         if name.components().count() != 1 || shard.file_name.starts_with('.') {
             return Err(Error::format(
@@ -249,52 +329,31 @@ fn write_checkpoint(
                 format!("unsafe shard file name '{}'", shard.file_name),
             ));
         }
-        let mut w = SafetensorsWriter::create(&dir.join(name), &headers, shard.metadata.as_ref())?;
-        for (r, h) in records.iter().zip(&headers) {
+        let records: Vec<&TensorRecord> = index.tensors.iter().filter(|r| r.shard == si).collect();
+        let headers = records
+            .iter()
+            .map(|r| header_of(reader, r))
+            .collect::<Result<Vec<_>>>()?;
+        shards.push((shard, records, headers));
+    }
+    let total: u64 = shards
+        .iter()
+        .flat_map(|(_, _, hs)| hs.iter().map(|h| h.byte_len()))
+        .sum();
+    let mut loads = base.prefetch(shards.iter().flat_map(|(_, rs, _)| rs.iter().copied()))?;
+    let progress = Progress::new("decompress", total, opts.progress);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, records, headers) in &shards {
+        let path = dir.join(&shard.file_name);
+        let mut w = SafetensorsWriter::create(&path, headers, shard.metadata.as_ref())?;
+        for (r, h) in records.iter().zip(headers) {
             weight_map.insert(
                 r.name.clone(),
                 serde_json::Value::String(shard.file_name.clone()),
             );
-            match &r.kind {
-                TensorKind::Unchanged { base_crc32 } => {
-                    base.read(&r.name, &r.dtype, &r.shape, *base_crc32, &mut base_buf)?;
-                    w.write(&base_buf)?;
-                }
-                TensorKind::Raw { data } => {
-                    w.write(&reader.read_record(data, &format!("tensor '{}'", r.name))?)?;
-                }
-                TensorKind::Compressed(c) => {
-                    let b = base.read(
-                        &r.name,
-                        &c.base_dtype,
-                        &c.base_shape,
-                        c.base_crc32,
-                        &mut base_buf,
-                    )?;
-                    let bad_type = || {
-                        Error::format(
-                            reader.path(),
-                            format!(
-                                "tensor '{}': compressed tensor of a non-float dtype",
-                                r.name
-                            ),
-                        )
-                    };
-                    let base_type = b.float_type().ok_or_else(bad_type)?;
-                    let out_type = FloatType::from_dtype(h.dtype).ok_or_else(bad_type)?;
-                    reconstruct(reader, r, c, &base_buf, base_type, out_type, &mut out)?;
-                    if out.len() as u64 != h.byte_len() {
-                        return Err(Error::format(
-                            reader.path(),
-                            format!(
-                                "tensor '{}': reconstructed size differs from its shape",
-                                r.name
-                            ),
-                        ));
-                    }
-                    w.write(&out)?;
-                }
-            }
+            let out = restore(reader, base, r, h, loads.next_job()?.pop())?;
+            w.write(&out)?;
+            loads.recycle([out]);
             progress.inc(h.byte_len());
         }
         w.finish()?;
