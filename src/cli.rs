@@ -16,6 +16,27 @@ use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// `println!` for the tool's results: a closed stdout (`udelta-gpu inspect f | head`) ends the
+/// process quietly with status 0 instead of panicking; any other failure to write is an error
+/// on stderr with status 1.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::emit(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line of results to stdout (see [`out!`]).
+pub fn emit(args: std::fmt::Arguments) {
+    use std::io::Write as _;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{args}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// UltraDelta compression of fine-tuned LLM weight deltas, on the GPU (wgpu) or the CPU.
 #[derive(Debug, Parser)]
 #[command(name = "udelta-gpu", version, about)]
@@ -262,24 +283,24 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Rescale(a) => {
             let gammas = crate::pipeline::rescale::rescale(&a.files)?;
             for (f, g) in a.files.iter().zip(gammas) {
-                println!("{}  gamma {g:.6}", f.display());
+                out!("{}  gamma {g:.6}", f.display());
             }
             Ok(())
         }
         Command::Adapters(a) => {
             let list = engine::gpu::list_adapters();
             if a.json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&list).map_err(|e| Error::Param(e.to_string()))?
                 );
             } else if list.is_empty() {
-                println!("wgpu sees no adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers for lavapipe)");
+                out!("wgpu sees no adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers for lavapipe)");
             } else {
                 for ad in &list {
-                    println!("{}", ad.summary());
-                    println!("    driver: {} {}", ad.driver, ad.driver_info);
-                    println!(
+                    out!("{}", ad.summary());
+                    out!("    driver: {} {}", ad.driver, ad.driver_info);
+                    out!(
                         "    max storage binding {} B, max buffer {} B, max workgroups/dim {}, max invocations/workgroup {}",
                         ad.max_storage_buffer_binding_size, ad.max_buffer_size, ad.max_compute_workgroups_per_dimension, ad.max_compute_invocations_per_workgroup
                     );
@@ -292,12 +313,12 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn print_report(report: &InspectReport, json: bool, per_tensor: bool) -> Result<()> {
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(report).map_err(|e| Error::Param(e.to_string()))?
         );
     } else {
-        print!("{}", report.to_text(per_tensor));
+        out!("{}", report.to_text(per_tensor).trim_end_matches('\n'));
     }
     Ok(())
 }
@@ -351,7 +372,7 @@ fn run_compress(a: CompressArgs) -> Result<()> {
         );
     }
     if a.json && reports.len() > 1 {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&reports).map_err(|e| Error::Param(e.to_string()))?
         );
@@ -359,7 +380,7 @@ fn run_compress(a: CompressArgs) -> Result<()> {
     }
     for (r, (f, _)) in reports.iter().zip(&out.files) {
         if !a.json && reports.len() > 1 {
-            println!("== {}", f.display());
+            out!("== {}", f.display());
         }
         print_report(r, a.json, false)?;
     }
@@ -417,7 +438,7 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         }
     };
     let synth_dir = dir.join("synth");
-    println!(
+    out!(
         "1. synthesizing a tiny LLaMA-shaped base and fine-tune in {}",
         synth_dir.display()
     );
@@ -436,7 +457,7 @@ fn run_demo(a: DemoArgs) -> Result<()> {
     let file = dir.join("ft-1.udelta");
     let _ = std::fs::remove_file(&file);
     let mut engine: Box<dyn Engine> = engine::create(&a.adapter, engine::gpu::DEFAULT_GPU_MEM)?;
-    println!(
+    out!(
         "2. compressing with UltraDelta (s = {}, 4 bits) on {}",
         a.sparsity,
         engine.name()
@@ -463,10 +484,10 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         &copts,
         engine.as_mut(),
     )?;
-    println!("   done in {:.3} s", t.elapsed().as_secs_f64());
+    out!("   done in {:.3} s", t.elapsed().as_secs_f64());
     let restored = dir.join("restored");
     let _ = std::fs::remove_dir_all(&restored);
-    println!("3. decompressing into {}", restored.display());
+    out!("3. decompressing into {}", restored.display());
     decompress(
         &file,
         &syn.base,
@@ -477,7 +498,7 @@ fn run_demo(a: DemoArgs) -> Result<()> {
             progress: false,
         },
     )?;
-    println!("4. verifying against the original fine-tune");
+    out!("4. verifying against the original fine-tune");
     let reader = UdeltaReader::open(&file)?;
     let v = verify(
         &reader,
@@ -485,7 +506,7 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         &Checkpoint::open(ft)?,
         &Checkpoint::open(&restored)?,
     )?;
-    println!(
+    out!(
         "   {} tensors bit-exact, {} compressed: {} of {} entries changed ({:.2}%), delta cosine similarity {:.3}",
         v.exact_tensors,
         v.compressed_tensors,
@@ -494,7 +515,12 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         100.0 * v.changed_elements as f64 / v.compressed_elements.max(1) as f64,
         v.delta_cosine
     );
-    println!("5. report");
-    print!("{}", InspectReport::of(&reader).to_text(true));
+    out!("5. report");
+    out!(
+        "{}",
+        InspectReport::of(&reader)
+            .to_text(true)
+            .trim_end_matches('\n')
+    );
     Ok(())
 }

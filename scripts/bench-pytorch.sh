@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Side-by-side: udelta-gpu's engine vs the authors' approach in plain PyTorch
+# (scripts/pytorch_reference.py), on the same tensors, on this machine.
+#   scripts/bench-pytorch.sh [WORKDIR] [LAYERS] [DEVICE] [ADAPTER]
+# WORKDIR default target/bench-torch; LAYERS of LLaMA-2-7B shapes (default 1: the 7 linear
+# weights of one block, 202 M parameters); DEVICE cpu or cuda (PyTorch); ADAPTER for
+# udelta-gpu (default cpu). Needs `pip install torch safetensors` and ~4 GB free per layer.
+#
+# Compared, loading excluded on both sides:
+# - quantize + allocate + prune (+ encode for ours): our `analyze + select + encode` stage
+#   times vs PyTorch's `quantize + allocate + prune`;
+# - trace norm: our estimate (`--trace-norm`) vs the exact sum of singular values by full SVD
+#   (torch.linalg.svdvals) of the very deltas we compressed (`decompress --delta-only`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work="${1:-target/bench-torch}"
+layers="${2:-1}"
+device="${3:-cpu}"
+adapter="${4:-cpu}"
+mkdir -p "$work"
+cargo build --release -q
+bin=target/release/udelta-gpu
+
+echo "== machine"; nproc; grep -m1 "model name" /proc/cpuinfo || true
+rm -rf "$work/s" "$work/deltas" "$work/ours.udelta"
+$bin synth --out "$work/s" --preset 7b --layers "$layers" -q
+cat "$work"/s/base/* "$work"/s/ft-1/* > /dev/null
+
+echo "== udelta-gpu (--adapter $adapter)"
+stages=$($bin compress --base "$work/s/base" --finetuned "$work/s/ft-1" -o "$work/ours.udelta" \
+  --adapter "$adapter" --trace-norm --force -q 2>&1 | grep '^stages')
+echo "$stages"
+$bin decompress "$work/ours.udelta" --base "$work/s/base" -o "$work/deltas" --delta-only -q
+ours_tn=$($bin inspect "$work/ours.udelta" --json --totals | python3 -c "import json,sys; print(json.load(sys.stdin)['trace_norm'])")
+
+echo "== PyTorch ($device)"
+torch_algo=$(python3 scripts/pytorch_reference.py algo "$work/s/base" "$work/s/ft-1" --device "$device")
+echo "$torch_algo"
+torch_svd=$(python3 scripts/pytorch_reference.py svd "$work/deltas/model.safetensors" --device "$device")
+echo "$torch_svd"
+
+STAGES="$stages" OURS_TN="$ours_tn" ALGO="$torch_algo" SVD="$torch_svd" python3 - <<'EOF'
+import json, os, re
+st = dict((k, float(v)) for k, v in re.findall(r"(\w+(?: norm)?) ([0-9.]+)", os.environ["STAGES"]))
+algo, svd = json.loads(os.environ["ALGO"]), json.loads(os.environ["SVD"])
+ours = st["analyze"] + st["select"] + st["encode"]
+theirs = algo["total"]
+print(f"| stage | udelta-gpu | PyTorch | speed-up |\n|---|---|---|---|")
+print(f"| quantize + allocate + prune (+ encode), {algo['params']/1e6:.1f} M params | {ours:.2f} s | {theirs:.2f} s | {theirs/ours:.0f}x |")
+est, exact = float(os.environ["OURS_TN"]), svd["trace_norm"]
+print(f"| trace norm, {svd['matrices']} matrices | {st['trace norm']:.2f} s | {svd['times']['svd']:.2f} s | {svd['times']['svd']/st['trace norm']:.0f}x |")
+print(f"trace norm: estimate {est:.2f}, exact {exact:.2f}, error {100*abs(est-exact)/exact:.3f} %")
+print(f"PyTorch stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in algo["times"].items()) + f"; kept {algo['kept']}")
+EOF

@@ -1,0 +1,50 @@
+//! The tool's output side: a reader that closes stdout early (`udelta-gpu inspect f | head`)
+//! must not make it panic.
+
+mod common;
+use common::*;
+use std::process::{Command, Stdio};
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let synth = dir.path().join("m");
+    ok(udelta(&[
+        "synth",
+        "--out",
+        s(&synth),
+        "--preset",
+        "tiny",
+        "-q",
+    ]));
+    let file = dir.path().join("ft.udelta");
+    ok(udelta(&[
+        "compress",
+        "--base",
+        s(&synth.join("base")),
+        "--finetuned",
+        s(&synth.join("ft-1")),
+        "-o",
+        s(&file),
+        "--adapter",
+        "cpu",
+        "-q",
+    ]));
+    for args in [
+        vec!["inspect", s(&file)],
+        vec!["inspect", s(&file), "--json"],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_udelta-gpu"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before the tool writes: its writes fail with EPIPE.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
