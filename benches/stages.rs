@@ -1,6 +1,8 @@
 //! Per-stage throughput of the compression pipeline on one LLaMA-7B MLP-shaped tensor
 //! (11008 x 4096 = 45 M elements, f16, heavy-tailed delta): CPU engine pass 1 (`analyze`),
-//! pass 2 (`select`), and the entropy coder (encode, decode) of its kept entries at s = 0.95.
+//! pass 2 (`select`) on the CPU engine and on the GPU engine (adapter from
+//! `UDELTA_BENCH_ADAPTER`, default vulkan), and the entropy coder (encode, decode) of its kept
+//! entries at s = 0.95.
 //! Run: `cargo bench --bench stages`. Figures are elements (or kept entries) per second.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -37,26 +39,55 @@ fn pair(n: usize) -> (Vec<u8>, Vec<u8>) {
     (bb, fb)
 }
 
+/// Times pass 1 and pass 2 of `engine` on `input` in the group `name`.
+fn engine_stages(
+    c: &mut Criterion,
+    name: &str,
+    engine: &mut dyn Engine,
+    input: &DeltaInput,
+    plan: &SelectionPlan,
+) {
+    let stats = engine.analyze(input, 4).unwrap();
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .throughput(Throughput::Elements(input.numel() as u64));
+    g.bench_function("analyze", |b| {
+        b.iter(|| black_box(engine.analyze(input, 4).unwrap()))
+    });
+    g.bench_function("select", |b| {
+        b.iter(|| black_box(engine.select(input, &stats, plan).unwrap()))
+    });
+    g.finish();
+}
+
 fn stages(c: &mut Criterion) {
     let n = 11008 * 4096;
     let (base, ft) = pair(n);
     let input = DeltaInput::new(&base, FloatType::F16, &ft, FloatType::F16, n);
-    let mut engine = CpuEngine;
-    let stats = engine.analyze(&input, 4).unwrap();
+    let stats = CpuEngine.analyze(&input, 4).unwrap();
     let plan = SelectionPlan::new(TensorKey::new(0, "bench", "w"), &stats, 0.95);
-    let kept = engine.select(&input, &stats, &plan).unwrap();
+    let kept = CpuEngine.select(&input, &stats, &plan).unwrap();
     let counts = plan.kept_counts();
     let enc = codec::encode_tensor(n as u64, &kept.positions, &kept.levels, &counts).unwrap();
 
-    let mut g = c.benchmark_group("cpu_engine_11008x4096_f16");
-    g.sample_size(10).throughput(Throughput::Elements(n as u64));
-    g.bench_function("analyze", |b| {
-        b.iter(|| black_box(CpuEngine.analyze(&input, 4).unwrap()))
-    });
-    g.bench_function("select", |b| {
-        b.iter(|| black_box(CpuEngine.select(&input, &stats, &plan).unwrap()))
-    });
-    g.finish();
+    engine_stages(
+        c,
+        "cpu_engine_11008x4096_f16",
+        &mut CpuEngine,
+        &input,
+        &plan,
+    );
+    // The GPU engine on the adapter named by UDELTA_BENCH_ADAPTER (default vulkan; on a
+    // machine with only lavapipe this measures the software rasterizer, not a GPU).
+    let adapter = std::env::var("UDELTA_BENCH_ADAPTER").unwrap_or_else(|_| "vulkan".into());
+    match udelta_gpu::engine::create(&adapter, 1 << 30) {
+        Ok(mut gpu) => {
+            eprintln!("GPU stages on {}", gpu.name());
+            engine_stages(c, "gpu_engine_11008x4096_f16", gpu.as_mut(), &input, &plan);
+        }
+        Err(e) => eprintln!("GPU stages not run: --adapter {adapter}: {e}"),
+    }
+
     let mut g = c.benchmark_group("codec_s0.95");
     g.sample_size(10)
         .throughput(Throughput::Elements(kept.positions.len() as u64));
