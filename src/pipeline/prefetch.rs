@@ -8,6 +8,7 @@
 
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
 use crate::error::Result;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -27,6 +28,9 @@ pub type ReadJob = Vec<TensorRead>;
 pub struct Prefetch {
     loaded: Option<Receiver<Result<Vec<Vec<u8>>>>>,
     spare: Sender<Vec<u8>>,
+    /// Buffers waiting in `spare`, kept at most `spare_limit`.
+    spare_count: Arc<AtomicUsize>,
+    spare_limit: usize,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -35,6 +39,9 @@ impl Prefetch {
     pub fn start(jobs: Vec<ReadJob>) -> Prefetch {
         let (loaded_tx, loaded_rx) = sync_channel(0);
         let (spare_tx, spare_rx) = channel::<Vec<u8>>();
+        let spare_count = Arc::new(AtomicUsize::new(0));
+        let spare_limit = 2 * jobs.iter().map(Vec::len).max().unwrap_or(0);
+        let taken = spare_count.clone();
         let thread = std::thread::Builder::new()
             .name("udelta-read".into())
             .spawn(move || {
@@ -42,7 +49,13 @@ impl Prefetch {
                     let mut bufs = Vec::with_capacity(job.len());
                     let mut result = Ok(());
                     for r in &job {
-                        let mut buf = spare_rx.try_recv().unwrap_or_default();
+                        let mut buf = match spare_rx.try_recv() {
+                            Ok(b) => {
+                                taken.fetch_sub(1, Ordering::Relaxed);
+                                b
+                            }
+                            Err(_) => Vec::new(),
+                        };
                         result = r.ckpt.read_tensor(&r.tensor, &mut buf);
                         bufs.push(buf);
                         if result.is_err() {
@@ -59,6 +72,8 @@ impl Prefetch {
         Prefetch {
             loaded: Some(loaded_rx),
             spare: spare_tx,
+            spare_count,
+            spare_limit,
             thread: Some(thread),
         }
     }
@@ -75,13 +90,20 @@ impl Prefetch {
             })
     }
 
-    /// Hands buffers back for reuse by later reads.
+    /// Hands buffers back for reuse by later reads. The pool keeps at most two jobs' worth;
+    /// buffers beyond that (e.g. output buffers of steps that read nothing) are freed, so
+    /// memory stays bounded however many steps there are.
     pub fn recycle(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
         // Buffers without capacity are not worth a slot: a reader taking one would allocate
         // anew while a real buffer waited behind it.
         for b in bufs.into_iter().filter(|b| b.capacity() > 0) {
+            if self.spare_count.load(Ordering::Relaxed) >= self.spare_limit {
+                return;
+            }
             // The reader may have finished; then the buffer is simply freed.
-            let _ = self.spare.send(b);
+            if self.spare.send(b).is_ok() {
+                self.spare_count.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -149,7 +171,9 @@ mod tests {
             p.recycle(bufs);
             let empty = p.next_job().unwrap();
             assert!(empty.is_empty());
-            p.recycle(empty.into_iter().chain([Vec::new()]));
+            // Steps that read nothing may still hand buffers back (decompress recycles the
+            // output of raw tensors): the pool must not grow with them.
+            p.recycle(empty.into_iter().chain([Vec::new(), vec![0u8; 4000]]));
         }
         // One job held here, one waiting in the channel, one being read.
         assert!(
