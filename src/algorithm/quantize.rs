@@ -37,14 +37,16 @@ impl QuantGrid {
 
     /// Level of a delta value, given `lo`, the [`multiplier`](Self::multiplier) and `L - 1`:
     /// `clamp(round_half_even((x - lo) * k), 0, L - 1)`. Since `x >= lo`, the product is
-    /// never negative; clamping first, then rounding by adding and subtracting `1.5 * 2^23`
-    /// (exact half-to-even rounding for values below `2^22`) gives the same result without a
-    /// call to `rintf` on CPUs lacking SSE4.1's `roundss`.
+    /// never negative; clamping first, then adding `1.5 * 2^23` (exact half-to-even rounding
+    /// for values below `2^22`) and reading the low mantissa bits gives the same result
+    /// without a call to `rintf` on CPUs lacking SSE4.1's `roundss`, and vectorizes.
     #[inline(always)]
     pub fn level_of(x: f32, lo: f32, k: f32, max_level: f32) -> u8 {
         const ROUNDER: f32 = 12_582_912.0;
         let t = ((x - lo) * k).clamp(0.0, max_level);
-        ((t + ROUNDER) - ROUNDER) as u8
+        // `t + ROUNDER` is exactly `1.5 * 2^23 + round(t)`: its low mantissa bits are the
+        // level (an integer operation, so the loop vectorizes without a saturating cast).
+        ((t + ROUNDER).to_bits() & 0xff) as u8
     }
 
     /// Dequantized value of level `q`: `lo + q * (hi - lo) / (L - 1)`, evaluated in f64 and

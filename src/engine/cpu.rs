@@ -52,14 +52,22 @@ multiversion! {
 
 /// Runs `f(first_index, scratch)` on every chunk of the input in parallel, with the chunk's
 /// deltas in `scratch.delta`; results in chunk order.
+/// Each thread keeps its scratch buffers for the life of the process (about 850 KB): rayon
+/// calls a `map_init` initializer once per split job, and fresh buffers of that size come
+/// from `mmap`, so their pages would be faulted in and zeroed again and again.
 fn map_chunks<T: Send>(input: &DeltaInput, f: impl Fn(usize, &mut Scratch) -> T + Sync) -> Vec<T> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+    }
     let n = input.numel();
     (0..n.div_ceil(CHUNK))
         .into_par_iter()
-        .map_init(Scratch::default, |sc, c| {
-            let start = c * CHUNK;
-            input.delta_range(start, &mut sc.delta, &mut sc.base, CHUNK.min(n - start));
-            f(start, sc)
+        .map(|c| {
+            SCRATCH.with_borrow_mut(|sc| {
+                let start = c * CHUNK;
+                input.delta_range(start, &mut sc.delta, &mut sc.base, CHUNK.min(n - start));
+                f(start, sc)
+            })
         })
         .collect()
 }
@@ -265,7 +273,11 @@ fn select_with_margin(
             *keys.select_nth_unstable((k_v - b - 1) as usize).1 as u64 + 1
         });
     }
-    let mut kept = KeptEntries::default();
+    let total_kept = plan.kept() as usize;
+    let mut kept = KeptEntries {
+        positions: Vec::with_capacity(total_kept),
+        levels: Vec::with_capacity(total_kept),
+    };
     for p in parts {
         for (&i, &l) in p.maybe_kept.positions.iter().zip(&p.maybe_kept.levels) {
             if element_key(key, i) as u64 >= thresholds[l as usize] {

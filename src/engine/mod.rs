@@ -56,6 +56,16 @@ impl<'a> DeltaInput<'a> {
         len: usize,
     ) {
         let range = |t: FloatType| start * t.size()..(start + len) * t.size();
+        if (self.finetuned_type, self.base_type) == (FloatType::F16, FloatType::F16) {
+            // No memset: every element is overwritten.
+            out.resize(len, 0.0);
+            crate::simd::f16_delta_into(
+                &self.finetuned[range(FloatType::F16)],
+                &self.base[range(FloatType::F16)],
+                out,
+            );
+            return;
+        }
         self.finetuned_type
             .decode_into(&self.finetuned[range(self.finetuned_type)], out);
         self.base_type
