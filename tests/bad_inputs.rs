@@ -666,12 +666,7 @@ fn parameter_cases(fx: &Fixture) -> Vec<BadRun> {
         ("shards-zero", &["--shards", "0"], "shards", 1),
         ("shards-too-many", &["--shards", "1000"], "shards", 1),
         ("seed-negative", &["--seed", "-3"], "-3", 2),
-        (
-            "vocab-growth-negative",
-            &["--vocab-growth", "-1"],
-            "-1",
-            2,
-        ),
+        ("vocab-growth-negative", &["--vocab-growth", "-1"], "-1", 2),
     ] {
         let mut a = vec!["synth", "--out", s(&synth), "-q"];
         a.extend_from_slice(extra);
@@ -754,4 +749,261 @@ fn parameter_cases(fx: &Fixture) -> Vec<BadRun> {
 fn parameters_out_of_range_are_refused_before_any_work() {
     let fx = Fixture::new();
     assert!(run_all(&fx, &parameter_cases(&fx)) >= 40);
+}
+
+/// Corrupted `.udelta` files and wrong bases at decompress (through the command line).
+fn udelta_cases(fx: &Fixture) -> Vec<BadRun> {
+    let good = std::fs::read(&fx.good).unwrap();
+    let n = good.len();
+    let index_off = u64::from_le_bytes(good[n - 40..n - 32].try_into().unwrap()) as usize;
+    let with = |pos: usize, bytes: &[u8]| {
+        let mut b = good.clone();
+        b[pos..pos + bytes.len()].copy_from_slice(bytes);
+        b
+    };
+    let flip = |pos: usize| {
+        let mut b = good.clone();
+        b[pos] ^= 0x10;
+        b
+    };
+    let files: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("udelta-empty", vec![], "truncated"),
+        ("udelta-truncated-footer", good[..n - 5].to_vec(), "footer"),
+        ("udelta-truncated-half", good[..n / 2].to_vec(), "truncated"),
+        ("udelta-wrong-magic", with(0, b"XXXXXXXX"), "magic"),
+        (
+            "udelta-future-version",
+            with(8, &2u32.to_le_bytes()),
+            "version 2",
+        ),
+        (
+            "udelta-future-footer-version",
+            with(n - 12, &2u32.to_le_bytes()),
+            "version",
+        ),
+        (
+            "udelta-unknown-flags",
+            with(12, &1u32.to_le_bytes()),
+            "flags",
+        ),
+        ("udelta-bit-in-record", flip(20), "checksum"),
+        ("udelta-bit-mid-records", flip(index_off / 2), "checksum"),
+        ("udelta-bit-in-index", flip(index_off + 10), "checksum"),
+        ("udelta-bit-in-footer", flip(n - 20), "corrupted"),
+        (
+            "udelta-appended-byte",
+            [good.clone(), vec![0]].concat(),
+            "footer",
+        ),
+    ];
+    let mut cases = Vec::new();
+    for (name, bytes, needle) in files {
+        let p = fx.path(&format!("bad/{name}.udelta"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        cases.push(case(
+            name,
+            fx.decompress(&p, &fx.base, &[]),
+            &[name, needle],
+        ));
+        // inspect reads the index only: record checksums are decompress's to check.
+        if name.contains("record") {
+            continue;
+        }
+        cases.push(BadRun::new(
+            &format!("inspect-{name}"),
+            &["inspect", s(&p)],
+            &[name, needle],
+        ));
+    }
+    let (other, _) = llama_pair(Dtype::F16, 0, 99);
+    let wrong = write_checkpoint(&fx.path("bad/wrong-base"), &other, 1);
+    for (tag, extra) in [("", &[][..]), ("-delta-only", &["--delta-only"][..])] {
+        cases.push(case(
+            &format!("wrong-base{tag}"),
+            fx.decompress(&fx.good, &wrong, extra),
+            &["wrong-base", "model.safetensors", "checksum", "--force"],
+        ));
+    }
+    let lacking = fx.bad_ckpt("base-lacks-tensor", true, |b| b.retain(|t| t.name != Q0));
+    cases.push(case(
+        "base-lacks-tensor",
+        fx.decompress(&fx.good, &lacking, &[]),
+        &["base-lacks-tensor", Q0, "missing"],
+    ));
+    let reshaped = fx.bad_ckpt("base-reshaped", true, |b| {
+        b.iter_mut().find(|t| t.name == Q0).unwrap().shape = vec![16, 256]
+    });
+    cases.push(case(
+        "base-reshaped",
+        fx.decompress(&fx.good, &reshaped, &[]),
+        &["base-reshaped", Q0, "wrong base"],
+    ));
+    cases
+}
+
+#[test]
+fn corrupted_files_and_wrong_bases_are_refused() {
+    let fx = Fixture::new();
+    assert!(run_all(&fx, &udelta_cases(&fx)) >= 25);
+}
+
+#[test]
+fn a_wrong_base_is_accepted_with_force() {
+    let fx = Fixture::new();
+    let (other, _) = llama_pair(Dtype::F16, 0, 99);
+    let wrong = write_checkpoint(&fx.path("wrong"), &other, 1);
+    for extra in [&["--force"][..], &["--force", "--delta-only"]] {
+        let restored = fx.path("restored");
+        let mut a = fx.decompress(&fx.good, &wrong, extra);
+        a[5] = s(&restored).to_string();
+        ok(udelta(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+        let got = read_checkpoint(&restored);
+        if extra.len() == 1 {
+            // Unchanged tensors come from the base given: the wrong one was really applied.
+            let norm = other
+                .iter()
+                .find(|t| t.name == "model.norm.weight")
+                .unwrap();
+            assert_eq!(got["model.norm.weight"].data, norm.data);
+        } else {
+            assert!(got.contains_key(Q0));
+        }
+        std::fs::remove_dir_all(&restored).unwrap();
+    }
+}
+
+/// A tiny pair (two compressed tensors of different dtypes, an unchanged one, a raw one) and its
+/// `.udelta`: small enough to corrupt every bit of it.
+fn tiny_file(dir: &Path) -> (PathBuf, PathBuf) {
+    let mut rng = Rng(7);
+    let (mut base, mut ft) = (Vec::new(), Vec::new());
+    for (name, dtype, shape) in [
+        (Q0, Dtype::F16, vec![8, 32]),
+        (UP0, Dtype::F32, vec![4, 16]),
+        ("model.norm.weight", Dtype::BF16, vec![8]),
+        ("lm_head.weight", Dtype::F16, vec![4, 4]),
+    ] {
+        let n: usize = shape.iter().product();
+        let b: Vec<f32> = (0..n).map(|_| rng.normal(0.02)).collect();
+        let f: Vec<f32> = if name == "model.norm.weight" {
+            b.clone()
+        } else {
+            b.iter().map(|x| x + rng.laplace(1e-3)).collect()
+        };
+        base.push(T::float(name, dtype, &shape, &b));
+        ft.push(T::float(name, dtype, &shape, &f));
+    }
+    let b = write_checkpoint(&dir.join("base"), &base, 1);
+    let f = write_checkpoint(&dir.join("ft"), &ft, 1);
+    let file = dir.join("tiny.udelta");
+    ok(udelta(&[
+        "compress",
+        "--base",
+        s(&b),
+        "--finetuned",
+        s(&f),
+        "-o",
+        s(&file),
+        "--adapter",
+        "cpu",
+        "-q",
+        "--sparsity",
+        "0.8",
+    ]));
+    (b, file)
+}
+
+/// Decompresses `bytes` (written as `dir/c.udelta`) in-process; `Err` with the message, or
+/// `Ok` when it succeeded. Either way nothing but `c.udelta` may remain in `dir`.
+fn try_decompress(dir: &Path, base: &Path, bytes: &[u8], delta_only: bool) -> Result<(), String> {
+    let file = dir.join("c.udelta");
+    std::fs::write(&file, bytes).unwrap();
+    let out = dir.join("r");
+    let opts = DecompressOptions {
+        delta_only,
+        force: false,
+        progress: false,
+    };
+    let r = decompress(&file, base, &out, &opts).map_err(|e| e.to_string());
+    if r.is_ok() {
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "c.udelta")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    r
+}
+
+#[test]
+fn every_flipped_bit_and_every_truncation_is_detected() {
+    let fx = tempfile::tempdir().unwrap();
+    let (base, file) = tiny_file(fx.path());
+    let good = std::fs::read(&file).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    for delta_only in [false, true] {
+        try_decompress(work.path(), &base, &good, delta_only)
+            .expect("the intact file decompresses");
+    }
+    let mut flips = 0;
+    for i in 0..good.len() * 8 {
+        let mut b = good.clone();
+        b[i / 8] ^= 1 << (i % 8);
+        let e = try_decompress(work.path(), &base, &b, false)
+            .expect_err(&format!("flipped bit {i} (byte {}) not detected", i / 8));
+        assert!(e.contains("c.udelta"), "bit {i}: {e}");
+        flips += 1;
+    }
+    for len in 0..good.len() {
+        let e = try_decompress(work.path(), &base, &good[..len], false)
+            .expect_err(&format!("truncation to {len} bytes not detected"));
+        assert!(e.contains("c.udelta"), "length {len}: {e}");
+    }
+    eprintln!(
+        "{flips} flipped bits and {} truncations of a {}-byte file detected",
+        good.len(),
+        good.len()
+    );
+}
+
+#[test]
+fn truncation_at_every_section_boundary_is_detected() {
+    let fx = Fixture::new();
+    let good = std::fs::read(&fx.good).unwrap();
+    let index = read_index(&fx.good);
+    let n = good.len();
+    let index_off = u64::from_le_bytes(good[n - 40..n - 32].try_into().unwrap()) as usize;
+    let mut cuts = vec![0, 8, 12, 16, index_off, n - 40, n - 8, n - 1];
+    let refs = |v: &Value| {
+        ["data", "positions", "levels", "tail"]
+            .iter()
+            .filter_map(|k| v.get(*k).filter(|r| r.is_object()).cloned())
+            .collect::<Vec<_>>()
+    };
+    for t in index["tensors"].as_array().unwrap() {
+        for r in refs(t) {
+            let (off, len) = (
+                r["offset"].as_u64().unwrap() as usize,
+                r["len"].as_u64().unwrap() as usize,
+            );
+            cuts.extend([off, off + len, off + len / 2]);
+        }
+    }
+    cuts.sort();
+    cuts.dedup();
+    assert!(cuts.len() > 30, "{} boundaries", cuts.len());
+    let work = tempfile::tempdir().unwrap();
+    for delta_only in [false, true] {
+        for &c in &cuts {
+            let e = try_decompress(work.path(), &fx.base, &good[..c], delta_only)
+                .expect_err(&format!("truncation at {c} not detected"));
+            assert!(
+                e.contains("c.udelta") && e.contains("truncated"),
+                "{c}: {e}"
+            );
+        }
+    }
 }
