@@ -136,6 +136,7 @@ fn run_all(fx: &Fixture, cases: &[BadRun]) -> usize {
         assert!(names.insert(c.name.clone()), "duplicate case {}", c.name);
         c.check(fx.dir.path());
     }
+    eprintln!("{} bad inputs refused cleanly", cases.len());
     cases.len()
 }
 
