@@ -37,6 +37,21 @@ pub fn emit(args: std::fmt::Arguments) {
     }
 }
 
+/// Makes signals end the process cleanly: SIGINT, SIGTERM and SIGHUP remove every output still
+/// being written (outputs are staged, so nothing half-written ever carries the final name) and
+/// exit with status 130; SIGXFSZ (a file-size limit, `ulimit -f`) is ignored, so the write
+/// that exceeds the limit fails with an error naming the file and the run cleans up after itself
+/// instead of being killed with its temporary left behind.
+pub fn install_signal_handlers() {
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+    let _ = ctrlc::set_handler(|| {
+        crate::staging::remove_all_live_and_exit(130, "error: interrupted; partial outputs removed")
+    });
+}
+
 /// UltraDelta compression of fine-tuned LLM weight deltas, on the GPU (wgpu) or the CPU.
 #[derive(Debug, Parser)]
 #[command(name = "udelta-gpu", version, about)]
@@ -258,7 +273,10 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Compress(a) => run_compress(a),
+        Command::Compress(a) => {
+            let output = a.output.clone();
+            run_compress(a).map_err(|e| e.for_output(output))
+        }
         Command::Decompress(a) => {
             let opts = DecompressOptions {
                 delta_only: a.delta_only,
@@ -266,7 +284,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 progress: !a.quiet,
             };
             let t = Instant::now();
-            decompress(&a.input, &a.base, &a.output, &opts)?;
+            decompress(&a.input, &a.base, &a.output, &opts).map_err(|e| e.for_output(&a.output))?;
             eprintln!(
                 "wrote {} in {:.2} s",
                 a.output.display(),
@@ -278,7 +296,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let report = InspectReport::of(&UdeltaReader::open(&a.input)?);
             print_report(&report, a.json, !a.totals)
         }
-        Command::Synth(a) => run_synth(a),
+        Command::Synth(a) => {
+            let out = a.out.clone();
+            run_synth(a).map_err(|e| e.for_output(out))
+        }
         Command::Demo(a) => run_demo(a),
         Command::Rescale(a) => {
             let gammas = crate::pipeline::rescale::rescale(&a.files)?;

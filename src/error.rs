@@ -48,6 +48,15 @@ pub enum Error {
     /// The run was interrupted (SIGINT/SIGTERM); outputs were removed.
     #[error("interrupted")]
     Interrupted,
+    /// A failure not tied to one input file (a parameter, the GPU device) that stopped a run
+    /// before `path` was written: the message names the output that does not exist.
+    #[error("{}: not written: {source}", path.display())]
+    NotWritten {
+        /// The output that was not produced.
+        path: PathBuf,
+        /// Why.
+        source: Box<Error>,
+    },
 }
 
 /// Result with the crate's [`Error`].
@@ -74,6 +83,17 @@ impl Error {
             path: path.as_ref().to_path_buf(),
             tensor: tensor.to_string(),
             msg: msg.into(),
+        }
+    }
+    /// Names `output` in errors that do not name a file yet (parameters, GPU, interruption),
+    /// saying it was not written; errors that already name their file are returned as they are.
+    pub fn for_output(self, output: impl AsRef<Path>) -> Self {
+        match self {
+            Error::Param(_) | Error::Gpu(_) | Error::Interrupted => Error::NotWritten {
+                path: output.as_ref().to_path_buf(),
+                source: Box::new(self),
+            },
+            other => other,
         }
     }
     /// A corrupted or unreadable `.udelta` file.

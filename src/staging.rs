@@ -104,12 +104,108 @@ fn remove_any(p: &Path) {
     }
 }
 
-/// Removes every temporary still alive (for signal handlers; safe to call at any time).
+/// Removes every temporary still alive (safe to call at any time).
 pub fn remove_all_live() {
     let live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
-    for p in live.iter() {
-        remove_any(p);
+    remove_until_gone(&live);
+}
+
+/// Removes `paths`, again while other threads may still be creating files in them (a staged
+/// directory cannot be removed while a writer adds a shard to it), for up to ~100 ms.
+fn remove_until_gone(paths: &[PathBuf]) {
+    for _ in 0..50 {
+        paths.iter().for_each(|p| remove_any(p));
+        if paths.iter().all(|p| std::fs::symlink_metadata(p).is_err()) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
+}
+
+/// For signal handlers: removes every temporary, prints `message` on stderr and exits with
+/// `code`, holding the registry the whole time so that no new temporary can be staged (and left
+/// behind) between the cleanup and the exit.
+pub fn remove_all_live_and_exit(code: i32, message: &str) -> ! {
+    let live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    remove_until_gone(&live);
+    eprintln!("{message}");
+    std::process::exit(code)
+}
+
+/// What an output path must become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// A file (a `.udelta`).
+    File,
+    /// A directory (a checkpoint, or several `.udelta` files).
+    Dir,
+}
+
+/// Checks an output path before any work: it must not exist (unless `force`), must not be of
+/// the other kind (a file where a directory is written or the reverse), and must be neither one
+/// of `inputs`, nor a directory holding one, nor an existing file inside an input directory
+/// (replacing it would destroy the input, even with `force`).
+pub fn check_output(target: &Path, kind: OutputKind, force: bool, inputs: &[&Path]) -> Result<()> {
+    let meta = std::fs::symlink_metadata(target).ok();
+    if let Some(m) = &meta {
+        if !force {
+            return Err(Error::checkpoint(
+                target,
+                "output already exists (use --force to replace it)",
+            ));
+        }
+        let wrong = match kind {
+            OutputKind::File if m.is_dir() => Some("is a directory; the output is a file"),
+            OutputKind::Dir if !m.is_dir() => Some("is a file; the output is a directory"),
+            _ => None,
+        };
+        if let Some(w) = wrong {
+            return Err(Error::checkpoint(
+                target,
+                format!("output {w} (--force replaces only an output of the same kind)"),
+            ));
+        }
+    }
+    let Some(canonical) = canonical_target(target) else {
+        return Ok(()); // a missing parent is reported by StagedPath::new
+    };
+    for input in inputs {
+        let Ok(input_canon) = std::fs::canonicalize(input) else {
+            continue; // reported when the input is opened
+        };
+        let clash = if canonical == input_canon {
+            Some("is the input")
+        } else if input_canon.starts_with(&canonical) {
+            Some("contains the input")
+        } else if meta.is_some() && canonical.starts_with(&input_canon) {
+            Some("is a file of the input")
+        } else {
+            None
+        };
+        if let Some(c) = clash {
+            return Err(Error::checkpoint(
+                target,
+                format!(
+                    "output {c} {}: writing it would destroy the input; choose another output",
+                    input.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `target` with its parent resolved (symbolic links, `..`), or `None` without a parent.
+fn canonical_target(target: &Path) -> Option<PathBuf> {
+    if let Ok(c) = std::fs::canonicalize(target) {
+        return Some(c);
+    }
+    let name = target.file_name()?;
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::canonicalize(parent).ok().map(|p| p.join(name))
 }
 
 /// Bytes written between two background syncs of a [`DurableFile`].
@@ -218,5 +314,29 @@ mod tests {
             err.contains("out.bin") && err.contains("already exists"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn outputs_that_would_destroy_an_input_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        std::fs::create_dir(&ckpt).unwrap();
+        let file = ckpt.join("model.safetensors");
+        std::fs::write(&file, b"weights").unwrap();
+        let err = |t: &Path, k| check_output(t, k, true, &[&ckpt]).unwrap_err().to_string();
+        assert!(err(&file, OutputKind::File).contains("is a file of the input"));
+        assert!(err(&ckpt, OutputKind::Dir).contains("is the input"));
+        assert!(err(dir.path(), OutputKind::Dir).contains("contains the input"));
+        assert!(err(&ckpt, OutputKind::File).contains("is a directory"));
+        assert!(err(&file, OutputKind::Dir).contains("is a file"));
+        let via_dots = ckpt.join("..").join("ckpt").join("model.safetensors");
+        assert!(check_output(&via_dots, OutputKind::File, true, &[&file]).is_err());
+        // A new file inside an input directory, or anywhere else, is fine.
+        check_output(&ckpt.join("d.udelta"), OutputKind::File, false, &[&ckpt]).unwrap();
+        check_output(&dir.path().join("x"), OutputKind::Dir, false, &[&ckpt]).unwrap();
+        assert!(check_output(&file, OutputKind::File, false, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("already exists"));
     }
 }

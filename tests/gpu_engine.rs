@@ -40,6 +40,7 @@ fn opts(gpu_mem: u64, chunk: Option<usize>) -> GpuOptions {
         adapter: AdapterChoice::Auto,
         gpu_mem,
         chunk_elements: chunk,
+        fault: None,
     }
 }
 

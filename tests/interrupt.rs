@@ -1,14 +1,16 @@
-//! SIGINT/SIGTERM during compress and decompress: exit status 130, a message, and no output
-//! or temporary file left behind.
+//! SIGINT/SIGTERM during compress (one fine-tune or several), decompress (full and
+//! --delta-only) and synth: exit status 130, a message, and no output or temporary file left
+//! behind.
 
 mod common;
 use common::*;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Starts the binary, waits until a staged temporary appears in `dir`, sends `signal`, and
 /// returns the exit status and stderr.
-fn interrupt(args: &[&str], dir: &std::path::Path, signal: &str) -> (Option<i32>, String) {
+fn interrupt(args: &[&str], dir: &Path, signal: &str) -> (Option<i32>, String) {
     let child = Command::new(env!("CARGO_BIN_EXE_udelta-gpu"))
         .args(args)
         .stderr(Stdio::piped())
@@ -42,6 +44,23 @@ fn interrupt(args: &[&str], dir: &std::path::Path, signal: &str) -> (Option<i32>
     )
 }
 
+/// Interrupts `args` with SIGINT and with SIGTERM; each time: status 130, the message, and
+/// `dir` holding exactly `expected` afterwards.
+fn interrupt_both(args: &[&str], dir: &Path, expected: &[&str]) {
+    for signal in ["INT", "TERM"] {
+        let (code, err) = interrupt(args, dir, signal);
+        assert_eq!(code, Some(130), "{signal} {args:?}: {err}");
+        assert!(err.contains("interrupted"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        let mut left: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, expected, "{signal} {args:?}: left behind");
+    }
+}
+
 #[test]
 fn signals_leave_no_output() {
     let dir = tempfile::tempdir().unwrap();
@@ -54,39 +73,19 @@ fn signals_leave_no_output() {
         "tiny",
         "--layers",
         "24",
+        "--models",
+        "2",
         "-q",
     ]));
-    let (base, ft) = (dir.path().join("base"), dir.path().join("ft-1"));
+    let (base, ft, ft2) = (
+        dir.path().join("base"),
+        dir.path().join("ft-1"),
+        dir.path().join("ft-2"),
+    );
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let file = out_dir.join("x.udelta");
-    for signal in ["INT", "TERM"] {
-        let (code, err) = interrupt(
-            &[
-                "compress",
-                "--base",
-                s(&base),
-                "--finetuned",
-                s(&ft),
-                "-o",
-                s(&file),
-                "-q",
-                "--adapter",
-                "cpu",
-            ],
-            &out_dir,
-            signal,
-        );
-        // The temporary appears when the run starts, well before it can finish.
-        assert_eq!(code, Some(130), "{signal}: {err}");
-        assert!(err.contains("interrupted"), "{err}");
-        let left: Vec<_> = std::fs::read_dir(&out_dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert!(left.is_empty(), "{signal}: left {left:?}");
-    }
-    ok(udelta(&[
+    let compress = [
         "compress",
         "--base",
         s(&base),
@@ -97,10 +96,18 @@ fn signals_leave_no_output() {
         "-q",
         "--adapter",
         "cpu",
-    ]));
+    ];
+    interrupt_both(&compress, &out_dir, &[]);
+    // Several fine-tunes: the output is a staged directory of files.
+    let many = out_dir.join("many");
+    let mut several = compress.to_vec();
+    several[6] = s(&many);
+    several.extend(["--finetuned", s(&ft2)]);
+    interrupt_both(&several, &out_dir, &[]);
+    ok(udelta(&compress));
     let restored = out_dir.join("restored");
-    let (code, err) = interrupt(
-        &[
+    for extra in [&[][..], &["--delta-only"]] {
+        let mut args = vec![
             "decompress",
             s(&file),
             "--base",
@@ -108,15 +115,25 @@ fn signals_leave_no_output() {
             "-o",
             s(&restored),
             "-q",
+        ];
+        args.extend_from_slice(extra);
+        interrupt_both(&args, &out_dir, &["x.udelta"]);
+    }
+    // synth writes staged checkpoint directories too.
+    let synth_dir = out_dir.join("synth");
+    std::fs::create_dir(&synth_dir).unwrap();
+    interrupt_both(
+        &[
+            "synth",
+            "--out",
+            s(&synth_dir),
+            "--layers",
+            "24",
+            "--shards",
+            "4",
+            "-q",
         ],
-        &out_dir,
-        "INT",
+        &synth_dir,
+        &[],
     );
-    assert_eq!(code, Some(130), "{err}");
-    assert!(err.contains("interrupted"), "{err}");
-    let left: Vec<_> = std::fs::read_dir(&out_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(left, vec!["x.udelta".to_string()]);
 }

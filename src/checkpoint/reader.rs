@@ -540,6 +540,13 @@ fn open_shard(path: &Path, file_name: String) -> Result<(ShardFile, Vec<(String,
         .map_err(|e| Error::io(path, e))?;
     let metadata: Metadata =
         serde_json::from_slice(&header).map_err(|e| header_error(path, &header, e))?;
+    if let Some(name) = duplicate_key(&header) {
+        return Err(Error::tensor(
+            path,
+            &name,
+            "named twice in the header (duplicate tensor names)",
+        ));
+    }
 
     let data_start = 8 + n;
     let data_len = file_len - data_start;
@@ -590,6 +597,39 @@ fn open_shard(path: &Path, file_name: String) -> Result<(ShardFile, Vec<(String,
         file,
     };
     Ok((shard, tensors))
+}
+
+/// The first key that a JSON object (the header) holds twice: JSON parsers keep one of them
+/// silently, so a header naming a tensor twice would otherwise pass.
+fn duplicate_key(header: &[u8]) -> Option<String> {
+    struct Keys(Option<String>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> std::result::Result<Keys, A::Error> {
+                    // Every entry is consumed: serde_json refuses a map left half-read.
+                    let (mut seen, mut first) = (std::collections::HashSet::new(), None);
+                    while let Some(k) = map.next_key::<String>()? {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        if !seen.insert(k.clone()) && first.is_none() {
+                            first = Some(k);
+                        }
+                    }
+                    Ok(Keys(first))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    serde_json::from_slice::<Keys>(header).ok()?.0
 }
 
 /// A clear error for a header `serde_json` / `safetensors` rejected.

@@ -21,7 +21,7 @@ use crate::format::{
     CompressedTensor, FileIndex, TensorKind, TensorRecord, UdeltaWriter, FORMAT_VERSION,
 };
 use crate::progress::Progress;
-use crate::staging::StagedPath;
+use crate::staging::{check_output, OutputKind, StagedPath};
 use crate::tracenorm::{EstimatorOptions, SparseDelta};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -227,10 +227,28 @@ fn compare(
     Ok(Some(hasher.finalize()))
 }
 
-fn engine_error(path: &Path, tensor: &str, e: EngineError) -> Error {
+/// A checkpoint without tensors is refused: nothing could be compressed against or from it.
+fn refuse_empty(c: &Checkpoint) -> Result<()> {
+    if c.tensors.is_empty() {
+        return Err(Error::checkpoint(
+            &c.path,
+            "holds no tensors (an empty checkpoint)",
+        ));
+    }
+    Ok(())
+}
+
+/// An engine failure on one tensor pair, naming the file it comes from: the base's file when
+/// the offending value is the base's (a NaN or infinity there), else the fine-tune's.
+fn engine_error(base_path: &Path, ft_path: &Path, tensor: &str, e: EngineError) -> Error {
     match e {
-        EngineError::Gpu(m) => Error::Gpu(format!("tensor '{tensor}': {m}")),
-        other => Error::tensor(path, tensor, other.to_string()),
+        EngineError::NonFinite { base, .. } if !base.is_finite() => Error::tensor(
+            base_path,
+            tensor,
+            format!("the base holds a non-finite value: {e}"),
+        ),
+        EngineError::Gpu(m) => Error::tensor(ft_path, tensor, format!("GPU engine: {m}")),
+        other => Error::tensor(ft_path, tensor, other.to_string()),
     }
 }
 
@@ -252,8 +270,9 @@ fn open_model(
     out: &Path,
     opts: &CompressOptions,
 ) -> Result<Model> {
-    let writer = UdeltaWriter::create(out, opts.force)?;
     let ckpt = Checkpoint::open(path)?;
+    refuse_empty(&ckpt)?;
+    let writer = UdeltaWriter::create(out, opts.force)?;
     // A fine-tune may drop buffers (newer exports omit `position_ids`), but a missing tensor
     // that would be compressed means a truncated or wrong checkpoint.
     for missing in base.tensors.iter().filter(|b| ckpt.get(&b.name).is_none()) {
@@ -350,6 +369,15 @@ pub fn compress(
             "--model-name applies to a single --finetuned checkpoint".into(),
         ));
     }
+    let kind = if finetuned.len() > 1 {
+        OutputKind::Dir
+    } else {
+        OutputKind::File
+    };
+    let inputs: Vec<&Path> = std::iter::once(base_path)
+        .chain(finetuned.iter().map(PathBuf::as_path))
+        .collect();
+    check_output(out, kind, opts.force, &inputs)?;
     let staged_dir = (finetuned.len() > 1)
         .then(|| StagedPath::new(out, opts.force))
         .transpose()?;
@@ -357,6 +385,7 @@ pub fn compress(
         std::fs::create_dir(d.path()).map_err(|e| Error::io(out, e))?;
     }
     let base = Arc::new(Checkpoint::open(base_path)?);
+    refuse_empty(&base)?;
     let mut models = Vec::with_capacity(finetuned.len());
     for path in finetuned {
         let name = opts
@@ -434,7 +463,8 @@ pub fn compress(
                         float_type(&m.ckpt, t)?,
                         shared_numel,
                     );
-                    let fail = |e| engine_error(m.ckpt.shard_path(t), &t.name, e);
+                    let fail =
+                        |e| engine_error(base.shard_path(b), m.ckpt.shard_path(t), &t.name, e);
                     let stats = timed(&mut times.analyze, || {
                         engine.analyze(&input, opts.params.bits)
                     })
@@ -589,7 +619,8 @@ pub fn compress(
                         &stats,
                         allocation.rate,
                     );
-                    let fail = |e| engine_error(m.ckpt.shard_path(t), &t.name, e);
+                    let fail =
+                        |e| engine_error(base.shard_path(b), m.ckpt.shard_path(t), &t.name, e);
                     let kept = timed(&mut times.select, || {
                         engine.select(&input, &stats, &selection)
                     })

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::format::index::crc32;
 use crate::format::{CompressedTensor, TensorKind, TensorRecord, UdeltaReader};
 use crate::progress::Progress;
-use crate::staging::StagedPath;
+use crate::staging::{check_output, OutputKind, StagedPath};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -199,6 +199,7 @@ pub fn decompress(
     out_dir: &Path,
     opts: &DecompressOptions,
 ) -> Result<()> {
+    check_output(out_dir, OutputKind::Dir, opts.force, &[input, base_path])?;
     let staged = StagedPath::new(out_dir, opts.force)?;
     let reader = UdeltaReader::open(input)?;
     let base = Arc::new(Checkpoint::open(base_path)?);

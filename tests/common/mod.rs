@@ -502,3 +502,144 @@ pub fn minilm() -> (PathBuf, PathBuf) {
     );
     (dest.join("base"), dest.join("ft"))
 }
+
+/// Every file under `dir` (recursively) with its length and CRC-32: equal snapshots mean no
+/// file was added, removed or changed.
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, (u64, u32)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.insert(p.clone(), (0, 0));
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                out.insert(p, (bytes.len() as u64, crc32fast::hash(&bytes)));
+            }
+        }
+    }
+    out
+}
+
+/// A safetensors file split into its parsed JSON header and its data section.
+pub fn st_split(bytes: &[u8]) -> (serde_json::Value, Vec<u8>) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap(),
+        bytes[8 + n..].to_vec(),
+    )
+}
+
+/// A safetensors file from a header text (taken as is, padded with spaces to 8 bytes) and data.
+pub fn st_join(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = header.as_bytes().to_vec();
+    h.resize(h.len().next_multiple_of(8), b' ');
+    [(h.len() as u64).to_le_bytes().to_vec(), h, data.to_vec()].concat()
+}
+
+/// A safetensors file with its header edited by `edit` (data unchanged).
+pub fn st_edit(bytes: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let (mut h, d) = st_split(bytes);
+    edit(&mut h);
+    st_join(&h.to_string(), &d)
+}
+
+/// A command that should fail cleanly: arguments, needles its message must contain, the exit
+/// status (1 for our errors, 2 for command-line syntax), extra environment, and an optional
+/// file-size limit in 512-byte blocks (`ulimit -f`, through `sh -c`).
+pub struct BadRun {
+    /// What the case is (printed on failure).
+    pub name: String,
+    /// Arguments of udelta-gpu.
+    pub args: Vec<String>,
+    /// Substrings the stderr must contain.
+    pub needles: Vec<String>,
+    /// Expected exit status.
+    pub code: i32,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// `ulimit -f` blocks.
+    pub file_limit: Option<u64>,
+}
+
+impl BadRun {
+    /// A case expecting exit status 1.
+    pub fn new(name: &str, args: &[&str], needles: &[&str]) -> BadRun {
+        BadRun {
+            name: name.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            needles: needles.iter().map(|a| a.to_string()).collect(),
+            code: 1,
+            env: Vec::new(),
+            file_limit: None,
+        }
+    }
+    /// Expects `code` instead.
+    pub fn code(mut self, code: i32) -> BadRun {
+        self.code = code;
+        self
+    }
+    /// Runs under a file-size limit of `blocks` * 512 bytes.
+    pub fn file_limit(mut self, blocks: u64) -> BadRun {
+        self.file_limit = Some(blocks);
+        self
+    }
+    /// Adds an environment variable.
+    pub fn env(mut self, k: &str, v: &str) -> BadRun {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Runs the case: the exit status, no panic, every needle, and `watched` unchanged (no
+    /// output, no temporary, no input modified). Returns stderr.
+    pub fn check(&self, watched: &Path) -> String {
+        let before = snapshot(watched);
+        let mut c = match self.file_limit {
+            Some(blocks) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -f {blocks}; exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_udelta-gpu"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_udelta-gpu")),
+        };
+        c.args(&self.args);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let name = &self.name;
+        assert_eq!(
+            out.status.code(),
+            Some(self.code),
+            "{name}: expected exit {}, got {:?}: {err}",
+            self.code,
+            out.status
+        );
+        assert!(!err.contains("panicked"), "{name}: panic: {err}");
+        for n in &self.needles {
+            assert!(
+                err.contains(n.as_str()),
+                "{name}: message lacks '{n}': {err}"
+            );
+        }
+        let after = snapshot(watched);
+        assert!(
+            before == after,
+            "{name}: files changed: added/changed {:?}, removed {:?}",
+            after
+                .iter()
+                .filter(|(k, v)| before.get(*k) != Some(v))
+                .collect::<Vec<_>>(),
+            before
+                .keys()
+                .filter(|k| !after.contains_key(*k))
+                .collect::<Vec<_>>()
+        );
+        err
+    }
+}

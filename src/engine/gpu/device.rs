@@ -37,7 +37,8 @@ pub struct AdapterReport {
 }
 
 impl AdapterReport {
-    fn of(adapter: &wgpu::Adapter) -> Self {
+    /// The report of `adapter`.
+    pub(crate) fn of(adapter: &wgpu::Adapter) -> Self {
         let info = adapter.get_info();
         let limits = adapter.limits();
         AdapterReport {
@@ -259,7 +260,11 @@ impl Gpu {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| sink.set(e.to_string())));
         let sink = errors.clone();
         device.set_device_lost_callback(move |reason, msg| {
-            sink.set_lost(format!("device lost ({reason:?}): {msg}"))
+            sink.set_lost(if msg.is_empty() {
+                format!("device lost ({reason:?})")
+            } else {
+                format!("device lost ({reason:?}): {msg}")
+            })
         });
         let max_binding = limits
             .max_storage_buffer_binding_size

@@ -24,6 +24,7 @@ mod pool;
 mod spmm;
 
 pub use device::{list_adapters, AdapterReport};
+
 pub use kernels::{compose as compose_shader, shader_modules, Kernel, SHADER_FILES};
 pub use spmm::GpuSparseOperator;
 
@@ -64,6 +65,8 @@ pub struct GpuOptions {
     pub gpu_mem: u64,
     /// Test-only: at most this many elements per chunk (rounded up to a multiple of 1024).
     pub chunk_elements: Option<usize>,
+    /// Test-only: a device fault to simulate ([`GpuFault::from_env`] reads `UDELTA_GPU_FAULT`).
+    pub fault: Option<GpuFault>,
 }
 
 impl Default for GpuOptions {
@@ -72,6 +75,47 @@ impl Default for GpuOptions {
             adapter: AdapterChoice::Auto,
             gpu_mem: DEFAULT_GPU_MEM,
             chunk_elements: None,
+            fault: None,
+        }
+    }
+}
+
+/// A simulated device fault, so that tests can check how runs fail (or fall back to the CPU
+/// engine) without broken hardware. Set with `UDELTA_GPU_FAULT=device|oom|lost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuFault {
+    /// The adapter fails to create a device.
+    Device,
+    /// The first device buffer allocation reports out-of-memory (through the same error
+    /// scope a real one would).
+    Oom,
+    /// The device is lost (destroyed) when the second tensor starts: mid-run.
+    Lost,
+}
+
+/// The environment variable that selects a [`GpuFault`].
+pub const FAULT_ENV: &str = "UDELTA_GPU_FAULT";
+
+impl GpuFault {
+    /// The fault `UDELTA_GPU_FAULT` asks for (`None` when unset or empty).
+    pub fn from_env() -> crate::Result<Option<GpuFault>> {
+        match std::env::var(FAULT_ENV).unwrap_or_default().as_str() {
+            "" => Ok(None),
+            "device" => Ok(Some(GpuFault::Device)),
+            "oom" => Ok(Some(GpuFault::Oom)),
+            "lost" => Ok(Some(GpuFault::Lost)),
+            other => Err(crate::Error::Param(format!(
+                "{FAULT_ENV}={other}: expected device, oom or lost"
+            ))),
+        }
+    }
+
+    /// How messages name the injected fault.
+    fn note(self) -> &'static str {
+        match self {
+            GpuFault::Device => "injected by UDELTA_GPU_FAULT=device",
+            GpuFault::Oom => "injected by UDELTA_GPU_FAULT=oom",
+            GpuFault::Lost => "injected by UDELTA_GPU_FAULT=lost",
         }
     }
 }
@@ -88,6 +132,8 @@ pub struct GpuEngine {
     candidate_capacity: Option<usize>,
     /// Candidate batches of the last `select` (for tests).
     candidate_batches: usize,
+    /// Tensors started (analyze or select calls), for [`GpuFault::Lost`].
+    calls: u64,
 }
 
 /// Order-preserving u32 key of an f32 (as `order_key` in `shaders/common.wgsl`), inverted.
@@ -124,6 +170,13 @@ impl GpuEngine {
             AdapterChoice::Backend(b) => b,
         };
         let (instance, adapter) = device::pick_adapter(backends).map_err(crate::Error::Gpu)?;
+        if options.fault == Some(GpuFault::Device) {
+            return Err(crate::Error::Gpu(format!(
+                "{}: requesting a device: the adapter could not create one ({})",
+                AdapterReport::of(&adapter).summary(),
+                GpuFault::Device.note()
+            )));
+        }
         let gpu = Gpu::open(instance, adapter).map_err(crate::Error::Gpu)?;
         let binding = Self::binding_elements(&gpu);
         Layout::plan(options.gpu_mem, 1, binding, options.chunk_elements)
@@ -137,7 +190,10 @@ impl GpuEngine {
             )));
         }
         gpu.wait().map_err(|e| crate::Error::Gpu(e.to_string()))?;
-        let pool = Pool::new(gpu.device.clone(), options.gpu_mem);
+        let mut pool = Pool::new(gpu.device.clone(), options.gpu_mem);
+        if options.fault == Some(GpuFault::Oom) {
+            pool.inject_oom(GpuFault::Oom.note());
+        }
         Ok(GpuEngine {
             gpu,
             kernels,
@@ -147,7 +203,25 @@ impl GpuEngine {
             cpu_fallbacks: 0,
             candidate_capacity: None,
             candidate_batches: 0,
+            calls: 0,
         })
+    }
+
+    /// The simulated fault this engine was built with, if any.
+    pub fn fault(&self) -> Option<GpuFault> {
+        self.options.fault
+    }
+
+    /// Counts one tensor started; loses the device on the second under [`GpuFault::Lost`].
+    fn start_tensor(&mut self) {
+        self.calls += 1;
+        if self.calls == 2 && self.options.fault == Some(GpuFault::Lost) {
+            eprintln!(
+                "udelta-gpu: destroying the device ({})",
+                GpuFault::Lost.note()
+            );
+            self.gpu.device.destroy();
+        }
     }
 
     fn binding_elements(gpu: &Gpu) -> usize {
@@ -700,6 +774,7 @@ impl Engine for GpuEngine {
     }
 
     fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError> {
+        self.start_tensor();
         self.gpu.errors.check()?;
         let n = input.numel();
         if n == 0 {
@@ -733,6 +808,7 @@ impl Engine for GpuEngine {
         stats: &TensorStats,
         plan: &SelectionPlan,
     ) -> Result<KeptEntries, EngineError> {
+        self.start_tensor();
         self.gpu.errors.check()?;
         let n = input.numel();
         if n == 0 {

@@ -163,6 +163,8 @@ pub struct Pool {
     buffers: HashMap<Slot, wgpu::Buffer>,
     live: u64,
     peak: u64,
+    /// A simulated out-of-memory for the next allocation (fault injection), with its note.
+    oom: Option<&'static str>,
 }
 
 impl Pool {
@@ -174,7 +176,13 @@ impl Pool {
             buffers: HashMap::new(),
             live: 0,
             peak: 0,
+            oom: None,
         }
+    }
+
+    /// Makes the next allocation fail as out of memory (fault injection; `note` ends the message).
+    pub fn inject_oom(&mut self, note: &'static str) {
+        self.oom = Some(note);
     }
 
     /// Bytes of live buffers.
@@ -220,10 +228,17 @@ impl Pool {
             usage: slot.usage(),
             mapped_at_creation: false,
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        let error = pollster::block_on(scope.pop())
+            .map(|e| e.to_string())
+            .or_else(|| {
+                self.oom
+                    .take()
+                    .map(|note| format!("Out of Memory ({note})"))
+            });
+        if let Some(e) = error {
             buffer.destroy();
             return Err(EngineError::Gpu(format!(
-                "creating a {size}-byte buffer: {e}"
+                "creating a {size}-byte buffer: {e} (a smaller --gpu-mem may fit)"
             )));
         }
         self.live += size;
