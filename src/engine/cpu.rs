@@ -119,9 +119,16 @@ fn chunk_min_max(start: usize, d: &[f32]) -> (f32, f32, Option<usize>) {
     )
 }
 
-/// Histogram of levels, counted into four interleaved tables so that runs of equal levels
-/// (most entries share a few levels) do not serialize on one counter.
+/// Histogram of levels. Up to 16 levels (4 bits or fewer) they are counted by comparison,
+/// 16 byte counters per lane ([`count_levels_16`]); beyond, into four interleaved tables so
+/// that runs of equal levels (most entries share a few levels) do not serialize on one
+/// counter.
 fn level_histogram(levels: &[u8], n_levels: usize) -> Vec<u64> {
+    if n_levels <= 16 {
+        let mut counts = [0u64; 16];
+        count_levels_16(levels, &mut counts);
+        return counts[..n_levels].to_vec();
+    }
     let mut tables = [[0u32; 256]; 4];
     let mut quads = levels.chunks_exact(4);
     for c in &mut quads {
@@ -135,6 +142,31 @@ fn level_histogram(levels: &[u8], n_levels: usize) -> Vec<u64> {
     (0..n_levels)
         .map(|l| tables.iter().map(|t| t[l] as u64).sum())
         .collect()
+}
+
+multiversion! {
+    /// Adds to `counts[v]` the number of entries equal to `v < 16`: per 32 entries, one
+    /// comparison per level into byte counters, flushed before they can overflow.
+    fn count_levels_16(levels: &[u8], counts: &mut [u64; 16]) {
+        const LANES: usize = 32;
+        for block in levels.chunks(255 * LANES) {
+            let mut acc = [[0u8; LANES]; 16];
+            let mut vectors = block.chunks_exact(LANES);
+            for c in &mut vectors {
+                for (v, a) in acc.iter_mut().enumerate() {
+                    for (a, &l) in a.iter_mut().zip(c) {
+                        *a += (l == v as u8) as u8;
+                    }
+                }
+            }
+            for (count, a) in counts.iter_mut().zip(&acc) {
+                *count += a.iter().map(|&x| x as u64).sum::<u64>();
+            }
+            for &l in vectors.remainder() {
+                counts[l as usize & 15] += 1;
+            }
+        }
+    }
 }
 
 impl Engine for CpuEngine {
@@ -231,13 +263,16 @@ fn select_with_margin(
     let (lo, k, max_level) = (grid.lo, grid.multiplier(), (grid.levels() - 1) as f32);
     let key = plan.key;
     let windows = key_windows(plan, sigmas);
+    // Indexed by a u8 level: no bounds check, and a copy the loop can keep in registers.
+    let mut window_of = [(0u64, 0u64); 256];
+    window_of[..windows.len()].copy_from_slice(&windows);
     let parts = map_chunks(input, |start, sc| {
         sc.levels(lo, k, max_level);
         sc.keys.resize(sc.delta.len(), 0);
         keys_into(key, start as u32, &mut sc.keys);
         let mut part = ChunkSelection::default();
         for (j, (&l, &kk)) in sc.levels.iter().zip(&sc.keys).enumerate() {
-            let (w_lo, w_hi) = windows[l as usize];
+            let (w_lo, w_hi) = window_of[l as usize];
             if (kk as u64) < w_lo {
                 continue;
             }
