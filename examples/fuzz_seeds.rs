@@ -192,7 +192,14 @@ fn udelta_seeds(out: &Path, tmp: &Path) {
             trace_norm: false,
             gamma: None,
         };
-        compress(&base, &[ft.clone()], &file, &opts, &mut CpuEngine).expect("compress");
+        compress(
+            &base,
+            std::slice::from_ref(&ft),
+            &file,
+            &opts,
+            &mut CpuEngine,
+        )
+        .expect("compress");
         let bytes = std::fs::read(&file).expect("read");
         save(
             out,

@@ -301,7 +301,7 @@ pub fn safetensors_header(data: &[u8]) -> Result<usize, String> {
             byte_len(info.dtype, numel),
             "tensor '{name}': size must match its shape"
         );
-        let bytes = (&data[..])
+        let bytes = data
             .read_vec_at(header.data_start + s as u64, (e - s) as u64)
             .map_err(|err| format!("{SAFETENSORS_NAME}: tensor '{name}': {err}"))?;
         if let Some(ft) = FloatType::from_dtype(info.dtype) {
@@ -322,8 +322,11 @@ pub fn safetensors_index(data: &[u8]) -> Result<usize, String> {
         .map_err(|e| e.to_string())
 }
 
+/// An entry point: bytes in, a count of what was decoded or the error as text out.
+pub type EntryPoint = fn(&[u8]) -> Result<usize, String>;
+
 /// The fuzz targets by name, as the corpus directories `fuzz/corpus/<name>` are named.
-pub const TARGETS: [(&str, fn(&[u8]) -> Result<usize, String>); 5] = [
+pub const TARGETS: [(&str, EntryPoint); 5] = [
     ("udelta_file", udelta_file),
     ("udelta_index", udelta_index),
     ("codec_streams", codec_streams),
