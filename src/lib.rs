@@ -7,12 +7,14 @@
 //! container) -> [`pipeline`] (compress / decompress orchestration) -> [`cli`].
 
 pub mod algorithm;
+pub mod bytesource;
 pub mod checkpoint;
 pub mod cli;
 pub mod codec;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod fuzzing;
 pub mod pipeline;
 pub mod progress;
 pub mod report;

@@ -7,6 +7,7 @@
 //! are safe to issue from several threads at once.
 
 use super::dtype::{byte_len, dtype_name, Dtype, FloatType};
+use crate::bytesource::ByteSource;
 use crate::error::{Error, Result};
 use safetensors::tensor::{Metadata, TensorInfo};
 use serde_json::Value;
@@ -344,7 +345,7 @@ impl Checkpoint {
             return Ok(());
         }
         let pos = t.offset + start;
-        shard.file.read_exact_at(buf, pos).map_err(|e| {
+        FileExt::read_exact_at(&shard.file, buf, pos).map_err(|e| {
             let msg = if e.kind() == ErrorKind::UnexpectedEof {
                 format!(
                     "file ended while reading {} bytes at offset {pos}: it was truncated \
@@ -455,10 +456,19 @@ fn join_names(names: &[&String]) -> String {
     s
 }
 
-/// Parses a shard index: its `"metadata"` value and its `weight_map` (tensor -> shard file).
+/// Reads and parses the shard index `path` (see [`parse_shard_index`]).
 fn read_index(path: &Path) -> Result<(Option<Value>, BTreeMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let value: Value = serde_json::from_slice(&bytes)
+    parse_shard_index(path, &bytes)
+}
+
+/// Parses the bytes of a shard index (`model.safetensors.index.json`; `path` names it in
+/// errors): its `"metadata"` value and its `weight_map` (tensor -> shard file name).
+pub fn parse_shard_index(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(Option<Value>, BTreeMap<String, String>)> {
+    let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| Error::checkpoint(path, format!("shard index is not valid JSON: {e}")))?;
     let Value::Object(mut obj) = value else {
         return Err(Error::checkpoint(
@@ -497,7 +507,37 @@ fn open_shard(path: &Path, file_name: String) -> Result<(ShardFile, Vec<(String,
     if !meta.is_file() {
         return Err(Error::checkpoint(path, "not a regular file"));
     }
-    let file_len = meta.len();
+    let header = parse_shard_header(path, &file)?;
+    let shard = ShardFile {
+        path: path.to_path_buf(),
+        file_name,
+        metadata: header.metadata,
+        data_start: header.data_start,
+        data_len: header.data_len,
+        file,
+    };
+    Ok((shard, header.tensors))
+}
+
+/// The validated header of one safetensors file.
+#[derive(Debug, Clone)]
+pub struct ShardHeader {
+    /// The header's `__metadata__` map, if it has one.
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Absolute offset of the data section: 8 + header length.
+    pub data_start: u64,
+    /// Length of the data section in bytes, equal to what the header describes.
+    pub data_len: u64,
+    /// The tensors by offset (ties, between empty tensors, by name); offsets are relative to
+    /// `data_start`, contiguous, and end at `data_len`.
+    pub tensors: Vec<(String, TensorInfo)>,
+}
+
+/// Parses and validates the header of the safetensors file held by `src` (named `path` in
+/// errors): header length within [`MAX_HEADER_LEN`] and the file, valid JSON, known dtypes,
+/// shapes matching contiguous `data_offsets`, and a data section exactly as long as described.
+pub fn parse_shard_header(path: &Path, src: &dyn ByteSource) -> Result<ShardHeader> {
+    let file_len = src.size().map_err(|e| Error::io(path, e))?;
     if file_len == 0 {
         return Err(Error::checkpoint(
             path,
@@ -514,7 +554,7 @@ fn open_shard(path: &Path, file_name: String) -> Result<(ShardFile, Vec<(String,
         ));
     }
     let mut n_bytes = [0u8; 8];
-    file.read_exact_at(&mut n_bytes, 0)
+    src.read_exact_at(&mut n_bytes, 0)
         .map_err(|e| Error::io(path, e))?;
     let n = u64::from_le_bytes(n_bytes);
     if n > MAX_HEADER_LEN {
@@ -535,9 +575,7 @@ fn open_shard(path: &Path, file_name: String) -> Result<(ShardFile, Vec<(String,
             ),
         ));
     }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact_at(&mut header, 8)
-        .map_err(|e| Error::io(path, e))?;
+    let header = src.read_vec_at(8, n).map_err(|e| Error::io(path, e))?;
     let metadata: Metadata =
         serde_json::from_slice(&header).map_err(|e| header_error(path, &header, e))?;
     if let Some(name) = duplicate_key(&header) {
@@ -585,18 +623,15 @@ fn open_shard(path: &Path, file_name: String) -> Result<(ShardFile, Vec<(String,
             .cmp(&b.1.data_offsets)
             .then_with(|| a.0.cmp(&b.0))
     });
-    let shard = ShardFile {
-        path: path.to_path_buf(),
-        file_name,
+    Ok(ShardHeader {
         metadata: metadata
             .metadata()
             .as_ref()
             .map(|m| m.clone().into_iter().collect()),
         data_start,
         data_len,
-        file,
-    };
-    Ok((shard, tensors))
+        tensors,
+    })
 }
 
 /// The first key that a JSON object (the header) holds twice: JSON parsers keep one of them

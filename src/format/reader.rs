@@ -3,16 +3,18 @@
 
 use super::index::{crc32, FileIndex, RecordRef, TensorKind};
 use super::{END_MAGIC, FOOTER_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_INDEX_LEN};
+use crate::bytesource::ByteSource;
+use crate::checkpoint::dtype::Dtype;
+use crate::codec;
 use crate::error::{Error, Result};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// An open, validated `.udelta` file.
 #[derive(Debug)]
 pub struct UdeltaReader {
     path: PathBuf,
-    file: File,
+    file: Box<dyn ByteSource>,
     /// File size in bytes.
     pub file_len: u64,
     /// Offset of the index (the end of the records).
@@ -29,9 +31,20 @@ impl UdeltaReader {
     /// Opens `path`, checks magic, version, footer, index checksum, and that every record lies
     /// inside the record area.
     pub fn open(path: &Path) -> Result<Self> {
-        let bad = |msg: String| Error::format(path, msg);
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        Self::from_source(path, Box::new(file))
+    }
+
+    /// Opens a `.udelta` file held in memory; `path` only names it in errors.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::from_source(path, Box::new(bytes))
+    }
+
+    /// Opens the `.udelta` file in `file` (named `path` in errors) with the checks of
+    /// [`UdeltaReader::open`].
+    pub fn from_source(path: &Path, file: Box<dyn ByteSource>) -> Result<Self> {
+        let bad = |msg: String| Error::format(path, msg);
+        let file_len = file.size().map_err(|e| Error::io(path, e))?;
         if file_len < HEADER_LEN + FOOTER_LEN {
             return Err(bad(format!(
                 "not a .udelta file: only {file_len} bytes (truncated?)"
@@ -81,8 +94,8 @@ impl UdeltaReader {
                 "index location {index_offset}+{index_len} is inconsistent with the file size {file_len} (corrupted or truncated)"
             )));
         }
-        let mut packed = vec![0u8; index_len as usize];
-        file.read_exact_at(&mut packed, index_offset)
+        let packed = file
+            .read_vec_at(index_offset, index_len)
             .map_err(|e| Error::io(path, e))?;
         if crc32(&packed) != index_crc {
             return Err(bad("index checksum mismatch (corrupted)".into()));
@@ -121,6 +134,7 @@ impl UdeltaReader {
                     .checked_add(r.len)
                     .is_some_and(|e| e <= records_end)
         };
+        let mut total_bytes = 0u64;
         for t in &self.index.tensors {
             let fail = |what: &str| {
                 Err(Error::format(
@@ -131,13 +145,19 @@ impl UdeltaReader {
             if t.shard >= self.index.source.shards.len() {
                 return fail("shard index out of range");
             }
-            let numel = t
-                .shape
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
-            let Some(numel) = numel else {
+            let Some(dtype) = parse_dtype(&t.dtype) else {
+                return fail("unknown dtype");
+            };
+            let Some(numel) = numel_of(&t.shape) else {
                 return fail("shape overflows");
             };
+            let Some(bytes) = bit_len(dtype, numel)
+                .map(|bits| bits.div_ceil(8))
+                .and_then(|b| total_bytes.checked_add(b))
+            else {
+                return fail("shape too large: its bytes overflow a 64-bit size");
+            };
+            total_bytes = bytes;
             match &t.kind {
                 TensorKind::Unchanged { .. } => {}
                 TensorKind::Raw { data } => {
@@ -157,11 +177,26 @@ impl UdeltaReader {
                     {
                         return fail("level tables inconsistent with the bit width");
                     }
-                    if c.shared_numel > numel || c.histogram.iter().sum::<u64>() != c.shared_numel {
-                        return fail("element counts inconsistent with the shape");
+                    let Some(base_dtype) = parse_dtype(&c.base_dtype) else {
+                        return fail("unknown base dtype");
+                    };
+                    let base_numel = numel_of(&c.base_shape);
+                    let Some(base_numel) = base_numel.filter(|&n| bit_len(base_dtype, n).is_some())
+                    else {
+                        return fail("base shape too large: its bytes overflow a 64-bit size");
+                    };
+                    if c.shared_numel > numel
+                        || c.shared_numel > base_numel
+                        || c.shared_numel > codec::MAX_NUMEL
+                        || sum_of(&c.histogram) != Some(c.shared_numel)
+                    {
+                        return fail("element counts inconsistent with the shapes");
                     }
                     if c.kept_counts.iter().zip(&c.histogram).any(|(k, h)| k > h) {
                         return fail("more kept entries than elements in a level");
+                    }
+                    if c.blocks.len() != codec::block_count(c.shared_numel) {
+                        return fail("block table length inconsistent with the element count");
                     }
                 }
             }
@@ -176,9 +211,9 @@ impl UdeltaReader {
 
     /// Reads one record and verifies its checksum; `what` names it in errors.
     pub fn read_record(&self, r: &RecordRef, what: &str) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; r.len as usize];
-        self.file
-            .read_exact_at(&mut buf, r.offset)
+        let buf = self
+            .file
+            .read_vec_at(r.offset, r.len)
             .map_err(|e| Error::io(&self.path, e))?;
         if crc32(&buf) != r.crc32 {
             return Err(Error::format(
@@ -188,4 +223,24 @@ impl UdeltaReader {
         }
         Ok(buf)
     }
+}
+
+/// Number of elements of `shape`, `None` if it overflows `u64`.
+fn numel_of(shape: &[usize]) -> Option<u64> {
+    shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+}
+
+/// Sum of `counts`, `None` if it overflows `u64`.
+fn sum_of(counts: &[u64]) -> Option<u64> {
+    counts.iter().try_fold(0u64, |a, &c| a.checked_add(c))
+}
+
+/// The dtype spelled `name` (`F16`, `BF16`, ...), if safetensors knows it.
+fn parse_dtype(name: &str) -> Option<Dtype> {
+    serde_json::from_value(serde_json::Value::String(name.to_string())).ok()
+}
+
+/// Bits of `numel` elements of `dtype`, `None` if that overflows `u64`.
+fn bit_len(dtype: Dtype, numel: u64) -> Option<u64> {
+    numel.checked_mul(dtype.bitsize() as u64)
 }

@@ -154,7 +154,7 @@ impl BaseSource<'_> {
 
 /// Turns the base bytes of one compressed tensor into its fine-tuned bytes (in place when
 /// the dtypes agree, else into a new buffer).
-fn reconstruct(
+pub fn reconstruct(
     reader: &UdeltaReader,
     r: &TensorRecord,
     c: &CompressedTensor,
