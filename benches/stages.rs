@@ -1,7 +1,7 @@
 //! Per-stage throughput of the compression pipeline on one LLaMA-7B MLP-shaped tensor
 //! (11008 x 4096 = 45 M elements, f16, heavy-tailed delta): CPU engine pass 1 (`analyze`),
 //! pass 2 (`select`) on the CPU engine and on the GPU engine (adapter from
-//! `UDELTA_BENCH_ADAPTER`, default vulkan), and the entropy coder (encode, decode) of its kept
+//! `UDELTA_BENCH_ADAPTER`, default vulkan, `none` to skip), and the entropy coder (encode, decode) of its kept
 //! entries at s = 0.95.
 //! Run: `cargo bench --bench stages`. Figures are elements (or kept entries) per second.
 
@@ -78,14 +78,16 @@ fn stages(c: &mut Criterion) {
         &plan,
     );
     // The GPU engine on the adapter named by UDELTA_BENCH_ADAPTER (default vulkan; on a
-    // machine with only lavapipe this measures the software rasterizer, not a GPU).
+    // machine with only lavapipe this measures the software rasterizer, not a GPU; `none`
+    // skips it).
     let adapter = std::env::var("UDELTA_BENCH_ADAPTER").unwrap_or_else(|_| "vulkan".into());
-    match udelta_gpu::engine::create(&adapter, 1 << 30) {
-        Ok(mut gpu) => {
+    match (adapter != "none").then(|| udelta_gpu::engine::create(&adapter, 1 << 30)) {
+        None => eprintln!("GPU stages skipped (UDELTA_BENCH_ADAPTER=none)"),
+        Some(Ok(mut gpu)) => {
             eprintln!("GPU stages on {}", gpu.name());
             engine_stages(c, "gpu_engine_11008x4096_f16", gpu.as_mut(), &input, &plan);
         }
-        Err(e) => eprintln!("GPU stages not run: --adapter {adapter}: {e}"),
+        Some(Err(e)) => eprintln!("GPU stages not run: --adapter {adapter}: {e}"),
     }
 
     let mut g = c.benchmark_group("codec_s0.95");
