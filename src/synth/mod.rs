@@ -72,6 +72,8 @@
 //! the model size.
 
 mod rng;
+/// One step of the splitmix64 generator (shared by test-data and seed generators).
+pub use rng::splitmix64;
 mod values;
 
 #[cfg(test)]
