@@ -11,7 +11,7 @@
 //! reports a broken promise as a crash.
 
 use crate::bytesource::ByteSource;
-use crate::checkpoint::dtype::{byte_len, Dtype, FloatType};
+use crate::checkpoint::dtype::{byte_len, dtype_from_name, Dtype, FloatType};
 use crate::checkpoint::reader::{parse_shard_header, parse_shard_index};
 use crate::codec::{self, BlockInfo, BLOCK_ELEMENTS};
 use crate::format::{
@@ -58,7 +58,7 @@ pub fn udelta_file(data: &[u8]) -> Result<usize, String> {
 /// unchanged tensor, or one larger than [`MAX_SYNTHETIC_NUMEL`]).
 fn decode_record(reader: &UdeltaReader, r: &TensorRecord) -> crate::Result<bool> {
     // The reader checked the dtypes and that the byte lengths fit in u64.
-    let dtype = parse_dtype(&r.dtype).expect("the reader checks dtypes");
+    let dtype = dtype_from_name(&r.dtype).expect("the reader checks dtypes");
     let want_len = byte_len(dtype, shape_numel(&r.shape));
     let out = match &r.kind {
         TensorKind::Unchanged { .. } => return Ok(false),
@@ -85,7 +85,7 @@ fn decode_compressed(
     c: &CompressedTensor,
     dtype: Dtype,
 ) -> crate::Result<Option<Vec<u8>>> {
-    let base_dtype = parse_dtype(&c.base_dtype).expect("the reader checks dtypes");
+    let base_dtype = dtype_from_name(&c.base_dtype).expect("the reader checks dtypes");
     let base_numel = shape_numel(&c.base_shape);
     if base_numel > MAX_SYNTHETIC_NUMEL {
         return Ok(None);
@@ -127,11 +127,6 @@ fn synthetic_value(i: u64) -> f32 {
 /// Elements of a shape the reader has checked not to overflow.
 fn shape_numel(shape: &[usize]) -> u64 {
     shape.iter().map(|&d| d as u64).product()
-}
-
-/// The dtype spelled `name`, if safetensors knows it.
-fn parse_dtype(name: &str) -> Option<Dtype> {
-    serde_json::from_value(serde_json::Value::String(name.to_string())).ok()
 }
 
 /// A `.udelta` container around `records` (placed right after the header, so a record

@@ -136,6 +136,19 @@ pub fn byte_len(dtype: Dtype, numel: u64) -> u64 {
     (numel * dtype.bitsize() as u64).div_ceil(8)
 }
 
+/// [`byte_len`], or `None` where the size overflows `u64` (for sizes read from untrusted files).
+pub fn checked_byte_len(dtype: Dtype, numel: u64) -> Option<u64> {
+    numel
+        .checked_mul(dtype.bitsize() as u64)
+        .map(|bits| bits.div_ceil(8))
+}
+
+/// The dtype a safetensors header or a `.udelta` index spells `name` (`"F16"`, `"BF16"`, ...),
+/// if there is one; the inverse of [`dtype_name`].
+pub fn dtype_from_name(name: &str) -> Option<Dtype> {
+    serde_json::from_value(serde_json::Value::String(name.to_string())).ok()
+}
+
 /// The dtype's name as safetensors headers spell it (`"F16"`, `"BF16"`, ...).
 pub fn dtype_name(dtype: Dtype) -> String {
     serde_json::to_value(dtype)

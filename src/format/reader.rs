@@ -4,7 +4,7 @@
 use super::index::{crc32, FileIndex, RecordRef, TensorKind};
 use super::{END_MAGIC, FOOTER_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_INDEX_LEN};
 use crate::bytesource::ByteSource;
-use crate::checkpoint::dtype::Dtype;
+use crate::checkpoint::dtype::{checked_byte_len, dtype_from_name};
 use crate::codec;
 use crate::error::{Error, Result};
 use std::fs::File;
@@ -145,15 +145,14 @@ impl UdeltaReader {
             if t.shard >= self.index.source.shards.len() {
                 return fail("shard index out of range");
             }
-            let Some(dtype) = parse_dtype(&t.dtype) else {
+            let Some(dtype) = dtype_from_name(&t.dtype) else {
                 return fail("unknown dtype");
             };
             let Some(numel) = numel_of(&t.shape) else {
                 return fail("shape overflows");
             };
-            let Some(bytes) = bit_len(dtype, numel)
-                .map(|bits| bits.div_ceil(8))
-                .and_then(|b| total_bytes.checked_add(b))
+            let Some(bytes) =
+                checked_byte_len(dtype, numel).and_then(|b| total_bytes.checked_add(b))
             else {
                 return fail("shape too large: its bytes overflow a 64-bit size");
             };
@@ -177,11 +176,12 @@ impl UdeltaReader {
                     {
                         return fail("level tables inconsistent with the bit width");
                     }
-                    let Some(base_dtype) = parse_dtype(&c.base_dtype) else {
+                    let Some(base_dtype) = dtype_from_name(&c.base_dtype) else {
                         return fail("unknown base dtype");
                     };
                     let base_numel = numel_of(&c.base_shape);
-                    let Some(base_numel) = base_numel.filter(|&n| bit_len(base_dtype, n).is_some())
+                    let Some(base_numel) =
+                        base_numel.filter(|&n| checked_byte_len(base_dtype, n).is_some())
                     else {
                         return fail("base shape too large: its bytes overflow a 64-bit size");
                     };
@@ -233,14 +233,4 @@ fn numel_of(shape: &[usize]) -> Option<u64> {
 /// Sum of `counts`, `None` if it overflows `u64`.
 fn sum_of(counts: &[u64]) -> Option<u64> {
     counts.iter().try_fold(0u64, |a, &c| a.checked_add(c))
-}
-
-/// The dtype spelled `name` (`F16`, `BF16`, ...), if safetensors knows it.
-fn parse_dtype(name: &str) -> Option<Dtype> {
-    serde_json::from_value(serde_json::Value::String(name.to_string())).ok()
-}
-
-/// Bits of `numel` elements of `dtype`, `None` if that overflows `u64`.
-fn bit_len(dtype: Dtype, numel: u64) -> Option<u64> {
-    numel.checked_mul(dtype.bitsize() as u64)
 }

@@ -5,7 +5,7 @@
 //! is refused (unless forced), naming the tensor. The output directory is staged and appears
 //! only when complete.
 
-use crate::checkpoint::dtype::{Dtype, FloatType};
+use crate::checkpoint::dtype::{dtype_from_name, Dtype, FloatType};
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
 use crate::checkpoint::writer::{SafetensorsWriter, TensorHeader};
 use crate::codec;
@@ -32,7 +32,7 @@ pub struct DecompressOptions {
 
 /// Parses a dtype name as written in the index.
 fn parse_dtype(reader: &UdeltaReader, tensor: &str, name: &str) -> Result<Dtype> {
-    serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|_| {
+    dtype_from_name(name).ok_or_else(|| {
         Error::format(
             reader.path(),
             format!("tensor '{tensor}': unknown dtype '{name}'"),
