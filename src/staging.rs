@@ -26,10 +26,7 @@ impl StagedPath {
     /// target is replaced only at commit.
     pub fn new(target: &Path, force: bool) -> Result<Self> {
         if target.exists() && !force {
-            return Err(Error::checkpoint(
-                target,
-                "output already exists (use --force to replace it)",
-            ));
+            return Err(already_exists(target));
         }
         let name = target
             .file_name()
@@ -132,6 +129,11 @@ pub fn remove_all_live_and_exit(code: i32, message: &str) -> ! {
     std::process::exit(code)
 }
 
+/// The refusal of an existing output without `--force`.
+fn already_exists(target: &Path) -> Error {
+    Error::checkpoint(target, "output already exists (use --force to replace it)")
+}
+
 /// What an output path must become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputKind {
@@ -149,10 +151,7 @@ pub fn check_output(target: &Path, kind: OutputKind, force: bool, inputs: &[&Pat
     let meta = std::fs::symlink_metadata(target).ok();
     if let Some(m) = &meta {
         if !force {
-            return Err(Error::checkpoint(
-                target,
-                "output already exists (use --force to replace it)",
-            ));
+            return Err(already_exists(target));
         }
         let wrong = match kind {
             OutputKind::File if m.is_dir() => Some("is a directory; the output is a file"),

@@ -52,6 +52,7 @@ multiversion! {
 
 /// Runs `f(first_index, scratch)` on every chunk of the input in parallel, with the chunk's
 /// deltas in `scratch.delta`; results in chunk order.
+///
 /// Each thread keeps its scratch buffers for the life of the process (about 850 KB): rayon
 /// calls a `map_init` initializer once per split job, and fresh buffers of that size come
 /// from `mmap`, so their pages would be faulted in and zeroed again and again.
