@@ -415,10 +415,9 @@ fn deterministic_across_thread_counts_and_seed_dependent() {
 /// `rel`, standing in for a GPU that sums in a different order (f32 rounding is ~6e-8 per
 /// operation, so a relative 1e-6 is a generous model of reordered f32 accumulation).
 struct Perturbed<'a> {
-    inner: CpuSparseOperator,
+    inner: CpuSparseOperator<'a>,
     rel: f32,
     calls: u64,
-    _p: std::marker::PhantomData<&'a ()>,
 }
 
 impl MatrixOperator for Perturbed<'_> {
@@ -460,13 +459,145 @@ fn insensitive_to_f32_level_product_errors() {
                 inner: CpuSparseOperator::new(&g.delta()),
                 rel,
                 calls: 0,
-                _p: Default::default(),
             };
             let got = estimate_nuclear_norm(&mut op, &opts);
             let d = (got - base) / base;
             eprintln!("tracenorm f32 sensitivity {name}: output perturbation {rel:e} -> estimate change {d:+.3e}");
             if rel <= 1e-6 {
                 assert!(d.abs() < 1e-4, "{name}: {rel} moved the estimate by {d}");
+            }
+        }
+    }
+}
+
+/// A random sparse matrix of the given shape and density (values from `uniform`).
+fn random_sparse(rows: usize, cols: usize, density: f64, key: u64) -> (Vec<u32>, Vec<f32>) {
+    let (mut positions, mut values) = (Vec::new(), Vec::new());
+    for i in 0..(rows * cols) as u64 {
+        if uniform(key, i) < density {
+            positions.push(i as u32);
+            values.push((uniform(key ^ 1, i) * 2.0 - 1.0) as f32);
+        }
+    }
+    (positions, values)
+}
+
+#[test]
+fn csc_copy_equals_a_naive_counting_sort() {
+    // Shapes around the bucket width (128 columns) and the row-chunk count (16), empty rows and
+    // columns, one dense row.
+    for (k, &(rows, cols, density)) in [
+        (1, 1, 1.0),
+        (3, 5, 0.3),
+        (17, 127, 0.2),
+        (40, 128, 0.05),
+        (33, 129, 0.5),
+        (300, 700, 0.02),
+        (5, 3000, 0.01),
+        (2000, 3, 0.4),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (positions, values) = random_sparse(rows, cols, density, 100 + k as u64);
+        let d = SparseDelta {
+            rows,
+            cols,
+            positions: &positions,
+            values: &values,
+        };
+        let (csr, csc) = sparse::csr_and_csc(&d);
+        // Naive: every column's (row, value) pairs in increasing row order.
+        let mut by_col: Vec<Vec<(u32, f32)>> = vec![Vec::new(); cols];
+        for (&p, &v) in positions.iter().zip(&values) {
+            by_col[p as usize % cols].push(((p as usize / cols) as u32, v));
+        }
+        let mut ptr = vec![0u32];
+        for c in &by_col {
+            ptr.push(ptr.last().unwrap() + c.len() as u32);
+        }
+        let flat: Vec<(u32, f32)> = by_col.into_iter().flatten().collect();
+        let name = format!("{rows} x {cols} at {density}");
+        assert_eq!(csc.ptr, ptr, "{name}: column starts");
+        assert_eq!(
+            csc.idx,
+            flat.iter().map(|e| e.0).collect::<Vec<_>>(),
+            "{name}"
+        );
+        assert_eq!(
+            csc.val,
+            flat.iter().map(|e| e.1).collect::<Vec<_>>(),
+            "{name}"
+        );
+        let row_starts: Vec<u32> = (0..=rows)
+            .map(|r| {
+                positions
+                    .iter()
+                    .filter(|&&p| (p as usize) < r * cols)
+                    .count() as u32
+            })
+            .collect();
+        assert_eq!(csr.ptr, row_starts, "{name}: row starts");
+        let cols_of: Vec<u32> = positions.iter().map(|&p| p % cols as u32).collect();
+        assert_eq!(csr.idx, cols_of, "{name}: column indices");
+    }
+}
+
+#[test]
+fn products_equal_a_dense_reference_at_every_block_width() {
+    // Odd shapes, widths 1 to 40 (every tile width and padding case), and a workspace reused
+    // from a larger matrix (stale contents must not leak into the products).
+    let (big_pos, big_val) = random_sparse(90, 300, 0.3, 7);
+    let big = SparseDelta {
+        rows: 90,
+        cols: 300,
+        positions: &big_pos,
+        values: &big_val,
+    };
+    let mut workspace = CpuSparseOperator::new(&big).into_workspace();
+    let (rows, cols) = (37, 131);
+    let (positions, values) = random_sparse(rows, cols, 0.1, 8);
+    let d = SparseDelta {
+        rows,
+        cols,
+        positions: &positions,
+        values: &values,
+    };
+    let mut dense = vec![0f64; rows * cols];
+    for (&p, &v) in positions.iter().zip(&values) {
+        dense[p as usize] = v as f64;
+    }
+    let mut op = CpuSparseOperator::with_workspace(&d, std::mem::take(&mut workspace));
+    for w in 1..=40 {
+        for transpose in [false, true] {
+            let (din, dout) = if transpose {
+                (rows, cols)
+            } else {
+                (cols, rows)
+            };
+            let x: Vec<f32> = (0..din * w)
+                .map(|i| (uniform(9 + w as u64, i as u64) * 2.0 - 1.0) as f32)
+                .collect();
+            let mut y = vec![f32::NAN; dout * w];
+            op.apply(&x, &mut y, transpose);
+            for o in 0..dout {
+                for l in 0..w {
+                    let want: f64 = (0..din)
+                        .map(|i| {
+                            let a = if transpose {
+                                dense[i * cols + o]
+                            } else {
+                                dense[o * cols + i]
+                            };
+                            a * x[i * w + l] as f64
+                        })
+                        .sum();
+                    let got = y[o * w + l] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "width {w}, transpose {transpose}, output {o}, vector {l}: {got} vs {want}"
+                    );
+                }
             }
         }
     }

@@ -1,7 +1,7 @@
 //! [`GpuSparseOperator`]: the [`MatrixOperator`] of the nuclear-norm estimator on the device.
 //!
 //! The matrix is uploaded once, as CSR (rows of `A`) and CSC (rows of `A^T`, built on the host
-//! by the same stable counting sort as [`crate::tracenorm::CpuSparseOperator`]); each copy is
+//! by the same radix sort as [`crate::tracenorm::CpuSparseOperator`]); each copy is
 //! split into row blocks whose entries fit in one storage binding. Every
 //! [`apply`](MatrixOperator::apply) uploads `x`, dispatches [`Kernel::Spmm`] once per row block
 //! (grid-stride, at most [`MAX_STRIDE_GROUPS`] workgroups) and reads `y` back. Every output is
@@ -15,7 +15,7 @@ use super::device::Gpu;
 use super::kernels::{Kernel, Params};
 use super::{words_to_bytes, GpuEngine, MAX_STRIDE_GROUPS};
 use crate::engine::EngineError;
-use crate::tracenorm::sparse::{csr_and_csc, validate, Csr};
+use crate::tracenorm::sparse::{csr_and_csc, frobenius_norm_sq, validate, Csr};
 use crate::tracenorm::{MatrixOperator, SparseDelta};
 
 /// Widest block of vectors the estimator uses with its default options (buffers are sized for
@@ -133,7 +133,7 @@ impl GpuEngine {
             pipeline: self.kernels.get(Kernel::Spmm),
             rows: delta.rows,
             cols: delta.cols,
-            frobenius_sq: delta.values.iter().map(|&v| v as f64 * v as f64).sum(),
+            frobenius_sq: frobenius_norm_sq(delta.values),
             a: Vec::new(),
             at: Vec::new(),
             io: None,

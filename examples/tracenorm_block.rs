@@ -1,0 +1,133 @@
+//! Per-matrix profile of the CPU nuclear-norm estimator on real compressed deltas: reads an f32
+//! safetensors file of deltas (`udelta-gpu decompress --delta-only`), and for each 2-D tensor
+//! times the operator build and the estimate separately and prints the work done. With a JSON
+//! file of exact nuclear norms (`{"name": {"nuc": ...}}`, e.g. from PyTorch's `svdvals`) it
+//! also prints each relative error and the error of the sum.
+//!
+//! `cargo run --release --example tracenorm_block -- DELTAS.safetensors [EXACT.json]`
+
+use std::time::Instant;
+use udelta_gpu::tracenorm::{
+    estimate_nuclear_norm_with_report, CpuSparseOperator, EstimatorOptions, MatrixOperator,
+    SparseDelta, SparseWorkspace,
+};
+
+/// The CPU operator, timing its products.
+struct Timed<'a> {
+    op: CpuSparseOperator<'a>,
+    seconds: f64,
+}
+
+impl MatrixOperator for Timed<'_> {
+    fn rows(&self) -> usize {
+        self.op.rows()
+    }
+    fn cols(&self) -> usize {
+        self.op.cols()
+    }
+    fn frobenius_norm_sq(&self) -> f64 {
+        self.op.frobenius_norm_sq()
+    }
+    fn apply(&mut self, x: &[f32], y: &mut [f32], transpose: bool) {
+        let t = Instant::now();
+        self.op.apply(x, y, transpose);
+        self.seconds += t.elapsed().as_secs_f64();
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let bytes = std::fs::read(&args[1]).expect("read deltas");
+    let exact: Option<serde_json::Value> = args
+        .get(2)
+        .map(|p| serde_json::from_slice(&std::fs::read(p).expect("read exact")).expect("json"));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
+    names.sort();
+    let opts = options_from_env();
+    eprintln!("{opts:?}");
+    let mut workspace = SparseWorkspace::default();
+    let (mut total_build, mut total_est, mut sum_est, mut sum_exact) = (0.0, 0.0, 0.0, 0.0);
+    for name in names {
+        let t = st.tensor(&name).unwrap();
+        if t.shape().len() != 2 || t.dtype() != safetensors::Dtype::F32 {
+            continue;
+        }
+        let (rows, cols) = (t.shape()[0], t.shape()[1]);
+        let vals: &[f32] = bytemuck::cast_slice(t.data());
+        let (mut positions, mut values) = (Vec::new(), Vec::new());
+        for (i, &v) in vals.iter().enumerate() {
+            if v != 0.0 {
+                positions.push(i as u32);
+                values.push(v);
+            }
+        }
+        let delta = SparseDelta {
+            rows,
+            cols,
+            positions: &positions,
+            values: &values,
+        };
+        let t0 = Instant::now();
+        let mut op = Timed {
+            op: CpuSparseOperator::with_workspace(&delta, std::mem::take(&mut workspace)),
+            seconds: 0.0,
+        };
+        let build = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let r = estimate_nuclear_norm_with_report(&mut op, &opts);
+        let est = t1.elapsed().as_secs_f64();
+        workspace = op.op.into_workspace();
+        total_build += build;
+        total_est += est;
+        sum_est += r.value;
+        let err = exact
+            .as_ref()
+            .and_then(|e| e[&name]["nuc"].as_f64())
+            .map(|x| {
+                sum_exact += x;
+                format!("  err {:+.3} %", 100.0 * (r.value - x) / x)
+            });
+        println!(
+            "{name} {rows}x{cols} nnz {}: build {:.1} ms, estimate {:.1} ms (products {:.1} ms), {} calls, {} vectors, {} probes, rank {}, se {:.2} %{}",
+            positions.len(),
+            build * 1e3,
+            est * 1e3,
+            op.seconds * 1e3,
+            r.operator_calls,
+            r.operator_vectors,
+            r.probes,
+            r.deflation_rank,
+            100.0 * r.std_error / r.value,
+            err.unwrap_or_default()
+        );
+    }
+    println!(
+        "total: build {:.1} ms, estimate {:.1} ms",
+        total_build * 1e3,
+        total_est * 1e3
+    );
+    if sum_exact > 0.0 {
+        println!(
+            "sum: estimate {sum_est:.2}, exact {sum_exact:.2}, error {:+.3} %",
+            100.0 * (sum_est - sum_exact) / sum_exact
+        );
+    }
+}
+
+/// The default options, with any of `UD_PROBES`, `UD_DEFLATION_BLOCK`, `UD_DEFLATION_ITERS`,
+/// `UD_QUADRATURE_TOL` and `UD_TARGET_SE` overriding the field of that name.
+fn options_from_env() -> EstimatorOptions {
+    fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
+        std::env::var(name).ok().and_then(|v| v.parse().ok())
+    }
+    let d = EstimatorOptions::default();
+    EstimatorOptions {
+        probes: var("UD_PROBES").unwrap_or(d.probes),
+        deflation_block: var("UD_DEFLATION_BLOCK").unwrap_or(d.deflation_block),
+        deflation_iters: var("UD_DEFLATION_ITERS").unwrap_or(d.deflation_iters),
+        quadrature_tol: var("UD_QUADRATURE_TOL").unwrap_or(d.quadrature_tol),
+        target_rel_std_error: var("UD_TARGET_SE").unwrap_or(d.target_rel_std_error),
+        ..d
+    }
+}
