@@ -19,7 +19,10 @@
 //! 2. **Hutch++-style deflation.** A randomized block Krylov step (`deflation_block` Rademacher
 //!    vectors, `deflation_iters` multiplications by `G`, each block orthogonalized in f64) gives an
 //!    orthonormal basis `Q` (`K <= deflation_block * deflation_iters` columns) of the dominant
-//!    singular subspace, rotated to Ritz vectors. Then, exactly,
+//!    singular subspace, rotated to Ritz vectors; only the Ritz vectors whose Ritz value stands
+//!    above the bulk (`deflation_min_ratio`, default 4 times the mean eigenvalue of `G`, where a
+//!    Marchenko-Pastur bulk ends) are kept, because each kept vector costs a quadrature lane and
+//!    one inside the bulk removes no variance. Then, exactly,
 //!    `tr f(G) = sum_j q_j^T f(G) q_j + tr(P f(G) P)`, `P = I - Q Q^T`. The first term is
 //!    computed lane by lane with Lanczos quadrature started at each `q_j` (near-eigenvectors, so
 //!    these lanes converge in a few steps); the second by Hutchinson's estimator with projected
@@ -56,18 +59,19 @@
 //!
 //! # Defaults, accuracy and cost
 //!
-//! With [`EstimatorOptions::default`] (8 + 8 probes per batch up to 64, deflation 8 x 2,
-//! per-lane quadrature tolerance 5e-3, at most 100 steps, target standard error 1 %), the
-//! worst relative error over the test matrices of `tests.rs` (1024 x 2752 and 2752 x 1024,
-//! dense and 0.5 % to 10 % sparse; Gaussian, Laplace, Student-t, 16 quantized levels,
-//! rank-8-plus-noise, pure rank 8 and 64) is 0.28 %, and on the seven compressed deltas of one
-//! synthetic LLaMA-2-7B block it is 0.15 % of the exact sum (full SVD by PyTorch; see
-//! `docs/BENCHMARKS.md`). The quadrature tolerance leaves a small negative bias (about 0.1 %:
-//! the mean of Gauss and Gauss-Radau under-estimates on these spectra), well inside the 1 %
-//! the rescaling needs. The earlier, tighter defaults (16 + 16 probes, deflation 16 x 3,
-//! tolerance 5e-4, standard error 0.1 %) reached 0.03 % on that block at 7x the cost: 970 to
-//! 6900 vectors multiplied by `A` or `A^T` per matrix instead of 250 to 520. The lane histories take up to `lanczos_steps * n * 8` bytes per
-//! lane (f64), in practice a few tens of MB.
+//! With [`EstimatorOptions::default`] (8 + 8 probes per batch up to 64, deflation 8 x 2 keeping
+//! the outliers above 4 times the mean, per-lane quadrature tolerance 5e-3, at most 100 steps,
+//! target standard error 1 %), the worst relative error over the test matrices of `tests.rs`
+//! (1024 x 2752 and 2752 x 1024, dense and 0.5 % to 10 % sparse; Gaussian, Laplace, Student-t,
+//! 16 quantized levels, rank-8-plus-noise, pure rank 8 and 64) is 0.28 %, and on the seven
+//! compressed deltas of one synthetic LLaMA-2-7B block it is 0.16 % of the exact sum (full SVD
+//! by PyTorch; see `docs/BENCHMARKS.md`). The quadrature tolerance leaves a small negative bias
+//! (about 0.1 %: the mean of Gauss and Gauss-Radau under-estimates on these spectra), well
+//! inside the 1 % the rescaling needs. Per 7B matrix this takes 150 to 440 vectors multiplied
+//! by `A` or `A^T` (250 to 520 when every Ritz vector was deflated; 970 to 6900 with the
+//! first defaults: 16 + 16 probes, deflation 16 x 3, tolerance 5e-4, standard error 0.1 %,
+//! which reached 0.03 % on that block). The lane histories take up to `lanczos_steps * n * 8`
+//! bytes per lane (f64), in practice a few tens of MB.
 //!
 //! The hard cases are spectra with a very wide spread of singular values (condition numbers in
 //! the thousands, e.g. Cauchy-distributed entries or a diagonal matrix with entries from 0.5 to
