@@ -381,7 +381,7 @@ fn run_compress(a: CompressArgs) -> Result<()> {
         );
         let t = &out.times;
         eprintln!(
-            "stages (s): read {:.2}  compare {:.2}  analyze {:.2}  select {:.2}  trace norm {:.2}  encode {:.2}  write {:.2}{}",
+            "stages (s): read {:.2}  compare {:.2}  analyze {:.2}  select {:.2}  trace norm {:.2}  encode {:.2}  write {:.2}{}{}",
             t.read,
             t.compare,
             t.analyze,
@@ -389,7 +389,12 @@ fn run_compress(a: CompressArgs) -> Result<()> {
             t.trace_norm,
             t.encode,
             t.write,
-            if a.verify { format!("  verify {:.2}", t.verify) } else { String::new() }
+            if a.verify { format!("  verify {:.2}", t.verify) } else { String::new() },
+            if t.trace_norm_wait > 0.0 {
+                format!("  (trace norm on its own thread; final wait {:.2})", t.trace_norm_wait)
+            } else {
+                String::new()
+            }
         );
     }
     if a.json && reports.len() > 1 {

@@ -133,6 +133,13 @@ pub trait Engine: Send {
     ) -> Result<f64, EngineError> {
         Ok(crate::tracenorm::nuclear_norm(delta, opts))
     }
+
+    /// True when [`nuclear_norm`](Self::nuclear_norm) is the default, host-only
+    /// [`crate::tracenorm::nuclear_norm`], so that the caller may run that function on another
+    /// thread instead (same result). Engines that override `nuclear_norm` return false.
+    fn nuclear_norm_on_host(&self) -> bool {
+        true
+    }
 }
 
 /// The engine for `--adapter NAME` with a device-memory budget of `gpu_mem` bytes:
@@ -259,6 +266,10 @@ impl Engine for Fallback {
             |g| g.nuclear_norm(delta, opts),
             |c| c.nuclear_norm(delta, opts),
         )
+    }
+
+    fn nuclear_norm_on_host(&self) -> bool {
+        false
     }
 }
 

@@ -26,6 +26,7 @@ use crate::tracenorm::{EstimatorOptions, SparseDelta};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::norm_worker::NormWorker;
 use super::prefetch::{Prefetch, ReadJob, TensorRead};
 
 /// Bytes per read when comparing or copying tensors that are not compressed.
@@ -71,8 +72,11 @@ pub struct StageTimes {
     pub write: f64,
     /// Recomputing on the CPU engine (`--verify`).
     pub verify: f64,
-    /// Nuclear-norm estimates.
+    /// Nuclear-norm estimates. With the CPU engine they run on their own thread, beside the
+    /// other stages, and this is that thread's busy time.
     pub trace_norm: f64,
+    /// Waiting, after the last tensor, for the nuclear norms still running on their thread.
+    pub trace_norm_wait: f64,
 }
 
 /// Times a closure into one of the stage counters.
@@ -544,6 +548,11 @@ pub fn compress(
             .map(|n| compress_reads(n, &base, &models))
             .collect(),
     );
+    // With a host-side estimator the nuclear norms run on their own thread, beside the reads
+    // and the selection of the next tensors (inline if the thread cannot start).
+    let norm_worker = (with_trace_norm && engine.nuclear_norm_on_host())
+        .then(|| NormWorker::start(EstimatorOptions::default()).ok())
+        .flatten();
     let rounds = order
         .iter()
         .map(|n| (true, n))
@@ -557,7 +566,7 @@ pub fn compress(
         .into_iter();
         let base_buf = loaded.next().unwrap_or_default();
         let mut base_checked = false;
-        for m in models.iter_mut() {
+        for (mi, m) in models.iter_mut().enumerate() {
             let Some(ti) = m.ckpt.tensors.iter().position(|t| &t.name == name) else {
                 continue;
             };
@@ -638,16 +647,21 @@ pub fn compress(
                         let deltas = stats.grid.scaled_values(opts.params.rescale());
                         let values: Vec<f32> =
                             kept.levels.iter().map(|&l| deltas[l as usize]).collect();
-                        let delta = SparseDelta {
-                            rows: b.shape[0],
-                            cols: b.shape[1],
-                            positions: &kept.positions,
-                            values: &values,
-                        };
-                        m.trace_norm += timed(&mut times.trace_norm, || {
-                            engine.nuclear_norm(&delta, &EstimatorOptions::default())
-                        })
-                        .map_err(fail)?;
+                        let (rows, cols) = (b.shape[0], b.shape[1]);
+                        if let Some(worker) = &norm_worker {
+                            worker.submit(mi, rows, cols, kept.positions.clone(), values);
+                        } else {
+                            let delta = SparseDelta {
+                                rows,
+                                cols,
+                                positions: &kept.positions,
+                                values: &values,
+                            };
+                            m.trace_norm += timed(&mut times.trace_norm, || {
+                                engine.nuclear_norm(&delta, &EstimatorOptions::default())
+                            })
+                            .map_err(fail)?;
+                        }
                     }
                     let kept_counts = selection.kept_counts();
                     let enc = timed(&mut times.encode, || {
@@ -713,6 +727,16 @@ pub fn compress(
     drop(loads);
     progress.finish();
 
+    if let Some(worker) = norm_worker {
+        let wait = std::time::Instant::now();
+        let (estimates, seconds) = worker.finish();
+        times.trace_norm_wait += wait.elapsed().as_secs_f64();
+        times.trace_norm += seconds;
+        // In submission order: the same sums as inline.
+        for (mi, estimate) in estimates {
+            models[mi].trace_norm += estimate;
+        }
+    }
     let rescale = opts.params.rescale();
     let norms: Vec<f64> = models.iter().map(|m| m.trace_norm).collect();
     let gammas = match opts.gamma {

@@ -751,6 +751,10 @@ impl Engine for GpuEngine {
 
     /// The estimator on the host with its products on the device ([`GpuSparseOperator`]);
     /// matrices whose operator would exceed `--gpu-mem` or one storage binding go to the CPU.
+    fn nuclear_norm_on_host(&self) -> bool {
+        false
+    }
+
     fn nuclear_norm(
         &mut self,
         delta: &SparseDelta,
