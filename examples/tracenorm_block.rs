@@ -5,6 +5,11 @@
 //! also prints each relative error and the error of the sum.
 //!
 //! `cargo run --release --example tracenorm_block -- DELTAS.safetensors [EXACT.json]`
+//!
+//! `UD_REPEAT=N` times each matrix N times and keeps the fastest build and estimate (the first
+//! run also grows the reused workspace; inside `compress` it is warm after the first layer).
+//! `UD_PROBES`, `UD_DEFLATION_BLOCK`, `UD_DEFLATION_ITERS`, `UD_QUADRATURE_TOL` and
+//! `UD_TARGET_SE` override the estimator options.
 
 use std::time::Instant;
 use udelta_gpu::tracenorm::{
@@ -45,7 +50,12 @@ fn main() {
     let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
     names.sort();
     let opts = options_from_env();
-    eprintln!("{opts:?}");
+    let repeats: usize = std::env::var("UD_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    eprintln!("{opts:?}, fastest of {repeats} run(s) per matrix");
     let mut workspace = SparseWorkspace::default();
     let (mut total_build, mut total_est, mut sum_est, mut sum_exact) = (0.0, 0.0, 0.0, 0.0);
     for name in names {
@@ -68,16 +78,26 @@ fn main() {
             positions: &positions,
             values: &values,
         };
-        let t0 = Instant::now();
-        let mut op = Timed {
-            op: CpuSparseOperator::with_workspace(&delta, std::mem::take(&mut workspace)),
-            seconds: 0.0,
-        };
-        let build = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let r = estimate_nuclear_norm_with_report(&mut op, &opts);
-        let est = t1.elapsed().as_secs_f64();
-        workspace = op.op.into_workspace();
+        // The fastest of `repeats` runs (the first one also grows the workspace).
+        let (mut build, mut est, mut products) = (f64::INFINITY, f64::INFINITY, 0.0);
+        let mut report = None;
+        for _ in 0..repeats {
+            let t0 = Instant::now();
+            let mut op = Timed {
+                op: CpuSparseOperator::with_workspace(&delta, std::mem::take(&mut workspace)),
+                seconds: 0.0,
+            };
+            build = build.min(t0.elapsed().as_secs_f64());
+            let t1 = Instant::now();
+            let r = estimate_nuclear_norm_with_report(&mut op, &opts);
+            let elapsed = t1.elapsed().as_secs_f64();
+            if elapsed < est {
+                (est, products) = (elapsed, op.seconds);
+            }
+            report = Some(r);
+            workspace = op.op.into_workspace();
+        }
+        let r = report.expect("at least one run");
         total_build += build;
         total_est += est;
         sum_est += r.value;
@@ -93,7 +113,7 @@ fn main() {
             positions.len(),
             build * 1e3,
             est * 1e3,
-            op.seconds * 1e3,
+            products * 1e3,
             r.operator_calls,
             r.operator_vectors,
             r.probes,
