@@ -268,6 +268,7 @@ impl Engine for Fallback {
         )
     }
 
+    /// False: the GPU runs the products until it fails (then the CPU, inline).
     fn nuclear_norm_on_host(&self) -> bool {
         false
     }

@@ -10,9 +10,9 @@ use rayon::prelude::*;
 /// Block layout: a block of `w` vectors of length `d` is a row-major `d x w` array of f32,
 /// `x[i * w + l]` being entry `i` of vector `l` (so one matrix entry multiplies `w` contiguous
 /// numbers). The width `w` is `x.len() / input_dim` and changes from call to call: with the
-/// default options it is 16 (block Krylov), 48 (Rayleigh-Ritz), 64 (deflation lanes plus the
-/// first probes) shrinking as lanes converge, then 16 or fewer (extra probe batches), and at
-/// most 64 in the exact path; in general it is at most
+/// default options it is 8 (block Krylov), 16 (Rayleigh-Ritz), up to 24 (the kept deflation
+/// lanes plus the first 8 probes) shrinking as lanes converge, then 8 or fewer (extra probe
+/// batches), and at most 64 in the exact path; in general it is at most
 /// `max(deflation_block * deflation_iters + max(probes, 4), 64)`.
 /// `transpose == false` computes `y = A x` with `x.len() == cols * w`, `y.len() == rows * w`;
 /// `transpose == true` computes `y = A^T x` with `x.len() == rows * w`, `y.len() == cols * w`.

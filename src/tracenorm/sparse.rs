@@ -111,10 +111,11 @@ pub struct SparseWorkspace {
     y_padded: Vec<f32>,
 }
 
-/// The first `len` elements of `buffer`, grown if needed. The old contents are left in place:
-/// callers overwrite every element they read.
+/// The first `len` elements of `buffer`, grown if needed. The old contents are left in place
+/// (or dropped when it grows, rather than copied): callers overwrite every element they read.
 fn reuse<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
     if buffer.len() < len {
+        buffer.clear();
         buffer.resize(len, T::default());
     }
     &mut buffer[..len]

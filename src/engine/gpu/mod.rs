@@ -749,12 +749,13 @@ impl Engine for GpuEngine {
         format!("gpu: {}", self.gpu.report.summary())
     }
 
-    /// The estimator on the host with its products on the device ([`GpuSparseOperator`]);
-    /// matrices whose operator would exceed `--gpu-mem` or one storage binding go to the CPU.
+    /// False: the products run on the device.
     fn nuclear_norm_on_host(&self) -> bool {
         false
     }
 
+    /// The estimator on the host with its products on the device ([`GpuSparseOperator`]);
+    /// matrices whose operator would exceed `--gpu-mem` or one storage binding go to the CPU.
     fn nuclear_norm(
         &mut self,
         delta: &SparseDelta,
