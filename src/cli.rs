@@ -381,8 +381,8 @@ fn run_compress(a: CompressArgs) -> Result<()> {
         );
         let t = &out.times;
         eprintln!(
-            "stages (s): read {:.2}  compare {:.2}  analyze {:.2}  select {:.2}  trace norm {:.2}  encode {:.2}  write {:.2}{}{}",
-            t.read,
+            "stages (s): read {:.2}  compare {:.2}  analyze {:.2}  select {:.2}  trace norm {:.2}  encode {:.2}  write {:.2}{}{}  (read: pass 1 {:.2}, pass 2 {:.2})",
+            t.read + t.read_pass2,
             t.compare,
             t.analyze,
             t.select,
@@ -394,7 +394,9 @@ fn run_compress(a: CompressArgs) -> Result<()> {
                 format!("  (trace norm on its own thread; final wait {:.2})", t.trace_norm_wait)
             } else {
                 String::new()
-            }
+            },
+            t.read,
+            t.read_pass2
         );
     }
     if a.json && reports.len() > 1 {

@@ -57,9 +57,12 @@ pub struct CompressOptions {
 /// Wall time spent in each stage, in seconds (stages run one after another on this thread).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct StageTimes {
-    /// Waiting for tensors to be read (both passes; reads run ahead on their own thread, so
-    /// this is only the part the compute did not hide).
+    /// Waiting for tensors to be read in pass 1 (reads run ahead on their own thread, so this
+    /// is only the part the compute did not hide).
     pub read: f64,
+    /// The same in pass 2, which reads the compressed tensors again (most of them from the
+    /// page cache: it takes them in reverse order).
+    pub read_pass2: f64,
     /// Comparing uncompressed tensors with the base.
     pub compare: f64,
     /// Engine pass 1 (min/max, histograms).
@@ -561,7 +564,7 @@ pub fn compress(
         let mut loaded = if raw_round {
             Vec::new()
         } else {
-            timed(&mut times.read, || loads.next_job())?
+            timed(&mut times.read_pass2, || loads.next_job())?
         }
         .into_iter();
         let base_buf = loaded.next().unwrap_or_default();
