@@ -26,7 +26,7 @@ bin=target/release/udelta-gpu
 
 echo "== machine"; nproc; grep -m1 "model name" /proc/cpuinfo || true
 rm -rf "$work/s" "$work/deltas" "$work/ours.udelta"
-$bin synth --out "$work/s" --preset 7b --layers "$layers" -q
+$bin synth --out "$work/s" --preset 7b --layers "$layers" --force -q
 cat "$work"/s/base/* "$work"/s/ft-1/* > /dev/null
 
 echo "== udelta-gpu (--adapter $adapter)"

@@ -14,7 +14,7 @@ echo "== machine"; nproc; grep -m1 "model name" /proc/cpuinfo || true; free -g |
 
 echo "== synth 7b --layers 2 (f16, 2 shards)"
 rm -rf "$work/s7"
-t $bin synth --out "$work/s7" --preset 7b --layers 2 -q
+t $bin synth --out "$work/s7" --preset 7b --layers 2 --force -q
 cat "$work"/s7/base/* "$work"/s7/ft-1/* > /dev/null
 echo "== read both inputs once (cat, warm page cache)"
 t sh -c "cat $work/s7/base/* $work/s7/ft-1/* > /dev/null"

@@ -208,6 +208,9 @@ pub struct SynthArgs {
     /// Extra vocabulary rows in the fine-tunes.
     #[arg(long, default_value_t = 0)]
     pub vocab_growth: usize,
+    /// Replace existing base/ and ft-N/ directories under --out.
+    #[arg(long)]
+    pub force: bool,
     /// No progress bar.
     #[arg(short, long)]
     pub quiet: bool,
@@ -435,6 +438,7 @@ fn run_synth(a: SynthArgs) -> Result<()> {
         shards: a.shards,
         seed: a.seed,
         vocab_growth: a.vocab_growth,
+        replace: a.force,
     };
     let t = Instant::now();
     let progress = crate::progress::Progress::new("synth", 0, !a.quiet);
@@ -478,6 +482,7 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         shards: None,
         seed: 0,
         vocab_growth: 0,
+        replace: true,
     };
     let _ = std::fs::remove_dir_all(&synth_dir);
     let syn = write_synthetic(&synth_dir, &opts, &|_, _| {})?;

@@ -130,6 +130,30 @@ pub fn remove_all_live_and_exit(code: i32, message: &str) -> ! {
 }
 
 /// The refusal of an existing output without `--force`.
+/// Bytes available to this user on the file system that holds, or would hold, `dir` (its
+/// nearest existing ancestor is asked), or None where the platform does not say.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = std::path::absolute(dir).ok()?;
+        let existing = dir.ancestors().find(|a| a.exists())?;
+        let path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+        // SAFETY: `path` is a NUL-terminated string and `stats` a plain struct that statvfs
+        // fills in; it is read only when the call succeeds.
+        let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+            return None;
+        }
+        Some((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
 fn already_exists(target: &Path) -> Error {
     Error::checkpoint(target, "output already exists (use --force to replace it)")
 }

@@ -668,6 +668,14 @@ fn parameter_cases(fx: &Fixture) -> Vec<BadRun> {
         ("shards-too-many", &["--shards", "1000"], "shards", 1),
         ("seed-negative", &["--seed", "-3"], "-3", 2),
         ("vocab-growth-negative", &["--vocab-growth", "-1"], "-1", 2),
+        ("layers-too-many", &["--layers", "5000"], "1024", 1),
+        // 26 GB per checkpoint, 1001 checkpoints: refused before anything is written.
+        (
+            "no-space",
+            &["--preset", "13b", "--models", "1000"],
+            "free",
+            1,
+        ),
     ] {
         let mut a = vec!["synth", "--out", s(&synth), "-q"];
         a.extend_from_slice(extra);
@@ -677,6 +685,11 @@ fn parameter_cases(fx: &Fixture) -> Vec<BadRun> {
         }
         cases.push(BadRun::new(&format!("synth-{name}"), &a, &n).code(code));
     }
+    cases.push(BadRun::new(
+        "synth-existing-output",
+        &["synth", "--out", s(fx.dir.path()), "-q"],
+        &["already exists", "base"],
+    ));
     cases.push(BadRun::new(
         "synth-out-is-a-file",
         &["synth", "--out", s(&fx.good), "-q"],

@@ -177,6 +177,8 @@ pub struct SynthOptions {
     pub seed: u64,
     /// Extra vocabulary rows in the fine-tunes' `embed_tokens` and `lm_head`.
     pub vocab_growth: usize,
+    /// Replace existing `base/` and `ft-N/` directories (otherwise they are an error).
+    pub replace: bool,
 }
 
 impl SynthOptions {
@@ -190,6 +192,7 @@ impl SynthOptions {
             shards: None,
             seed: 0,
             vocab_growth: 0,
+            replace: false,
         }
     }
 }
@@ -633,6 +636,28 @@ fn generate(
     true
 }
 
+/// Most layers `synth` writes: the tensor list is planned in memory before anything is
+/// written, so an absurd count must be refused before it is.
+pub const MAX_LAYERS: usize = 1024;
+
+/// Refuses to start writing `bytes` under `dir` when its file system has less free space (as
+/// far as the platform tells; elsewhere the write itself fails cleanly when the disk fills).
+/// Replaced directories count as occupied: their space is freed only after the new ones are
+/// complete.
+fn check_free_space(dir: &Path, bytes: u64) -> Result<()> {
+    match crate::staging::free_bytes(dir) {
+        Some(free) if free < bytes => Err(Error::checkpoint(
+            dir,
+            format!(
+                "synth would write {:.2} GB here but only {:.2} GB are free",
+                bytes as f64 / 1e9,
+                free as f64 / 1e9
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Writes `DIR/base` and `DIR/ft-1 .. DIR/ft-M` (see the module docs), calling `progress`
 /// with the tensor bytes written so far and the total, over all models.
 pub fn write_synthetic(
@@ -648,6 +673,11 @@ pub fn write_synthetic(
     if opts.layers == Some(0) {
         return Err(Error::Param("synth needs at least one layer".into()));
     }
+    if opts.layers.is_some_and(|l| l > MAX_LAYERS) {
+        return Err(Error::Param(format!(
+            "synth writes at most {MAX_LAYERS} layers (LLaMA-2-70B has 80)"
+        )));
+    }
     let (dims, specs) = plan(opts.preset, opts.layers);
     let shards = opts.shards.unwrap_or(opts.preset.default_shards());
     if shards == 0 || shards > specs.len() {
@@ -656,6 +686,16 @@ pub fn write_synthetic(
             specs.len()
         )));
     }
+    let headers_of = |m: usize| {
+        headers(
+            &specs,
+            opts.dtype,
+            if m == 0 { 0 } else { opts.vocab_growth },
+        )
+    };
+    let bytes_of = |h: &[TensorHeader]| h.iter().map(TensorHeader::byte_len).sum::<u64>();
+    let total = bytes_of(&headers_of(0)) + opts.models as u64 * bytes_of(&headers_of(1));
+    check_free_space(out_dir, total)?;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
 
     let mut outs: Vec<ModelOut> = Vec::with_capacity(opts.models + 1);
@@ -665,13 +705,9 @@ pub fn write_synthetic(
         } else {
             format!("ft-{m}")
         };
-        let staged = StagedPath::new(&out_dir.join(name), true)?;
+        let staged = StagedPath::new(&out_dir.join(name), opts.replace)?;
         std::fs::create_dir(staged.path()).map_err(|e| Error::io(staged.path(), e))?;
-        let headers = headers(
-            &specs,
-            opts.dtype,
-            if m == 0 { 0 } else { opts.vocab_growth },
-        );
+        let headers = headers_of(m);
         let sizes: Vec<u64> = headers.iter().map(TensorHeader::byte_len).collect();
         outs.push(ModelOut {
             staged,
@@ -682,8 +718,6 @@ pub fn write_synthetic(
             config: config_json(opts, &dims, (m > 0).then_some(m)),
         });
     }
-    let model_bytes = |o: &ModelOut| o.headers.iter().map(TensorHeader::byte_len).sum::<u64>();
-    let total: u64 = outs.iter().map(model_bytes).sum();
     let written = AtomicU64::new(0);
     progress(0, total);
 
@@ -721,7 +755,7 @@ pub fn write_synthetic(
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
     })?;
     progress(total, total);
-    let bytes_per_model = model_bytes(&outs[opts.models]);
+    let bytes_per_model = bytes_of(&outs[opts.models].headers);
     let params_per_model = outs[opts.models]
         .headers
         .iter()

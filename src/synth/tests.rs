@@ -465,11 +465,15 @@ fn progress_and_bad_options() {
     assert!(calls
         .windows(2)
         .all(|w| w[0].0 <= w[1].0 && w[1].1 == total));
-    // Writing again replaces the outputs (a different layout leaves no stale shard).
+    // Writing again is refused unless asked to replace, and then leaves no stale shard.
+    let err = write_synthetic(dir.path(), &tiny(1), &|_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert!(err.to_string().contains("base"), "{err}");
     write(
         dir.path(),
         &SynthOptions {
             shards: Some(2),
+            replace: true,
             ..tiny(1)
         },
     );
@@ -490,6 +494,10 @@ fn progress_and_bad_options() {
         },
         SynthOptions {
             layers: Some(0),
+            ..tiny(1)
+        },
+        SynthOptions {
+            layers: Some(MAX_LAYERS + 1),
             ..tiny(1)
         },
     ] {
