@@ -598,3 +598,66 @@ impl MatrixOperator for CpuSparseOperator<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every compiled variant of the kernel gives the same bits as the generic one (the
+    /// dispatcher picks only one of them on a given machine).
+    #[test]
+    fn kernel_variants_agree_to_the_bit() {
+        let (rows, cols) = (45usize, 77usize);
+        let positions: Vec<u32> = (0..(rows * cols) as u32)
+            .filter(|p| (p.wrapping_mul(2_654_435_761) >> 27) < 5)
+            .collect();
+        let values: Vec<f32> = positions
+            .iter()
+            .map(|&p| ((p * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let mut ptr = vec![0u32; rows + 1];
+        let delta = SparseDelta {
+            rows,
+            cols,
+            positions: &positions,
+            values: &values,
+        };
+        row_starts(&delta, &mut ptr);
+        let m = Rows {
+            ptr: &ptr,
+            idx: &positions,
+            stride: cols as u32,
+            val: &values,
+        };
+        for w in [1usize, 4, 8, 12, 24, 40, 64] {
+            let x: Vec<f32> = (0..cols * w)
+                .map(|i| ((i * 7919) % 211) as f32 / 100.0 - 1.0)
+                .collect();
+            let mut want = vec![0f32; rows * w];
+            rows_kernel(m, 0, &x, &mut want, w);
+            #[cfg(target_arch = "x86_64")]
+            for (name, available) in [
+                ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+                ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+            ] {
+                if !available {
+                    eprintln!("kernel variant {name} not available on this CPU");
+                    continue;
+                }
+                let mut got = vec![f32::NAN; rows * w];
+                // SAFETY: the feature was detected just above.
+                unsafe {
+                    match name {
+                        "avx2" => rows_kernel_avx2(m, 0, &x, &mut got, w),
+                        _ => rows_kernel_avx512(m, 0, &x, &mut got, w),
+                    }
+                }
+                let same = want
+                    .iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{name} differs from the generic kernel at width {w}");
+            }
+        }
+    }
+}
