@@ -166,19 +166,25 @@ mod tests {
                 assert!(bytemuck::cast_slice::<u8, f32>(b)
                     .iter()
                     .all(|&v| v == want));
-                seen.insert(b.as_ptr() as usize);
+                // Buffers the reader allocated (the recycled foreign ones below are larger).
+                if b.capacity() == 4000 {
+                    seen.insert(b.as_ptr() as usize);
+                }
             }
             p.recycle(bufs);
             let empty = p.next_job().unwrap();
             assert!(empty.is_empty());
             // Steps that read nothing may still hand buffers back (decompress recycles the
             // output of raw tensors): the pool must not grow with them.
-            p.recycle(empty.into_iter().chain([Vec::new(), vec![0u8; 4000]]));
+            p.recycle(empty.into_iter().chain([Vec::new(), vec![0u8; 5000]]));
+            assert!(p.spare_count.load(Ordering::Relaxed) <= p.spare_limit);
         }
-        // One job held here, one waiting in the channel, one being read.
+        // One job held here, one waiting in the channel, one being read: the reader allocates
+        // at most 6 buffers; after that it reuses (its own or recycled foreign ones). Which
+        // foreign buffers the pool takes depends on timing, so they are not counted.
         assert!(
             seen.len() <= 6,
-            "{} distinct buffers for 40 reads",
+            "the reader allocated {} buffers for 40 reads",
             seen.len()
         );
     }
