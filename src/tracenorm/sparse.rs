@@ -426,30 +426,20 @@ fn padded_width(w: usize) -> usize {
     }
 }
 
-/// Rows `first_row + j` (`j < R`) times all `w` vectors, in column tiles of 32, 16, 8, 4 and 1.
+/// Rows `first_row + j` (`j < R`) times all `w` vectors, in column tiles of 32, 16, 8, 4 and 1
+/// (widest first; after the 32s at most one tile of each narrower width but 1 is needed).
 #[inline(always)]
 fn row_group<const R: usize>(m: Rows, first_row: usize, x: &[f32], y: &mut [f32], w: usize) {
     let mut off = 0;
-    while w - off >= 32 {
-        rows_tile::<R, 32>(m, first_row, x, y, w, off);
-        off += 32;
+    macro_rules! tiles {
+        ($($t:literal),*) => {$(
+            while w - off >= $t {
+                rows_tile::<R, $t>(m, first_row, x, y, w, off);
+                off += $t;
+            }
+        )*};
     }
-    if w - off >= 16 {
-        rows_tile::<R, 16>(m, first_row, x, y, w, off);
-        off += 16;
-    }
-    if w - off >= 8 {
-        rows_tile::<R, 8>(m, first_row, x, y, w, off);
-        off += 8;
-    }
-    if w - off >= 4 {
-        rows_tile::<R, 4>(m, first_row, x, y, w, off);
-        off += 4;
-    }
-    while off < w {
-        rows_tile::<R, 1>(m, first_row, x, y, w, off);
-        off += 1;
-    }
+    tiles!(32, 16, 8, 4, 1);
 }
 
 /// `y[r * w .. (r + 1) * w] = sum_k val[k] * x[col(k) * w ..]` for the rows of one chunk, four
