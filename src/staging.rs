@@ -129,7 +129,6 @@ pub fn remove_all_live_and_exit(code: i32, message: &str) -> ! {
     std::process::exit(code)
 }
 
-/// The refusal of an existing output without `--force`.
 /// Bytes available to this user on the file system that holds, or would hold, `dir` (its
 /// nearest existing ancestor is asked), or None where the platform does not say.
 pub fn free_bytes(dir: &Path) -> Option<u64> {
@@ -154,6 +153,7 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     }
 }
 
+/// The refusal of an existing output without `--force`.
 fn already_exists(target: &Path) -> Error {
     Error::checkpoint(target, "output already exists (use --force to replace it)")
 }

@@ -646,26 +646,6 @@ pub fn compress(
                     {
                         return Err(Error::Gpu(format!("--verify: tensor '{}': engine kept entries differ from the CPU reference", t.name)));
                     }
-                    if with_trace_norm && b.shape.len() == 2 {
-                        let deltas = stats.grid.scaled_values(opts.params.rescale());
-                        let values: Vec<f32> =
-                            kept.levels.iter().map(|&l| deltas[l as usize]).collect();
-                        let (rows, cols) = (b.shape[0], b.shape[1]);
-                        if let Some(worker) = &norm_worker {
-                            worker.submit(mi, rows, cols, kept.positions.clone(), values);
-                        } else {
-                            let delta = SparseDelta {
-                                rows,
-                                cols,
-                                positions: &kept.positions,
-                                values: &values,
-                            };
-                            m.trace_norm += timed(&mut times.trace_norm, || {
-                                engine.nuclear_norm(&delta, &EstimatorOptions::default())
-                            })
-                            .map_err(fail)?;
-                        }
-                    }
                     let kept_counts = selection.kept_counts();
                     let enc = timed(&mut times.encode, || {
                         codec::encode_tensor(
@@ -682,6 +662,27 @@ pub fn compress(
                             format!("encoding failed: {e}"),
                         )
                     })?;
+                    // After encoding, so that the worker can take the positions over.
+                    if with_trace_norm && b.shape.len() == 2 {
+                        let deltas = stats.grid.scaled_values(opts.params.rescale());
+                        let values: Vec<f32> =
+                            kept.levels.iter().map(|&l| deltas[l as usize]).collect();
+                        let (rows, cols) = (b.shape[0], b.shape[1]);
+                        if let Some(worker) = &norm_worker {
+                            worker.submit(mi, rows, cols, kept.positions, values);
+                        } else {
+                            let delta = SparseDelta {
+                                rows,
+                                cols,
+                                positions: &kept.positions,
+                                values: &values,
+                            };
+                            m.trace_norm += timed(&mut times.trace_norm, || {
+                                engine.nuclear_norm(&delta, &EstimatorOptions::default())
+                            })
+                            .map_err(fail)?;
+                        }
+                    }
                     let tail_start = shared_numel * ft_type.size();
                     let writer = &mut m.writer;
                     let (positions, levels, tail) = timed(&mut times.write, || -> Result<_> {
