@@ -8,8 +8,8 @@
 //!
 //! `UD_REPEAT=N` times each matrix N times and keeps the fastest build and estimate (the first
 //! run also grows the reused workspace; inside `compress` it is warm after the first layer).
-//! `UD_PROBES`, `UD_DEFLATION_BLOCK`, `UD_DEFLATION_ITERS`, `UD_QUADRATURE_TOL` and
-//! `UD_TARGET_SE` override the estimator options.
+//! `UD_PROBES`, `UD_DEFLATION_BLOCK`, `UD_DEFLATION_ITERS`, `UD_QUADRATURE_TOL`,
+//! `UD_GAUSS_WEIGHT` and `UD_TARGET_SE` override the estimator options.
 
 use std::time::Instant;
 use udelta_gpu::tracenorm::{
@@ -136,7 +136,7 @@ fn main() {
 }
 
 /// The default options, with any of `UD_PROBES`, `UD_DEFLATION_BLOCK`, `UD_DEFLATION_ITERS`,
-/// `UD_QUADRATURE_TOL` and `UD_TARGET_SE` overriding the field of that name.
+/// `UD_QUADRATURE_TOL`, `UD_GAUSS_WEIGHT` and `UD_TARGET_SE` overriding the field of that name.
 fn options_from_env() -> EstimatorOptions {
     fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
         std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -147,6 +147,7 @@ fn options_from_env() -> EstimatorOptions {
         deflation_block: var("UD_DEFLATION_BLOCK").unwrap_or(d.deflation_block),
         deflation_iters: var("UD_DEFLATION_ITERS").unwrap_or(d.deflation_iters),
         quadrature_tol: var("UD_QUADRATURE_TOL").unwrap_or(d.quadrature_tol),
+        gauss_weight: var("UD_GAUSS_WEIGHT").unwrap_or(d.gauss_weight),
         target_rel_std_error: var("UD_TARGET_SE").unwrap_or(d.target_rel_std_error),
         ..d
     }
