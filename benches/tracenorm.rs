@@ -5,7 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
-use udelta_gpu::tracenorm::{nuclear_norm, EstimatorOptions, SparseDelta};
+use udelta_gpu::tracenorm::{nuclear_norm, DeltaValues, EstimatorOptions, SparseDelta};
 
 fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -45,7 +45,7 @@ fn bench(c: &mut Criterion) {
             rows,
             cols,
             positions: &pos,
-            values: &val,
+            values: DeltaValues::F32(&val),
         };
         let name = format!("nuclear_norm {rows}x{cols} 5% ({} nnz)", pos.len());
         eprintln!("{name}: estimate {:.6e}", nuclear_norm(&d, &opts));

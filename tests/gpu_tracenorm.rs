@@ -11,7 +11,9 @@ use udelta_gpu::engine::cpu::CpuEngine;
 use udelta_gpu::engine::gpu::{AdapterChoice, GpuEngine, GpuOptions};
 use udelta_gpu::engine::{Engine, EngineError};
 use udelta_gpu::pipeline::compress::{compress, CompressOptions};
-use udelta_gpu::tracenorm::{CpuSparseOperator, EstimatorOptions, MatrixOperator, SparseDelta};
+use udelta_gpu::tracenorm::{
+    CpuSparseOperator, DeltaValues, EstimatorOptions, MatrixOperator, SparseDelta,
+};
 
 /// The GPU engine, or `None` (after a loud message) where there is no adapter; with `CI=true`
 /// a missing adapter fails the test.
@@ -76,7 +78,7 @@ fn delta<'a>(rows: usize, cols: usize, m: &'a (Vec<u32>, Vec<f32>)) -> SparseDel
         rows,
         cols,
         positions: &m.0,
-        values: &m.1,
+        values: DeltaValues::F32(&m.1),
     }
 }
 
@@ -129,7 +131,7 @@ fn check_products(g: &mut GpuEngine, rows: usize, cols: usize, max_block_nnz: Op
     let abs_values: Vec<f32> = m.1.iter().map(|v| v.abs()).collect();
     let mut cpu = CpuSparseOperator::new(&d);
     let mut abs = CpuSparseOperator::new(&SparseDelta {
-        values: &abs_values,
+        values: DeltaValues::F32(&abs_values),
         ..d
     });
     let mut op = match max_block_nnz {

@@ -22,7 +22,7 @@ use crate::format::{
 };
 use crate::progress::Progress;
 use crate::staging::{check_output, OutputKind, StagedPath};
-use crate::tracenorm::{EstimatorOptions, SparseDelta};
+use crate::tracenorm::{DeltaValues, EstimatorOptions, SparseDelta};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -664,18 +664,19 @@ pub fn compress(
                     })?;
                     // After encoding, so that the worker can take the positions over.
                     if with_trace_norm && b.shape.len() == 2 {
-                        let deltas = stats.grid.scaled_values(opts.params.rescale());
-                        let values: Vec<f32> =
-                            kept.levels.iter().map(|&l| deltas[l as usize]).collect();
+                        let table = stats.grid.scaled_values(opts.params.rescale());
                         let (rows, cols) = (b.shape[0], b.shape[1]);
                         if let Some(worker) = &norm_worker {
-                            worker.submit(mi, rows, cols, kept.positions, values);
+                            worker.submit(mi, (rows, cols), kept.positions, kept.levels, table);
                         } else {
                             let delta = SparseDelta {
                                 rows,
                                 cols,
                                 positions: &kept.positions,
-                                values: &values,
+                                values: DeltaValues::Coded {
+                                    codes: &kept.levels,
+                                    table: &table,
+                                },
                             };
                             m.trace_norm += timed(&mut times.trace_norm, || {
                                 engine.nuclear_norm(&delta, &EstimatorOptions::default())

@@ -3,7 +3,7 @@
 //! pipeline otherwise spends waiting for reads. Results come back in submission order, so each
 //! model's `T_m` is summed in the same order, and is the same number, as when computed inline.
 
-use crate::tracenorm::{nuclear_norm, EstimatorOptions, SparseDelta};
+use crate::tracenorm::{nuclear_norm, DeltaValues, EstimatorOptions, SparseDelta};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -14,7 +14,9 @@ struct Job {
     rows: usize,
     cols: usize,
     positions: Vec<u32>,
-    values: Vec<f32>,
+    /// The level of each entry, and the value of each level.
+    codes: Vec<u8>,
+    table: Vec<f32>,
 }
 
 /// What the worker did: per job `(model, estimate)` in submission order, and the seconds it
@@ -45,22 +47,23 @@ impl NormWorker {
         })
     }
 
-    /// Queues the matrix `rows x cols` with the given kept entries (see [`SparseDelta`]) for
-    /// model `model`.
+    /// Queues the matrix `rows x cols` with the given kept entries (see [`SparseDelta`]; entry
+    /// `k` has the value `table[codes[k]]`) for model `model`.
     pub fn submit(
         &self,
         model: usize,
-        rows: usize,
-        cols: usize,
+        (rows, cols): (usize, usize),
         positions: Vec<u32>,
-        values: Vec<f32>,
+        codes: Vec<u8>,
+        table: Vec<f32>,
     ) {
         let job = Job {
             model,
             rows,
             cols,
             positions,
-            values,
+            codes,
+            table,
         };
         let jobs = self.jobs.as_ref().expect("the queue is open until finish");
         // The worker only stops when the queue closes or it panicked; a panic is reported by
@@ -100,7 +103,10 @@ fn run(queue: Receiver<Job>, opts: &EstimatorOptions) -> Done {
             rows: job.rows,
             cols: job.cols,
             positions: &job.positions,
-            values: &job.values,
+            values: DeltaValues::Coded {
+                codes: &job.codes,
+                table: &job.table,
+            },
         };
         results.push((job.model, nuclear_norm(&delta, opts)));
         seconds += t.elapsed().as_secs_f64();
@@ -112,14 +118,13 @@ fn run(queue: Receiver<Job>, opts: &EstimatorOptions) -> Done {
 mod tests {
     use super::*;
 
-    /// A small sparse matrix: every `step`-th element of `rows x cols`, values from its index.
-    fn matrix(rows: usize, cols: usize, step: usize) -> (Vec<u32>, Vec<f32>) {
+    /// A small sparse matrix: every `step`-th element of `rows x cols`, with codes from its
+    /// index into a table of 13 values.
+    fn matrix(rows: usize, cols: usize, step: usize) -> (Vec<u32>, Vec<u8>, Vec<f32>) {
         let positions: Vec<u32> = (0..rows * cols).step_by(step).map(|p| p as u32).collect();
-        let values = positions
-            .iter()
-            .map(|&p| ((p * 7919) % 201) as f32 / 100.0 - 1.0)
-            .collect();
-        (positions, values)
+        let codes = positions.iter().map(|&p| ((p * 7919) % 13) as u8).collect();
+        let table = (0..13).map(|c| c as f32 / 6.0 - 1.0).collect();
+        (positions, codes, table)
     }
 
     #[test]
@@ -129,15 +134,17 @@ mod tests {
         let worker = NormWorker::start(opts.clone()).unwrap();
         let mut want = Vec::new();
         for (i, &(rows, cols, step)) in shapes.iter().enumerate() {
-            let (positions, values) = matrix(rows, cols, step);
+            let (positions, codes, table) = matrix(rows, cols, step);
+            // Inline, with the values decoded: the worker's coded products give the same bits.
+            let values: Vec<f32> = codes.iter().map(|&c| table[c as usize]).collect();
             let delta = SparseDelta {
                 rows,
                 cols,
                 positions: &positions,
-                values: &values,
+                values: DeltaValues::F32(&values),
             };
             want.push((i % 2, nuclear_norm(&delta, &opts)));
-            worker.submit(i % 2, rows, cols, positions, values);
+            worker.submit(i % 2, (rows, cols), positions, codes, table);
         }
         let (got, seconds) = worker.finish();
         assert_eq!(got, want);
@@ -147,8 +154,8 @@ mod tests {
     #[test]
     fn dropping_an_unfinished_worker_waits_for_it_and_returns() {
         let worker = NormWorker::start(EstimatorOptions::default()).unwrap();
-        let (positions, values) = matrix(500, 700, 5);
-        worker.submit(0, 500, 700, positions, values);
+        let (positions, codes, table) = matrix(500, 700, 5);
+        worker.submit(0, (500, 700), positions, codes, table);
         drop(worker);
     }
 }

@@ -140,20 +140,47 @@ impl Tall<'_> {
         self.max_width = self.max_width.max(w);
         self.xbuf.resize(din * w, 0.0);
         self.ybuf.resize(dout * w, 0.0);
+        // Both conversions run over blocks of rows, so that the block of `x` or `y` being
+        // transposed stays in the L1 cache.
+        const BLOCK: usize = 256;
         self.xbuf
-            .par_chunks_mut(w)
+            .par_chunks_mut(BLOCK * w)
             .enumerate()
-            .for_each(|(i, row)| {
-                for (l, x) in row.iter_mut().enumerate() {
-                    *x = vs[l][i] as f32;
+            .for_each(|(b, block)| {
+                for (i, row) in (b * BLOCK..).zip(block.chunks_exact_mut(w)) {
+                    for (x, v) in row.iter_mut().zip(vs) {
+                        *x = v[i] as f32;
+                    }
                 }
             });
         self.op.apply(&self.xbuf, &mut self.ybuf, transpose);
         let y = &self.ybuf;
-        (0..w)
+        let mut out: Vec<Vec<f64>> = (0..w).map(|_| Vec::with_capacity(dout)).collect();
+        // The lanes' pieces of each block of rows, gathered per block.
+        let mut blocks: Vec<Vec<&mut [std::mem::MaybeUninit<f64>]>> = (0..dout.div_ceil(BLOCK))
+            .map(|_| Vec::with_capacity(w))
+            .collect();
+        for lane in out.iter_mut() {
+            let spare = &mut lane.spare_capacity_mut()[..dout];
+            for (block, piece) in blocks.iter_mut().zip(spare.chunks_mut(BLOCK)) {
+                block.push(piece);
+            }
+        }
+        blocks
             .into_par_iter()
-            .map(|l| (0..dout).map(|i| y[i * w + l] as f64).collect())
-            .collect()
+            .enumerate()
+            .for_each(|(b, mut pieces)| {
+                for (l, piece) in pieces.iter_mut().enumerate() {
+                    for (i, o) in (b * BLOCK..).zip(piece.iter_mut()) {
+                        o.write(y[i * w + l] as f64);
+                    }
+                }
+            });
+        for lane in out.iter_mut() {
+            // SAFETY: the blocks above wrote all `dout` elements of every lane.
+            unsafe { lane.set_len(dout) };
+        }
+        out
     }
 }
 

@@ -96,7 +96,8 @@
 //! with blocks stored row-major (`x[i * width + l]` is entry `i` of vector `l`). Everything
 //! else (orthogonalization, quadrature, regression) runs in f64 on the host.
 //! [`CpuSparseOperator`] implements it with rayon: the delta's sorted positions serve as the
-//! rows of `A`, and a CSC copy, built by a parallel radix sort, as the rows of `A^T`.
+//! rows of `A`, and a CSC copy, built by a parallel radix sort, as the rows of `A^T`; values
+//! may come as f32 or as byte codes into a table ([`DeltaValues`]), with the same results.
 
 pub mod eigen;
 pub mod estimator;
@@ -123,7 +124,47 @@ pub struct SparseDelta<'a> {
     /// Row-major element indices (`row * cols + col`) of the kept entries, strictly increasing.
     pub positions: &'a [u32],
     /// Values of the kept entries, one per position.
-    pub values: &'a [f32],
+    pub values: DeltaValues<'a>,
+}
+
+/// The values of a [`SparseDelta`]'s entries.
+#[derive(Debug, Clone, Copy)]
+pub enum DeltaValues<'a> {
+    /// One f32 per entry.
+    F32(&'a [f32]),
+    /// One code per entry into a table of at most 256 values: a compressed delta's quantization
+    /// levels and their (rescaled) values. Products stream one byte per entry instead of four.
+    Coded {
+        /// The code (table index) of each entry.
+        codes: &'a [u8],
+        /// The value of each code.
+        table: &'a [f32],
+    },
+}
+
+impl DeltaValues<'_> {
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        match self {
+            DeltaValues::F32(v) => v.len(),
+            DeltaValues::Coded { codes, .. } => codes.len(),
+        }
+    }
+
+    /// True when there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values as f32, one per entry (decoded when coded).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match *self {
+            DeltaValues::F32(v) => v.to_vec(),
+            DeltaValues::Coded { codes, table } => {
+                codes.iter().map(|&c| table[c as usize]).collect()
+            }
+        }
+    }
 }
 
 /// Nuclear norm (sum of singular values) of a sparse delta, estimated on the CPU with

@@ -35,7 +35,7 @@ impl Generated {
             rows: self.rows,
             cols: self.cols,
             positions: &self.positions,
-            values: &self.values,
+            values: DeltaValues::F32(&self.values),
         }
     }
 }
@@ -350,14 +350,14 @@ fn empty_and_degenerate() {
         rows: 4096,
         cols: 4096,
         positions: &[],
-        values: &[],
+        values: DeltaValues::F32(&[]),
     };
     assert_eq!(nuclear_norm(&d, &opts), 0.0);
     let d = SparseDelta {
         rows: 0,
         cols: 10,
         positions: &[],
-        values: &[],
+        values: DeltaValues::F32(&[]),
     };
     assert_eq!(nuclear_norm(&d, &opts), 0.0);
     // All kept values zero.
@@ -365,7 +365,7 @@ fn empty_and_degenerate() {
         rows: 1000,
         cols: 1000,
         positions: &[0, 5, 999_999],
-        values: &[0.0; 3],
+        values: DeltaValues::F32(&[0.0; 3]),
     };
     assert_eq!(nuclear_norm(&d, &opts), 0.0);
     // A single entry: one singular value, |v| (exact path and stochastic path).
@@ -373,14 +373,14 @@ fn empty_and_degenerate() {
         rows: 3,
         cols: 5,
         positions: &[7],
-        values: &[-2.5],
+        values: DeltaValues::F32(&[-2.5]),
     };
     assert!((nuclear_norm(&d, &opts) - 2.5).abs() < 1e-12);
     let d = SparseDelta {
         rows: 1000,
         cols: 3000,
         positions: &[123_456],
-        values: &[-2.5],
+        values: DeltaValues::F32(&[-2.5]),
     };
     let got = nuclear_norm(&d, &opts);
     assert!((got - 2.5).abs() < 1e-5, "{got}");
@@ -397,7 +397,7 @@ fn empty_and_degenerate() {
         rows: n,
         cols: n,
         positions: &pos,
-        values: &val,
+        values: DeltaValues::F32(&val),
     };
     let r = estimate_nuclear_norm_with_report(&mut CpuSparseOperator::new(&d), &opts);
     let got = r.value;
@@ -415,7 +415,7 @@ fn unsorted_positions_are_rejected() {
         rows: 10,
         cols: 10,
         positions: &[5, 3],
-        values: &[1.0, 2.0],
+        values: DeltaValues::F32(&[1.0, 2.0]),
     };
     CpuSparseOperator::new(&d);
 }
@@ -535,7 +535,7 @@ fn csc_copy_equals_a_naive_counting_sort() {
             rows,
             cols,
             positions: &positions,
-            values: &values,
+            values: DeltaValues::F32(&values),
         };
         let (csr, csc) = sparse::csr_and_csc(&d);
         // Naive: every column's (row, value) pairs in increasing row order.
@@ -583,7 +583,7 @@ fn products_equal_a_dense_reference_at_every_block_width() {
         rows: 90,
         cols: 300,
         positions: &big_pos,
-        values: &big_val,
+        values: DeltaValues::F32(&big_val),
     };
     let mut workspace = CpuSparseOperator::new(&big).into_workspace();
     let (rows, cols) = (37, 131);
@@ -592,7 +592,7 @@ fn products_equal_a_dense_reference_at_every_block_width() {
         rows,
         cols,
         positions: &positions,
-        values: &values,
+        values: DeltaValues::F32(&values),
     };
     let mut dense = vec![0f64; rows * cols];
     for (&p, &v) in positions.iter().zip(&values) {
@@ -632,4 +632,40 @@ fn products_equal_a_dense_reference_at_every_block_width() {
             }
         }
     }
+}
+
+/// Coded values (a byte per entry into a table, as `compress` passes them) give the same
+/// estimate, to the bit, as the same values in f32; codes past their table are refused.
+#[test]
+fn coded_values_equal_f32_values_and_bad_codes_are_rejected() {
+    let g = generate(600, 1500, 0.02, Kind::Quantized, 31);
+    let mut table: Vec<u32> = g.values.iter().map(|v| v.to_bits()).collect();
+    table.sort_unstable();
+    table.dedup();
+    assert!(table.len() <= 256, "{} levels", table.len());
+    let codes: Vec<u8> = g
+        .values
+        .iter()
+        .map(|v| table.binary_search(&v.to_bits()).unwrap() as u8)
+        .collect();
+    let table: Vec<f32> = table.into_iter().map(f32::from_bits).collect();
+    let coded = SparseDelta {
+        values: DeltaValues::Coded {
+            codes: &codes,
+            table: &table,
+        },
+        ..g.delta()
+    };
+    let opts = EstimatorOptions::default();
+    let (want, got) = (nuclear_norm(&g.delta(), &opts), nuclear_norm(&coded, &opts));
+    assert_eq!(want.to_bits(), got.to_bits(), "{want} vs {got}");
+    let short = SparseDelta {
+        values: DeltaValues::Coded {
+            codes: &codes,
+            table: &table[..1],
+        },
+        ..g.delta()
+    };
+    let err = sparse::validate(&short).unwrap_err();
+    assert!(err.contains("past a table of 1 values"), "{err}");
 }
