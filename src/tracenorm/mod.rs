@@ -96,7 +96,7 @@
 //! with blocks stored row-major (`x[i * width + l]` is entry `i` of vector `l`). Everything
 //! else (orthogonalization, quadrature, regression) runs in f64 on the host.
 //! [`CpuSparseOperator`] implements it with rayon: the delta's sorted positions serve as the
-//! rows of `A`, and a CSC copy, built by a parallel radix sort, as the rows of `A^T`; values
+//! rows of `A`, and a CSC copy, built by a parallel counting sort, as the rows of `A^T`; values
 //! may come as f32 or as byte codes into a table ([`DeltaValues`]), with the same results.
 
 pub mod eigen;

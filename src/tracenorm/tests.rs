@@ -515,7 +515,7 @@ fn random_sparse(rows: usize, cols: usize, density: f64, key: u64) -> (Vec<u32>,
 
 #[test]
 fn csc_copy_equals_a_naive_counting_sort() {
-    // Shapes around the bucket width (128 columns) and the row-chunk count (16), empty rows and
+    // Shapes around the row-chunk count of the transpose (16), empty rows and
     // columns, one dense row.
     for (k, &(rows, cols, density)) in [
         (1, 1, 1.0),
