@@ -1,7 +1,8 @@
 //! Nuclear-norm estimator timings on UltraDelta-like sparse deltas (16 quantized levels times a
 //! scale, uniformly random positions): 1024 x 2752, 4096 x 4096 and 4096 x 11008 at 5 %
 //! density (the last is the LLaMA-7B MLP shape, 2.25 M kept entries; target <= 2 s on 2 cores).
-//! Each measurement is the whole `nuclear_norm` call, including building the CSR/CSC copies.
+//! Each measurement is the whole `nuclear_norm` call, including building the CSC copy; the
+//! values come as codes into the table of the 16 level values, as `compress` passes them.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
@@ -14,14 +15,20 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Uniformly random positions at `density`, values `scale * (level / 15 * (hi - lo) + lo)` with
-/// levels from a rounded Laplace variable (so their histogram is peaked, as in real deltas).
-fn quantized_delta(rows: usize, cols: usize, density: f64, seed: u64) -> (Vec<u32>, Vec<f32>) {
+/// Uniformly random positions at `density`, and their levels from a rounded Laplace variable (so
+/// their histogram is peaked, as in real deltas); level `q` has the value
+/// `scale * (q / 15 * (hi - lo) + lo)` (the returned table).
+fn quantized_delta(
+    rows: usize,
+    cols: usize,
+    density: f64,
+    seed: u64,
+) -> (Vec<u32>, Vec<u8>, Vec<f32>) {
     let threshold = (density * u64::MAX as f64) as u64;
     let (lo, hi) = (-0.01f64, 0.012f64);
     let scale = 1.0 / density;
     let mut pos = Vec::new();
-    let mut val = Vec::new();
+    let mut codes = Vec::new();
     for i in 0..(rows * cols) as u64 {
         let h = mix64(seed ^ i);
         if h < threshold {
@@ -29,10 +36,13 @@ fn quantized_delta(rows: usize, cols: usize, density: f64, seed: u64) -> (Vec<u3
             let lap = -u.signum() * (1.0 - 2.0 * u.abs()).max(1e-300).ln() * 1e-3;
             let q = ((lap - lo) / (hi - lo) * 15.0).round().clamp(0.0, 15.0);
             pos.push(i as u32);
-            val.push(((q / 15.0 * (hi - lo) + lo) * scale) as f32);
+            codes.push(q as u8);
         }
     }
-    (pos, val)
+    let table = (0..16)
+        .map(|q| ((q as f64 / 15.0 * (hi - lo) + lo) * scale) as f32)
+        .collect();
+    (pos, codes, table)
 }
 
 fn bench(c: &mut Criterion) {
@@ -40,12 +50,15 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("tracenorm");
     group.sample_size(10);
     for &(rows, cols) in &[(1024usize, 2752usize), (4096, 4096), (4096, 11008)] {
-        let (pos, val) = quantized_delta(rows, cols, 0.05, 42);
+        let (pos, codes, table) = quantized_delta(rows, cols, 0.05, 42);
         let d = SparseDelta {
             rows,
             cols,
             positions: &pos,
-            values: DeltaValues::F32(&val),
+            values: DeltaValues::Coded {
+                codes: &codes,
+                table: &table,
+            },
         };
         let name = format!("nuclear_norm {rows}x{cols} 5% ({} nnz)", pos.len());
         eprintln!("{name}: estimate {:.6e}", nuclear_norm(&d, &opts));
