@@ -211,12 +211,20 @@ fn axpy(alpha: f64, x: &[f64], y: &mut [f64]) {
 
 /// Classical Gram-Schmidt against `basis`, twice (CGS2): orthogonal to working precision.
 fn orthogonalize(v: &mut [f64], basis: &[Vec<f64>]) {
+    orthogonalize_with_coefficients(v, basis);
+}
+
+/// [`orthogonalize`], returning the coefficients `c` with `v_out = v_in - sum_j c_j basis_j`.
+fn orthogonalize_with_coefficients(v: &mut [f64], basis: &[Vec<f64>]) -> Vec<f64> {
+    let mut total = vec![0.0; basis.len()];
     for _ in 0..2 {
         let c: Vec<f64> = basis.iter().map(|q| dot(q, v)).collect();
-        for (q, c) in basis.iter().zip(c) {
+        for ((q, c), t) in basis.iter().zip(c).zip(&mut total) {
             axpy(-c, q, v);
+            *t += c;
         }
     }
+    total
 }
 
 /// The result of [`estimate_nuclear_norm_with_report`]: the estimate and how it was obtained.
@@ -338,6 +346,9 @@ struct Lane {
     v: Vec<f64>,
     /// Previous left Lanczos vector (unit), empty before the first step.
     u: Vec<f64>,
+    /// `B v` for the starting vector when it is already known (taken by the first step, which
+    /// then needs no product for this lane).
+    first_forward: Option<Vec<f64>>,
     /// All right Lanczos vectors so far, for re-orthogonalization.
     history: Vec<Vec<f64>>,
     alpha: Vec<f64>,
@@ -360,12 +371,23 @@ impl Lane {
             history: vec![v.clone()],
             v,
             u: Vec::new(),
+            first_forward: None,
             alpha: Vec::new(),
             beta: Vec::new(),
             value: 0.0,
             gap: 0.0,
             done,
         }
+    }
+
+    /// A lane whose starting vector's product `B start` is already known.
+    fn with_forward(start: Vec<f64>, b_start: Vec<f64>) -> Lane {
+        let mut lane = Lane::new(start);
+        if !lane.done {
+            let inv = 1.0 / lane.norm2.sqrt();
+            lane.first_forward = Some(b_start.into_iter().map(|x| x * inv).collect());
+        }
+        lane
     }
 
     /// `||B v_1||^2 * ||v||^2 = v^T G v` for the starting vector (after the first step).
@@ -389,8 +411,18 @@ fn run_lanes(
         if active.is_empty() {
             break;
         }
-        let vs: Vec<&[f64]> = active.iter().map(|l| l.v.as_slice()).collect();
-        let ys = tall.forward(&vs);
+        // Lanes whose `B v` is known skip the product.
+        let vs: Vec<&[f64]> = active
+            .iter()
+            .filter(|l| l.first_forward.is_none())
+            .map(|l| l.v.as_slice())
+            .collect();
+        let mut computed = tall.forward(&vs).into_iter();
+        let ys: Vec<Vec<f64>> = active
+            .iter_mut()
+            .map(|l| l.first_forward.take().or_else(|| computed.next()))
+            .collect::<Option<_>>()
+            .expect("one product per lane without a known one");
         // u_j = B v_j - beta_{j-1} u_{j-1}; alpha_j = ||u_j||.
         let us: Vec<Option<Vec<f64>>> = active
             .par_iter_mut()
@@ -567,7 +599,11 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
     // 1. Randomized block Krylov deflation.
     let block = opts.deflation_block.min(n / 2);
     let mut basis: Vec<Vec<f64>> = Vec::new();
+    // `B q` for each basis vector `q` where a product already gave it.
+    let mut basis_forward: Vec<Option<Vec<f64>>> = Vec::new();
     if block > 0 && opts.deflation_iters > 0 {
+        // Where the vectors of `cur` sit in the basis (none for the random start block).
+        let mut cur_start: Option<usize> = None;
         let mut cur: Vec<Vec<f64>> = (0..block)
             .map(|j| {
                 let mut z = vec![0.0; n];
@@ -583,6 +619,11 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
             let bv = tall.forward(&refs);
             let refs: Vec<&[f64]> = bv.iter().map(|v| v.as_slice()).collect();
             let gv = tall.backward(&refs);
+            if let Some(start) = cur_start {
+                for (known, b) in basis_forward[start..].iter_mut().zip(&bv) {
+                    *known = Some(b.clone());
+                }
+            }
             let mut fresh: Vec<Vec<f64>> = Vec::new();
             for mut y in gv {
                 let before = dot(&y, &y).sqrt();
@@ -601,16 +642,42 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
             if fresh.is_empty() {
                 break;
             }
+            cur_start = Some(basis.len());
             basis.extend(fresh.iter().cloned());
+            basis_forward.extend(fresh.iter().map(|_| None));
             cur = fresh;
         }
     }
-    // Rayleigh-Ritz: rotate the basis to Ritz vectors of B^T B, and get ||B Q||_F^2.
+    let batch = opts.probes.max(4);
+    let raw_probe = |j: usize| {
+        let mut z = vec![0.0; n];
+        rng::rademacher(opts.seed, STREAM_PROBES, j as u64, &mut z);
+        z
+    };
+    // Rayleigh-Ritz: rotate the basis to Ritz vectors of B^T B, and get ||B Q||_F^2. One
+    // product gives the basis vectors' missing `B q` and `B z` for the first batch of probes,
+    // so that the first step of every lane below needs no product of its own: the Ritz vectors
+    // and the projected probes are combinations of vectors whose products are known.
     let mut head_energy = 0.0;
-    let q: Vec<Vec<f64>> = if !basis.is_empty() {
+    let mut first_probes: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
+    let (q, bq): (Vec<Vec<f64>>, Vec<Vec<f64>>) = if !basis.is_empty() {
         let k = basis.len();
-        let refs: Vec<&[f64]> = basis.iter().map(|v| v.as_slice()).collect();
-        let w = tall.forward(&refs);
+        let missing: Vec<usize> = (0..k).filter(|&i| basis_forward[i].is_none()).collect();
+        let zs: Vec<Vec<f64>> = (0..batch).into_par_iter().map(raw_probe).collect();
+        let refs: Vec<&[f64]> = missing
+            .iter()
+            .map(|&i| basis[i].as_slice())
+            .chain(zs.iter().map(|z| z.as_slice()))
+            .collect();
+        let mut products = tall.forward(&refs).into_iter();
+        for &i in &missing {
+            basis_forward[i] = products.next();
+        }
+        first_probes = zs.into_iter().zip(products).collect();
+        let w: Vec<Vec<f64>> = basis_forward
+            .into_iter()
+            .map(|b| b.expect("every basis product is known"))
+            .collect();
         let mut h = vec![0.0; k * k];
         h.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
             for (j, x) in row.iter_mut().enumerate() {
@@ -622,36 +689,52 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
         let floor = opts.deflation_min_ratio * fro2 / n as f64;
         let keep: Vec<usize> = (0..k).filter(|&c| vals[c] >= floor).collect();
         head_energy = keep.iter().map(|&c| vals[c]).sum();
+        // Each kept Ritz vector and its product, as the same combination of the basis.
+        let combine = |vectors: &[Vec<f64>], c: usize| {
+            let mut out = vec![0.0; vectors[0].len()];
+            for (r, b) in vectors.iter().enumerate() {
+                axpy(vecs[r * k + c], b, &mut out);
+            }
+            out
+        };
         keep.into_par_iter()
-            .map(|c| {
-                let mut out = vec![0.0; n];
-                for (r, b) in basis.iter().enumerate() {
-                    axpy(vecs[r * k + c], b, &mut out);
-                }
-                out
-            })
-            .collect()
+            .map(|c| (combine(&basis, c), combine(&w, c)))
+            .unzip()
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let k = q.len();
     drop(basis);
 
     // 2. Head lanes (one per deflation vector) and the first batch of probes, run together.
     let probe_lane = |j: usize| {
-        let mut z = vec![0.0; n];
-        rng::rademacher(opts.seed, STREAM_PROBES, j as u64, &mut z);
+        let mut z = raw_probe(j);
         orthogonalize(&mut z, &q);
         Lane::new(z)
     };
-    let batch = opts.probes.max(4);
-    let mut lanes: Vec<Lane> = q.iter().map(|v| Lane::new(v.clone())).collect();
-    lanes.extend(
+    let mut lanes: Vec<Lane> = q
+        .iter()
+        .zip(bq.iter())
+        .map(|(v, bv)| Lane::with_forward(v.clone(), bv.clone()))
+        .collect();
+    lanes.extend(if first_probes.is_empty() {
         (0..batch)
             .into_par_iter()
             .map(probe_lane)
-            .collect::<Vec<_>>(),
-    );
+            .collect::<Vec<_>>()
+    } else {
+        // `P z = z - Q c`, so `B P z = B z - (B Q) c`.
+        first_probes
+            .into_par_iter()
+            .map(|(mut z, mut bz)| {
+                let c = orthogonalize_with_coefficients(&mut z, &q);
+                for (c, b) in c.iter().zip(&bq) {
+                    axpy(-c, b, &mut bz);
+                }
+                Lane::with_forward(z, bz)
+            })
+            .collect::<Vec<_>>()
+    });
     run_lanes(tall, &mut lanes, opts, tiny, abs_floor);
     let head: f64 = lanes[..k].iter().map(|l| l.value).sum();
     let head_gap: f64 = lanes[..k].iter().map(|l| l.gap).sum();

@@ -30,6 +30,11 @@
 //!    variance, never the expectation. It removes the outliers of low-rank-plus-noise spectra
 //!    (which otherwise dominate the Hutchinson variance), makes a pure low-rank matrix of rank
 //!    `<= K` exact, and takes out the large localized singular values of heavy-tailed entries.
+//!    One operator call gives the Rayleigh-Ritz step the products of the basis vectors it lacks
+//!    (those of the last Krylov block; the others came with the block iteration) together with
+//!    those of the first batch of raw probes `z`. The Ritz vectors and the projected probes
+//!    `P z = z - Q c` are linear combinations of vectors with known products, so no lane's
+//!    first step needs a product of its own: one call less per matrix.
 //! 3. **Golub-Kahan-Lanczos quadrature** for each quadratic form `v^T f(G) v`: the bidiagonal
 //!    `B_k` of `k` Golub-Kahan steps gives `T_k = B_k^T B_k`, the Lanczos matrix of `G`; Gauss
 //!    quadrature uses the eigenpairs of `T_k` (nodes `theta_i`, weights `e_1^T y_i`), and the
@@ -71,11 +76,12 @@
 //! `docs/BENCHMARKS.md`), well inside the 1 % the rescaling needs. The tolerance and weight were
 //! chosen on those matrices: tolerance 5e-3 with the plain mean had a worst test error of
 //! 0.56 % (0.16 % on the block) for 43 % more operator calls; 3e-2 and above put pure rank 64
-//! past 1 %. Per 7B matrix this takes 15 to 29 operator calls (126 to 262 vectors multiplied
+//! past 1 %. Per 7B matrix this takes 14 to 28 operator calls (116 to 246 vectors multiplied
 //! by `A` or `A^T`; 19 to 49 calls with tolerance 5e-3; 970 to 6900 vectors with the first
 //! defaults: 16 + 16 probes, deflation 16 x 3, tolerance 5e-4, standard error 0.1 %, which
 //! reached 0.03 % on that block). What costs is the number of calls, each a pass over the
-//! matrix, more than their width: a pass with 16 vectors takes about 1.7 times one with 1. The lane histories take up to `lanczos_steps * n * 8`
+//! matrix, more than their width: a pass with 16 vectors takes about 1.5 times one with 8, which
+//! costs about what one with 1 does. The lane histories take up to `lanczos_steps * n * 8`
 //! bytes per lane (f64), in practice a few tens of MB.
 //!
 //! The hard cases are spectra with a very wide spread of singular values (condition numbers in
