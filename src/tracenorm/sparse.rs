@@ -342,6 +342,10 @@ fn transpose<V: EntryValues>(
 ) {
     let rows = a.count();
     let nnz = a.ptr[rows] as usize;
+    if cols == 0 {
+        reuse(&mut ws.csc_ptr, 1)[0] = 0;
+        return;
+    }
     let chunks = rows.clamp(1, TRANSPOSE_CHUNKS);
     let chunk_rows: Vec<(usize, usize)> = (0..chunks)
         .map(|c| (c * rows / chunks, (c + 1) * rows / chunks))

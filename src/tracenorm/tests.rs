@@ -526,6 +526,8 @@ fn csc_copy_equals_a_naive_counting_sort() {
         (300, 700, 0.02),
         (5, 3000, 0.01),
         (2000, 3, 0.4),
+        (4, 0, 0.5),
+        (0, 6, 0.5),
     ]
     .iter()
     .enumerate()
