@@ -7,7 +7,10 @@
 //! `cargo run --release --example tracenorm_block -- DELTAS.safetensors [EXACT.json]`
 //!
 //! `UD_REPEAT=N` times each matrix N times and keeps the fastest build and estimate (the first
-//! run also grows the reused workspace; inside `compress` it is warm after the first layer).
+//! run also grows the reused workspace; inside `compress` it is warm after the first matrices).
+//! Repeats find the matrix's data in the CPU caches, which `compress` does not: with
+//! `UD_FLUSH=1` every run starts after writing 1 GiB of other memory, as in `compress`, where
+//! gigabytes of checkpoint data stream through between two matrices.
 //! `UD_PROBES`, `UD_DEFLATION_BLOCK`, `UD_DEFLATION_ITERS`, `UD_QUADRATURE_TOL`,
 //! `UD_GAUSS_WEIGHT` and `UD_TARGET_SE` override the estimator options.
 
@@ -57,6 +60,7 @@ fn main() {
         .max(1);
     eprintln!("{opts:?}, fastest of {repeats} run(s) per matrix");
     let mut workspace = SparseWorkspace::default();
+    let mut flush = std::env::var("UD_FLUSH").is_ok().then(|| vec![0u8; 1 << 30]);
     let (mut total_build, mut total_est, mut sum_est, mut sum_exact) = (0.0, 0.0, 0.0, 0.0);
     for name in names {
         let t = st.tensor(&name).unwrap();
@@ -98,6 +102,9 @@ fn main() {
         let (mut build, mut est, mut products) = (f64::INFINITY, f64::INFINITY, 0.0);
         let mut report = None;
         for _ in 0..repeats {
+            if let Some(junk) = flush.as_mut() {
+                evict_caches(junk);
+            }
             let t0 = Instant::now();
             let mut op = Timed {
                 op: CpuSparseOperator::with_workspace(&delta, std::mem::take(&mut workspace)),
@@ -149,6 +156,16 @@ fn main() {
             100.0 * (sum_est - sum_exact) / sum_exact
         );
     }
+}
+
+/// Writes every byte of `junk` (1 GiB), which pushes the matrices' data and the workspace out
+/// of the CPU caches, as the checkpoint data streaming through `compress` between two matrices
+/// does.
+fn evict_caches(junk: &mut [u8]) {
+    junk.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = b.wrapping_add(i as u8));
+    std::hint::black_box(junk);
 }
 
 /// The default options, with any of `UD_PROBES`, `UD_DEFLATION_BLOCK`, `UD_DEFLATION_ITERS`,
