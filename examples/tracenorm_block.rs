@@ -60,7 +60,9 @@ fn main() {
         .max(1);
     eprintln!("{opts:?}, fastest of {repeats} run(s) per matrix");
     let mut workspace = SparseWorkspace::default();
-    let mut flush = std::env::var("UD_FLUSH").is_ok().then(|| vec![0u8; 1 << 30]);
+    let mut flush = std::env::var("UD_FLUSH")
+        .is_ok()
+        .then(|| vec![0u8; 1 << 30]);
     let (mut total_build, mut total_est, mut sum_est, mut sum_exact) = (0.0, 0.0, 0.0, 0.0);
     for name in names {
         let t = st.tensor(&name).unwrap();
