@@ -10,9 +10,9 @@ use rayon::prelude::*;
 /// Block layout: a block of `w` vectors of length `d` is a row-major `d x w` array of f32,
 /// `x[i * w + l]` being entry `i` of vector `l` (so one matrix entry multiplies `w` contiguous
 /// numbers). The width `w` is `x.len() / input_dim` and changes from call to call: with the
-/// default options it is 8 (block Krylov), 16 (Rayleigh-Ritz), up to 24 (the kept deflation
-/// lanes plus the first 8 probes) shrinking as lanes converge, then 8 or fewer (extra probe
-/// batches), and at most 64 in the exact path; in general it is at most
+/// default options it is 8 (block Krylov), 16 (Rayleigh-Ritz with the first 8 probes), up to
+/// 24 (the kept deflation lanes plus those probes) shrinking as lanes converge, then 8 or fewer
+/// (extra probe batches), and at most 64 in the exact path; in general it is at most
 /// `max(deflation_block * deflation_iters + max(probes, 4), 64)`.
 /// `transpose == false` computes `y = A x` with `x.len() == cols * w`, `y.len() == rows * w`;
 /// `transpose == true` computes `y = A^T x` with `x.len() == rows * w`, `y.len() == cols * w`.
@@ -620,8 +620,8 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
             let refs: Vec<&[f64]> = bv.iter().map(|v| v.as_slice()).collect();
             let gv = tall.backward(&refs);
             if let Some(start) = cur_start {
-                for (known, b) in basis_forward[start..].iter_mut().zip(&bv) {
-                    *known = Some(b.clone());
+                for (known, b) in basis_forward[start..].iter_mut().zip(bv) {
+                    *known = Some(b);
                 }
             }
             let mut fresh: Vec<Vec<f64>> = Vec::new();
@@ -712,16 +712,8 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
         orthogonalize(&mut z, &q);
         Lane::new(z)
     };
-    let mut lanes: Vec<Lane> = q
-        .iter()
-        .zip(bq.iter())
-        .map(|(v, bv)| Lane::with_forward(v.clone(), bv.clone()))
-        .collect();
-    lanes.extend(if first_probes.is_empty() {
-        (0..batch)
-            .into_par_iter()
-            .map(probe_lane)
-            .collect::<Vec<_>>()
+    let first_batch: Vec<Lane> = if first_probes.is_empty() {
+        (0..batch).into_par_iter().map(probe_lane).collect()
     } else {
         // `P z = z - Q c`, so `B P z = B z - (B Q) c`.
         first_probes
@@ -733,8 +725,15 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
                 }
                 Lane::with_forward(z, bz)
             })
-            .collect::<Vec<_>>()
-    });
+            .collect()
+    };
+    // Head lanes first (`lanes[..k]`), then the probes.
+    let mut lanes: Vec<Lane> = q
+        .iter()
+        .zip(bq)
+        .map(|(v, bv)| Lane::with_forward(v.clone(), bv))
+        .chain(first_batch)
+        .collect();
     run_lanes(tall, &mut lanes, opts, tiny, abs_floor);
     let head: f64 = lanes[..k].iter().map(|l| l.value).sum();
     let head_gap: f64 = lanes[..k].iter().map(|l| l.gap).sum();

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 /// Compressed rows of a sparse f32 matrix: row `r` holds entries `ptr[r]..ptr[r + 1]` of
 /// `idx` (column indices, increasing) and `val`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Csr {
     /// Row starts (`rows + 1` entries).
     pub ptr: Vec<u32>,
@@ -42,10 +42,8 @@ trait EntryValues: Copy + Send + Sync {
     /// # Safety
     /// `k` must be below the number of entries.
     unsafe fn value(self, k: usize) -> f32;
-    /// The payload of entry `k`, packed in 32 bits.
-    fn packed(self, k: usize) -> u32;
-    /// A payload back from [`packed`](Self::packed).
-    fn unpack(bits: u32) -> Self::Payload;
+    /// The payload of entry `k`.
+    fn payload(self, k: usize) -> Self::Payload;
 }
 
 impl EntryValues for &[f32] {
@@ -55,11 +53,8 @@ impl EntryValues for &[f32] {
         // SAFETY: the caller keeps `k` in range.
         unsafe { *self.get_unchecked(k) }
     }
-    fn packed(self, k: usize) -> u32 {
-        self[k].to_bits()
-    }
-    fn unpack(bits: u32) -> f32 {
-        f32::from_bits(bits)
+    fn payload(self, k: usize) -> f32 {
+        self[k]
     }
 }
 
@@ -78,11 +73,8 @@ impl EntryValues for Coded<'_> {
         // SAFETY: the caller keeps `k` in range; a byte always indexes the 256-entry table.
         self.table[unsafe { *self.codes.get_unchecked(k) } as usize]
     }
-    fn packed(self, k: usize) -> u32 {
-        self.codes[k] as u32
-    }
-    fn unpack(bits: u32) -> u8 {
-        bits as u8
+    fn payload(self, k: usize) -> u8 {
+        self.codes[k]
     }
 }
 
@@ -389,7 +381,7 @@ fn transpose<V: EntryValues>(
                     // one per entry, so every slot is below nnz and written once.
                     unsafe {
                         idx_out.write(*slot as usize, r as u32);
-                        val_out.write(*slot as usize, V::unpack(a.val.packed(k)));
+                        val_out.write(*slot as usize, a.val.payload(k));
                     }
                     *slot += 1;
                 }
