@@ -101,9 +101,11 @@
 //! The estimator only sees a [`MatrixOperator`]: block products `Y = A X` and `Y = A^T X` in f32,
 //! with blocks stored row-major (`x[i * width + l]` is entry `i` of vector `l`). Everything
 //! else (orthogonalization, quadrature, regression) runs in f64 on the host.
-//! [`CpuSparseOperator`] implements it with rayon: the delta's sorted positions serve as the
-//! rows of `A`, and a CSC copy, built by a parallel counting sort, as the rows of `A^T`; values
-//! may come as f32 or as byte codes into a table ([`DeltaValues`]), with the same results.
+//! [`CpuSparseOperator`] implements it with rayon on the delta's sorted positions alone: their
+//! rows for `A` (a gather per output row), and for `A^T` a scatter into panels of output
+//! columns, found through a [`sparse::BlockIndex`] of where each row crosses every 256th
+//! column, with no transposed copy; values may come as f32 or as byte codes into a table
+//! ([`DeltaValues`]), with the same results.
 
 pub mod eigen;
 pub mod estimator;
@@ -176,9 +178,9 @@ impl DeltaValues<'_> {
 /// Nuclear norm (sum of singular values) of a sparse delta, estimated on the CPU with
 /// [`CpuSparseOperator`] and [`estimate_nuclear_norm`]. An empty matrix gives 0.
 ///
-/// Each calling thread keeps one [`SparseWorkspace`] between calls (about 22 bytes per entry
-/// of the largest matrix it has seen), so a model's matrices reuse memory that is already
-/// mapped instead of each faulting in fresh pages.
+/// Each calling thread keeps one [`SparseWorkspace`] between calls (its index and padded
+/// blocks, well under a byte per entry of the largest matrix it has seen), so a model's
+/// matrices reuse memory that is already mapped instead of each faulting in fresh pages.
 ///
 /// # Panics
 /// If the positions are not strictly increasing, out of range, or not as many as the values.
@@ -189,8 +191,15 @@ pub fn nuclear_norm(delta: &SparseDelta, opts: &EstimatorOptions) -> f64 {
     thread_local! {
         static WORKSPACE: std::cell::Cell<SparseWorkspace> = Default::default();
     }
-    let mut op = CpuSparseOperator::with_workspace(delta, WORKSPACE.take());
-    let estimate = estimate_nuclear_norm(&mut op, opts);
-    WORKSPACE.set(op.into_workspace());
+    let workspace = WORKSPACE.take();
+    // On a worker of the thread pool (the caller waits), the estimator's many short parallel
+    // sections (three per product) start directly instead of each being sent to the pool from
+    // outside: about a tenth faster on a LLaMA-2-7B block.
+    let (estimate, workspace) = rayon::scope(|_| {
+        let mut op = CpuSparseOperator::with_workspace(delta, workspace);
+        let estimate = estimate_nuclear_norm(&mut op, opts);
+        (estimate, op.into_workspace())
+    });
+    WORKSPACE.set(workspace);
     estimate
 }

@@ -1,20 +1,26 @@
-//! CPU implementation of [`MatrixOperator`]: products with `A` run over the sorted positions of
-//! the [`SparseDelta`] itself (row-major, so they are its rows), products with `A^T` over a CSC
-//! copy (rows of `A^T`). Both products are therefore row-parallel gathers: every output row is
-//! accumulated by one thread, in the order of the stored entries, in f32. Results are
-//! independent of the thread count, and equal to the GPU operator's, which sums in the same
-//! order.
+//! CPU implementation of [`MatrixOperator`], on the sorted positions of the [`SparseDelta`]
+//! itself (row-major, so they are its rows) and a [`BlockIndex`] of where each row starts and
+//! crosses every 256th column:
+//! - `A x` is a gather: every output row is accumulated by one thread, in registers, over its
+//!   entries in stored order.
+//! - `A^T x` is a scatter, in parallel over panels of output columns: each row adds its
+//!   entries in the panel (found through the index) to their columns' outputs, which stay in
+//!   the L1 and L2 caches. Every output column is thus summed over its rows in order.
 //!
-//! The products are limited by memory traffic as much as by arithmetic: a 7B delta and its CSC
-//! copy (tens of MB) are streamed once per product. Coded values ([`DeltaValues::Coded`], what
-//! `compress` passes: a byte per entry into the table of the level values) stream 5 bytes per
-//! entry instead of 8, which made the estimator's products about a quarter faster on a
-//! LLaMA-2-7B block, with the same bits (the kernels look the value up and multiply exactly
-//! as before).
+//! Both sum in f32, multiply then add, in the order of the entries along the output's row or
+//! column, so results are independent of the thread count and of the panel split, and equal
+//! the GPU operator's (a gather over CSR and CSC copies, [`csr_and_csc`]) to the bit.
 //!
-//! Building the CSC copy is a parallel counting sort ([`transpose`]) into buffers that a
-//! [`SparseWorkspace`] keeps from one matrix to the next, so a model's matrices do not each
-//! fault in tens of megabytes of fresh memory.
+//! No transposed copy: the CPU operator used one until the products moved to the scatter.
+//! Sorting the entries by column (a counting sort, [`transpose`]) cost 45 ms of a LLaMA-2-7B
+//! block's 66 ms build when the caches held none of its buffers, as inside `compress`, where
+//! gigabytes of checkpoint data stream through between two matrices; the scatter's products
+//! cost about 25 ms more than the gather's, and the build fell to 16 ms. Measurements in
+//! `docs/BENCHMARKS.md`.
+//!
+//! The products are limited by memory traffic as much as by arithmetic. Coded values
+//! ([`DeltaValues::Coded`], what `compress` passes: a byte per entry into the table of the level
+//! values) stream 5 bytes per entry instead of 8, with the same bits.
 
 use super::estimator::MatrixOperator;
 use super::{DeltaValues, SparseDelta};
@@ -35,26 +41,18 @@ pub struct Csr {
 /// Where the kernels read entry values: one f32 per entry, or a byte per entry that indexes a
 /// table of 256 values ([`Coded`]).
 trait EntryValues: Copy + Send + Sync {
-    /// What the transpose carries per entry (the value or its code).
-    type Payload: Copy + Default + Send + Sync;
     /// The value of entry `k`.
     ///
     /// # Safety
     /// `k` must be below the number of entries.
     unsafe fn value(self, k: usize) -> f32;
-    /// The payload of entry `k`.
-    fn payload(self, k: usize) -> Self::Payload;
 }
 
 impl EntryValues for &[f32] {
-    type Payload = f32;
     #[inline(always)]
     unsafe fn value(self, k: usize) -> f32 {
         // SAFETY: the caller keeps `k` in range.
         unsafe { *self.get_unchecked(k) }
-    }
-    fn payload(self, k: usize) -> f32 {
-        self[k]
     }
 }
 
@@ -67,86 +65,174 @@ struct Coded<'a> {
 }
 
 impl EntryValues for Coded<'_> {
-    type Payload = u8;
     #[inline(always)]
     unsafe fn value(self, k: usize) -> f32 {
         // SAFETY: the caller keeps `k` in range; a byte always indexes the 256-entry table.
         self.table[unsafe { *self.codes.get_unchecked(k) } as usize]
     }
-    fn payload(self, k: usize) -> u8 {
-        self.codes[k]
-    }
 }
 
 /// A borrowed row-compressed matrix whose entry `k` of row `r` lies in column
 /// `idx[k] - r * stride`: `stride` is 0 for plain column indices (CSR, CSC) and the column
-/// count for row-major element positions (a [`SparseDelta`] read as its own CSR).
+/// count for row-major element positions (a [`SparseDelta`] read as its own CSR). Row `r`
+/// holds the entries `ptr[r * step]..ptr[(r + 1) * step]`; with `step > 1` the `ptr` is a
+/// [`BlockIndex`], which also splits each row at the blocks of columns.
 ///
 /// Invariant (relied on by the kernels, which do not bounds-check): `ptr` increases from 0 to
 /// at most the length of `idx` and of the values, and every column lies below the input
 /// dimension of the products it is used in. The constructors in this module only build views
-/// of validated deltas ([`validate`]) and of their transposes.
+/// of deltas that [`BlockIndex::build`] (or [`validate`]) accepted.
 #[derive(Debug, Clone, Copy)]
 struct Rows<'a, V> {
     ptr: &'a [u32],
+    step: usize,
     idx: &'a [u32],
     stride: u32,
     val: V,
 }
 
 impl<'a, V> Rows<'a, V> {
-    /// The delta's sorted positions read as the rows of `A`, with the row starts `ptr` and
-    /// the values `val`.
-    fn of_delta(delta: &SparseDelta<'a>, ptr: &'a [u32], val: V) -> Self {
+    /// The delta's sorted positions read as the rows of `A`, with their index and the values
+    /// `val`.
+    fn of_delta(delta: &SparseDelta<'a>, index: &'a BlockIndex, val: V) -> Self {
         Rows {
-            ptr: &ptr[..delta.rows + 1],
+            ptr: &index.starts[..delta.rows * index.blocks + 1],
+            step: index.blocks,
             idx: delta.positions,
             stride: delta.cols as u32,
             val,
         }
     }
 
-    /// The CSC copy in `ws` (of a matrix with `cols` columns and `nnz` entries) read as the
-    /// rows of `A^T`, with the values `val`.
-    fn of_csc(ws: &'a SparseWorkspace, cols: usize, nnz: usize, val: V) -> Self {
-        Rows {
-            ptr: &ws.csc_ptr[..cols + 1],
-            idx: &ws.csc_idx[..nnz],
-            stride: 0,
-            val,
-        }
-    }
-
     fn count(&self) -> usize {
-        self.ptr.len() - 1
+        (self.ptr.len() - 1) / self.step
     }
 
     /// Entry range and index offset (`r * stride`) of row `r`. The offset wraps only for rows
     /// past the last u32 position, which hold no entries.
     #[inline(always)]
     fn row(&self, r: usize) -> (usize, usize, u32) {
+        self.row_blocks(r, 0, self.step)
+    }
+
+    /// Entry range of the column blocks `j0..j1` of row `r` (see [`BlockIndex`]), and the
+    /// row's index offset.
+    #[inline(always)]
+    fn row_blocks(&self, r: usize, j0: usize, j1: usize) -> (usize, usize, u32) {
         (
-            self.ptr[r] as usize,
-            self.ptr[r + 1] as usize,
+            self.ptr[r * self.step + j0] as usize,
+            self.ptr[r * self.step + j1] as usize,
             (r as u32).wrapping_mul(self.stride),
         )
     }
 }
 
-/// Checks that `delta` has as many values as positions, strictly increasing and in range.
-pub fn validate(delta: &SparseDelta) -> Result<(), String> {
-    if let DeltaValues::Coded { codes, table } = delta.values {
-        if table.len() > 256 {
-            return Err(format!(
-                "{} values in a code table (at most 256)",
-                table.len()
-            ));
+/// Where the rows of a [`SparseDelta`] start and where they cross every `block_cols`-th
+/// column: `starts[r * blocks + j]` is the first entry of row `r` in column `j * block_cols`
+/// or later (`j < blocks`, `blocks = ceil(cols / block_cols)`), and `starts[rows * blocks]`
+/// the number of entries. With `block_cols >= cols` it holds just the row starts (a CSR's
+/// `ptr`). The transposed products use the blocks to scatter into one panel of columns at a
+/// time without searching the rows.
+#[derive(Debug, Default)]
+pub struct BlockIndex {
+    starts: Vec<u32>,
+    /// Blocks per row, and columns per block.
+    blocks: usize,
+    block_cols: usize,
+}
+
+impl BlockIndex {
+    /// Checks the positions of `delta` (strictly increasing, below `rows * cols`) and indexes
+    /// them, in one pass in parallel over chunks of entries, reusing this index's memory.
+    fn build(&mut self, delta: &SparseDelta, block_cols: usize) -> Result<(), String> {
+        let (rows, cols) = (delta.rows as u64, delta.cols as u64);
+        let pos = delta.positions;
+        let block_cols = (block_cols.max(1) as u64).min(cols.max(1));
+        let blocks = cols.div_ceil(block_cols).max(1);
+        (self.blocks, self.block_cols) = (blocks as usize, block_cols as usize);
+        let bounds = (rows * blocks) as usize + 1;
+        let starts = reuse(&mut self.starts, bounds);
+        let total = rows * cols;
+        if let Some(&last) = pos.last() {
+            if last as u64 >= total {
+                return Err(format!("position {last} out of range for {rows} x {cols}"));
+            }
         }
-        let top = codes.par_iter().with_min_len(1 << 16).copied().max();
-        if let Some(top) = top.filter(|&c| c as usize >= table.len()) {
-            return Err(format!("code {top} past a table of {} values", table.len()));
+        // Boundary `b = r * blocks + j` lies at position `r * cols + j * block_cols`, the one
+        // past the last row at `rows * cols`; `after(p)` is the first boundary past `p`.
+        let after = |p: u32| {
+            let p = (p as u64).min(total.saturating_sub(1));
+            (p / cols) * blocks + (p % cols) / block_cols + 1
+        };
+        // Chunk `c` holds entries `c * nnz / n..` and fills the boundaries from the first past
+        // its predecessor's last entry up to the first past its own last entry.
+        let nnz = pos.len();
+        let chunks = nnz.div_ceil(1 << 16).clamp(1, 64);
+        let first_entry = |c: usize| c * nnz / chunks;
+        let first_bound: Vec<u64> = (0..=chunks)
+            .map(|c| match c {
+                0 => 0,
+                c if c == chunks => bounds as u64,
+                c => after(pos[first_entry(c) - 1]),
+            })
+            .collect();
+        if first_bound.windows(2).any(|b| b[0] > b[1]) {
+            return Err("positions not strictly increasing".into());
+        }
+        let out = SharedOut(starts.as_mut_ptr());
+        let increasing = (0..chunks).into_par_iter().all(|c| {
+            let (k0, k1) = (first_entry(c), first_entry(c + 1));
+            let (mut b, end) = (first_bound[c] as usize, first_bound[c + 1] as usize);
+            // The boundary `b` as its row and block, and its position (`u64::MAX` past `end`).
+            let (mut r, mut j) = (b as u64 / blocks, b as u64 % blocks);
+            let position = |b: usize, r: u64, j: u64| {
+                if b < end {
+                    r * cols + j * block_cols
+                } else {
+                    u64::MAX
+                }
+            };
+            let mut next = position(b, r, j);
+            for k in k0..k1 {
+                let p = pos[k] as u64;
+                if k + 1 < nnz && pos[k + 1] as u64 <= p {
+                    return false;
+                }
+                while next <= p {
+                    // SAFETY: the chunks' boundary ranges are disjoint (checked above) and
+                    // below `bounds`.
+                    unsafe { out.write(b, k as u32) };
+                    b += 1;
+                    j += 1;
+                    if j == blocks {
+                        (r, j) = (r + 1, 0);
+                    }
+                    next = position(b, r, j);
+                }
+            }
+            for b in b..end {
+                // SAFETY: as above.
+                unsafe { out.write(b, k1 as u32) };
+            }
+            true
+        });
+        if increasing {
+            Ok(())
+        } else {
+            Err("positions not strictly increasing".into())
         }
     }
+}
+
+/// Checks that `delta` has as many values as positions, strictly increasing and in range,
+/// and, for coded values, a table of at most 256 values that every code indexes.
+pub fn validate(delta: &SparseDelta) -> Result<(), String> {
+    check_values(delta)?;
+    BlockIndex::default().build(delta, delta.cols)
+}
+
+/// The checks of [`validate`] on the values, returning `||A||_F^2` ([`frobenius_norm_sq`]).
+fn check_values(delta: &SparseDelta) -> Result<f64, String> {
     if delta.positions.len() != delta.values.len() {
         return Err(format!(
             "{} positions, {} values",
@@ -154,60 +240,65 @@ pub fn validate(delta: &SparseDelta) -> Result<(), String> {
             delta.values.len()
         ));
     }
-    let increasing = delta
-        .positions
-        .par_windows(2)
-        .with_min_len(1 << 16)
-        .all(|w| w[0] < w[1]);
-    if !increasing {
-        return Err("positions not strictly increasing".into());
+    let DeltaValues::Coded { codes, table } = delta.values else {
+        return Ok(frobenius_norm_sq(delta.values));
+    };
+    if table.len() > 256 {
+        return Err(format!(
+            "{} values in a code table (at most 256)",
+            table.len()
+        ));
     }
-    // When they increase, the last position is the largest.
-    let total = delta.rows as u64 * delta.cols as u64;
-    match delta.positions.last() {
-        Some(&last) if last as u64 >= total => Err(format!(
-            "position {last} out of range for {} x {}",
-            delta.rows, delta.cols
-        )),
-        _ => Ok(()),
+    let (fro2, top) = squares_and_top_code(delta.values);
+    if top as usize >= table.len() && !codes.is_empty() {
+        return Err(format!("code {top} past a table of {} values", table.len()));
     }
+    Ok(fro2)
 }
 
 /// `||A||_F^2` in f64, summed in fixed chunks (in parallel) and then in chunk order, so the
 /// result does not depend on the thread count (nor on whether the values are coded). Both
 /// operators use it.
 pub fn frobenius_norm_sq(values: DeltaValues) -> f64 {
+    squares_and_top_code(values).0
+}
+
+/// [`frobenius_norm_sq`], and the largest code of coded values (0 for f32 values), in one pass.
+/// Codes past the table count as 0 in the sum.
+fn squares_and_top_code(values: DeltaValues) -> (f64, u8) {
     const CHUNK: usize = 1 << 16;
     let square = |v: f32| v as f64 * v as f64;
-    let partial: Vec<f64> = match values {
+    let partial: Vec<(f64, u8)> = match values {
         DeltaValues::F32(v) => v
             .par_chunks(CHUNK)
-            .map(|c| c.iter().map(|&v| square(v)).sum())
+            .map(|c| (c.iter().map(|&v| square(v)).sum(), 0))
             .collect(),
-        DeltaValues::Coded { codes, table } => codes
-            .par_chunks(CHUNK)
-            .map(|c| c.iter().map(|&k| square(table[k as usize])).sum())
-            .collect(),
+        DeltaValues::Coded { codes, table } => {
+            let mut padded = [0f32; 256];
+            padded[..table.len().min(256)].copy_from_slice(&table[..table.len().min(256)]);
+            codes
+                .par_chunks(CHUNK)
+                .map(|c| {
+                    let sum = c.iter().map(|&k| square(padded[k as usize])).sum();
+                    (sum, c.iter().copied().max().unwrap_or(0))
+                })
+                .collect()
+        }
     };
-    partial.iter().sum()
+    partial
+        .iter()
+        .fold((0.0, 0), |(s, t), &(ps, pt)| (s + ps, t.max(pt)))
 }
 
 /// Buffers of [`CpuSparseOperator`] that can outlive it: passing the workspace of one matrix's
 /// operator to the next one ([`CpuSparseOperator::with_workspace`],
 /// [`CpuSparseOperator::into_workspace`]) reuses memory that is already mapped. Buffers only
-/// grow; they hold about 5 bytes per entry of the largest matrix seen (8 when its values are
-/// f32), plus 68 bytes per column.
+/// grow; they hold the [`BlockIndex`] (4 bytes per row and block of 256 columns) and the
+/// zero-padded blocks of vectors of odd widths.
 #[derive(Debug, Default)]
 pub struct SparseWorkspace {
-    /// Row starts of the delta's positions (`rows + 1`).
-    row_ptr: Vec<u32>,
-    /// The CSC copy: column starts (`cols + 1`), row indices, and values or their codes.
-    csc_ptr: Vec<u32>,
-    csc_idx: Vec<u32>,
-    csc_val: Vec<f32>,
-    csc_code: Vec<u8>,
-    /// Per-chunk column counters of [`transpose`], then each chunk's next slot per column.
-    chunk_counts: Vec<u32>,
+    /// Row starts and column-block splits of the delta's positions.
+    index: BlockIndex,
     /// Zero-padded copies of the input and output blocks (see [`padded_width`]).
     x_padded: Vec<f32>,
     y_padded: Vec<f32>,
@@ -223,30 +314,24 @@ fn reuse<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
     &mut buffer[..len]
 }
 
-/// Fills `ptr` (`rows + 1` entries) with the row starts of `delta`'s sorted positions, by
-/// binary search.
-fn row_starts(delta: &SparseDelta, ptr: &mut [u32]) {
-    let cols = delta.cols as u64;
-    ptr.par_iter_mut()
-        .with_min_len(1024)
-        .enumerate()
-        .for_each(|(r, p)| {
-            *p = delta
-                .positions
-                .partition_point(|&q| (q as u64) < r as u64 * cols) as u32;
-        });
-}
-
 /// The CSR copy (rows of `A`) and the CSC copy (rows of `A^T`; rows increasing within a column)
 /// of a validated `delta` (see [`validate`]), as owned arrays (the GPU operator uploads them).
+///
+/// # Panics
+/// If `delta` fails [`validate`].
 pub fn csr_and_csc(delta: &SparseDelta) -> (Csr, Csr) {
     let (rows, cols) = (delta.rows, delta.cols);
-    let mut ptr = vec![0u32; rows + 1];
-    row_starts(delta, &mut ptr);
+    let mut index = BlockIndex::default();
+    if let Err(e) = index.build(delta, cols) {
+        panic!("sparse delta: {e}");
+    }
     let values = delta.values.to_f32();
-    let view = Rows::of_delta(delta, &ptr, &values[..]);
+    let view = Rows::of_delta(delta, &index, &values[..]);
     let mut idx = delta.positions.to_vec();
-    let row_len = |r: usize| (ptr[r + 1] - ptr[r]) as usize;
+    let row_len = |r: usize| {
+        let (s, e, _) = view.row(r);
+        e - s
+    };
     split_runs(&mut idx, (0..rows).map(row_len))
         .into_par_iter()
         .with_min_len(256)
@@ -255,29 +340,16 @@ pub fn csr_and_csc(delta: &SparseDelta) -> (Csr, Csr) {
             let base = view.row(r).2;
             row.iter_mut().for_each(|c| *c -= base);
         });
-    let mut ws = SparseWorkspace::default();
-    let mut csc_val = Vec::new();
-    transpose(view, cols, &mut ws, &mut csc_val);
-    let nnz = delta.positions.len();
-    let SparseWorkspace {
-        mut csc_ptr,
-        mut csc_idx,
-        ..
-    } = ws;
-    csc_ptr.truncate(cols + 1);
-    csc_idx.truncate(nnz);
-    csc_val.truncate(nnz);
+    let csc = transpose(view, cols);
+    let mut ptr = index.starts;
+    ptr.truncate(rows + 1);
     (
         Csr {
             ptr,
             idx,
             val: values,
         },
-        Csr {
-            ptr: csc_ptr,
-            idx: csc_idx,
-            val: csc_val,
-        },
+        csc,
     )
 }
 
@@ -311,13 +383,12 @@ impl<T> SharedOut<T> {
     }
 }
 
-/// Row chunks of the transposes: enough for two threads to balance, few enough that each
-/// chunk's per-column counters (4 bytes per column) stay small.
+/// Row chunks of [`transpose`]: enough for two threads to balance, few enough that each chunk's
+/// per-column counters (4 bytes per column) stay small.
 const TRANSPOSE_CHUNKS: usize = 16;
 
-/// Writes the transpose of `a` (a matrix with `cols` columns, columns increasing within rows)
-/// into the workspace's CSC pointers and indices and into `out_val` (the values or codes): a
-/// counting sort by column, in parallel over chunks of rows.
+/// The transpose of `a` (a matrix with `cols` columns, columns increasing within rows) as a
+/// CSC copy, for the GPU operator: a counting sort by column, in parallel over chunks of rows.
 ///
 /// Pass 1 counts each chunk's entries per column; a prefix sum over the columns, and within a
 /// column over the chunks, gives every (chunk, column) pair its first slot; pass 2 has each
@@ -326,23 +397,21 @@ const TRANSPOSE_CHUNKS: usize = 16;
 /// per entry (coded values): it replaced a two-pass radix sort through buckets of 128 columns,
 /// which moved about 32 and took 54 ms instead of 32 ms for the seven matrices of a LLaMA-2-7B
 /// block (the products, like the sort, are limited by memory traffic on this machine).
-fn transpose<V: EntryValues>(
-    a: Rows<V>,
-    cols: usize,
-    ws: &mut SparseWorkspace,
-    out_val: &mut Vec<V::Payload>,
-) {
+fn transpose(a: Rows<&[f32]>, cols: usize) -> Csr {
     let rows = a.count();
-    let nnz = a.ptr[rows] as usize;
+    let nnz = a.ptr.last().map_or(0, |&n| n as usize);
     if cols == 0 {
-        reuse(&mut ws.csc_ptr, 1)[0] = 0;
-        return;
+        return Csr {
+            ptr: vec![0],
+            idx: Vec::new(),
+            val: Vec::new(),
+        };
     }
     let chunks = rows.clamp(1, TRANSPOSE_CHUNKS);
     let chunk_rows: Vec<(usize, usize)> = (0..chunks)
         .map(|c| (c * rows / chunks, (c + 1) * rows / chunks))
         .collect();
-    let counts = reuse(&mut ws.chunk_counts, chunks * cols);
+    let mut counts = vec![0u32; chunks * cols];
     counts
         .par_chunks_mut(cols)
         .zip(&chunk_rows)
@@ -355,7 +424,7 @@ fn transpose<V: EntryValues>(
                 }
             }
         });
-    let ptr = reuse(&mut ws.csc_ptr, cols + 1);
+    let mut ptr = vec![0u32; cols + 1];
     let mut start = 0u32;
     for (col, p) in ptr[..cols].iter_mut().enumerate() {
         *p = start;
@@ -367,8 +436,8 @@ fn transpose<V: EntryValues>(
     }
     ptr[cols] = start;
     debug_assert_eq!(start as usize, nnz);
-    let idx_out = SharedOut(reuse(&mut ws.csc_idx, nnz).as_mut_ptr());
-    let val_out = SharedOut(reuse(out_val, nnz).as_mut_ptr());
+    let (mut idx, mut val) = (vec![0u32; nnz], vec![0f32; nnz]);
+    let (idx_out, val_out) = (SharedOut(idx.as_mut_ptr()), SharedOut(val.as_mut_ptr()));
     counts
         .par_chunks_mut(cols)
         .zip(&chunk_rows)
@@ -381,18 +450,19 @@ fn transpose<V: EntryValues>(
                     // one per entry, so every slot is below nnz and written once.
                     unsafe {
                         idx_out.write(*slot as usize, r as u32);
-                        val_out.write(*slot as usize, a.val.payload(k));
+                        val_out.write(*slot as usize, a.val[k]);
                     }
                     *slot += 1;
                 }
             }
         });
+    Csr { ptr, idx, val }
 }
 
 /// A [`SparseDelta`] prepared for block products on the CPU (multi-threaded with rayon,
 /// deterministic whatever the thread count). It borrows the delta's positions and values (or
-/// codes), which serve directly as the rows of `A`, and owns a [`SparseWorkspace`] with the CSC
-/// copy.
+/// codes), which serve directly as the rows of `A`, and owns a [`SparseWorkspace`] with their
+/// [`BlockIndex`].
 #[derive(Debug)]
 pub struct CpuSparseOperator<'a> {
     delta: SparseDelta<'a>,
@@ -417,45 +487,16 @@ impl<'a> CpuSparseOperator<'a> {
     /// # Panics
     /// As [`new`](Self::new).
     pub fn with_workspace(delta: &SparseDelta<'a>, mut ws: SparseWorkspace) -> Self {
-        if let Err(e) = validate(delta) {
-            panic!("sparse delta: {e}");
-        }
+        let frobenius_sq = check_values(delta)
+            .and_then(|fro2| ws.index.build(delta, SCATTER_BLOCK_COLS).map(|()| fro2))
+            .unwrap_or_else(|e| panic!("sparse delta: {e}"));
         let mut table = Box::new([0f32; 256]);
-        // The row starts and the values stay out of the workspace while the transpose fills
-        // the rest.
-        let mut row_ptr = std::mem::take(&mut ws.row_ptr);
-        row_starts(delta, reuse(&mut row_ptr, delta.rows + 1));
-        match delta.values {
-            DeltaValues::F32(v) => {
-                let mut out = std::mem::take(&mut ws.csc_val);
-                transpose(
-                    Rows::of_delta(delta, &row_ptr, v),
-                    delta.cols,
-                    &mut ws,
-                    &mut out,
-                );
-                ws.csc_val = out;
-            }
-            DeltaValues::Coded { codes, table: t } => {
-                table[..t.len()].copy_from_slice(t);
-                let coded = Coded {
-                    codes,
-                    table: &table,
-                };
-                let mut out = std::mem::take(&mut ws.csc_code);
-                transpose(
-                    Rows::of_delta(delta, &row_ptr, coded),
-                    delta.cols,
-                    &mut ws,
-                    &mut out,
-                );
-                ws.csc_code = out;
-            }
+        if let DeltaValues::Coded { table: t, .. } = delta.values {
+            table[..t.len()].copy_from_slice(t);
         }
-        ws.row_ptr = row_ptr;
         CpuSparseOperator {
             delta: *delta,
-            frobenius_sq: frobenius_norm_sq(delta.values),
+            frobenius_sq,
             table,
             ws,
         }
@@ -601,37 +642,90 @@ unsafe fn rows_kernel<V: EntryValues>(
     }
 }
 
+/// A product kernel over some rows, compiled once per instruction set by [`run_kernel`].
+trait Kernel {
+    /// Runs the kernel.
+    ///
+    /// # Safety
+    /// The implementation's own contract.
+    unsafe fn run(self);
+}
+
+/// [`rows_kernel`] on the rows of one output chunk.
+struct Gather<'a, V> {
+    m: Rows<'a, V>,
+    first_row: usize,
+    x: &'a [f32],
+    y: &'a mut [f32],
+    w: usize,
+}
+
+impl<V: EntryValues> Kernel for Gather<'_, V> {
+    /// # Safety
+    /// As [`rows_kernel`].
+    #[inline(always)]
+    unsafe fn run(self) {
+        unsafe { rows_kernel(self.m, self.first_row, self.x, self.y, self.w) }
+    }
+}
+
+/// [`scatter_kernel`] on a panel of blocks of columns.
+struct Scatter<'a, V> {
+    m: Rows<'a, V>,
+    blocks: std::ops::Range<usize>,
+    first_col: u32,
+    x: &'a [f32],
+    y: &'a mut [f32],
+    w: usize,
+}
+
+impl<V: EntryValues> Kernel for Scatter<'_, V> {
+    /// # Safety
+    /// As [`scatter_kernel`].
+    #[inline(always)]
+    unsafe fn run(self) {
+        unsafe { scatter_kernel(self.m, self.blocks, self.first_col, self.x, self.y, self.w) }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-/// The same kernel compiled for AVX-512 (no FMA, so the rounding is identical to the generic
-/// one).
+/// `k` compiled for AVX-512 (no FMA, so the rounding is identical to the generic code).
 ///
 /// # Safety
-/// The CPU must support AVX-512F, and the contract of [`rows_kernel`] holds.
-unsafe fn rows_kernel_avx512<V: EntryValues>(
-    m: Rows<V>,
-    first_row: usize,
-    x: &[f32],
-    y: &mut [f32],
-    w: usize,
-) {
-    unsafe { rows_kernel(m, first_row, x, y, w) }
+/// The CPU must support AVX-512F, and `k`'s contract holds.
+unsafe fn run_avx512<K: Kernel>(k: K) {
+    unsafe { k.run() }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-/// The same kernel compiled for AVX2 (no FMA, so the rounding is identical to the generic one).
+/// `k` compiled for AVX2 (no FMA, so the rounding is identical to the generic code).
 ///
 /// # Safety
-/// The CPU must support AVX2, and the contract of [`rows_kernel`] holds.
-unsafe fn rows_kernel_avx2<V: EntryValues>(
-    m: Rows<V>,
-    first_row: usize,
-    x: &[f32],
-    y: &mut [f32],
-    w: usize,
-) {
-    unsafe { rows_kernel(m, first_row, x, y, w) }
+/// The CPU must support AVX2, and `k`'s contract holds.
+unsafe fn run_avx2<K: Kernel>(k: K) {
+    unsafe { k.run() }
+}
+
+/// Runs `k` compiled for the widest instruction set this CPU has (AVX-512F, AVX2 or the
+/// baseline); all give the same bits.
+///
+/// # Safety
+/// `k`'s contract holds.
+unsafe fn run_kernel<K: Kernel>(k: K) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F support was just checked.
+            return unsafe { run_avx512(k) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 support was just checked.
+            return unsafe { run_avx2(k) };
+        }
+    }
+    unsafe { k.run() }
 }
 
 /// `y = M x` for a block of `w` vectors, in parallel over chunks of output rows.
@@ -650,33 +744,156 @@ fn spmm<V: EntryValues>(m: Rows<V>, in_dim: usize, x: &[f32], y: &mut [f32], w: 
         "y is not a block of {out_rows}-vectors"
     );
     // About 32k multiply-adds per task keeps scheduling overhead low.
-    let nnz = (m.ptr[out_rows] as usize).max(1);
+    let nnz = (m.ptr[m.ptr.len() - 1] as usize).max(1);
     let per_row = (nnz * w).div_ceil(out_rows).max(1);
     let rows_per_task = (32_768 / per_row).clamp(4, 4096);
-    #[cfg(target_arch = "x86_64")]
-    let (avx512, avx2) = (
-        std::arch::is_x86_feature_detected!("avx512f"),
-        std::arch::is_x86_feature_detected!("avx2"),
-    );
     y.par_chunks_mut(rows_per_task * w)
         .enumerate()
-        .for_each(|(t, ych)| {
-            let first = t * rows_per_task;
-            // SAFETY (all three calls): `m` is a view built in this module (see `Rows`) whose
-            // columns lie below `in_dim`, and `x` was checked to hold `in_dim` rows of `w`.
-            #[cfg(target_arch = "x86_64")]
-            if avx512 {
-                // AVX-512F support was checked at run time just above.
-                unsafe { rows_kernel_avx512(m, first, x, ych, w) };
-                return;
+        .for_each(|(t, y)| {
+            let first_row = t * rows_per_task;
+            // SAFETY: `m` is a view built in this module (see `Rows`) whose columns lie below
+            // `in_dim`, and `x` was checked to hold `in_dim` rows of `w`.
+            unsafe {
+                run_kernel(Gather {
+                    m,
+                    first_row,
+                    x,
+                    y,
+                    w,
+                })
+            };
+        });
+}
+
+/// `y[col(k) * w + off ..][..T] += val[k] * x[r * w + off ..][..T]` for the entries `k` in
+/// `entries` of row `r`, whose columns, less `base`, index `y`.
+///
+/// # Safety
+/// `x` holds the rows of `m` at width `w`, `off + T <= w`, the entries are some of row `r`,
+/// and `y` holds their columns less `base` at width `w` (see [`Rows`]).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scatter_tile<V: EntryValues, const T: usize>(
+    m: Rows<V>,
+    r: usize,
+    entries: std::ops::Range<usize>,
+    base: u32,
+    x: &[f32],
+    y: &mut [f32],
+    w: usize,
+    off: usize,
+) {
+    debug_assert!(r * w + off + T <= x.len());
+    // SAFETY: by the contract above and the invariant of `Rows`, the tile of `x` is in
+    // bounds, and so is each entry and its tile of `y`.
+    let xr = unsafe { *(x.as_ptr().add(r * w + off) as *const [f32; T]) };
+    for k in entries {
+        unsafe {
+            let col = (m.idx.get_unchecked(k).wrapping_sub(base)) as usize;
+            debug_assert!(col * w + off + T <= y.len());
+            let v = m.val.value(k);
+            let yr = &mut *(y.as_mut_ptr().add(col * w + off) as *mut [f32; T]);
+            for l in 0..T {
+                yr[l] += v * xr[l];
             }
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // AVX2 support was checked at run time just above.
-                unsafe { rows_kernel_avx2(m, first, x, ych, w) };
-                return;
-            }
-            unsafe { rows_kernel(m, first, x, ych, w) };
+        }
+    }
+}
+
+/// `y = (M^T x)` restricted to the columns of `M` in its blocks `blocks` (see [`BlockIndex`]),
+/// which start at column `first_col`: every row scatters its entries in those columns, in
+/// column tiles of 32, 16, 8, 4 and 1 as [`row_group`]. Each output sum runs over its entries
+/// in row order, with a separate multiply and add: the same bits as a gather over a CSC copy.
+///
+/// # Safety
+/// `m` is indexed by blocks (see [`Rows::of_delta`]), `x` holds the rows of `m` at width `w`,
+/// and `y` the columns of the blocks at width `w`.
+#[inline(always)]
+unsafe fn scatter_kernel<V: EntryValues>(
+    m: Rows<V>,
+    blocks: std::ops::Range<usize>,
+    first_col: u32,
+    x: &[f32],
+    y: &mut [f32],
+    w: usize,
+) {
+    y.fill(0.0);
+    for r in 0..m.count() {
+        let (s, e, base) = m.row_blocks(r, blocks.start, blocks.end);
+        if s == e {
+            continue;
+        }
+        let base = base.wrapping_add(first_col);
+        let mut off = 0;
+        macro_rules! tiles {
+            ($($t:literal),*) => {$(
+                while w - off >= $t {
+                    // SAFETY: `off + T <= w`, and the caller's contract.
+                    unsafe { scatter_tile::<V, $t>(m, r, s..e, base, x, y, w, off) };
+                    off += $t;
+                }
+            )*};
+        }
+        tiles!(32, 16, 8, 4, 1);
+    }
+}
+
+/// Columns per block of the [`BlockIndex`] of the CPU operator.
+const SCATTER_BLOCK_COLS: usize = 256;
+
+/// Output bytes that one task of the transposed product covers: a panel of whole blocks
+/// whose outputs stay in the L1 and L2 caches while every row scatters into them.
+const SCATTER_PANEL_BYTES: usize = 256 << 10;
+
+/// `y = M^T x` for a block of `w` vectors (`x` has a block per row of `m`, `y` one per
+/// column), without a transposed copy of `M`: in parallel over panels of output columns, each
+/// of which every row scatters into (its entries there found through the [`BlockIndex`] of
+/// `m`, whose blocks are `block_cols` wide).
+///
+/// # Panics
+/// If `x` is not one block of `w`-vectors per row of `m`, or `y` not `out_dim * w` long.
+fn spmm_transposed<V: EntryValues>(
+    m: Rows<V>,
+    block_cols: usize,
+    out_dim: usize,
+    x: &[f32],
+    y: &mut [f32],
+    w: usize,
+) {
+    let rows = m.count();
+    if w == 0 || out_dim == 0 {
+        return;
+    }
+    assert_eq!(x.len(), rows * w, "x is not a block of {rows}-vectors");
+    assert_eq!(
+        y.len(),
+        out_dim * w,
+        "y is not a block of {out_dim}-vectors"
+    );
+    debug_assert_eq!(out_dim.div_ceil(block_cols), m.step);
+    // Panels of at most SCATTER_PANEL_BYTES, at least two per thread. The result does not
+    // depend on the split: every output sum runs over its rows in order.
+    let panels =
+        (2 * rayon::current_num_threads()).max((out_dim * w * 4).div_ceil(SCATTER_PANEL_BYTES));
+    let per_panel = m.step.div_ceil(panels);
+    y.par_chunks_mut(per_panel * block_cols * w)
+        .enumerate()
+        .for_each(|(p, y)| {
+            let first = p * per_panel;
+            let blocks = first..(first + per_panel).min(m.step);
+            // SAFETY: `m` is a view built in this module (see `Rows`) whose columns lie below
+            // `out_dim`, and `x` and `y` were checked to hold `rows` and `out_dim` rows of `w`;
+            // the panel `y` holds the columns of its blocks.
+            unsafe {
+                run_kernel(Scatter {
+                    m,
+                    blocks,
+                    first_col: (first * block_cols) as u32,
+                    x,
+                    y,
+                    w,
+                })
+            };
         });
 }
 
@@ -741,23 +958,22 @@ impl MatrixOperator for CpuSparseOperator<'_> {
 impl CpuSparseOperator<'_> {
     /// `y = A x` or `y = A^T x` at a width the kernels take (see [`padded_width`]).
     fn product(&self, x: &[f32], y: &mut [f32], w: usize, transpose: bool) {
-        let (rows, cols, nnz) = (self.delta.rows, self.delta.cols, self.nnz());
-        let (ws, delta, table) = (&self.ws, &self.delta, &*self.table);
-        let ptr = &ws.row_ptr;
+        let (delta, index) = (&self.delta, &self.ws.index);
+        let (cols, block_cols) = (delta.cols, index.block_cols);
         match (self.delta.values, transpose) {
-            (DeltaValues::F32(v), false) => spmm(Rows::of_delta(delta, ptr, v), cols, x, y, w),
-            (DeltaValues::F32(_), true) => {
-                let v = &ws.csc_val[..nnz];
-                spmm(Rows::of_csc(ws, cols, nnz, v), rows, x, y, w)
+            (DeltaValues::F32(v), false) => spmm(Rows::of_delta(delta, index, v), cols, x, y, w),
+            (DeltaValues::F32(v), true) => {
+                let m = Rows::of_delta(delta, index, v);
+                spmm_transposed(m, block_cols, cols, x, y, w)
             }
-            (DeltaValues::Coded { codes, .. }, false) => {
-                let coded = Coded { codes, table };
-                spmm(Rows::of_delta(delta, ptr, coded), cols, x, y, w)
-            }
-            (DeltaValues::Coded { .. }, true) => {
-                let codes = &ws.csc_code[..nnz];
-                let coded = Coded { codes, table };
-                spmm(Rows::of_csc(ws, cols, nnz, coded), rows, x, y, w)
+            (DeltaValues::Coded { codes, .. }, transpose) => {
+                let table = &self.table;
+                let m = Rows::of_delta(delta, index, Coded { codes, table });
+                if transpose {
+                    spmm_transposed(m, block_cols, cols, x, y, w)
+                } else {
+                    spmm(m, cols, x, y, w)
+                }
             }
         }
     }
@@ -767,11 +983,84 @@ impl CpuSparseOperator<'_> {
 mod tests {
     use super::*;
 
-    /// Every compiled variant of the kernel gives the same bits as the generic one (the
+    /// The block index equals a naive count for odd shapes and block widths; bad positions are
+    /// refused wherever they lie, also at the border of the pass's chunks, without a panic.
+    #[test]
+    fn block_index_equals_a_naive_count_and_refuses_bad_positions() {
+        let sparse = |rows: usize, cols: usize, per_mille: u64| -> Vec<u32> {
+            (0..(rows * cols) as u64)
+                .filter(|&i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) % 1000 < per_mille)
+                .map(|i| i as u32)
+                .collect()
+        };
+        let check = |rows: usize, cols: usize, positions: &[u32], block_cols: usize| {
+            let d = SparseDelta {
+                rows,
+                cols,
+                positions,
+                values: DeltaValues::F32(&vec![1.0; positions.len()]),
+            };
+            let mut index = BlockIndex::default();
+            index.build(&d, block_cols).map(|()| index)
+        };
+        for (rows, cols, per_mille, block_cols) in [
+            (1, 1, 1000, 1),
+            (3, 5, 300, 2),
+            (17, 127, 200, 16),
+            (40, 600, 50, 256),
+            (300, 700, 400, 256),
+            (5, 3000, 10, 7),
+            (2000, 3, 400, 256),
+            (4, 0, 500, 256),
+            (0, 6, 500, 256),
+        ] {
+            let positions = sparse(rows, cols, per_mille);
+            let index = check(rows, cols, &positions, block_cols).unwrap();
+            let bc = block_cols.min(cols.max(1));
+            let blocks = cols.div_ceil(bc).max(1);
+            let mut want: Vec<u32> = (0..rows * blocks)
+                .map(|b| {
+                    let at = (b / blocks) * cols + (b % blocks) * bc;
+                    positions.partition_point(|&p| (p as usize) < at) as u32
+                })
+                .collect();
+            want.push(positions.len() as u32);
+            let name = format!("{rows} x {cols}, blocks of {block_cols}");
+            assert_eq!((index.blocks, index.block_cols), (blocks, bc), "{name}");
+            assert_eq!(&index.starts[..want.len()], &want[..], "{name}");
+        }
+        // 84 000 entries: two chunks in the pass, the second from entry 42 000.
+        let good = sparse(300, 700, 400);
+        assert!(good.len() > 1 << 16, "{}", good.len());
+        let border = good.len() / 2;
+        type Spoil = Box<dyn Fn(&mut Vec<u32>)>;
+        let bad: [(&str, Spoil); 6] = [
+            ("swap", Box::new(|p| p.swap(10, 11))),
+            (
+                "swap at the chunk border",
+                Box::new(move |p| p.swap(border - 1, border)),
+            ),
+            ("duplicate", Box::new(|p| p[500] = p[499])),
+            (
+                "last out of range",
+                Box::new(|p| *p.last_mut().unwrap() = 300 * 700),
+            ),
+            ("one out of range", Box::new(|p| p[1000] = u32::MAX)),
+            ("reversed", Box::new(|p| p.reverse())),
+        ];
+        for (what, spoil) in bad {
+            let mut positions = good.clone();
+            spoil(&mut positions);
+            assert!(check(300, 700, &positions, 256).is_err(), "{what} accepted");
+        }
+    }
+
+    /// Every compiled variant of both kernels gives the same bits as the generic one (the
     /// dispatcher picks only one of them on a given machine), with f32 and with coded values.
     #[test]
     fn kernel_variants_agree_to_the_bit() {
-        let (rows, cols) = (45usize, 77usize);
+        const COLS: usize = 77;
+        let (rows, cols) = (45usize, COLS);
         let positions: Vec<u32> = (0..(rows * cols) as u32)
             .filter(|p| (p.wrapping_mul(2_654_435_761) >> 27) < 5)
             .collect();
@@ -781,63 +1070,107 @@ mod tests {
             *t = c as f32 / 11.0 - 1.0;
         }
         let values: Vec<f32> = codes.iter().map(|&c| table[c as usize]).collect();
-        let mut ptr = vec![0u32; rows + 1];
+        let mut index = BlockIndex::default();
         let delta = SparseDelta {
             rows,
             cols,
             positions: &positions,
             values: DeltaValues::F32(&values),
         };
-        row_starts(&delta, &mut ptr);
-        let plain = Rows::of_delta(&delta, &ptr, &values[..]);
+        index.build(&delta, 16).unwrap();
+        let plain = Rows::of_delta(&delta, &index, &values[..]);
         let coded = Rows::of_delta(
             &delta,
-            &ptr,
+            &index,
             Coded {
                 codes: &codes,
                 table: &table,
             },
         );
-        for w in [1usize, 4, 8, 12, 24, 40, 64] {
-            let x: Vec<f32> = (0..cols * w)
-                .map(|i| ((i * 7919) % 211) as f32 / 100.0 - 1.0)
-                .collect();
-            let mut want = vec![0f32; rows * w];
-            // SAFETY (all kernel calls): views of a validated delta, `x` holds `cols` rows.
-            unsafe { rows_kernel(plain, 0, &x, &mut want, w) };
-            let same = |got: &[f32]| {
-                want.iter()
-                    .zip(got)
-                    .all(|(a, b)| a.to_bits() == b.to_bits())
-            };
-            let mut got = vec![f32::NAN; rows * w];
-            unsafe { rows_kernel(coded, 0, &x, &mut got, w) };
-            assert!(same(&got), "coded values differ at width {w}");
+        /// `k` compiled for `isa` (detected by the caller).
+        unsafe fn run_on<K: Kernel>(isa: &str, k: K) {
             #[cfg(target_arch = "x86_64")]
-            for (name, available) in [
-                ("avx2", std::arch::is_x86_feature_detected!("avx2")),
-                ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
-            ] {
-                if !available {
-                    eprintln!("kernel variant {name} not available on this CPU");
-                    continue;
-                }
-                for coded_values in [false, true] {
-                    let mut got = vec![f32::NAN; rows * w];
-                    // The feature was detected just above.
-                    unsafe {
-                        match (name, coded_values) {
-                            ("avx2", false) => rows_kernel_avx2(plain, 0, &x, &mut got, w),
-                            ("avx2", true) => rows_kernel_avx2(coded, 0, &x, &mut got, w),
-                            (_, false) => rows_kernel_avx512(plain, 0, &x, &mut got, w),
-                            (_, true) => rows_kernel_avx512(coded, 0, &x, &mut got, w),
-                        }
-                    }
-                    assert!(
-                        same(&got),
-                        "{name} (coded: {coded_values}) differs from the generic kernel at \
-                         width {w}"
+            match isa {
+                "avx2" => return unsafe { run_avx2(k) },
+                "avx512f" => return unsafe { run_avx512(k) },
+                _ => {}
+            }
+            unsafe { k.run() }
+        }
+        /// One kernel on the whole matrix: `A x` (gather) or `A^T x` (scatter).
+        fn product<V: EntryValues>(
+            m: Rows<V>,
+            x: &[f32],
+            w: usize,
+            transposed: bool,
+            isa: &str,
+        ) -> Vec<f32> {
+            let out = if transposed { COLS } else { m.count() };
+            let mut y = vec![f32::NAN; out * w];
+            let y_ref = &mut y[..];
+            // SAFETY (both calls): views of a validated delta; `x` and `y` hold the input and
+            // output rows at width `w`.
+            unsafe {
+                if transposed {
+                    let blocks = 0..m.step;
+                    run_on(
+                        isa,
+                        Scatter {
+                            m,
+                            blocks,
+                            first_col: 0,
+                            x,
+                            y: y_ref,
+                            w,
+                        },
                     );
+                } else {
+                    run_on(
+                        isa,
+                        Gather {
+                            m,
+                            first_row: 0,
+                            x,
+                            y: y_ref,
+                            w,
+                        },
+                    );
+                }
+            }
+            y
+        }
+        for w in [1usize, 4, 8, 12, 24, 40, 64] {
+            for transposed in [false, true] {
+                let din = if transposed { rows } else { cols };
+                let x: Vec<f32> = (0..din * w)
+                    .map(|i| ((i * 7919) % 211) as f32 / 100.0 - 1.0)
+                    .collect();
+                let want = product(plain, &x, w, transposed, "generic");
+                let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+                for isa in ["generic", "avx2", "avx512f"] {
+                    #[cfg(target_arch = "x86_64")]
+                    let available = match isa {
+                        "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+                        "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+                        _ => true,
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let available = isa == "generic";
+                    if !available {
+                        eprintln!("kernel variant {isa} not available on this CPU");
+                        continue;
+                    }
+                    for (name, got) in [
+                        ("f32", product(plain, &x, w, transposed, isa)),
+                        ("coded", product(coded, &x, w, transposed, isa)),
+                    ] {
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{isa} ({name}, transposed: {transposed}) differs from the generic \
+                             kernel at width {w}"
+                        );
+                    }
                 }
             }
         }

@@ -578,8 +578,11 @@ fn csc_copy_equals_a_naive_counting_sort() {
 
 #[test]
 fn products_equal_a_dense_reference_at_every_block_width() {
-    // Odd shapes, widths 1 to 40 (every tile width and padding case), and a workspace reused
-    // from a larger matrix (stale contents must not leak into the products).
+    // Odd shapes (one with several blocks of columns, so that `A^T` scatters into several
+    // panels), widths 1 to 40 (every tile width and padding case), and a workspace reused
+    // from a larger matrix (stale contents must not leak into the products). Every output is
+    // also the plain f32 sum over its entries in row-major order, multiply then add, to the
+    // bit: the order a gather over a CSC copy (and the GPU operator) sums in.
     let (big_pos, big_val) = random_sparse(90, 300, 0.3, 7);
     let big = SparseDelta {
         rows: 90,
@@ -588,51 +591,68 @@ fn products_equal_a_dense_reference_at_every_block_width() {
         values: DeltaValues::F32(&big_val),
     };
     let mut workspace = CpuSparseOperator::new(&big).into_workspace();
-    let (rows, cols) = (37, 131);
-    let (positions, values) = random_sparse(rows, cols, 0.1, 8);
-    let d = SparseDelta {
-        rows,
-        cols,
-        positions: &positions,
-        values: DeltaValues::F32(&values),
-    };
-    let mut dense = vec![0f64; rows * cols];
-    for (&p, &v) in positions.iter().zip(&values) {
-        dense[p as usize] = v as f64;
-    }
-    let mut op = CpuSparseOperator::with_workspace(&d, std::mem::take(&mut workspace));
-    for w in 1..=40 {
-        for transpose in [false, true] {
-            let (din, dout) = if transpose {
-                (rows, cols)
-            } else {
-                (cols, rows)
-            };
-            let x: Vec<f32> = (0..din * w)
-                .map(|i| (uniform(9 + w as u64, i as u64) * 2.0 - 1.0) as f32)
-                .collect();
-            let mut y = vec![f32::NAN; dout * w];
-            op.apply(&x, &mut y, transpose);
-            for o in 0..dout {
-                for l in 0..w {
-                    let want: f64 = (0..din)
-                        .map(|i| {
-                            let a = if transpose {
-                                dense[i * cols + o]
-                            } else {
-                                dense[o * cols + i]
-                            };
-                            a * x[i * w + l] as f64
-                        })
-                        .sum();
-                    let got = y[o * w + l] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "width {w}, transpose {transpose}, output {o}, vector {l}: {got} vs {want}"
-                    );
+    for (rows, cols, widths) in [(37, 131, 1..=40), (23, 1100, 1..=17)] {
+        let (positions, values) = random_sparse(rows, cols, 0.1, 8);
+        let d = SparseDelta {
+            rows,
+            cols,
+            positions: &positions,
+            values: DeltaValues::F32(&values),
+        };
+        let mut dense = vec![0f64; rows * cols];
+        for (&p, &v) in positions.iter().zip(&values) {
+            dense[p as usize] = v as f64;
+        }
+        let mut op = CpuSparseOperator::with_workspace(&d, std::mem::take(&mut workspace));
+        for w in widths {
+            for transpose in [false, true] {
+                let (din, dout) = if transpose {
+                    (rows, cols)
+                } else {
+                    (cols, rows)
+                };
+                let x: Vec<f32> = (0..din * w)
+                    .map(|i| (uniform(9 + w as u64, i as u64) * 2.0 - 1.0) as f32)
+                    .collect();
+                let mut y = vec![f32::NAN; dout * w];
+                op.apply(&x, &mut y, transpose);
+                // The f32 sums in stored order.
+                let mut ordered = vec![0f32; dout * w];
+                for (&p, &v) in positions.iter().zip(&values) {
+                    let (r, c) = (p as usize / cols, p as usize % cols);
+                    let (i, o) = if transpose { (r, c) } else { (c, r) };
+                    for l in 0..w {
+                        ordered[o * w + l] += v * x[i * w + l];
+                    }
+                }
+                for o in 0..dout {
+                    for l in 0..w {
+                        let want: f64 = (0..din)
+                            .map(|i| {
+                                let a = if transpose {
+                                    dense[i * cols + o]
+                                } else {
+                                    dense[o * cols + i]
+                                };
+                                a * x[i * w + l] as f64
+                            })
+                            .sum();
+                        let got = y[o * w + l];
+                        let at = format!(
+                            "{rows} x {cols}, width {w}, transpose {transpose}, output {o}, \
+                             vector {l}"
+                        );
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{at}: {got} vs {want}"
+                        );
+                        let plain = ordered[o * w + l];
+                        assert_eq!(got.to_bits(), plain.to_bits(), "{at}: {got} vs {plain}");
+                    }
                 }
             }
         }
+        workspace = op.into_workspace();
     }
 }
 
