@@ -20,7 +20,11 @@
 //!
 //! The products are limited by memory traffic as much as by arithmetic. Coded values
 //! ([`DeltaValues::Coded`], what `compress` passes: a byte per entry into the table of the level
-//! values) stream 5 bytes per entry instead of 8, with the same bits.
+//! values) stream 5 bytes per entry instead of 8, with the same bits. The index pass also
+//! stores every entry's column as a u16 (matrices of at most 65536 columns, every LLaMA weight),
+//! which the products read instead of the u32 positions: 3 bytes per entry. That saved about
+//! 3 % of a LLaMA-2-7B block's estimate (medians of 6 runs, warm and cold; the products are
+//! closer to their load-port limit than to the memory's).
 
 use super::estimator::MatrixOperator;
 use super::{DeltaValues, SparseDelta};
@@ -83,15 +87,36 @@ impl EntryValues for Coded<'_> {
 /// dimension of the products it is used in. The constructors in this module only build views
 /// of deltas that [`BlockIndex::build`] (or [`validate`]) accepted.
 #[derive(Debug, Clone, Copy)]
-struct Rows<'a, V> {
+struct Rows<'a, I, V> {
     ptr: &'a [u32],
     step: usize,
-    idx: &'a [u32],
+    idx: &'a [I],
     stride: u32,
     val: V,
 }
 
-impl<'a, V> Rows<'a, V> {
+/// An entry's stored index: a u32 position or column, or a u16 column (two bytes less of
+/// memory traffic per entry and product).
+trait EntryIndex: Copy + Send + Sync {
+    /// The index as a u32.
+    fn widen(self) -> u32;
+}
+
+impl EntryIndex for u32 {
+    #[inline(always)]
+    fn widen(self) -> u32 {
+        self
+    }
+}
+
+impl EntryIndex for u16 {
+    #[inline(always)]
+    fn widen(self) -> u32 {
+        self as u32
+    }
+}
+
+impl<'a, V> Rows<'a, u32, V> {
     /// The delta's sorted positions read as the rows of `A`, with their index and the values
     /// `val`.
     fn of_delta(delta: &SparseDelta<'a>, index: &'a BlockIndex, val: V) -> Self {
@@ -103,7 +128,24 @@ impl<'a, V> Rows<'a, V> {
             val,
         }
     }
+}
 
+impl<'a, V> Rows<'a, u16, V> {
+    /// The rows of `A` as the index's narrow columns (see [`BlockIndex::narrow`]), with the
+    /// values `val`; `None` if the index holds none.
+    fn narrow(delta: &SparseDelta<'a>, index: &'a BlockIndex, val: V) -> Option<Self> {
+        let idx = Some(&index.narrow[..]).filter(|_| index.has_narrow)?;
+        Some(Rows {
+            ptr: &index.starts[..delta.rows * index.blocks + 1],
+            step: index.blocks,
+            idx: &idx[..delta.positions.len()],
+            stride: 0,
+            val,
+        })
+    }
+}
+
+impl<I: EntryIndex, V> Rows<'_, I, V> {
     fn count(&self) -> usize {
         (self.ptr.len() - 1) / self.step
     }
@@ -139,12 +181,26 @@ pub struct BlockIndex {
     /// Blocks per row, and columns per block.
     blocks: usize,
     block_cols: usize,
+    /// The column of every entry, if the last build was asked for them and the matrix has at
+    /// most [`NARROW_MAX_COLS`] columns (`has_narrow`).
+    narrow: Vec<u16>,
+    has_narrow: bool,
 }
+
+/// The widest matrix whose columns [`BlockIndex::build`] stores as u16.
+const NARROW_MAX_COLS: usize = 1 << 16;
 
 impl BlockIndex {
     /// Checks the positions of `delta` (strictly increasing, below `rows * cols`) and indexes
-    /// them, in one pass in parallel over chunks of entries, reusing this index's memory.
-    fn build(&mut self, delta: &SparseDelta, block_cols: usize) -> Result<(), String> {
+    /// them, in one pass in parallel over chunks of entries, reusing this index's memory. With
+    /// `narrow`, the pass also stores every entry's column as a u16 if the matrix has at most
+    /// [`NARROW_MAX_COLS`] columns (see [`Rows::narrow`]).
+    fn build(
+        &mut self,
+        delta: &SparseDelta,
+        block_cols: usize,
+        narrow: bool,
+    ) -> Result<(), String> {
         let (rows, cols) = (delta.rows as u64, delta.cols as u64);
         let pos = delta.positions;
         let block_cols = (block_cols.max(1) as u64).min(cols.max(1));
@@ -152,6 +208,12 @@ impl BlockIndex {
         (self.blocks, self.block_cols) = (blocks as usize, block_cols as usize);
         let bounds = (rows * blocks) as usize + 1;
         let starts = reuse(&mut self.starts, bounds);
+        self.has_narrow = narrow && delta.cols <= NARROW_MAX_COLS;
+        let columns = if self.has_narrow {
+            SharedOut(reuse(&mut self.narrow, pos.len()).as_mut_ptr())
+        } else {
+            SharedOut(std::ptr::null_mut())
+        };
         let total = rows * cols;
         if let Some(&last) = pos.last() {
             if last as u64 >= total {
@@ -180,6 +242,7 @@ impl BlockIndex {
             return Err("positions not strictly increasing".into());
         }
         let out = SharedOut(starts.as_mut_ptr());
+        let has_narrow = self.has_narrow;
         let increasing = (0..chunks).into_par_iter().all(|c| {
             let (k0, k1) = (first_entry(c), first_entry(c + 1));
             let (mut b, end) = (first_bound[c] as usize, first_bound[c + 1] as usize);
@@ -209,6 +272,13 @@ impl BlockIndex {
                     }
                     next = position(b, r, j);
                 }
+                if has_narrow {
+                    // The entry lies in the row of the boundary before `b` (at least boundary
+                    // 0 lies at or before it); its column fits in a u16.
+                    let row = if j == 0 { r - 1 } else { r };
+                    // SAFETY: `k` is this chunk's own entry, below the length of `narrow`.
+                    unsafe { columns.write(k, (p - row * cols) as u16) };
+                }
             }
             for b in b..end {
                 // SAFETY: as above.
@@ -228,7 +298,7 @@ impl BlockIndex {
 /// and, for coded values, a table of at most 256 values that every code indexes.
 pub fn validate(delta: &SparseDelta) -> Result<(), String> {
     check_values(delta)?;
-    BlockIndex::default().build(delta, delta.cols)
+    BlockIndex::default().build(delta, delta.cols, false)
 }
 
 /// The checks of [`validate`] on the values, returning `||A||_F^2` ([`frobenius_norm_sq`]).
@@ -293,8 +363,8 @@ fn squares_and_top_code(values: DeltaValues) -> (f64, u8) {
 /// Buffers of [`CpuSparseOperator`] that can outlive it: passing the workspace of one matrix's
 /// operator to the next one ([`CpuSparseOperator::with_workspace`],
 /// [`CpuSparseOperator::into_workspace`]) reuses memory that is already mapped. Buffers only
-/// grow; they hold the [`BlockIndex`] (4 bytes per row and block of 256 columns) and the
-/// zero-padded blocks of vectors of odd widths.
+/// grow; they hold the [`BlockIndex`] (4 bytes per row and block of 256 columns, 2 per entry)
+/// and the zero-padded blocks of vectors of odd widths.
 #[derive(Debug, Default)]
 pub struct SparseWorkspace {
     /// Row starts and column-block splits of the delta's positions.
@@ -322,7 +392,7 @@ fn reuse<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
 pub fn csr_and_csc(delta: &SparseDelta) -> (Csr, Csr) {
     let (rows, cols) = (delta.rows, delta.cols);
     let mut index = BlockIndex::default();
-    if let Err(e) = index.build(delta, cols) {
+    if let Err(e) = index.build(delta, cols, false) {
         panic!("sparse delta: {e}");
     }
     let values = delta.values.to_f32();
@@ -368,7 +438,8 @@ fn split_runs<T>(mut slice: &mut [T], lens: impl IntoIterator<Item = usize>) -> 
 /// A pointer that row chunks share to write disjoint slots of one array.
 #[derive(Clone, Copy)]
 struct SharedOut<T>(*mut T);
-// SAFETY: only used by `transpose`, whose chunks write disjoint slots.
+// SAFETY: only used where parallel chunks write disjoint slots (`BlockIndex::build`,
+// `transpose`).
 unsafe impl<T: Send> Send for SharedOut<T> {}
 unsafe impl<T: Send> Sync for SharedOut<T> {}
 
@@ -397,7 +468,7 @@ const TRANSPOSE_CHUNKS: usize = 16;
 /// per entry (coded values): it replaced a two-pass radix sort through buckets of 128 columns,
 /// which moved about 32 and took 54 ms instead of 32 ms for the seven matrices of a LLaMA-2-7B
 /// block (the products, like the sort, are limited by memory traffic on this machine).
-fn transpose(a: Rows<&[f32]>, cols: usize) -> Csr {
+fn transpose(a: Rows<u32, &[f32]>, cols: usize) -> Csr {
     let rows = a.count();
     let nnz = a.ptr.last().map_or(0, |&n| n as usize);
     if cols == 0 {
@@ -460,9 +531,10 @@ fn transpose(a: Rows<&[f32]>, cols: usize) -> Csr {
 }
 
 /// A [`SparseDelta`] prepared for block products on the CPU (multi-threaded with rayon,
-/// deterministic whatever the thread count). It borrows the delta's positions and values (or
-/// codes), which serve directly as the rows of `A`, and owns a [`SparseWorkspace`] with their
-/// [`BlockIndex`].
+/// deterministic whatever the thread count). It borrows the delta's values (or codes) and
+/// positions, which serve directly as the rows of `A` (through the u16 columns of their
+/// [`BlockIndex`] where the matrix is narrow enough), and owns a [`SparseWorkspace`] with the
+/// index.
 #[derive(Debug)]
 pub struct CpuSparseOperator<'a> {
     delta: SparseDelta<'a>,
@@ -488,7 +560,11 @@ impl<'a> CpuSparseOperator<'a> {
     /// As [`new`](Self::new).
     pub fn with_workspace(delta: &SparseDelta<'a>, mut ws: SparseWorkspace) -> Self {
         let frobenius_sq = check_values(delta)
-            .and_then(|fro2| ws.index.build(delta, SCATTER_BLOCK_COLS).map(|()| fro2))
+            .and_then(|fro2| {
+                ws.index
+                    .build(delta, SCATTER_BLOCK_COLS, true)
+                    .map(|()| fro2)
+            })
             .unwrap_or_else(|e| panic!("sparse delta: {e}"));
         let mut table = Box::new([0f32; 256]);
         if let DeltaValues::Coded { table: t, .. } = delta.values {
@@ -521,8 +597,8 @@ impl<'a> CpuSparseOperator<'a> {
 /// `k` must be an entry of the row, and `x` hold the input rows of all columns of `m` at width
 /// `w`, with `off + T <= w` (see [`Rows`]).
 #[inline(always)]
-unsafe fn add_entry<V: EntryValues, const T: usize>(
-    m: Rows<V>,
+unsafe fn add_entry<I: EntryIndex, V: EntryValues, const T: usize>(
+    m: Rows<I, V>,
     x: &[f32],
     w: usize,
     off: usize,
@@ -533,7 +609,7 @@ unsafe fn add_entry<V: EntryValues, const T: usize>(
     // SAFETY: by the contract above and the invariant of `Rows`, `k` indexes the entries and
     // the tile lies inside `x`.
     let (xr, v) = unsafe {
-        let start = (*m.idx.get_unchecked(k) - base) as usize * w + off;
+        let start = (m.idx.get_unchecked(k).widen() - base) as usize * w + off;
         debug_assert!(start + T <= x.len());
         (&*(x.as_ptr().add(start) as *const [f32; T]), m.val.value(k))
     };
@@ -552,8 +628,8 @@ unsafe fn add_entry<V: EntryValues, const T: usize>(
 /// # Safety
 /// As [`add_entry`], for every entry of the `R` rows.
 #[inline(always)]
-unsafe fn rows_tile<V: EntryValues, const R: usize, const T: usize>(
-    m: Rows<V>,
+unsafe fn rows_tile<I: EntryIndex, V: EntryValues, const R: usize, const T: usize>(
+    m: Rows<I, V>,
     first_row: usize,
     x: &[f32],
     y: &mut [f32],
@@ -596,8 +672,8 @@ fn padded_width(w: usize) -> usize {
 /// # Safety
 /// `x` holds the input rows of all columns of `m` at width `w` (see [`Rows`]).
 #[inline(always)]
-unsafe fn row_group<V: EntryValues, const R: usize>(
-    m: Rows<V>,
+unsafe fn row_group<I: EntryIndex, V: EntryValues, const R: usize>(
+    m: Rows<I, V>,
     first_row: usize,
     x: &[f32],
     y: &mut [f32],
@@ -608,7 +684,7 @@ unsafe fn row_group<V: EntryValues, const R: usize>(
         ($($t:literal),*) => {$(
             while w - off >= $t {
                 // SAFETY: `off + T <= w`, and the caller's contract.
-                unsafe { rows_tile::<V, R, $t>(m, first_row, x, y, w, off) };
+                unsafe { rows_tile::<I, V, R, $t>(m, first_row, x, y, w, off) };
                 off += $t;
             }
         )*};
@@ -622,8 +698,8 @@ unsafe fn row_group<V: EntryValues, const R: usize>(
 /// # Safety
 /// `x` holds the input rows of all columns of `m` at width `w` (see [`Rows`]).
 #[inline(always)]
-unsafe fn rows_kernel<V: EntryValues>(
-    m: Rows<V>,
+unsafe fn rows_kernel<I: EntryIndex, V: EntryValues>(
+    m: Rows<I, V>,
     first_row: usize,
     x: &[f32],
     y: &mut [f32],
@@ -633,11 +709,11 @@ unsafe fn rows_kernel<V: EntryValues>(
     let mut r = 0;
     // SAFETY (both loops): the caller's contract.
     while rows - r >= 4 {
-        unsafe { row_group::<V, 4>(m, first_row + r, x, &mut y[r * w..], w) };
+        unsafe { row_group::<I, V, 4>(m, first_row + r, x, &mut y[r * w..], w) };
         r += 4;
     }
     while r < rows {
-        unsafe { row_group::<V, 1>(m, first_row + r, x, &mut y[r * w..], w) };
+        unsafe { row_group::<I, V, 1>(m, first_row + r, x, &mut y[r * w..], w) };
         r += 1;
     }
 }
@@ -652,15 +728,15 @@ trait Kernel {
 }
 
 /// [`rows_kernel`] on the rows of one output chunk.
-struct Gather<'a, V> {
-    m: Rows<'a, V>,
+struct Gather<'a, I, V> {
+    m: Rows<'a, I, V>,
     first_row: usize,
     x: &'a [f32],
     y: &'a mut [f32],
     w: usize,
 }
 
-impl<V: EntryValues> Kernel for Gather<'_, V> {
+impl<I: EntryIndex, V: EntryValues> Kernel for Gather<'_, I, V> {
     /// # Safety
     /// As [`rows_kernel`].
     #[inline(always)]
@@ -670,8 +746,8 @@ impl<V: EntryValues> Kernel for Gather<'_, V> {
 }
 
 /// [`scatter_kernel`] on a panel of blocks of columns.
-struct Scatter<'a, V> {
-    m: Rows<'a, V>,
+struct Scatter<'a, I, V> {
+    m: Rows<'a, I, V>,
     blocks: std::ops::Range<usize>,
     first_col: u32,
     x: &'a [f32],
@@ -679,7 +755,7 @@ struct Scatter<'a, V> {
     w: usize,
 }
 
-impl<V: EntryValues> Kernel for Scatter<'_, V> {
+impl<I: EntryIndex, V: EntryValues> Kernel for Scatter<'_, I, V> {
     /// # Safety
     /// As [`scatter_kernel`].
     #[inline(always)]
@@ -732,7 +808,13 @@ unsafe fn run_kernel<K: Kernel>(k: K) {
 ///
 /// # Panics
 /// If `x` is not `in_dim * w` long or `y` not one block of `w`-vectors per row of `m`.
-fn spmm<V: EntryValues>(m: Rows<V>, in_dim: usize, x: &[f32], y: &mut [f32], w: usize) {
+fn spmm<I: EntryIndex, V: EntryValues>(
+    m: Rows<I, V>,
+    in_dim: usize,
+    x: &[f32],
+    y: &mut [f32],
+    w: usize,
+) {
     let out_rows = m.count();
     if w == 0 || out_rows == 0 {
         return;
@@ -773,8 +855,8 @@ fn spmm<V: EntryValues>(m: Rows<V>, in_dim: usize, x: &[f32], y: &mut [f32], w: 
 /// and `y` holds their columns less `base` at width `w` (see [`Rows`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn scatter_tile<V: EntryValues, const T: usize>(
-    m: Rows<V>,
+unsafe fn scatter_tile<I: EntryIndex, V: EntryValues, const T: usize>(
+    m: Rows<I, V>,
     r: usize,
     entries: std::ops::Range<usize>,
     base: u32,
@@ -789,7 +871,7 @@ unsafe fn scatter_tile<V: EntryValues, const T: usize>(
     let xr = unsafe { *(x.as_ptr().add(r * w + off) as *const [f32; T]) };
     for k in entries {
         unsafe {
-            let col = (m.idx.get_unchecked(k).wrapping_sub(base)) as usize;
+            let col = (m.idx.get_unchecked(k).widen().wrapping_sub(base)) as usize;
             debug_assert!(col * w + off + T <= y.len());
             let v = m.val.value(k);
             let yr = &mut *(y.as_mut_ptr().add(col * w + off) as *mut [f32; T]);
@@ -809,8 +891,8 @@ unsafe fn scatter_tile<V: EntryValues, const T: usize>(
 /// `m` is indexed by blocks (see [`Rows::of_delta`]), `x` holds the rows of `m` at width `w`,
 /// and `y` the columns of the blocks at width `w`.
 #[inline(always)]
-unsafe fn scatter_kernel<V: EntryValues>(
-    m: Rows<V>,
+unsafe fn scatter_kernel<I: EntryIndex, V: EntryValues>(
+    m: Rows<I, V>,
     blocks: std::ops::Range<usize>,
     first_col: u32,
     x: &[f32],
@@ -829,7 +911,7 @@ unsafe fn scatter_kernel<V: EntryValues>(
             ($($t:literal),*) => {$(
                 while w - off >= $t {
                     // SAFETY: `off + T <= w`, and the caller's contract.
-                    unsafe { scatter_tile::<V, $t>(m, r, s..e, base, x, y, w, off) };
+                    unsafe { scatter_tile::<I, V, $t>(m, r, s..e, base, x, y, w, off) };
                     off += $t;
                 }
             )*};
@@ -852,8 +934,8 @@ const SCATTER_PANEL_BYTES: usize = 256 << 10;
 ///
 /// # Panics
 /// If `x` is not one block of `w`-vectors per row of `m`, or `y` not `out_dim * w` long.
-fn spmm_transposed<V: EntryValues>(
-    m: Rows<V>,
+fn spmm_transposed<I: EntryIndex, V: EntryValues>(
+    m: Rows<I, V>,
     block_cols: usize,
     out_dim: usize,
     x: &[f32],
@@ -958,23 +1040,53 @@ impl MatrixOperator for CpuSparseOperator<'_> {
 impl CpuSparseOperator<'_> {
     /// `y = A x` or `y = A^T x` at a width the kernels take (see [`padded_width`]).
     fn product(&self, x: &[f32], y: &mut [f32], w: usize, transpose: bool) {
+        match self.delta.values {
+            DeltaValues::F32(v) => self.product_with(v, x, y, w, transpose),
+            DeltaValues::Coded { codes, .. } => {
+                let table = &self.table;
+                self.product_with(Coded { codes, table }, x, y, w, transpose)
+            }
+        }
+    }
+
+    /// [`product`](Self::product) with the values `val`, on the narrow columns of the index
+    /// where it has them, else on the delta's positions.
+    fn product_with<V: EntryValues>(
+        &self,
+        val: V,
+        x: &[f32],
+        y: &mut [f32],
+        w: usize,
+        transpose: bool,
+    ) {
+        fn run<I: EntryIndex, V: EntryValues>(
+            m: Rows<I, V>,
+            block_cols: usize,
+            cols: usize,
+            x: &[f32],
+            y: &mut [f32],
+            w: usize,
+            transpose: bool,
+        ) {
+            if transpose {
+                spmm_transposed(m, block_cols, cols, x, y, w)
+            } else {
+                spmm(m, cols, x, y, w)
+            }
+        }
         let (delta, index) = (&self.delta, &self.ws.index);
         let (cols, block_cols) = (delta.cols, index.block_cols);
-        match (self.delta.values, transpose) {
-            (DeltaValues::F32(v), false) => spmm(Rows::of_delta(delta, index, v), cols, x, y, w),
-            (DeltaValues::F32(v), true) => {
-                let m = Rows::of_delta(delta, index, v);
-                spmm_transposed(m, block_cols, cols, x, y, w)
-            }
-            (DeltaValues::Coded { codes, .. }, transpose) => {
-                let table = &self.table;
-                let m = Rows::of_delta(delta, index, Coded { codes, table });
-                if transpose {
-                    spmm_transposed(m, block_cols, cols, x, y, w)
-                } else {
-                    spmm(m, cols, x, y, w)
-                }
-            }
+        match Rows::narrow(delta, index, val) {
+            Some(m) => run(m, block_cols, cols, x, y, w, transpose),
+            None => run(
+                Rows::of_delta(delta, index, val),
+                block_cols,
+                cols,
+                x,
+                y,
+                w,
+                transpose,
+            ),
         }
     }
 }
@@ -1001,7 +1113,7 @@ mod tests {
                 values: DeltaValues::F32(&vec![1.0; positions.len()]),
             };
             let mut index = BlockIndex::default();
-            index.build(&d, block_cols).map(|()| index)
+            index.build(&d, block_cols, true).map(|()| index)
         };
         for (rows, cols, per_mille, block_cols) in [
             (1, 1, 1000, 1),
@@ -1028,7 +1140,20 @@ mod tests {
             let name = format!("{rows} x {cols}, blocks of {block_cols}");
             assert_eq!((index.blocks, index.block_cols), (blocks, bc), "{name}");
             assert_eq!(&index.starts[..want.len()], &want[..], "{name}");
+            let columns: Vec<u16> = positions
+                .iter()
+                .map(|&p| (p as usize % cols) as u16)
+                .collect();
+            assert!(index.has_narrow, "{name}");
+            assert_eq!(&index.narrow[..columns.len()], &columns[..], "{name}");
         }
+        // Too wide for u16 columns: the index holds none, and the operator reads positions.
+        let wide = sparse(2, NARROW_MAX_COLS + 1, 5);
+        assert!(
+            !check(2, NARROW_MAX_COLS + 1, &wide, 256)
+                .unwrap()
+                .has_narrow
+        );
         // 84 000 entries: two chunks in the pass, the second from entry 42 000.
         let good = sparse(300, 700, 400);
         assert!(good.len() > 1 << 16, "{}", good.len());
@@ -1056,7 +1181,8 @@ mod tests {
     }
 
     /// Every compiled variant of both kernels gives the same bits as the generic one (the
-    /// dispatcher picks only one of them on a given machine), with f32 and with coded values.
+    /// dispatcher picks only one of them on a given machine), with f32 and with coded values,
+    /// on positions and on narrow columns.
     #[test]
     fn kernel_variants_agree_to_the_bit() {
         const COLS: usize = 77;
@@ -1077,16 +1203,14 @@ mod tests {
             positions: &positions,
             values: DeltaValues::F32(&values),
         };
-        index.build(&delta, 16).unwrap();
+        index.build(&delta, 16, true).unwrap();
         let plain = Rows::of_delta(&delta, &index, &values[..]);
-        let coded = Rows::of_delta(
-            &delta,
-            &index,
-            Coded {
-                codes: &codes,
-                table: &table,
-            },
-        );
+        let coded = Coded {
+            codes: &codes,
+            table: &table,
+        };
+        let coded_narrow = Rows::narrow(&delta, &index, coded).unwrap();
+        let coded = Rows::of_delta(&delta, &index, coded);
         /// `k` compiled for `isa` (detected by the caller).
         unsafe fn run_on<K: Kernel>(isa: &str, k: K) {
             #[cfg(target_arch = "x86_64")]
@@ -1098,8 +1222,8 @@ mod tests {
             unsafe { k.run() }
         }
         /// One kernel on the whole matrix: `A x` (gather) or `A^T x` (scatter).
-        fn product<V: EntryValues>(
-            m: Rows<V>,
+        fn product<I: EntryIndex, V: EntryValues>(
+            m: Rows<I, V>,
             x: &[f32],
             w: usize,
             transposed: bool,
@@ -1163,6 +1287,10 @@ mod tests {
                     for (name, got) in [
                         ("f32", product(plain, &x, w, transposed, isa)),
                         ("coded", product(coded, &x, w, transposed, isa)),
+                        (
+                            "coded, narrow",
+                            product(coded_narrow, &x, w, transposed, isa),
+                        ),
                     ] {
                         assert_eq!(
                             bits(&got),

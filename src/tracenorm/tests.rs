@@ -582,7 +582,8 @@ fn products_equal_a_dense_reference_at_every_block_width() {
     // panels), widths 1 to 40 (every tile width and padding case), and a workspace reused
     // from a larger matrix (stale contents must not leak into the products). Every output is
     // also the plain f32 sum over its entries in row-major order, multiply then add, to the
-    // bit: the order a gather over a CSC copy (and the GPU operator) sums in.
+    // bit: the order a gather over a CSC copy (and the GPU operator) sums in. The widest
+    // matrix has too many columns for the index's u16 columns: its products read positions.
     let (big_pos, big_val) = random_sparse(90, 300, 0.3, 7);
     let big = SparseDelta {
         rows: 90,
@@ -591,7 +592,7 @@ fn products_equal_a_dense_reference_at_every_block_width() {
         values: DeltaValues::F32(&big_val),
     };
     let mut workspace = CpuSparseOperator::new(&big).into_workspace();
-    for (rows, cols, widths) in [(37, 131, 1..=40), (23, 1100, 1..=17)] {
+    for (rows, cols, widths) in [(37, 131, 1..=40), (23, 1100, 1..=17), (3, 65_600, 7..=9)] {
         let (positions, values) = random_sparse(rows, cols, 0.1, 8);
         let d = SparseDelta {
             rows,
@@ -627,23 +628,26 @@ fn products_equal_a_dense_reference_at_every_block_width() {
                 }
                 for o in 0..dout {
                     for l in 0..w {
-                        let want: f64 = (0..din)
-                            .map(|i| {
-                                let a = if transpose {
-                                    dense[i * cols + o]
-                                } else {
-                                    dense[o * cols + i]
-                                };
-                                a * x[i * w + l] as f64
-                            })
-                            .sum();
+                        // The exact sum, and the bound of an f32 sum of its terms:
+                        // (terms + 1) * eps * sum |term|.
+                        let (mut want, mut abs_sum, mut terms) = (0f64, 0f64, 1f64);
+                        for i in 0..din {
+                            let a = if transpose {
+                                dense[i * cols + o]
+                            } else {
+                                dense[o * cols + i]
+                            };
+                            let t = a * x[i * w + l] as f64;
+                            (want, abs_sum) = (want + t, abs_sum + t.abs());
+                            terms += (a != 0.0) as u8 as f64;
+                        }
                         let got = y[o * w + l];
                         let at = format!(
                             "{rows} x {cols}, width {w}, transpose {transpose}, output {o}, \
                              vector {l}"
                         );
                         assert!(
-                            (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            (got as f64 - want).abs() <= terms * f32::EPSILON as f64 * abs_sum,
                             "{at}: {got} vs {want}"
                         );
                         let plain = ordered[o * w + l];
