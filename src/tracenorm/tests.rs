@@ -695,3 +695,22 @@ fn coded_values_equal_f32_values_and_bad_codes_are_rejected() {
     let err = sparse::validate(&short).unwrap_err();
     assert!(err.contains("past a table of 1 values"), "{err}");
 }
+
+/// The estimate is a random variable of the seed: its standard error, not one lucky seed, has
+/// to keep it within 1 %. A small square matrix (the shape of MiniLM's attention weights) starts
+/// at a standard error of about 0.5 % with one batch of probes; with the earlier target of 1 %
+/// seed 5 missed by 1.53 %, with the default 0.4 % all twelve seeds stay within 0.7 %.
+#[test]
+fn small_square_matrices_meet_the_tolerance_for_every_seed() {
+    let g = generate(400, 400, 0.05, Kind::Quantized, 41);
+    let exact = exact_reference(&g);
+    for seed in 0..12 {
+        let opts = EstimatorOptions {
+            seed,
+            ..Default::default()
+        };
+        let got = nuclear_norm(&g.delta(), &opts);
+        let rel = (got - exact) / exact;
+        assert!(rel.abs() <= TOL, "seed {seed}: relative error {rel:e}");
+    }
+}
