@@ -101,12 +101,6 @@ fn remove_any(p: &Path) {
     }
 }
 
-/// Removes every temporary still alive (safe to call at any time).
-pub fn remove_all_live() {
-    let live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
-    remove_until_gone(&live);
-}
-
 /// Removes `paths`, again while other threads may still be creating files in them (a staged
 /// directory cannot be removed while a writer adds a shard to it), for up to ~100 ms.
 fn remove_until_gone(paths: &[PathBuf]) {
