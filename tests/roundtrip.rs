@@ -1,5 +1,5 @@
 //! End-to-end round trips through the binary, checked against the algorithm recomputed in
-//! `common` from ULTRADELTA.md (levels, allocation, per-level kept counts, values, uniformity).
+//! `common` from the rules of `docs/ALGORITHM.md` (levels, allocation, per-level kept counts, values, uniformity).
 
 mod common;
 use common::*;

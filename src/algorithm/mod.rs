@@ -1,6 +1,6 @@
 //! The UltraDelta algorithm's pure rules, shared by every engine: parameters, min/max
 //! quantization, variance-based sparsity allocation and the exact per-level random selection.
-//! Nothing here touches files or devices; see `shared/ULTRADELTA.md` and `docs/ALGORITHM.md`.
+//! Nothing here touches files or devices; see `docs/ALGORITHM.md`.
 
 pub mod allocation;
 pub mod params;

@@ -1,5 +1,5 @@
 //! Fast, deterministic estimate of the nuclear (trace) norm of a sparse delta matrix, for
-//! UltraDelta's trace-norm-guided rescaling (step 5 of `shared/ULTRADELTA.md`): `T_m` is the sum,
+//! UltraDelta's trace-norm-guided rescaling (step 5 of `docs/ALGORITHM.md`): `T_m` is the sum,
 //! over a model's compressed 2-D tensors, of the sum of singular values of each compressed,
 //! rescaled sparse delta. The released code runs a full SVD per matrix (about 90 s for one
 //! 4096 x 4096 matrix on two cores); this module estimates the same number to well under 1 %
@@ -73,7 +73,7 @@
 //! 0.5 % to 10 % sparse; Gaussian, Laplace, Student-t, 16 quantized levels, rank-8-plus-noise,
 //! pure rank 8 and 64) is 0.58 %, and on the seven compressed deltas of one synthetic
 //! LLaMA-2-7B block it is 0.31 % of the exact sum (full SVD by PyTorch; see
-//! `docs/BENCHMARKS.md`), well inside the 1 % the rescaling needs. The tolerance and weight were
+//! `docs/BENCHMARKS-HISTORY.md`), well inside the 1 % the rescaling needs. The tolerance and weight were
 //! chosen on those matrices: tolerance 5e-3 with the plain mean had a worst test error of
 //! 0.56 % (0.16 % on the block) for 43 % more operator calls; 3e-2 and above put pure rank 64
 //! past 1 %. Per 7B matrix this takes 14 to 28 operator calls (116 to 246 vectors multiplied

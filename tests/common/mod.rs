@@ -1,6 +1,6 @@
 //! Test fixtures made independently of the code under test: checkpoints are written with the
 //! `safetensors` crate's own serializer (not our writer, not `synth`), values come from a small
-//! RNG here, and the algorithm's expectations are recomputed from ULTRADELTA.md in plain code.
+//! RNG here, and the algorithm's expectations are recomputed from the authors' rules (`docs/ALGORITHM.md`) in plain code.
 #![allow(dead_code)]
 
 use half::{bf16, f16};
@@ -285,7 +285,7 @@ pub struct Expect {
     kept_per_level: Vec<u64>,
 }
 
-/// Steps 1-3 of ULTRADELTA.md for every compressed tensor of one model.
+/// Steps 1-3 of the algorithm (`docs/ALGORITHM.md`) for every compressed tensor of one model.
 pub fn expectations(
     base: &HashMap<String, T>,
     ft: &HashMap<String, T>,
