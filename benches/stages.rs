@@ -12,12 +12,7 @@ use udelta_gpu::checkpoint::dtype::FloatType;
 use udelta_gpu::codec;
 use udelta_gpu::engine::{cpu::CpuEngine, DeltaInput, Engine};
 
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use udelta_gpu::splitmix::mix64;
 
 /// Base ~ uniform(-0.05, 0.05), fine-tune = base + Laplace(1e-3), both rounded to f16.
 fn pair(n: usize) -> (Vec<u8>, Vec<u8>) {

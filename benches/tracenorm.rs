@@ -8,12 +8,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 use udelta_gpu::tracenorm::{nuclear_norm, DeltaValues, EstimatorOptions, SparseDelta};
 
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use udelta_gpu::splitmix::mix64;
 
 /// Uniformly random positions at `density`, and their levels from a rounded Laplace variable (so
 /// their histogram is peaked, as in real deltas); level `q` has the value

@@ -17,12 +17,12 @@ use udelta_gpu::format::UdeltaReader;
 use udelta_gpu::fuzzing::{self, CodecInput};
 use udelta_gpu::pipeline::compress::{compress, CompressOptions};
 
-/// A small deterministic generator (SplitMix64).
-struct Rng(u64);
+/// A small deterministic generator (the crate's SplitMix64).
+struct Rng(udelta_gpu::splitmix::SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        udelta_gpu::synth::splitmix64(&mut self.0)
+        self.0.next_u64()
     }
     /// Uniform in [-1, 1).
     fn unit(&mut self) -> f32 {
@@ -97,7 +97,7 @@ fn write_st(path: &Path, specs: &[Spec], ft: bool, seed: u64) -> Vec<(String, St
         .collect();
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut w = SafetensorsWriter::create(path, &headers, Some(&metadata)).expect("create");
-    let mut rng = Rng(seed);
+    let mut rng = Rng(udelta_gpu::splitmix::SplitMix64(seed));
     for s in specs {
         w.write(&tensor_bytes(s, ft, &mut rng)).expect("write");
     }
@@ -264,7 +264,7 @@ fn codec_seed(numel: u64, bits: u32, p: f64, rng: &mut Rng) -> Vec<u8> {
 }
 
 fn codec_seeds(out: &Path) {
-    let mut rng = Rng(7);
+    let mut rng = Rng(udelta_gpu::splitmix::SplitMix64(7));
     let cases: [(u64, u32, f64); 10] = [
         (0, 1, 0.5),
         (1, 1, 1.0),

@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod simd;
+pub mod splitmix;
 pub mod staging;
 pub mod synth;
 pub mod tracenorm;

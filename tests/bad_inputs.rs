@@ -890,7 +890,7 @@ fn a_wrong_base_is_accepted_with_force() {
 /// A tiny pair (two compressed tensors of different dtypes, an unchanged one, a raw one) and its
 /// `.udelta`: small enough to corrupt every bit of it.
 fn tiny_file(dir: &Path) -> (PathBuf, PathBuf) {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let (mut base, mut ft) = (Vec::new(), Vec::new());
     for (name, dtype, shape) in [
         (Q0, Dtype::F16, vec![8, 32]),

@@ -2,16 +2,19 @@
 
 use super::*;
 
-/// splitmix64: a small deterministic RNG for test data.
-struct Rng(u64);
+/// The crate's SplitMix64 stream, for test data.
+struct Rng(crate::splitmix::SplitMix64);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(crate::splitmix::SplitMix64(seed))
+    }
     fn next(&mut self) -> u64 {
-        crate::synth::splitmix64(&mut self.0)
+        self.0.next_u64()
     }
     /// Uniform in [0, 1).
     fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.unit()
     }
     fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
@@ -28,7 +31,7 @@ struct Case {
 }
 
 fn gen(seed: u64, numel: u64, p: f64, bits: u32) -> Case {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let nlevels = 1usize << bits;
     let threshold = (p * 2f64.powi(64)).min(u64::MAX as f64) as u64;
     let mut positions = Vec::new();
@@ -319,7 +322,7 @@ fn codec_corruption_block_table() {
     assert!(dec(&enc.blocks, p, l, &c.counts[..8], c.numel).is_err());
     assert!(dec(&enc.blocks, p, l, &[u64::MAX, 2], c.numel).is_err());
     // Every field of every block, nudged up and down.
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     for b in 0..enc.blocks.len() {
         for field in 0..3 {
             for delta in [1i64, -1, 1000, -(rng.below(50) as i64) - 2] {
@@ -418,7 +421,7 @@ fn codec_corruption_truncation() {
 fn codec_corruption_random_bytes() {
     let c = gen(9, BLOCK_ELEMENTS + 4321, 0.05, 4);
     let enc = encode_tensor(c.numel, &c.positions, &c.levels, &c.counts).unwrap();
-    let mut rng = Rng(77);
+    let mut rng = Rng::new(77);
     let mut undetected_position_flips = 0;
     let trials = 300;
     for t in 0..trials {

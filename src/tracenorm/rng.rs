@@ -1,14 +1,8 @@
 //! Counter-based random numbers: every value is a pure function of (seed, stream, vector,
 //! index), so results do not depend on evaluation order or thread count.
 
-/// The SplitMix64 finalizer: a bijective 64-bit mixing function.
-#[inline]
-pub fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use crate::splitmix::mix64;
+use crate::splitmix::GOLDEN_GAMMA;
 
 /// A key for one random vector of one stream.
 #[inline]
@@ -30,8 +24,7 @@ pub fn rademacher(seed: u64, stream: u64, vector: u64, out: &mut [f64]) {
 /// A uniform number in `[0, 1)` (53 bits) for (key, index).
 #[inline]
 pub fn uniform(key: u64, index: u64) -> f64 {
-    (mix64(key ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 11) as f64
-        * (1.0 / (1u64 << 53) as f64)
+    (mix64(key ^ index.wrapping_mul(GOLDEN_GAMMA)) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
 /// A standard normal number for (key, index) (Box-Muller on two counter-based uniforms).

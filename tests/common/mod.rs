@@ -9,18 +9,17 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// SplitMix64 stream.
-pub struct Rng(pub u64);
+/// A SplitMix64 stream (the crate's one implementation) with the distributions tests need.
+pub struct Rng(pub udelta_gpu::splitmix::SplitMix64);
 impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(udelta_gpu::splitmix::SplitMix64(seed))
+    }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.unit()
     }
     /// Laplace-distributed (heavy-ish tails) with scale b.
     pub fn laplace(&mut self, b: f64) -> f32 {
@@ -164,7 +163,7 @@ pub fn read_checkpoint(dir: &Path) -> HashMap<String, T> {
 /// differs per tensor, an unchanged norm, and an int64 buffer.
 pub fn llama_pair(dtype: Dtype, growth: usize, seed: u64) -> (Vec<T>, Vec<T>) {
     let (h, i, v) = (64, 172, 96);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut shapes: Vec<(String, Vec<usize>)> =
         vec![("model.embed_tokens.weight".into(), vec![v, h])];
     for l in 0..2 {
