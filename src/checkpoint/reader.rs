@@ -317,7 +317,13 @@ impl Checkpoint {
 
     /// The tensor called `name`, if the checkpoint has it.
     pub fn get(&self, name: &str) -> Option<&TensorEntry> {
-        self.by_name.get(name).map(|&i| &self.tensors[i])
+        self.index_of(name).map(|i| &self.tensors[i])
+    }
+
+    /// Where the tensor called `name` sits in [`Checkpoint::tensors`], if the checkpoint has it
+    /// (a map look-up, not a search).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
     }
 
     /// The tensors of shard `shard`, in offset order (empty if out of range).
@@ -701,67 +707,78 @@ fn diagnose_header(path: &Path, header: &[u8]) -> Option<Error> {
             }
             continue;
         }
-        if let Some(d) = v.get("dtype") {
-            if serde_json::from_value::<Dtype>(d.clone()).is_err() {
-                return Some(Error::tensor(path, name, format!("unknown dtype {d}")));
-            }
+        match diagnose_entry(path, name, v) {
+            Ok((s, e)) => spans.push((s, e, name)),
+            Err(err) => return Some(err),
         }
-        let info: TensorInfo = match serde_json::from_value(v.clone()) {
-            Ok(info) => info,
-            Err(e) => {
-                return Some(Error::tensor(
-                    path,
-                    name,
-                    format!("invalid header entry: {e}"),
-                ))
-            }
-        };
-        let (s, e) = info.data_offsets;
-        if e < s {
-            return Some(Error::tensor(
-                path,
-                name,
-                format!("data_offsets [{s}, {e}] end before they start"),
-            ));
-        }
-        let numel = info
-            .shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
-        let bits = numel.and_then(|n| n.checked_mul(info.dtype.bitsize() as u64));
-        let Some(bits) = bits else {
-            return Some(Error::tensor(
-                path,
-                name,
-                format!("shape {:?} is too large", info.shape),
-            ));
-        };
-        if bits % 8 != 0 {
-            return Some(Error::tensor(
-                path,
-                name,
-                format!(
-                    "{} elements of {} do not fill whole bytes",
-                    bits / info.dtype.bitsize() as u64,
-                    dtype_name(info.dtype)
-                ),
-            ));
-        }
-        let needed = byte_len(info.dtype, bits / info.dtype.bitsize() as u64);
-        if (e - s) as u64 != needed {
-            return Some(Error::tensor(
-                path,
-                name,
-                format!(
-                    "data_offsets [{s}, {e}] span {} bytes but {} with shape {:?} takes {needed}",
-                    e - s,
-                    dtype_name(info.dtype),
-                    info.shape
-                ),
-            ));
-        }
-        spans.push((s, e, name));
     }
+    diagnose_spans(path, spans)
+}
+
+/// The `data_offsets` of one tensor entry of a header, or what is wrong with the entry.
+fn diagnose_entry(path: &Path, name: &str, v: &Value) -> Result<(usize, usize)> {
+    if let Some(d) = v.get("dtype") {
+        if serde_json::from_value::<Dtype>(d.clone()).is_err() {
+            return Err(Error::tensor(path, name, format!("unknown dtype {d}")));
+        }
+    }
+    let info: TensorInfo = serde_json::from_value(v.clone())
+        .map_err(|e| Error::tensor(path, name, format!("invalid header entry: {e}")))?;
+    let (s, e) = info.data_offsets;
+    if e < s {
+        return Err(Error::tensor(
+            path,
+            name,
+            format!("data_offsets [{s}, {e}] end before they start"),
+        ));
+    }
+    let needed = entry_byte_len(path, name, &info)?;
+    if (e - s) as u64 != needed {
+        return Err(Error::tensor(
+            path,
+            name,
+            format!(
+                "data_offsets [{s}, {e}] span {} bytes but {} with shape {:?} takes {needed}",
+                e - s,
+                dtype_name(info.dtype),
+                info.shape
+            ),
+        ));
+    }
+    Ok((s, e))
+}
+
+/// The bytes a header entry's dtype and shape take, or why they cannot be stored.
+fn entry_byte_len(path: &Path, name: &str, info: &TensorInfo) -> Result<u64> {
+    let numel = info
+        .shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+    let bits = numel.and_then(|n| n.checked_mul(info.dtype.bitsize() as u64));
+    let Some(bits) = bits else {
+        return Err(Error::tensor(
+            path,
+            name,
+            format!("shape {:?} is too large", info.shape),
+        ));
+    };
+    if bits % 8 != 0 {
+        return Err(Error::tensor(
+            path,
+            name,
+            format!(
+                "{} elements of {} do not fill whole bytes",
+                bits / info.dtype.bitsize() as u64,
+                dtype_name(info.dtype)
+            ),
+        ));
+    }
+    Ok(byte_len(info.dtype, bits / info.dtype.bitsize() as u64))
+}
+
+/// The first gap or overlap between the entries' `data_offsets` `(start, end, name)`, which
+/// must tile the data section from its start.
+fn diagnose_spans(path: &Path, mut spans: Vec<(usize, usize, &str)>) -> Option<Error> {
     spans.sort();
     let mut end = 0;
     let mut prev: Option<&str> = None;
@@ -1311,9 +1328,24 @@ mod tests {
         );
     }
 
+    /// Rewrites the shard index of `dir` with `f`.
+    fn edit_index(dir: &Path, f: impl FnOnce(&mut Value)) {
+        let path = dir.join(INDEX_FILE_NAME);
+        let mut index: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        f(&mut index);
+        std::fs::write(&path, index.to_string()).unwrap();
+    }
+
+    /// The fixture of [`write_sharded`] with its index edited by `f`.
+    fn sharded_with_index(f: impl FnOnce(&mut Value)) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        write_sharded(dir.path());
+        edit_index(dir.path(), f);
+        dir
+    }
+
     #[test]
-    fn bad_indexes_and_directories_are_errors_naming_files() {
-        // index naming a missing shard
+    fn an_index_naming_a_missing_shard_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         write_sharded(dir.path());
         std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
@@ -1326,18 +1358,13 @@ mod tests {
                 "'empty'",
             ],
         );
+    }
 
-        // index naming a tensor absent from its shard
-        let dir = tempfile::tempdir().unwrap();
-        write_sharded(dir.path());
-        let index_path = dir.path().join(INDEX_FILE_NAME);
-        let edit = |f: &dyn Fn(&mut Value)| {
-            let mut index: Value =
-                serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
-            f(&mut index);
-            std::fs::write(&index_path, index.to_string()).unwrap();
-        };
-        edit(&|v| v["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors".into());
+    #[test]
+    fn an_index_naming_a_tensor_absent_from_its_shard_is_an_error() {
+        let dir = sharded_with_index(|v| {
+            v["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors".into()
+        });
         let err = open_err(dir.path());
         assert_contains(
             &err,
@@ -1347,20 +1374,20 @@ mod tests {
                 "absent",
             ],
         );
+    }
 
-        // index putting a tensor in the wrong shard
-        edit(&|v| {
-            v["weight_map"]
-                .as_object_mut()
-                .unwrap()
-                .remove("ghost.weight");
-            v["weight_map"]["scalar"] = "model-00001-of-00002.safetensors".into();
+    #[test]
+    fn an_index_putting_a_tensor_in_the_wrong_shard_is_an_error() {
+        let dir = sharded_with_index(|v| {
+            v["weight_map"]["scalar"] = "model-00001-of-00002.safetensors".into()
         });
         let err = open_err(dir.path());
         assert_contains(&err, &["model-00002-of-00002.safetensors", "'scalar'"]);
+    }
 
-        // a tensor in a shard but not in the index
-        edit(&|v| {
+    #[test]
+    fn a_tensor_missing_from_the_index_is_an_error() {
+        let dir = sharded_with_index(|v| {
             v["weight_map"].as_object_mut().unwrap().remove("scalar");
         });
         let err = open_err(dir.path());
@@ -1368,9 +1395,12 @@ mod tests {
             &err,
             &["model-00002-of-00002.safetensors", "'scalar'", "not listed"],
         );
+    }
 
-        // the same tensor in two shards
-        edit(&|v| v["weight_map"]["scalar"] = "model-00002-of-00002.safetensors".into());
+    #[test]
+    fn a_tensor_in_two_shards_is_an_error_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        write_sharded(dir.path());
         Checkpoint::open(dir.path()).unwrap();
         write_st(
             &dir.path().join("model-00002-of-00002.safetensors"),
@@ -1386,15 +1416,23 @@ mod tests {
                 "model-00001-of-00002",
             ],
         );
+    }
 
-        // shard names must stay in the directory
-        edit(&|v| v["weight_map"]["scalar"] = "../model-00002-of-00002.safetensors".into());
+    #[test]
+    fn shard_names_must_stay_in_the_directory() {
+        let dir = sharded_with_index(|v| {
+            v["weight_map"]["scalar"] = "../model-00002-of-00002.safetensors".into()
+        });
         assert_contains(
             &open_err(dir.path()),
             &[INDEX_FILE_NAME, "'scalar'", "plain file name"],
         );
+    }
 
-        // broken index files
+    #[test]
+    fn broken_index_files_are_errors_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        write_sharded(dir.path());
         for (text, needle) in [
             ("{not json", "not valid JSON"),
             ("[]", "JSON object"),
@@ -1402,11 +1440,13 @@ mod tests {
             (r#"{"weight_map": []}"#, "not an object"),
             (r#"{"weight_map": {"a": 3}}"#, "'a'"),
         ] {
-            std::fs::write(&index_path, text).unwrap();
+            std::fs::write(dir.path().join(INDEX_FILE_NAME), text).unwrap();
             assert_contains(&open_err(dir.path()), &[INDEX_FILE_NAME, needle]);
         }
+    }
 
-        // a directory with nothing usable lists what it found
+    #[test]
+    fn a_directory_without_a_checkpoint_lists_what_it_holds() {
         let dir = tempfile::tempdir().unwrap();
         assert_contains(
             &open_err(dir.path()),
@@ -1438,10 +1478,23 @@ mod tests {
                 "index",
             ],
         );
+    }
 
-        // a bad file inside a directory is named
+    #[test]
+    fn a_bad_file_inside_a_directory_is_named() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("model.safetensors"), b"abc").unwrap();
         assert_contains(&open_err(dir.path()), &["model.safetensors", "3 bytes"]);
+    }
+
+    #[test]
+    fn index_of_finds_every_tensor_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        write_sharded(dir.path());
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        for (i, t) in ckpt.tensors.iter().enumerate() {
+            assert_eq!(ckpt.index_of(&t.name), Some(i), "{}", t.name);
+        }
+        assert_eq!(ckpt.index_of("ghost.weight"), None);
     }
 }

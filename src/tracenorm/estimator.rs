@@ -592,19 +592,101 @@ fn solve_spd(a: &[f64], b: &[f64], p: usize) -> Option<(Vec<f64>, f64)> {
     Some((x, z[0]))
 }
 
+/// What the stochastic estimate works with besides the operator: the options, the small
+/// dimension `n`, `||A||_F^2`, the probe batch size, and the lanes' breakdown threshold and
+/// absolute convergence floor (relative to `||A||_F`).
+struct Sweep<'o> {
+    opts: &'o EstimatorOptions,
+    n: usize,
+    fro2: f64,
+    batch: usize,
+    tiny: f64,
+    abs_floor: f64,
+}
+
+/// The deflated head of the spectrum: the kept Ritz vectors `q` of `B^T B`, their products
+/// `B q`, the sum of their Ritz values, and the first batch of probes with their products `B z`
+/// (given by the same operator call as the missing `B q`).
+#[derive(Default)]
+struct Deflation {
+    q: Vec<Vec<f64>>,
+    bq: Vec<Vec<f64>>,
+    energy: f64,
+    first_probes: Vec<(Vec<f64>, Vec<f64>)>,
+}
+
 fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNormEstimate {
     let n = tall.n;
     let fro = fro2.sqrt();
-    // Breakdown threshold and absolute convergence floor, relative to ||A||_F.
-    let tiny = 1e-6 * fro;
-    let abs_floor = fro / n as f64;
+    let sweep = Sweep {
+        opts,
+        n,
+        fro2,
+        batch: opts.probes.max(4),
+        tiny: 1e-6 * fro,
+        abs_floor: fro / n as f64,
+    };
+    // 1. Randomized block Krylov deflation, then Rayleigh-Ritz.
+    let (basis, basis_forward) = sweep.krylov_basis(tall);
+    let deflation = if basis.is_empty() {
+        Deflation::default()
+    } else {
+        sweep.rayleigh_ritz(tall, basis, basis_forward)
+    };
+    let k = deflation.q.len();
+    let head_energy = deflation.energy;
 
-    // 1. Randomized block Krylov deflation.
-    let block = opts.deflation_block.min(n / 2);
-    let mut basis: Vec<Vec<f64>> = Vec::new();
-    // `B q` for each basis vector `q` where a product already gave it.
-    let mut basis_forward: Vec<Option<Vec<f64>>> = Vec::new();
-    if block > 0 && opts.deflation_iters > 0 {
+    // 2. Head lanes (one per deflation vector) and the first batch of probes, run together.
+    let (q, mut lanes) = sweep.first_lanes(deflation);
+    sweep.run(tall, &mut lanes);
+    let head: f64 = lanes[..k].iter().map(|l| l.value).sum();
+    let head_gap: f64 = lanes[..k].iter().map(|l| l.gap).sum();
+    let probes: Vec<Lane> = lanes.split_off(k);
+
+    // 3. Tail: regression estimator with control variates ||Pz||^2 and ||B P z||^2.
+    let (probes, tail, se) = sweep.tail(tall, probes, &q, head, fro2 - head_energy);
+    NuclearNormEstimate {
+        value: (head + tail).max(0.0),
+        std_error: se,
+        exact: false,
+        deflation_rank: k,
+        probes: probes.len(),
+        quadrature_bound: opts.gauss_weight.max(1.0 - opts.gauss_weight)
+            * (head_gap + probes.iter().map(|l| l.gap).sum::<f64>() / probes.len() as f64),
+        ..Default::default()
+    }
+}
+
+impl Sweep<'_> {
+    /// Rademacher probe `j`.
+    fn probe(&self, j: usize) -> Vec<f64> {
+        let mut z = vec![0.0; self.n];
+        rng::rademacher(self.opts.seed, STREAM_PROBES, j as u64, &mut z);
+        z
+    }
+
+    /// A lane for probe `j`, projected off the deflation vectors `q`.
+    fn probe_lane(&self, q: &[Vec<f64>], j: usize) -> Lane {
+        let mut z = self.probe(j);
+        orthogonalize(&mut z, q);
+        Lane::new(z)
+    }
+
+    /// Runs `lanes` to convergence.
+    fn run(&self, tall: &mut Tall, lanes: &mut [Lane]) {
+        run_lanes(tall, lanes, self.opts, self.tiny, self.abs_floor);
+    }
+
+    /// The randomized block Krylov basis of `B^T B` (orthonormal), and `B q` for each basis
+    /// vector `q` where a product already gave it.
+    fn krylov_basis(&self, tall: &mut Tall) -> (Vec<Vec<f64>>, Vec<Option<Vec<f64>>>) {
+        let (n, opts) = (self.n, self.opts);
+        let block = opts.deflation_block.min(n / 2);
+        let mut basis: Vec<Vec<f64>> = Vec::new();
+        let mut basis_forward: Vec<Option<Vec<f64>>> = Vec::new();
+        if block == 0 || opts.deflation_iters == 0 {
+            return (basis, basis_forward);
+        }
         // Where the vectors of `cur` sit in the basis (none for the random start block).
         let mut cur_start: Option<usize> = None;
         let mut cur: Vec<Vec<f64>> = (0..block)
@@ -627,21 +709,7 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
                     *known = Some(b);
                 }
             }
-            let mut fresh: Vec<Vec<f64>> = Vec::new();
-            for mut y in gv {
-                let before = dot(&y, &y).sqrt();
-                if before == 0.0 {
-                    continue;
-                }
-                orthogonalize(&mut y, &basis);
-                orthogonalize(&mut y, &fresh);
-                let after = dot(&y, &y).sqrt();
-                if after <= 1e-10 * before || !after.is_finite() {
-                    continue;
-                }
-                y.iter_mut().for_each(|x| *x /= after);
-                fresh.push(y);
-            }
+            let fresh = extend_orthonormal(gv, &basis);
             if fresh.is_empty() {
                 break;
             }
@@ -650,23 +718,26 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
             basis_forward.extend(fresh.iter().map(|_| None));
             cur = fresh;
         }
+        (basis, basis_forward)
     }
-    let batch = opts.probes.max(4);
-    let raw_probe = |j: usize| {
-        let mut z = vec![0.0; n];
-        rng::rademacher(opts.seed, STREAM_PROBES, j as u64, &mut z);
-        z
-    };
-    // Rayleigh-Ritz: rotate the basis to Ritz vectors of B^T B, and get ||B Q||_F^2. One
-    // product gives the basis vectors' missing `B q` and `B z` for the first batch of probes,
-    // so that the first step of every lane below needs no product of its own: the Ritz vectors
-    // and the projected probes are combinations of vectors whose products are known.
-    let mut head_energy = 0.0;
-    let mut first_probes: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
-    let (q, bq): (Vec<Vec<f64>>, Vec<Vec<f64>>) = if !basis.is_empty() {
+
+    /// Rayleigh-Ritz: rotates the basis to Ritz vectors of `B^T B`, keeping those above the
+    /// bulk, and gets `||B Q||_F^2`. One product gives the basis vectors' missing `B q` and
+    /// `B z` for the first batch of probes, so that the first step of every lane needs no
+    /// product of its own: the Ritz vectors and the projected probes are combinations of
+    /// vectors whose products are known.
+    fn rayleigh_ritz(
+        &self,
+        tall: &mut Tall,
+        basis: Vec<Vec<f64>>,
+        mut basis_forward: Vec<Option<Vec<f64>>>,
+    ) -> Deflation {
         let k = basis.len();
         let missing: Vec<usize> = (0..k).filter(|&i| basis_forward[i].is_none()).collect();
-        let zs: Vec<Vec<f64>> = (0..batch).into_par_iter().map(raw_probe).collect();
+        let zs: Vec<Vec<f64>> = (0..self.batch)
+            .into_par_iter()
+            .map(|j| self.probe(j))
+            .collect();
         let refs: Vec<&[f64]> = missing
             .iter()
             .map(|&i| basis[i].as_slice())
@@ -676,7 +747,7 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
         for &i in &missing {
             basis_forward[i] = products.next();
         }
-        first_probes = zs.into_iter().zip(products).collect();
+        let first_probes: Vec<(Vec<f64>, Vec<f64>)> = zs.into_iter().zip(products).collect();
         let w: Vec<Vec<f64>> = basis_forward
             .into_iter()
             .map(|b| b.expect("every basis product is known"))
@@ -689,9 +760,9 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
         });
         let (vals, vecs) = jacobi_eigen(&mut h, k);
         // Ritz values inside the bulk buy no variance reduction but would each cost a lane.
-        let floor = opts.deflation_min_ratio * fro2 / n as f64;
+        let floor = self.opts.deflation_min_ratio * self.fro2 / self.n as f64;
         let keep: Vec<usize> = (0..k).filter(|&c| vals[c] >= floor).collect();
-        head_energy = keep.iter().map(|&c| vals[c]).sum();
+        let energy = keep.iter().map(|&c| vals[c]).sum();
         // Each kept Ritz vector and its product, as the same combination of the basis.
         let combine = |vectors: &[Vec<f64>], c: usize| {
             let mut out = vec![0.0; vectors[0].len()];
@@ -700,82 +771,114 @@ fn stochastic(tall: &mut Tall, fro2: f64, opts: &EstimatorOptions) -> NuclearNor
             }
             out
         };
-        keep.into_par_iter()
-            .map(|c| (combine(&basis, c), combine(&w, c)))
-            .unzip()
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    let k = q.len();
-    drop(basis);
-
-    // 2. Head lanes (one per deflation vector) and the first batch of probes, run together.
-    let probe_lane = |j: usize| {
-        let mut z = raw_probe(j);
-        orthogonalize(&mut z, &q);
-        Lane::new(z)
-    };
-    let first_batch: Vec<Lane> = if first_probes.is_empty() {
-        (0..batch).into_par_iter().map(probe_lane).collect()
-    } else {
-        // `P z = z - Q c`, so `B P z = B z - (B Q) c`.
-        first_probes
+        let (q, bq): (Vec<Vec<f64>>, Vec<Vec<f64>>) = keep
             .into_par_iter()
-            .map(|(mut z, mut bz)| {
-                let c = orthogonalize_with_coefficients(&mut z, &q);
-                for (c, b) in c.iter().zip(&bq) {
-                    axpy(-c, b, &mut bz);
-                }
-                Lane::with_forward(z, bz)
-            })
-            .collect()
-    };
-    // Head lanes first (`lanes[..k]`), then the probes.
-    let mut lanes: Vec<Lane> = q
-        .iter()
-        .zip(bq)
-        .map(|(v, bv)| Lane::with_forward(v.clone(), bv))
-        .chain(first_batch)
-        .collect();
-    run_lanes(tall, &mut lanes, opts, tiny, abs_floor);
-    let head: f64 = lanes[..k].iter().map(|l| l.value).sum();
-    let head_gap: f64 = lanes[..k].iter().map(|l| l.gap).sum();
-    let mut probes: Vec<Lane> = lanes.split_off(k);
+            .map(|c| (combine(&basis, c), combine(&w, c)))
+            .unzip();
+        Deflation {
+            q,
+            bq,
+            energy,
+            first_probes,
+        }
+    }
 
-    // 3. Tail: regression estimator with control variates ||Pz||^2 and ||B P z||^2.
-    let tail_energy = fro2 - head_energy;
-    let use_x1 = tail_energy > 1e-3 * fro2;
-    let tail_of = |probes: &[Lane]| {
+    /// The head lanes (`lanes[..q.len()]`, one per deflation vector), then the first batch of
+    /// probes; returns the deflation vectors too.
+    fn first_lanes(&self, deflation: Deflation) -> (Vec<Vec<f64>>, Vec<Lane>) {
+        let Deflation {
+            q,
+            bq,
+            first_probes,
+            ..
+        } = deflation;
+        let first_batch: Vec<Lane> = if first_probes.is_empty() {
+            (0..self.batch)
+                .into_par_iter()
+                .map(|j| self.probe_lane(&q, j))
+                .collect()
+        } else {
+            // `P z = z - Q c`, so `B P z = B z - (B Q) c`.
+            first_probes
+                .into_par_iter()
+                .map(|(mut z, mut bz)| {
+                    let c = orthogonalize_with_coefficients(&mut z, &q);
+                    for (c, b) in c.iter().zip(&bq) {
+                        axpy(-c, b, &mut bz);
+                    }
+                    Lane::with_forward(z, bz)
+                })
+                .collect()
+        };
+        let lanes = q
+            .iter()
+            .zip(bq)
+            .map(|(v, bv)| Lane::with_forward(v.clone(), bv))
+            .chain(first_batch)
+            .collect();
+        (q, lanes)
+    }
+
+    /// The tail `tr sqrt(P G P)` by regression on the probes' lanes, adding batches of probes
+    /// while the standard error exceeds the target relative to `head + tail`. Returns all the
+    /// probes' lanes, the tail and its standard error.
+    fn tail(
+        &self,
+        tall: &mut Tall,
+        mut probes: Vec<Lane>,
+        q: &[Vec<f64>],
+        head: f64,
+        tail_energy: f64,
+    ) -> (Vec<Lane>, f64, f64) {
+        let opts = self.opts;
+        let (mut tail, mut se) = self.regress_tail(&probes, q.len(), tail_energy);
+        while se > opts.target_rel_std_error * (head + tail).abs() && probes.len() < opts.max_probes
+        {
+            let start = probes.len();
+            let extra = self.batch.min(opts.max_probes - start);
+            let mut more: Vec<Lane> = (start..start + extra)
+                .into_par_iter()
+                .map(|j| self.probe_lane(q, j))
+                .collect();
+            self.run(tall, &mut more);
+            probes.extend(more);
+            (tail, se) = self.regress_tail(&probes, q.len(), tail_energy);
+        }
+        (probes, tail, se)
+    }
+
+    /// The regression estimate of the tail from `probes` (projected off `k` deflation
+    /// vectors), with `||Pz||^2` and, when the tail holds energy, `||B P z||^2` as controls.
+    fn regress_tail(&self, probes: &[Lane], k: usize, tail_energy: f64) -> (f64, f64) {
         let y: Vec<f64> = probes.iter().map(|l| l.value).collect();
         let mut cov = vec![(
             probes.iter().map(|l| l.norm2).collect::<Vec<_>>(),
-            (n - k) as f64,
+            (self.n - k) as f64,
         )];
-        if use_x1 {
+        if tail_energy > 1e-3 * self.fro2 {
             cov.push((probes.iter().map(Lane::x1).collect(), tail_energy));
         }
         regression_estimate(&y, &cov)
-    };
-    let (mut tail, mut se) = tail_of(&probes);
-    while se > opts.target_rel_std_error * (head + tail).abs() && probes.len() < opts.max_probes {
-        let start = probes.len();
-        let extra = batch.min(opts.max_probes - start);
-        let mut more: Vec<Lane> = (start..start + extra)
-            .into_par_iter()
-            .map(probe_lane)
-            .collect();
-        run_lanes(tall, &mut more, opts, tiny, abs_floor);
-        probes.extend(more);
-        (tail, se) = tail_of(&probes);
     }
-    NuclearNormEstimate {
-        value: (head + tail).max(0.0),
-        std_error: se,
-        exact: false,
-        deflation_rank: k,
-        probes: probes.len(),
-        quadrature_bound: opts.gauss_weight.max(1.0 - opts.gauss_weight)
-            * (head_gap + probes.iter().map(|l| l.gap).sum::<f64>() / probes.len() as f64),
-        ..Default::default()
+}
+
+/// Orthonormalizes the vectors of `candidates` against `basis` and each other, dropping those
+/// that vanish (or were zero); returns the new vectors.
+fn extend_orthonormal(candidates: Vec<Vec<f64>>, basis: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let mut fresh: Vec<Vec<f64>> = Vec::new();
+    for mut y in candidates {
+        let before = dot(&y, &y).sqrt();
+        if before == 0.0 {
+            continue;
+        }
+        orthogonalize(&mut y, basis);
+        orthogonalize(&mut y, &fresh);
+        let after = dot(&y, &y).sqrt();
+        if after <= 1e-10 * before || !after.is_finite() {
+            continue;
+        }
+        y.iter_mut().for_each(|x| *x /= after);
+        fresh.push(y);
     }
+    fresh
 }

@@ -1,0 +1,330 @@
+//! Step 5, pass 2: writes every tensor's record. Raw tensors are copied first (the disk
+//! writes them back while the compressed ones are computed); then the compressed tensors are
+//! read again, in reverse order (those pass 1 read last are the likeliest to be still in the
+//! page cache when the checkpoints are larger than memory), their kept entries selected
+//! ([`Engine::select`]), entropy-coded and appended, and their nuclear norms estimated.
+
+use super::model::{Analysis, Model, Plan};
+use super::pair::Pair;
+use super::schedule::{compress_reads, pass2_bytes};
+use super::trace_norms::{KeptMatrix, TraceNorms};
+use super::{timed, Run, COPY_CHUNK};
+use crate::algorithm::selection::adjusted_rate;
+use crate::algorithm::{SelectionPlan, TensorKey, TensorStats};
+use crate::checkpoint::dtype::dtype_name;
+use crate::checkpoint::reader::TensorEntry;
+use crate::codec::{self, EncodedTensor};
+use crate::engine::{DeltaInput, Engine, KeptEntries};
+use crate::error::{Error, Result};
+use crate::format::index::crc32;
+use crate::format::{CompressedTensor, RecordRef, TensorKind, TensorRecord, UdeltaWriter};
+use crate::progress::Progress;
+
+use super::super::prefetch::Prefetch;
+
+/// The records a compressed tensor's data is written to.
+struct Streams {
+    positions: RecordRef,
+    levels: RecordRef,
+    /// The rows the fine-tune added beyond the base's, stored whole.
+    tail: Option<RecordRef>,
+}
+
+impl Run<'_> {
+    /// Pass 2 over the tensors named in `order`: fills every model's records from its plans.
+    pub(super) fn encode_all(&mut self, models: &mut [Model], order: &[String]) -> Result<()> {
+        let progress = Progress::new(
+            "compress",
+            pass2_bytes(&self.base, models),
+            self.opts.progress,
+        );
+        let compress_order: Vec<&String> = order.iter().rev().collect();
+        let mut loads = Prefetch::start(
+            compress_order
+                .iter()
+                .map(|n| compress_reads(n, &self.base, models))
+                .collect(),
+        );
+        let norms = TraceNorms::start(self.with_trace_norm, &*self.engine);
+        for name in order {
+            self.copy_raw_tensors(models, name, &progress)?;
+        }
+        for name in compress_order {
+            let loaded = timed(&mut self.times.read_pass2, || loads.next_job())?;
+            self.encode_tensors(models, name, loaded, &norms, &progress, &loads)?;
+        }
+        drop(loads);
+        progress.finish();
+        norms.finish(models, &mut self.times);
+        Ok(())
+    }
+
+    /// Writes the record of every model's tensor `name` that is stored raw.
+    fn copy_raw_tensors(
+        &mut self,
+        models: &mut [Model],
+        name: &str,
+        progress: &Progress,
+    ) -> Result<()> {
+        for m in models.iter_mut() {
+            let Some(ti) = m.ckpt.index_of(name) else {
+                continue;
+            };
+            if !matches!(m.plans[ti], Some(Plan::Raw)) {
+                continue;
+            }
+            m.plans[ti] = None;
+            let t = &m.ckpt.tensors[ti];
+            let data = timed(&mut self.times.write, || {
+                copy_raw(&mut m.writer, &m.ckpt, t, progress)
+            })?;
+            m.records[ti] = Some(record(t, TensorKind::Raw { data }));
+        }
+        Ok(())
+    }
+
+    /// Writes the record of every model's tensor `name` that is unchanged or compressed;
+    /// `loaded` holds the base tensor and each compressing model's fine-tuned tensor.
+    fn encode_tensors(
+        &mut self,
+        models: &mut [Model],
+        name: &str,
+        loaded: Vec<Vec<u8>>,
+        norms: &TraceNorms,
+        progress: &Progress,
+        loads: &Prefetch,
+    ) -> Result<()> {
+        let mut loaded = loaded.into_iter();
+        let base_buf = loaded.next().unwrap_or_default();
+        let mut base_checked = false;
+        for (mi, m) in models.iter_mut().enumerate() {
+            let Some(ti) = m.ckpt.index_of(name) else {
+                continue;
+            };
+            let kind = match m.plans[ti].take() {
+                Some(Plan::Unchanged { base_crc32 }) => TensorKind::Unchanged { base_crc32 },
+                Some(Plan::Compress(analysis)) => {
+                    if !base_checked {
+                        self.check_base_unchanged(&analysis, &base_buf)?;
+                        base_checked = true;
+                    }
+                    let ft_buf = loaded.next().expect("one read per compressing model");
+                    let bytes = self.base.tensors[analysis.base].len + m.ckpt.tensors[ti].len;
+                    let kind =
+                        self.encode_tensor(mi, m, ti, analysis, &base_buf, &ft_buf, norms)?;
+                    progress.inc(bytes);
+                    loads.recycle([ft_buf]);
+                    kind
+                }
+                // Raw tensors were written, and their plans taken, by the first round.
+                None | Some(Plan::Raw) => continue,
+            };
+            m.records[ti] = Some(record(&m.ckpt.tensors[ti], kind));
+        }
+        loads.recycle([base_buf]);
+        Ok(())
+    }
+
+    /// Fails if the base tensor read in pass 2 is not the one pass 1 analyzed.
+    fn check_base_unchanged(&self, analysis: &Analysis, base_buf: &[u8]) -> Result<()> {
+        if crc32(base_buf) == analysis.base_crc32 {
+            return Ok(());
+        }
+        let b = &self.base.tensors[analysis.base];
+        Err(Error::tensor(
+            self.base.shard_path(b),
+            &b.name,
+            "the base changed on disk during compression",
+        ))
+    }
+
+    /// Selects, codes and appends one compressed tensor `ti` of model `mi` (`m`), and hands
+    /// its matrix to the trace-norm estimate.
+    #[allow(clippy::too_many_arguments)]
+    fn encode_tensor(
+        &mut self,
+        mi: usize,
+        m: &mut Model,
+        ti: usize,
+        analysis: Analysis,
+        base_buf: &[u8],
+        ft_buf: &[u8],
+        norms: &TraceNorms,
+    ) -> Result<TensorKind> {
+        let (base, ckpt) = (self.base.clone(), m.ckpt.clone());
+        let pair = Pair {
+            base: &base,
+            b: &base.tensors[analysis.base],
+            ft: &ckpt,
+            t: &ckpt.tensors[ti],
+        };
+        let ft_type = pair.ft_type()?;
+        let input = pair.input(base_buf, ft_buf, analysis.shared_numel)?;
+        let allocation = analysis
+            .allocation
+            .expect("one allocation per compressed tensor");
+        let selection = SelectionPlan::new(
+            TensorKey::new(self.opts.params.seed, &m.name, &pair.t.name),
+            &analysis.stats,
+            allocation.rate,
+        );
+        let kept = self.select(&pair, &input, &analysis.stats, &selection)?;
+        let kept_counts = selection.kept_counts();
+        let enc = self.entropy_code(&pair, analysis.shared_numel, &kept, &kept_counts)?;
+        // After encoding, so that the worker can take the positions over.
+        if self.with_trace_norm && pair.b.shape.len() == 2 {
+            let matrix = KeptMatrix {
+                shape: (pair.b.shape[0], pair.b.shape[1]),
+                positions: kept.positions,
+                codes: kept.levels,
+                table: analysis
+                    .stats
+                    .grid
+                    .scaled_values(self.opts.params.rescale()),
+            };
+            norms
+                .add(mi, m, matrix, self.engine, &mut self.times.trace_norm)
+                .map_err(|e| pair.engine_error(e))?;
+        }
+        let tail = &ft_buf[(analysis.shared_numel * ft_type.size()).min(ft_buf.len())..];
+        let streams = timed(&mut self.times.write, || {
+            write_streams(&mut m.writer, &enc, tail)
+        })?;
+        let bits = self.opts.params.bits;
+        Ok(TensorKind::Compressed(Box::new(compressed_tensor(
+            pair.b,
+            analysis,
+            bits,
+            kept_counts,
+            enc,
+            streams,
+        ))))
+    }
+
+    /// The kept entries of one pair (checked against the CPU engine with `--verify`).
+    fn select(
+        &mut self,
+        pair: &Pair,
+        input: &DeltaInput,
+        stats: &TensorStats,
+        selection: &SelectionPlan,
+    ) -> Result<KeptEntries> {
+        let engine: &mut dyn Engine = self.engine;
+        let kept = timed(&mut self.times.select, || {
+            engine.select(input, stats, selection)
+        })
+        .map_err(|e| pair.engine_error(e))?;
+        if self.opts.verify {
+            pair.check_against_cpu(
+                &kept,
+                &engine.name(),
+                "kept entries",
+                &mut self.times.verify,
+                |cpu| cpu.select(input, stats, selection),
+            )?;
+        }
+        Ok(kept)
+    }
+
+    /// Entropy-codes the kept entries of a tensor of `numel` elements.
+    fn entropy_code(
+        &mut self,
+        pair: &Pair,
+        numel: usize,
+        kept: &KeptEntries,
+        kept_counts: &[u64],
+    ) -> Result<EncodedTensor> {
+        timed(&mut self.times.encode, || {
+            codec::encode_tensor(numel as u64, &kept.positions, &kept.levels, kept_counts)
+        })
+        .map_err(|e| {
+            Error::tensor(
+                pair.ft.shard_path(pair.t),
+                &pair.t.name,
+                format!("encoding failed: {e}"),
+            )
+        })
+    }
+}
+
+/// Appends tensor `t` of `ckpt` whole, chunk by chunk.
+fn copy_raw(
+    writer: &mut UdeltaWriter,
+    ckpt: &crate::checkpoint::reader::Checkpoint,
+    t: &TensorEntry,
+    progress: &Progress,
+) -> Result<RecordRef> {
+    let mut start = 0u64;
+    writer.append_chunks(|buf| {
+        if start >= t.len {
+            return Ok(false);
+        }
+        let n = COPY_CHUNK.min(t.len - start) as usize;
+        buf.resize(n, 0);
+        ckpt.read_range(t, start, buf)?;
+        start += n as u64;
+        progress.inc(n as u64);
+        Ok(true)
+    })
+}
+
+/// Appends a compressed tensor's new rows (if any), then its two coded streams.
+fn write_streams(writer: &mut UdeltaWriter, enc: &EncodedTensor, tail: &[u8]) -> Result<Streams> {
+    let tail = (!tail.is_empty())
+        .then(|| writer.append(tail))
+        .transpose()?;
+    Ok(Streams {
+        positions: writer.append(&enc.positions)?,
+        levels: writer.append(&enc.levels)?,
+        tail,
+    })
+}
+
+/// The index entry of a compressed tensor against base tensor `b`.
+fn compressed_tensor(
+    b: &TensorEntry,
+    analysis: Analysis,
+    bits: u32,
+    kept_counts: Vec<u64>,
+    enc: EncodedTensor,
+    streams: Streams,
+) -> CompressedTensor {
+    let Analysis {
+        shared_numel,
+        stats,
+        base_crc32,
+        allocation,
+        ..
+    } = analysis;
+    let allocation = allocation.expect("one allocation per compressed tensor");
+    CompressedTensor {
+        base_dtype: dtype_name(b.dtype),
+        base_shape: b.shape.clone(),
+        base_crc32,
+        shared_numel: shared_numel as u64,
+        lo_bits: stats.grid.lo.to_bits(),
+        hi_bits: stats.grid.hi.to_bits(),
+        bits,
+        group: allocation.group,
+        rate: allocation.rate,
+        adjusted_rate: adjusted_rate(allocation.rate, stats.zero_fraction()),
+        std: stats.std_dev(),
+        histogram: stats.histogram,
+        kept_counts,
+        blocks: enc.blocks,
+        positions: streams.positions,
+        levels: streams.levels,
+        tail: streams.tail,
+    }
+}
+
+/// The record of fine-tuned tensor `t`, stored as `kind`.
+fn record(t: &TensorEntry, kind: TensorKind) -> TensorRecord {
+    TensorRecord {
+        name: t.name.clone(),
+        dtype: dtype_name(t.dtype),
+        shape: t.shape.clone(),
+        shard: t.shard,
+        kind,
+    }
+}

@@ -1,0 +1,230 @@
+//! Step 1: checks every option, opens the checkpoints and decides how each fine-tuned tensor
+//! will be handled, all before any output is staged.
+
+use super::CompressOptions;
+use crate::checkpoint::dtype::dtype_name;
+use crate::checkpoint::reader::{Checkpoint, TensorEntry};
+use crate::checkpoint::select::TensorSelector;
+use crate::error::{Error, Result};
+use crate::staging::{check_output, OutputKind};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How a fine-tuned tensor is handled, decided from the headers before any data is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// Compared with base tensor `.0`: stored as unchanged when equal, else raw.
+    Compare(usize),
+    /// Stored whole (no base tensor, another dtype, or grown rows of an uncompressed tensor).
+    Raw,
+    /// Compressed against base tensor `.0`, over its `.1` elements.
+    Compress(usize, usize),
+}
+
+/// A fine-tune opened and checked against the base.
+pub(super) struct Source {
+    /// The model name (selection hash, output file name).
+    pub name: String,
+    pub ckpt: Arc<Checkpoint>,
+    /// How each of its tensors is handled, in `ckpt.tensors` order.
+    pub kinds: Vec<Kind>,
+}
+
+/// Everything `compress` reads, opened and checked.
+pub(super) struct Inputs {
+    pub base: Arc<Checkpoint>,
+    pub sources: Vec<Source>,
+}
+
+/// The name a fine-tuned checkpoint path gives its model: the last path component, without
+/// a `.safetensors` extension.
+pub fn model_name_of(path: &Path) -> String {
+    let p = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    name.strip_suffix(".safetensors")
+        .map(str::to_string)
+        .unwrap_or(name)
+}
+
+/// Checks every option that does not need the checkpoints.
+pub(super) fn validate_options(finetuned: &[PathBuf], opts: &CompressOptions) -> Result<()> {
+    opts.params.validate()?;
+    if finetuned.is_empty() {
+        return Err(Error::Param(
+            "at least one --finetuned checkpoint is needed".into(),
+        ));
+    }
+    if finetuned.len() > 1 && opts.model_name.is_some() {
+        return Err(Error::Param(
+            "--model-name applies to a single --finetuned checkpoint".into(),
+        ));
+    }
+    if let Some(g) = opts.gamma {
+        if !(g.is_finite() && g > 0.0) {
+            return Err(Error::Param(format!(
+                "--gamma {g} must be a finite number > 0"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Validates the options and the output path, opens the base and every fine-tune and
+/// classifies their tensors. Stages nothing.
+pub(super) fn open_inputs(
+    base_path: &Path,
+    finetuned: &[PathBuf],
+    out: &Path,
+    opts: &CompressOptions,
+) -> Result<Inputs> {
+    validate_options(finetuned, opts)?;
+    let kind = if finetuned.len() > 1 {
+        OutputKind::Dir
+    } else {
+        OutputKind::File
+    };
+    let inputs: Vec<&Path> = std::iter::once(base_path)
+        .chain(finetuned.iter().map(PathBuf::as_path))
+        .collect();
+    check_output(out, kind, opts.force, &inputs)?;
+    let base = Arc::new(Checkpoint::open(base_path)?);
+    refuse_empty(&base)?;
+    let mut sources: Vec<Source> = Vec::with_capacity(finetuned.len());
+    for path in finetuned {
+        let name = opts
+            .model_name
+            .clone()
+            .unwrap_or_else(|| model_name_of(path));
+        if sources.iter().any(|s| s.name == name) {
+            return Err(Error::Param(format!(
+                "two fine-tunes are named '{name}': their files would collide"
+            )));
+        }
+        sources.push(open_source(&base, path, name, opts)?);
+    }
+    Ok(Inputs { base, sources })
+}
+
+/// A checkpoint without tensors is refused: nothing could be compressed against or from it.
+fn refuse_empty(c: &Checkpoint) -> Result<()> {
+    if c.tensors.is_empty() {
+        return Err(Error::checkpoint(
+            &c.path,
+            "holds no tensors (an empty checkpoint)",
+        ));
+    }
+    Ok(())
+}
+
+/// Opens a fine-tune and checks it against the base before any data is read.
+fn open_source(
+    base: &Checkpoint,
+    path: &Path,
+    name: String,
+    opts: &CompressOptions,
+) -> Result<Source> {
+    let ckpt = Checkpoint::open(path)?;
+    refuse_empty(&ckpt)?;
+    check_missing(base, &ckpt, path, opts)?;
+    let kinds = ckpt
+        .tensors
+        .iter()
+        .map(|t| classify(base, &ckpt, t, &opts.selector))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Source {
+        name,
+        ckpt: Arc::new(ckpt),
+        kinds,
+    })
+}
+
+/// A fine-tune may drop buffers (newer exports omit `position_ids`), but a missing tensor
+/// that would be compressed means a truncated or wrong checkpoint.
+fn check_missing(
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    path: &Path,
+    opts: &CompressOptions,
+) -> Result<()> {
+    for missing in base.tensors.iter().filter(|b| ft.get(&b.name).is_none()) {
+        if opts
+            .selector
+            .selects(&missing.name, &missing.shape, missing.dtype)
+        {
+            return Err(Error::tensor(
+                path,
+                &missing.name,
+                format!(
+                    "missing from the fine-tuned checkpoint but present in the base {}",
+                    base.shard_path(missing).display()
+                ),
+            ));
+        }
+        if opts.progress {
+            eprintln!("note: base tensor '{}' is not in {}; the restored checkpoint will not have it either", missing.name, path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Decides how fine-tuned tensor `t` of `ft` is handled, from the headers alone.
+pub(super) fn classify(
+    base: &Checkpoint,
+    ft: &Checkpoint,
+    t: &TensorEntry,
+    selector: &TensorSelector,
+) -> Result<Kind> {
+    let ft_path = ft.shard_path(t);
+    let Some(bi) = base.index_of(&t.name) else {
+        return Ok(Kind::Raw);
+    };
+    let b = &base.tensors[bi];
+    let grown = t.shape.len() == b.shape.len()
+        && !t.shape.is_empty()
+        && t.shape[0] > b.shape[0]
+        && t.shape[1..] == b.shape[1..];
+    if t.shape != b.shape && !grown {
+        return Err(Error::tensor(
+            ft_path,
+            &t.name,
+            format!(
+                "shape {:?} does not match the base's {:?} ({}): is this the right base?",
+                t.shape,
+                b.shape,
+                base.shard_path(b).display()
+            ),
+        ));
+    }
+    // A tensor the base would have compressed must be compressible in the fine-tune too: an
+    // integer (e.g. quantized) fine-tune of a float base is not a delta this tool can take.
+    if selector.selects(&b.name, &b.shape, b.dtype) && t.float_type().is_none() {
+        return Err(Error::tensor(
+            ft_path,
+            &t.name,
+            format!(
+                "dtype {} where the base has {}: only f16, bf16 and f32 tensors can be compressed",
+                dtype_name(t.dtype),
+                dtype_name(b.dtype)
+            ),
+        ));
+    }
+    let selected = selector.selects(&t.name, &t.shape, t.dtype) && b.float_type().is_some();
+    if selected {
+        let shared = b.numel();
+        if shared > u32::MAX as u64 {
+            return Err(Error::tensor(
+                ft_path,
+                &t.name,
+                "more than 2^32 elements: too large to compress",
+            ));
+        }
+        return Ok(Kind::Compress(bi, shared as usize));
+    }
+    if grown || b.dtype != t.dtype {
+        return Ok(Kind::Raw);
+    }
+    Ok(Kind::Compare(bi))
+}
