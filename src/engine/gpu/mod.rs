@@ -21,6 +21,7 @@
 mod analyze;
 mod buckets;
 pub mod constants;
+mod csr;
 mod device;
 mod kernels;
 mod pool;
