@@ -1,12 +1,16 @@
 //! The GPU engine: wgpu compute shaders (`shaders/*.wgsl`) that return exactly what
 //! [`CpuEngine`] returns.
 //!
-//! - `analyze`: [`Kernel::MinMax`] (exact min/max as order-preserving u32 keys, lowest
-//!   non-finite index), then [`Kernel::Histogram`] (level histogram, `k` computed on the host).
-//! - `select`: [`Kernel::Levels`] (packed u8 levels kept on the device, per-level key-bucket
-//!   histogram), host [`bucket_cuts`]; [`Kernel::Gather`] (keys in each level's cut bucket), host
-//!   [`threshold_from_candidates`]; then ordered compaction per chunk: [`Kernel::TileCount`],
-//!   [`Kernel::Scan`], [`Kernel::Scatter`].
+//! - `analyze` (`analyze.rs`): [`Kernel::MinMax`] (exact min/max, lowest non-finite index), then
+//!   [`Kernel::Histogram`] (level histogram, `k` computed on the host).
+//! - `select` (`select.rs`): pass A, [`Kernel::Levels`] (packed u8 levels, per-level key-bucket
+//!   histogram) and the host's cut buckets (`buckets.rs`); pass B, [`Kernel::Gather`] (keys in
+//!   each level's cut bucket) and the host's thresholds; pass C, ordered compaction per chunk
+//!   ([`Kernel::TileCount`], [`Kernel::Scan`], [`Kernel::Scatter`]).
+//! - `nuclear_norm`: the host estimator over [`GpuSparseOperator`] ([`Kernel::Spmm`]).
+//!
+//! Every value the kernels share with the host is defined once, in [`constants`], and reaches
+//! the WGSL as a generated prelude ([`constants::wgsl_prelude`]).
 //!
 //! Device memory is bounded by [`GpuOptions::gpu_mem`]: every buffer comes from one
 //! pool whose sizes are planned from that budget (`pool::Layout::plan`); tensors larger than one chunk (one storage binding, or
