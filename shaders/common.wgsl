@@ -1,42 +1,7 @@
-// Shared by every kernel (prepended by the host, see src/engine/gpu/kernels.rs).
-// Mirrors src/algorithm/selection.rs bit for bit: `mix32`, `element_key`, `bucket_of`.
-
-const WG: u32 = 256u;
-// 32 - BUCKET_BITS: the top 12 bits of a key pick its bucket.
-const BUCKET_SHIFT: u32 = 20u;
-const BUCKETS: u32 = 4096u;
-// Offsets into the table buffer: cut buckets, then (threshold, prune_all) pairs.
-const TABLE_THRESHOLDS: u32 = 256u;
-// Flags collected in stats[STAT_FLAGS].
-const FLAG_NONFINITE: u32 = 1u;
-const FLAG_TINY: u32 = 2u;
-// Words of the stats buffer.
-const STAT_MIN: u32 = 0u;
-const STAT_MAX: u32 = 1u;
-const STAT_BAD: u32 = 2u;
-const STAT_FLAGS: u32 = 3u;
-const STAT_CANDIDATES: u32 = 4u;
-const STAT_KEPT: u32 = 5u;
-
-struct Params {
-    // Elements in this chunk, and the global index of its first element.
-    n: u32,
-    start: u32,
-    // FloatType codes: 0 = f16, 1 = bf16, 2 = f32.
-    base_type: u32,
-    ft_type: u32,
-    // Quantization: level = clamp(round((d - lo) * k), 0, max_level).
-    lo: f32,
-    k: f32,
-    max_level: f32,
-    num_levels: u32,
-    // TensorKey (k0, k1).
-    key0: u32,
-    key1: u32,
-    // Tiles of WG * 4 elements in this chunk.
-    num_tiles: u32,
-    pad: u32,
-}
+// Shared by every kernel (prepended by the host, see src/engine/gpu/kernels.rs), after the
+// generated prelude of src/engine/gpu/constants.rs: the constants (WG, BUCKETS, STAT_*, FLAG_*,
+// TYPE_*, ...) and the `Params` struct of the uniform block.
+// Mirrors src/algorithm/selection.rs bit for bit: `mix32`, `element_key`.
 
 @group(0) @binding(0) var<uniform> params: Params;
 

@@ -6,11 +6,11 @@
 
 // Element `i` of a word array of type `ty`, as f32 bits (exact).
 fn unpack_bits(word: u32, ty: u32, i: u32) -> u32 {
-    if ty == 2u {
+    if ty == TYPE_F32 {
         return word;
     }
     let h = (word >> ((i & 1u) * 16u)) & 0xffffu;
-    if ty == 1u {
+    if ty == TYPE_BF16 {
         return h << 16u;
     }
     return f16_to_f32_bits(h);
@@ -19,7 +19,7 @@ fn unpack_bits(word: u32, ty: u32, i: u32) -> u32 {
 fn base_bits(i: u32) -> u32 {
     let ty = params.base_type;
     var w: u32;
-    if ty == 2u {
+    if ty == TYPE_F32 {
         w = base_words[i];
     } else {
         w = base_words[i >> 1u];
@@ -30,7 +30,7 @@ fn base_bits(i: u32) -> u32 {
 fn ft_bits(i: u32) -> u32 {
     let ty = params.ft_type;
     var w: u32;
-    if ty == 2u {
+    if ty == TYPE_F32 {
         w = ft_words[i];
     } else {
         w = ft_words[i >> 1u];

@@ -1,20 +1,23 @@
 // include: common.wgsl delta.wgsl
-// Analyze pass 2: the level histogram (L <= 256 bins), counted per workgroup in shared memory
+// Analyze pass 2: the level histogram (L <= MAX_LEVELS bins), counted per workgroup in shared memory
 // and added to the global bins once per workgroup.
 
 @group(0) @binding(3) var<storage, read_write> hist: array<atomic<u32>>;
 @group(0) @binding(4) var<storage, read_write> stats: array<atomic<u32>>;
 
-var<workgroup> wg_hist: array<atomic<u32>, 256>;
+var<workgroup> wg_hist: array<atomic<u32>, MAX_LEVELS>;
 var<workgroup> wg_flags: atomic<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    atomicStore(&wg_hist[lid], 0u);
+    // One bin per invocation (the host checks WG >= MAX_LEVELS).
+    if lid < MAX_LEVELS {
+        atomicStore(&wg_hist[lid], 0u);
+    }
     if lid == 0u {
         atomicStore(&wg_flags, 0u);
     }

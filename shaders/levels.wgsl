@@ -1,12 +1,12 @@
 // include: common.wgsl delta.wgsl
 // Select pass A: the level of every element, packed four per u32 word (element 4w + j in byte j
-// of word w), and per level the histogram of key buckets (level-major, L * 4096 bins).
+// of word w), and per level the histogram of key buckets (level-major, L * BUCKETS bins).
 
 @group(0) @binding(3) var<storage, read_write> levels_out: array<u32>;
 @group(0) @binding(4) var<storage, read_write> bucket_hist: array<atomic<u32>>;
 @group(0) @binding(5) var<storage, read_write> stats: array<atomic<u32>>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

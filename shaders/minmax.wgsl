@@ -9,7 +9,7 @@ var<workgroup> wg_max: atomic<u32>;
 var<workgroup> wg_bad: atomic<u32>;
 var<workgroup> wg_flags: atomic<u32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,

@@ -5,7 +5,7 @@
 @group(0) @binding(1) var<storage, read_write> tiles: array<u32>;
 @group(0) @binding(2) var<storage, read_write> stats: array<atomic<u32>>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lid: u32) {
     let per = (params.num_tiles + WG - 1u) / WG;
     let begin = min(lid * per, params.num_tiles);

@@ -6,7 +6,9 @@
 // One invocation per output element (row r, vector l), in a grid-stride loop: neighbouring
 // invocations of a row read neighbouring entries of x. Each output is accumulated in f32 from
 // 0 over the row's stored entries in ascending order, so the result does not depend on the
-// dispatch size (the same order as the CPU operator; a compiler may still fuse mul and add).
+// dispatch size. It is the CPU operator's order, but a driver may still fuse the multiply and
+// the add into an FMA: bit-equal to the CPU on lavapipe, within f32 rounding elsewhere (see
+// src/engine/gpu/spmm.rs).
 //
 // Params: n = rows of this block, start = global index of its first row, num_levels = w.
 

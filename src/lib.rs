@@ -11,6 +11,7 @@ pub mod bytesource;
 pub mod checkpoint;
 pub mod cli;
 pub mod codec;
+mod disjoint;
 pub mod engine;
 pub mod error;
 pub mod format;

@@ -1,8 +1,10 @@
 //! Every WGSL file in `shaders/` parses and validates with naga, as the engine composes it
-//! (its `// include:` files first). Runs without any adapter.
+//! (the generated prelude of shared values, then its `// include:` files). Runs without any
+//! adapter.
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use udelta_gpu::engine::gpu::constants::{self, stat, wgsl_prelude, Params, WORKGROUP};
 use udelta_gpu::engine::gpu::{compose_shader, shader_modules, SHADER_FILES};
 
 fn validate(name: &str, source: &str) {
@@ -22,7 +24,7 @@ fn validate(name: &str, source: &str) {
         .collect();
     assert_eq!(
         entry,
-        [("main", naga::ShaderStage::Compute, [256, 1, 1])],
+        [("main", naga::ShaderStage::Compute, [WORKGROUP, 1, 1])],
         "{name}"
     );
 }
@@ -82,4 +84,81 @@ fn a_broken_shader_fails_validation() {
     let broken = src.replace("mix32(mix32(", "mix33(mix32(");
     let parsed = naga::front::wgsl::parse_str(&broken);
     assert!(parsed.is_err(), "{name}: undefined function accepted");
+}
+
+/// The value of the `u32` constant `name` of a parsed module.
+fn constant(module: &naga::Module, name: &str) -> u32 {
+    let c = module
+        .constants
+        .iter()
+        .find(|(_, c)| c.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no constant {name}"))
+        .1;
+    match module.global_expressions[c.init] {
+        naga::Expression::Literal(naga::Literal::U32(v)) => v,
+        ref e => panic!("{name} = {e:?}"),
+    }
+}
+
+#[test]
+fn shared_values_come_only_from_the_generated_prelude() {
+    // No file declares a constant or the uniform block itself (a second declaration of a
+    // prelude name would also fail validation above).
+    for (name, text) in SHADER_FILES {
+        for line in text.lines() {
+            let l = line.trim_start();
+            assert!(
+                !l.starts_with("const ")
+                    && !l.starts_with("override ")
+                    && !l.starts_with("struct Params"),
+                "{name} declares a shared value by hand: {line}"
+            );
+        }
+    }
+    // The composed kernels see the Rust values.
+    let source = compose_shader("scan.wgsl").unwrap();
+    assert!(source.starts_with(&wgsl_prelude()));
+    let module = naga::front::wgsl::parse_str(&source).unwrap();
+    for (name, value) in [
+        ("WG", WORKGROUP),
+        ("MAX_LEVELS", constants::MAX_LEVELS as u32),
+        ("BUCKET_SHIFT", constants::BUCKET_SHIFT),
+        ("BUCKETS", constants::BUCKETS as u32),
+        ("KEY_LOW_MASK", constants::KEY_LOW_MASK),
+        ("TABLE_THRESHOLDS", constants::TABLE_THRESHOLDS as u32),
+        ("STAT_FLAGS", stat::FLAGS as u32),
+        ("STAT_KEPT", stat::KEPT as u32),
+        ("FLAG_TINY", stat::FLAG_TINY),
+    ] {
+        assert_eq!(constant(&module, name), value, "{name}");
+    }
+    // The uniform block has the layout of the Rust struct under WGSL's uniform rules.
+    let (_, ty) = module
+        .types
+        .iter()
+        .find(|(_, t)| t.name.as_deref() == Some("Params"))
+        .expect("struct Params");
+    let naga::TypeInner::Struct { members, span } = &ty.inner else {
+        panic!("Params is not a struct");
+    };
+    let rust = [
+        ("n", std::mem::offset_of!(Params, n)),
+        ("start", std::mem::offset_of!(Params, start)),
+        ("base_type", std::mem::offset_of!(Params, base_type)),
+        ("ft_type", std::mem::offset_of!(Params, ft_type)),
+        ("lo", std::mem::offset_of!(Params, lo)),
+        ("k", std::mem::offset_of!(Params, k)),
+        ("max_level", std::mem::offset_of!(Params, max_level)),
+        ("num_levels", std::mem::offset_of!(Params, num_levels)),
+        ("key0", std::mem::offset_of!(Params, key0)),
+        ("key1", std::mem::offset_of!(Params, key1)),
+        ("num_tiles", std::mem::offset_of!(Params, num_tiles)),
+        ("pad", std::mem::offset_of!(Params, pad)),
+    ];
+    let wgsl: Vec<(&str, usize)> = members
+        .iter()
+        .map(|m| (m.name.as_deref().unwrap(), m.offset as usize))
+        .collect();
+    assert_eq!(wgsl, rust);
+    assert_eq!(*span as usize, std::mem::size_of::<Params>());
 }

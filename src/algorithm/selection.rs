@@ -4,10 +4,10 @@
 //! the 32-bit index, so keys within a tensor are distinct and look uniformly random. In a level
 //! with `n_v` entries, the `k_v = round_half_even(n_v * r')` entries with the smallest keys are
 //! pruned. The rule names one exact set; engines may find it however they like. The GPU engine
-//! uses the bucket method of [`bucket_cuts`] / [`threshold_from_candidates`]: a histogram of
-//! the keys' top [`BUCKET_BITS`] bits per level finds the bucket holding each level's cut, and
-//! only that bucket's entries are sorted. The CPU engine looks for the cut in a narrow key
-//! window around its expected place (`k_v / n_v * 2^32`) in one pass, with an exact fallback.
+//! uses a bucket method (`src/engine/gpu/buckets.rs`): a histogram of the keys' top bits per
+//! level finds the bucket holding each level's cut, and only that bucket's entries are sorted.
+//! The CPU engine looks for the cut in a narrow key window around its expected place
+//! (`k_v / n_v * 2^32`) in one pass, with an exact fallback.
 
 use super::{round_half_even, TensorStats};
 
@@ -70,17 +70,6 @@ pub fn adjusted_rate(rate: f64, zero_fraction: f64) -> f64 {
     }
 }
 
-/// Top bits of a key that pick its bucket.
-pub const BUCKET_BITS: u32 = 12;
-/// Number of buckets per level.
-pub const BUCKETS: usize = 1 << BUCKET_BITS;
-
-/// Bucket of a key.
-#[inline(always)]
-pub fn bucket_of(key: u32) -> usize {
-    (key >> (32 - BUCKET_BITS)) as usize
-}
-
 /// How many entries each level prunes and keeps.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SelectionPlan {
@@ -123,66 +112,6 @@ impl SelectionPlan {
     }
 }
 
-/// Where a level's cut lies: in `bucket`, after `rank` of that bucket's entries (1-based:
-/// the `rank`-th smallest key of the bucket is the last one pruned).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BucketCut {
-    /// The bucket holding the largest pruned key.
-    pub bucket: u32,
-    /// How many of the bucket's entries (smallest keys first) are pruned, >= 1.
-    pub rank: u64,
-}
-
-/// For each level, the bucket holding its cut (`None` when nothing is pruned), from the
-/// per-level bucket histogram laid out level-major (`hist[level * BUCKETS + bucket]`).
-pub fn bucket_cuts(hist: &[u64], pruned: &[u64]) -> Vec<Option<BucketCut>> {
-    pruned
-        .iter()
-        .enumerate()
-        .map(|(level, &k)| {
-            if k == 0 {
-                return None;
-            }
-            let row = &hist[level * BUCKETS..(level + 1) * BUCKETS];
-            let mut below = 0u64;
-            for (b, &c) in row.iter().enumerate() {
-                if below + c >= k {
-                    return Some(BucketCut {
-                        bucket: b as u32,
-                        rank: k - below,
-                    });
-                }
-                below += c;
-            }
-            unreachable!("bucket histogram holds fewer entries than the plan prunes")
-        })
-        .collect()
-}
-
-/// Threshold of one level from the keys found in its cut bucket: entries with
-/// `key < threshold` are pruned. `None` cut gives 0 (prune nothing). The candidates are
-/// reordered in place.
-pub fn threshold_from_candidates(cut: Option<BucketCut>, candidates: &mut [u32]) -> u64 {
-    match cut {
-        None => 0,
-        Some(c) => {
-            let r = c.rank as usize - 1;
-            let (_, nth, _) = candidates.select_nth_unstable(r);
-            *nth as u64 + 1
-        }
-    }
-}
-
-/// Thresholds as the GPU kernels take them: `(threshold as u32, prune_all flag)`, since a
-/// threshold of `2^32` (prune every key) does not fit in a u32.
-pub fn split_threshold(t: u64) -> (u32, u32) {
-    if t > u32::MAX as u64 {
-        (0, 1)
-    } else {
-        (t as u32, 0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,39 +151,5 @@ mod tests {
         assert_eq!(plan.pruned, vec![5, 2, 2, 0]);
         assert_eq!(plan.kept_counts(), vec![5, 3, 1, 1]);
         assert_eq!(plan.kept(), 10);
-    }
-
-    #[test]
-    fn bucket_method_finds_the_k_smallest_keys() {
-        let key = TensorKey::new(1, "model", "w");
-        let levels: Vec<usize> = (0..50_000u32)
-            .map(|i| (mix32(i * 7 + 1) % 3) as usize)
-            .collect();
-        let pruned = [0u64, 1, 9_000];
-        let mut hist = vec![0u64; 3 * BUCKETS];
-        for (i, &l) in levels.iter().enumerate() {
-            hist[l * BUCKETS + bucket_of(element_key(key, i as u32))] += 1;
-        }
-        let cuts = bucket_cuts(&hist, &pruned);
-        for level in 0..3 {
-            let mut keys: Vec<u32> = (0..levels.len())
-                .filter(|&i| levels[i] == level)
-                .map(|i| element_key(key, i as u32))
-                .collect();
-            let mut cand: Vec<u32> = keys
-                .iter()
-                .copied()
-                .filter(|&k| cuts[level].is_some_and(|c| bucket_of(k) as u32 == c.bucket))
-                .collect();
-            let t = threshold_from_candidates(cuts[level], &mut cand);
-            keys.sort_unstable();
-            let pruned_here = keys.iter().filter(|&&k| (k as u64) < t).count() as u64;
-            assert_eq!(pruned_here, pruned[level]);
-            if pruned[level] > 0 {
-                assert_eq!(t, keys[pruned[level] as usize - 1] as u64 + 1);
-            }
-        }
-        assert_eq!(split_threshold(1 << 32), (0, 1));
-        assert_eq!(split_threshold(5), (5, 0));
     }
 }

@@ -3,9 +3,14 @@
 //! quantizes again and returns the kept entries chosen by the exact per-level rule of
 //! [`crate::algorithm::selection`]. Every result is exact (min/max, integer counts, integer
 //! hashing), so all engines return identical values; [`cpu::CpuEngine`] is the reference.
+//! [`Engine::nuclear_norm`] is not exact: the GPU engine's sparse products equal the CPU's to
+//! the bit on lavapipe only, and to f32 rounding elsewhere ([`gpu::GpuSparseOperator`]).
 
 pub mod cpu;
+pub mod factory;
 pub mod gpu;
+
+pub use factory::{create, Fallback};
 
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::checkpoint::dtype::FloatType;
@@ -139,138 +144,6 @@ pub trait Engine: Send {
     /// thread instead (same result). Engines that override `nuclear_norm` return false.
     fn nuclear_norm_on_host(&self) -> bool {
         true
-    }
-}
-
-/// The engine for `--adapter NAME` with a device-memory budget of `gpu_mem` bytes:
-/// - `cpu`: the reference engine;
-/// - `vulkan`, `metal`, `dx12`, `gl`: the GPU engine on that backend only (an error naming the
-///   adapters found when it has none);
-/// - `auto`: the best GPU adapter (discrete > integrated > virtual > CPU-type such as lavapipe),
-///   announced on stderr; the CPU engine (with a message on stderr) when none works or the best
-///   is a software rasterizer, which is slower than the CPU engine. A GPU that fails during the
-///   run (out of memory, device lost) hands the rest of the work to the CPU engine, with a
-///   line on stderr ([`Fallback`]): the output is the same, since the engines agree bit for bit.
-///
-/// `WGPU_ADAPTER_NAME` (a case-insensitive part of the adapter name) narrows the GPU choice.
-/// `UDELTA_GPU_FAULT` simulates a device fault ([`gpu::GpuFault`]); with it, `auto` keeps a
-/// software adapter so that the fault can happen where no hardware GPU exists.
-pub fn create(adapter: &str, gpu_mem: u64) -> crate::Result<Box<dyn Engine>> {
-    use gpu::{AdapterChoice, GpuEngine, GpuFault, GpuOptions};
-    let backend = match adapter.to_ascii_lowercase().as_str() {
-        "cpu" => return Ok(Box::new(cpu::CpuEngine)),
-        "auto" => None,
-        "vulkan" => Some(wgpu::Backends::VULKAN),
-        "metal" => Some(wgpu::Backends::METAL),
-        "dx12" => Some(wgpu::Backends::DX12),
-        "gl" => Some(wgpu::Backends::GL),
-        other => {
-            return Err(crate::Error::Param(format!(
-                "--adapter {other}: expected auto, vulkan, metal, dx12, gl or cpu"
-            )))
-        }
-    };
-    let fault = GpuFault::from_env()?;
-    let options = |adapter| GpuOptions {
-        adapter,
-        gpu_mem,
-        chunk_elements: None,
-        fault,
-    };
-    match backend {
-        Some(b) => Ok(Box::new(GpuEngine::new(options(AdapterChoice::Backend(
-            b,
-        )))?)),
-        None => match GpuEngine::new(options(AdapterChoice::Auto)) {
-            // A software rasterizer (lavapipe, llvmpipe, WARP) is slower than the CPU engine.
-            Ok(e) if e.adapter().device_type == "Cpu" && e.fault().is_none() => {
-                eprintln!(
-                    "udelta-gpu: only a software adapter was found ({}); using the faster CPU engine (--adapter {} forces it)",
-                    e.adapter().summary(),
-                    e.adapter().backend.to_ascii_lowercase()
-                );
-                Ok(Box::new(cpu::CpuEngine))
-            }
-            Ok(e) => {
-                eprintln!("udelta-gpu: using GPU adapter {}", e.adapter().summary());
-                Ok(Box::new(Fallback { gpu: Some(e) }))
-            }
-            Err(e) => {
-                eprintln!("udelta-gpu: no usable GPU ({e}); falling back to the CPU engine");
-                Ok(Box::new(cpu::CpuEngine))
-            }
-        },
-    }
-}
-
-/// The engine of `--adapter auto` on a GPU: the GPU engine until it fails, then the CPU engine
-/// for the failed call and everything after it (announced once on stderr). Only device
-/// failures ([`EngineError::Gpu`], [`EngineError::Inconsistent`]) fall back; a property of the
-/// data (a non-finite delta) is an error on any engine.
-pub struct Fallback {
-    gpu: Option<gpu::GpuEngine>,
-}
-
-impl Fallback {
-    /// Runs `on_gpu` while the GPU works, else (or after it failed) `on_cpu`.
-    fn run<T>(
-        &mut self,
-        on_gpu: impl FnOnce(&mut gpu::GpuEngine) -> Result<T, EngineError>,
-        on_cpu: impl FnOnce(&mut cpu::CpuEngine) -> Result<T, EngineError>,
-    ) -> Result<T, EngineError> {
-        if let Some(g) = self.gpu.as_mut() {
-            match on_gpu(g) {
-                Err(e @ (EngineError::Gpu(_) | EngineError::Inconsistent(_))) => {
-                    eprintln!(
-                        "udelta-gpu: the GPU engine failed ({e}); continuing on the CPU engine (same output)"
-                    );
-                    self.gpu = None;
-                }
-                other => return other,
-            }
-        }
-        on_cpu(&mut cpu::CpuEngine)
-    }
-}
-
-impl Engine for Fallback {
-    fn name(&self) -> String {
-        match &self.gpu {
-            Some(g) => g.name(),
-            None => cpu::CpuEngine.name(),
-        }
-    }
-
-    fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError> {
-        self.run(|g| g.analyze(input, bits), |c| c.analyze(input, bits))
-    }
-
-    fn select(
-        &mut self,
-        input: &DeltaInput,
-        stats: &TensorStats,
-        plan: &SelectionPlan,
-    ) -> Result<KeptEntries, EngineError> {
-        self.run(
-            |g| g.select(input, stats, plan),
-            |c| c.select(input, stats, plan),
-        )
-    }
-
-    fn nuclear_norm(
-        &mut self,
-        delta: &SparseDelta,
-        opts: &EstimatorOptions,
-    ) -> Result<f64, EngineError> {
-        self.run(
-            |g| g.nuclear_norm(delta, opts),
-            |c| c.nuclear_norm(delta, opts),
-        )
-    }
-
-    /// False: the GPU runs the products until it fails (then the CPU, inline).
-    fn nuclear_norm_on_host(&self) -> bool {
-        false
     }
 }
 

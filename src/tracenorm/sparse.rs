@@ -8,11 +8,14 @@
 //!   the L1 and L2 caches. Every output column is thus summed over its rows in order.
 //!
 //! Both sum in f32, multiply then add, in the order of the entries along the output's row or
-//! column, so results are independent of the thread count and of the panel split, and equal
-//! the GPU operator's (a gather over CSR and CSC copies, [`csr_and_csc`]) to the bit.
+//! column, so results are independent of the thread count and of the panel split. The GPU
+//! operator (`engine::gpu::GpuSparseOperator`, a gather over CSR and CSC copies) sums in the
+//! same order: its products equal these to the bit on lavapipe, and to f32 rounding on other
+//! devices (see its module).
 //!
 //! No transposed copy: the CPU operator used one until the products moved to the scatter.
-//! Sorting the entries by column (a counting sort, [`transpose`]) cost 45 ms of a LLaMA-2-7B
+//! Sorting the entries by column (a counting sort, now only for the GPU operator's CSC copy in
+//! `engine::gpu`) cost 45 ms of a LLaMA-2-7B
 //! block's 66 ms build when the caches held none of its buffers, as inside `compress`, where
 //! gigabytes of checkpoint data stream through between two matrices; the scatter's products
 //! cost about 25 ms more than the gather's, and the build fell to 16 ms. Measurements in
@@ -28,19 +31,8 @@
 
 use super::estimator::MatrixOperator;
 use super::{DeltaValues, SparseDelta};
+use crate::disjoint::SharedOut;
 use rayon::prelude::*;
-
-/// Compressed rows of a sparse f32 matrix: row `r` holds entries `ptr[r]..ptr[r + 1]` of
-/// `idx` (column indices, increasing) and `val`.
-#[derive(Debug, Clone)]
-pub struct Csr {
-    /// Row starts (`rows + 1` entries).
-    pub ptr: Vec<u32>,
-    /// Column index of each entry.
-    pub idx: Vec<u32>,
-    /// Value of each entry.
-    pub val: Vec<f32>,
-}
 
 /// Where the kernels read entry values: one f32 per entry, or a byte per entry that indexes a
 /// table of 256 values ([`Coded`]).
@@ -301,6 +293,16 @@ pub fn validate(delta: &SparseDelta) -> Result<(), String> {
     BlockIndex::default().build(delta, delta.cols, false)
 }
 
+/// Where each row of `delta` starts among its positions (`rows + 1` offsets, a CSR's `ptr`),
+/// after the position checks of [`validate`].
+pub fn row_starts(delta: &SparseDelta) -> Result<Vec<u32>, String> {
+    let mut index = BlockIndex::default();
+    index.build(delta, delta.cols, false)?;
+    let mut starts = index.starts;
+    starts.truncate(delta.rows + 1);
+    Ok(starts)
+}
+
 /// The checks of [`validate`] on the values, returning `||A||_F^2` ([`frobenius_norm_sq`]).
 fn check_values(delta: &SparseDelta) -> Result<f64, String> {
     if delta.positions.len() != delta.values.len() {
@@ -382,152 +384,6 @@ fn reuse<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
         buffer.resize(len, T::default());
     }
     &mut buffer[..len]
-}
-
-/// The CSR copy (rows of `A`) and the CSC copy (rows of `A^T`; rows increasing within a column)
-/// of a validated `delta` (see [`validate`]), as owned arrays (the GPU operator uploads them).
-///
-/// # Panics
-/// If `delta` fails [`validate`].
-pub fn csr_and_csc(delta: &SparseDelta) -> (Csr, Csr) {
-    let (rows, cols) = (delta.rows, delta.cols);
-    let mut index = BlockIndex::default();
-    if let Err(e) = index.build(delta, cols, false) {
-        panic!("sparse delta: {e}");
-    }
-    let values = delta.values.to_f32();
-    let view = Rows::of_delta(delta, &index, &values[..]);
-    let mut idx = delta.positions.to_vec();
-    let row_len = |r: usize| {
-        let (s, e, _) = view.row(r);
-        e - s
-    };
-    split_runs(&mut idx, (0..rows).map(row_len))
-        .into_par_iter()
-        .with_min_len(256)
-        .enumerate()
-        .for_each(|(r, row)| {
-            let base = view.row(r).2;
-            row.iter_mut().for_each(|c| *c -= base);
-        });
-    let csc = transpose(view, cols);
-    let mut ptr = index.starts;
-    ptr.truncate(rows + 1);
-    (
-        Csr {
-            ptr,
-            idx,
-            val: values,
-        },
-        csc,
-    )
-}
-
-/// Splits `slice` into consecutive runs of the given lengths (which must add up to at most its
-/// length).
-fn split_runs<T>(mut slice: &mut [T], lens: impl IntoIterator<Item = usize>) -> Vec<&mut [T]> {
-    lens.into_iter()
-        .map(|len| {
-            let (run, rest) = std::mem::take(&mut slice).split_at_mut(len);
-            slice = rest;
-            run
-        })
-        .collect()
-}
-
-/// A pointer that row chunks share to write disjoint slots of one array.
-#[derive(Clone, Copy)]
-struct SharedOut<T>(*mut T);
-// SAFETY: only used where parallel chunks write disjoint slots (`BlockIndex::build`,
-// `transpose`).
-unsafe impl<T: Send> Send for SharedOut<T> {}
-unsafe impl<T: Send> Sync for SharedOut<T> {}
-
-impl<T> SharedOut<T> {
-    /// Writes `v` at `slot`.
-    ///
-    /// # Safety
-    /// `slot` is in bounds and no other thread accesses it.
-    #[inline(always)]
-    unsafe fn write(self, slot: usize, v: T) {
-        unsafe { self.0.add(slot).write(v) }
-    }
-}
-
-/// Row chunks of [`transpose`]: enough for two threads to balance, few enough that each chunk's
-/// per-column counters (4 bytes per column) stay small.
-const TRANSPOSE_CHUNKS: usize = 16;
-
-/// The transpose of `a` (a matrix with `cols` columns, columns increasing within rows) as a
-/// CSC copy, for the GPU operator: a counting sort by column, in parallel over chunks of rows.
-///
-/// Pass 1 counts each chunk's entries per column; a prefix sum over the columns, and within a
-/// column over the chunks, gives every (chunk, column) pair its first slot; pass 2 has each
-/// chunk write its entries, in order, at its slots. Rows therefore increase within each column,
-/// and the result is the same for any number of threads. One scatter pass moves about 14 bytes
-/// per entry (coded values): it replaced a two-pass radix sort through buckets of 128 columns,
-/// which moved about 32 and took 54 ms instead of 32 ms for the seven matrices of a LLaMA-2-7B
-/// block (the products, like the sort, are limited by memory traffic on this machine).
-fn transpose(a: Rows<u32, &[f32]>, cols: usize) -> Csr {
-    let rows = a.count();
-    let nnz = a.ptr.last().map_or(0, |&n| n as usize);
-    if cols == 0 {
-        return Csr {
-            ptr: vec![0],
-            idx: Vec::new(),
-            val: Vec::new(),
-        };
-    }
-    let chunks = rows.clamp(1, TRANSPOSE_CHUNKS);
-    let chunk_rows: Vec<(usize, usize)> = (0..chunks)
-        .map(|c| (c * rows / chunks, (c + 1) * rows / chunks))
-        .collect();
-    let mut counts = vec![0u32; chunks * cols];
-    counts
-        .par_chunks_mut(cols)
-        .zip(&chunk_rows)
-        .for_each(|(count, &(r0, r1))| {
-            count.fill(0);
-            for r in r0..r1 {
-                let (s, e, base) = a.row(r);
-                for &c in &a.idx[s..e] {
-                    count[(c - base) as usize] += 1;
-                }
-            }
-        });
-    let mut ptr = vec![0u32; cols + 1];
-    let mut start = 0u32;
-    for (col, p) in ptr[..cols].iter_mut().enumerate() {
-        *p = start;
-        for c in 0..chunks {
-            let n = counts[c * cols + col];
-            counts[c * cols + col] = start;
-            start += n;
-        }
-    }
-    ptr[cols] = start;
-    debug_assert_eq!(start as usize, nnz);
-    let (mut idx, mut val) = (vec![0u32; nnz], vec![0f32; nnz]);
-    let (idx_out, val_out) = (SharedOut(idx.as_mut_ptr()), SharedOut(val.as_mut_ptr()));
-    counts
-        .par_chunks_mut(cols)
-        .zip(&chunk_rows)
-        .for_each(|(next, &(r0, r1))| {
-            for r in r0..r1 {
-                let (s, e, base) = a.row(r);
-                for (k, &c) in (s..e).zip(&a.idx[s..e]) {
-                    let slot = &mut next[(c - base) as usize];
-                    // SAFETY: the slots of a column run from its start over the chunks in order,
-                    // one per entry, so every slot is below nnz and written once.
-                    unsafe {
-                        idx_out.write(*slot as usize, r as u32);
-                        val_out.write(*slot as usize, a.val[k]);
-                    }
-                    *slot += 1;
-                }
-            }
-        });
-    Csr { ptr, idx, val }
 }
 
 /// A [`SparseDelta`] prepared for block products on the CPU (multi-threaded with rayon,

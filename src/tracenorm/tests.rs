@@ -514,69 +514,6 @@ fn random_sparse(rows: usize, cols: usize, density: f64, key: u64) -> (Vec<u32>,
 }
 
 #[test]
-fn csc_copy_equals_a_naive_counting_sort() {
-    // Shapes around the row-chunk count of the transpose (16), empty rows and
-    // columns, one dense row.
-    for (k, &(rows, cols, density)) in [
-        (1, 1, 1.0),
-        (3, 5, 0.3),
-        (17, 127, 0.2),
-        (40, 128, 0.05),
-        (33, 129, 0.5),
-        (300, 700, 0.02),
-        (5, 3000, 0.01),
-        (2000, 3, 0.4),
-        (4, 0, 0.5),
-        (0, 6, 0.5),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let (positions, values) = random_sparse(rows, cols, density, 100 + k as u64);
-        let d = SparseDelta {
-            rows,
-            cols,
-            positions: &positions,
-            values: DeltaValues::F32(&values),
-        };
-        let (csr, csc) = sparse::csr_and_csc(&d);
-        // Naive: every column's (row, value) pairs in increasing row order.
-        let mut by_col: Vec<Vec<(u32, f32)>> = vec![Vec::new(); cols];
-        for (&p, &v) in positions.iter().zip(&values) {
-            by_col[p as usize % cols].push(((p as usize / cols) as u32, v));
-        }
-        let mut ptr = vec![0u32];
-        for c in &by_col {
-            ptr.push(ptr.last().unwrap() + c.len() as u32);
-        }
-        let flat: Vec<(u32, f32)> = by_col.into_iter().flatten().collect();
-        let name = format!("{rows} x {cols} at {density}");
-        assert_eq!(csc.ptr, ptr, "{name}: column starts");
-        assert_eq!(
-            csc.idx,
-            flat.iter().map(|e| e.0).collect::<Vec<_>>(),
-            "{name}"
-        );
-        assert_eq!(
-            csc.val,
-            flat.iter().map(|e| e.1).collect::<Vec<_>>(),
-            "{name}"
-        );
-        let row_starts: Vec<u32> = (0..=rows)
-            .map(|r| {
-                positions
-                    .iter()
-                    .filter(|&&p| (p as usize) < r * cols)
-                    .count() as u32
-            })
-            .collect();
-        assert_eq!(csr.ptr, row_starts, "{name}: row starts");
-        let cols_of: Vec<u32> = positions.iter().map(|&p| p % cols as u32).collect();
-        assert_eq!(csr.idx, cols_of, "{name}: column indices");
-    }
-}
-
-#[test]
 fn products_equal_a_dense_reference_at_every_block_width() {
     // Odd shapes (one with several blocks of columns, so that `A^T` scatters into several
     // panels), widths 1 to 40 (every tile width and padding case), and a workspace reused

@@ -2,7 +2,7 @@
 //! `WGPU_ADAPTER_NAME`), requesting a device with the limits the kernels need, turning every
 //! asynchronous wgpu failure into an [`EngineError::Gpu`], and reading buffers back.
 
-use super::kernels::WORKGROUP;
+use super::constants::WORKGROUP;
 use crate::engine::EngineError;
 use std::sync::{Arc, Mutex};
 

@@ -2,8 +2,7 @@
 //! creates those buffers lazily, reuses them tensor after tensor, and accounts for every byte
 //! of live device buffers (creating one past the budget is refused).
 
-use super::kernels::{stat, TABLE_WORDS, TILE_ELEMENTS};
-use crate::algorithm::selection::BUCKETS;
+use super::constants::{stat, BUCKETS, TABLE_WORDS, TILE_ELEMENTS};
 use crate::engine::EngineError;
 use std::collections::HashMap;
 
