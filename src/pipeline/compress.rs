@@ -26,6 +26,7 @@ use crate::tracenorm::{DeltaValues, EstimatorOptions, SparseDelta};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::lossless;
 use super::norm_worker::NormWorker;
 use super::prefetch::{Prefetch, ReadJob, TensorRead};
 
@@ -583,20 +584,9 @@ pub fn compress(
                 Plan::Unchanged { base_crc32 } => TensorKind::Unchanged { base_crc32 },
                 Plan::Raw => {
                     let t0 = std::time::Instant::now();
-                    let mut start = 0u64;
-                    let data = m.writer.append_chunks(|buf| {
-                        if start >= t.len {
-                            return Ok(false);
-                        }
-                        let n = COPY_CHUNK.min(t.len - start) as usize;
-                        buf.resize(n, 0);
-                        m.ckpt.read_range(t, start, buf)?;
-                        start += n as u64;
-                        progress.inc(n as u64);
-                        Ok(true)
-                    })?;
+                    let kind = lossless::store_tensor(&mut m.writer, &base, &m.ckpt, t, &progress)?;
                     times.write += t0.elapsed().as_secs_f64();
-                    TensorKind::Raw { data }
+                    kind
                 }
                 Plan::Compress {
                     base: bi,
@@ -794,10 +784,8 @@ fn base_info(records: &[TensorRecord]) -> BaseInfo {
     let mut h = crc32fast::Hasher::new();
     let mut used = 0;
     for r in records {
-        let crc = match &r.kind {
-            TensorKind::Unchanged { base_crc32 } => *base_crc32,
-            TensorKind::Compressed(c) => c.base_crc32,
-            TensorKind::Raw { .. } => continue,
+        let Some(crc) = r.kind.base_crc32() else {
+            continue;
         };
         h.update(r.name.as_bytes());
         h.update(&crc.to_le_bytes());
