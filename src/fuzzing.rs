@@ -15,9 +15,11 @@ use crate::checkpoint::dtype::{byte_len, dtype_from_name, Dtype, FloatType};
 use crate::checkpoint::reader::{parse_shard_header, parse_shard_index};
 use crate::codec::{self, BlockInfo, BLOCK_ELEMENTS};
 use crate::format::{
-    CompressedTensor, TensorKind, TensorRecord, UdeltaReader, END_MAGIC, FORMAT_VERSION, MAGIC,
+    CodedTensor, CompressedTensor, TensorKind, TensorRecord, UdeltaReader, END_MAGIC,
+    FORMAT_VERSION, MAGIC,
 };
 use crate::pipeline::decompress::{decode_kept, reconstruct};
+use crate::pipeline::lossless::restore_coded;
 use std::path::Path;
 
 /// The name the in-memory `.udelta` files carry in errors.
@@ -63,6 +65,10 @@ fn decode_record(reader: &UdeltaReader, r: &TensorRecord) -> crate::Result<bool>
     let out = match &r.kind {
         TensorKind::Unchanged { .. } => return Ok(false),
         TensorKind::Raw { data } => reader.read_record(data, &format!("tensor '{}'", r.name))?,
+        TensorKind::Coded(c) => match decode_coded(reader, r, c, dtype, want_len)? {
+            Some(out) => out,
+            None => return Ok(false),
+        },
         TensorKind::Compressed(c) => match decode_compressed(reader, r, c, dtype)? {
             Some(out) => out,
             None => return Ok(false),
@@ -119,6 +125,26 @@ fn decode_compressed(
     reconstruct(reader, r, c, base, base_type, out_type).map(Some)
 }
 
+/// Decodes coded tensor `c` (record `r`, `want_len` bytes of `dtype`) over a zero base;
+/// `None` if it would be larger than [`MAX_SYNTHETIC_NUMEL`] elements. (Against the wrong
+/// base, a tensor coded against one fails its restored checksum: an error, as it should be.)
+fn decode_coded(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CodedTensor,
+    dtype: Dtype,
+    want_len: u64,
+) -> crate::Result<Option<Vec<u8>>> {
+    if shape_numel(&r.shape) > MAX_SYNTHETIC_NUMEL {
+        return Ok(None);
+    }
+    let base = c
+        .base
+        .as_ref()
+        .map(|b| vec![0u8; byte_len(dtype, shape_numel(&b.shape)) as usize]);
+    restore_coded(reader, r, c, dtype, want_len, base, true).map(Some)
+}
+
 /// Element `i` of a synthetic base tensor: small, varied, exactly representable in f16.
 fn synthetic_value(i: u64) -> f32 {
     ((i % 17) as f32 - 8.0) * 0.125
@@ -131,11 +157,17 @@ fn shape_numel(shape: &[usize]) -> u64 {
 
 /// A `.udelta` container around `records` (placed right after the header, so a record
 /// reference's offset is 16 + its position in `records`) and the index JSON `json`, with a
-/// correct footer, checksum and deflated index.
+/// correct footer, checksum and deflated index. Header and footer carry the version the JSON
+/// states (so version 1 indexes make version 1 files), else [`FORMAT_VERSION`].
 pub fn udelta_container(records: &[u8], json: &[u8]) -> Vec<u8> {
+    let version = serde_json::from_slice::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v["format_version"].as_u64())
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(FORMAT_VERSION);
     let packed = miniz_oxide::deflate::compress_to_vec(json, 6);
     let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(records);
     let index_offset = out.len() as u64;
@@ -144,7 +176,7 @@ pub fn udelta_container(records: &[u8], json: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&word.to_le_bytes());
     }
     out.extend_from_slice(&crate::format::index::crc32(&packed).to_le_bytes());
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&END_MAGIC);
     out
 }

@@ -1,8 +1,10 @@
 //! What `inspect` (and `compress`, for the file it wrote) reports: per-tensor sizes measured
 //! from the file itself, totals, the measured ratio and the paper's entropy-bound ratio.
 
+use crate::checkpoint::dtype::{checked_byte_len, dtype_from_name};
 use crate::format::{TensorKind, UdeltaReader};
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// One tensor's line.
 #[derive(Debug, Clone, Serialize)]
@@ -11,8 +13,10 @@ pub struct TensorReport {
     pub name: String,
     /// Fine-tuned shape.
     pub shape: Vec<usize>,
-    /// `compressed`, `raw` or `unchanged`.
+    /// `compressed`, `coded` (lossless, format v2), `raw` (format v1) or `unchanged`.
     pub kind: &'static str,
+    /// Bytes of the fine-tuned tensor (its dtype and shape).
+    pub bytes_tensor: u64,
     /// Pruning rate (compressed tensors).
     pub rate: Option<f64>,
     /// Kept entries (compressed tensors).
@@ -23,8 +27,26 @@ pub struct TensorReport {
     pub bytes_levels: u64,
     /// Bytes of this tensor's index entry (its share of the deflated index).
     pub bytes_meta: u64,
-    /// Bytes stored losslessly (raw tensors, new vocabulary rows).
+    /// Bytes stored losslessly (coded and raw tensors, new vocabulary rows).
     pub bytes_raw: u64,
+}
+
+impl TensorReport {
+    /// Bytes this tensor takes in the file: its records and its share of the index.
+    pub fn bytes_stored(&self) -> u64 {
+        self.bytes_positions + self.bytes_levels + self.bytes_meta + self.bytes_raw
+    }
+}
+
+/// The tensors of one kind, together.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KindBytes {
+    /// How many.
+    pub tensors: u64,
+    /// Their bytes in the fine-tuned checkpoint.
+    pub tensor_bytes: u64,
+    /// Their bytes in the file (records and index share).
+    pub stored_bytes: u64,
 }
 
 /// The whole report.
@@ -64,6 +86,12 @@ pub struct InspectReport {
     pub raw_bytes: u64,
     /// Whole file.
     pub file_bytes: u64,
+    /// Bytes of the fine-tuned checkpoint's tensors.
+    pub tensor_bytes: u64,
+    /// `tensor_bytes / file_bytes`: the whole-checkpoint ratio.
+    pub ratio_file: f64,
+    /// Per kind (`compressed`, `coded`, `raw`, `unchanged`; kinds present only).
+    pub kinds: BTreeMap<&'static str, KindBytes>,
     /// fp16 bytes of the compressed tensors / `compressed_bytes`.
     pub ratio_measured: f64,
     /// `16 / (p*b + H2(p))` at the achieved density `p`.
@@ -99,10 +127,15 @@ impl InspectReport {
                 let bytes_meta = (json as f64 * reader.index_len as f64
                     / reader.json_len.max(1) as f64)
                     .ceil() as u64;
+                // The reader checked that dtype and shape give a byte size that fits in u64.
+                let bytes_tensor = dtype_from_name(&r.dtype)
+                    .and_then(|d| checked_byte_len(d, r.shape.iter().map(|&x| x as u64).product()))
+                    .unwrap_or(0);
                 let mut t = TensorReport {
                     name: r.name.clone(),
                     shape: r.shape.clone(),
                     kind: "unchanged",
+                    bytes_tensor,
                     rate: None,
                     kept: None,
                     bytes_positions: 0,
@@ -115,6 +148,10 @@ impl InspectReport {
                     TensorKind::Raw { data } => {
                         t.kind = "raw";
                         t.bytes_raw = data.len;
+                    }
+                    TensorKind::Coded(c) => {
+                        t.kind = "coded";
+                        t.bytes_raw = c.data.len;
                     }
                     TensorKind::Compressed(c) => {
                         t.kind = "compressed";
@@ -147,6 +184,14 @@ impl InspectReport {
             0.0
         };
         let p = &index.params;
+        let mut kinds: BTreeMap<&'static str, KindBytes> = BTreeMap::new();
+        for t in &tensors {
+            let k = kinds.entry(t.kind).or_default();
+            k.tensors += 1;
+            k.tensor_bytes += t.bytes_tensor;
+            k.stored_bytes += t.bytes_stored();
+        }
+        let tensor_bytes: u64 = tensors.iter().map(|t| t.bytes_tensor).sum();
         InspectReport {
             model: index.model.name.clone(),
             engine: index.engine.clone(),
@@ -165,6 +210,9 @@ impl InspectReport {
             kept,
             compressed_bytes,
             file_bytes: reader.file_len,
+            tensor_bytes,
+            ratio_file: tensor_bytes as f64 / reader.file_len.max(1) as f64,
+            kinds,
             ratio_measured: if compressed_bytes > 0 {
                 2.0 * compressed_params as f64 / compressed_bytes as f64
             } else {
@@ -214,6 +262,18 @@ impl InspectReport {
             self.trace_norm.map_or("-".into(), |t| format!("{t:.6e}")), self.scale);
         let _ = writeln!(s, "compressed_params {}  kept {} (density {:.5})  compressed_bytes {}  raw_bytes {}  file_bytes {}",
             self.compressed_params, self.kept, self.density, self.compressed_bytes, self.raw_bytes, self.file_bytes);
+        let _ = writeln!(
+            s,
+            "tensor_bytes {}  file_bytes {}  ratio_file {:.2}x",
+            self.tensor_bytes, self.file_bytes, self.ratio_file
+        );
+        for (kind, k) in &self.kinds {
+            let _ = writeln!(
+                s,
+                "  {kind:<10} {:>6} tensors  {:>14} tensor bytes  {:>14} stored bytes",
+                k.tensors, k.tensor_bytes, k.stored_bytes
+            );
+        }
         let _ = writeln!(s, "ratio_measured {:.1}x  ratio_paper {:.1}x (16 / (p*b + H2(p)) at the achieved density)", self.ratio_measured, self.ratio_paper);
         s
     }

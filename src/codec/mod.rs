@@ -1,5 +1,6 @@
 //! Entropy codec for one compressed tensor's payload: which elements were kept (positions) and
-//! their quantization levels.
+//! their quantization levels; and ([`lossless`]) the lossless coding of whole tensors against
+//! their base.
 //!
 //! # Input
 //! A tensor of `numel <= 2^32` elements keeps `kept` entries: strictly increasing element
@@ -29,6 +30,7 @@
 //! number of threads.
 
 pub mod golomb;
+pub mod lossless;
 pub mod rans;
 
 use rayon::prelude::*;
@@ -112,6 +114,14 @@ pub enum CodecError {
         block: usize,
         /// Which stream.
         stream: Stream,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A losslessly coded block does not decode.
+    #[error("lossless block {block}: {msg}")]
+    Lossless {
+        /// Index of the block in its tensor.
+        block: usize,
         /// What is wrong.
         msg: String,
     },

@@ -155,6 +155,11 @@ impl FreqTable {
         })
     }
 
+    /// The normalized frequencies, one per symbol.
+    pub fn freqs(&self) -> &[u32] {
+        &self.freq
+    }
+
     /// The level that has all the probability mass, if there is one (its streams are empty).
     pub fn single_symbol(&self) -> Option<u8> {
         self.single

@@ -122,6 +122,29 @@ impl CompressedTensor {
     }
 }
 
+/// The base tensor a losslessly coded tensor was coded against (same name and dtype; its
+/// words are the first words of the fine-tune's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodedBase {
+    /// Base tensor shape (equal to the fine-tune's, or fewer rows when the vocabulary grew).
+    pub shape: Vec<usize>,
+    /// CRC-32 of the base tensor's bytes.
+    pub crc32: u32,
+}
+
+/// A tensor stored losslessly by `codec::lossless`, against its base or alone (format v2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodedTensor {
+    /// The base tensor it is coded against; `None` when coded alone.
+    pub base: Option<CodedBase>,
+    /// Byte length of each block's stream, in order.
+    pub blocks: Vec<u64>,
+    /// The concatenated block streams.
+    pub data: RecordRef,
+    /// CRC-32 of the restored (fine-tuned) tensor bytes.
+    pub restored_crc32: u32,
+}
+
 /// How one fine-tuned tensor is stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -131,13 +154,27 @@ pub enum TensorKind {
         /// CRC-32 of the base bytes.
         base_crc32: u32,
     },
-    /// Stored losslessly.
+    /// Stored verbatim (written by format version 1 only).
     Raw {
         /// The bytes.
         data: RecordRef,
     },
+    /// Stored losslessly, coded against the base (format version 2).
+    Coded(Box<CodedTensor>),
     /// UltraDelta-compressed delta.
     Compressed(Box<CompressedTensor>),
+}
+
+impl TensorKind {
+    /// The CRC-32 of the base tensor this entry needs, `None` if it needs none.
+    pub fn base_crc32(&self) -> Option<u32> {
+        match self {
+            TensorKind::Unchanged { base_crc32 } => Some(*base_crc32),
+            TensorKind::Compressed(c) => Some(c.base_crc32),
+            TensorKind::Coded(c) => c.base.as_ref().map(|b| b.crc32),
+            TensorKind::Raw { .. } => None,
+        }
+    }
 }
 
 /// One tensor of the fine-tuned checkpoint, in file order.
@@ -159,7 +196,7 @@ pub struct TensorRecord {
 /// The whole index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileIndex {
-    /// Format version (1).
+    /// Format version (2; version 1 files are read too).
     pub format_version: u32,
     /// Writer, e.g. `udelta-gpu 0.1.0`.
     pub tool: String,

@@ -1,8 +1,8 @@
-//! The `.udelta` container (format v1, specified in `docs/FORMAT.md`).
+//! The `.udelta` container (format v2, specified in `docs/FORMAT.md`).
 //!
 //! ```text
 //! header  16 bytes: magic "UDELTA\r\n", u32 format version, u32 flags (0)
-//! records          : byte blobs (raw tensors, position streams, level streams), each referenced
+//! records          : byte blobs (coded tensors, position streams, level streams), each referenced
 //!                    from the index by offset, length and CRC-32
 //! index            : UTF-8 JSON (`FileIndex`), raw-DEFLATE compressed: parameters, model
 //!                    scale, base fingerprint, per-tensor metadata and record references
@@ -16,7 +16,9 @@ pub mod index;
 pub mod reader;
 pub mod writer;
 
-pub use index::{CompressedTensor, FileIndex, RecordRef, TensorKind, TensorRecord};
+pub use index::{
+    CodedBase, CodedTensor, CompressedTensor, FileIndex, RecordRef, TensorKind, TensorRecord,
+};
 pub use reader::UdeltaReader;
 pub use writer::UdeltaWriter;
 
@@ -24,8 +26,10 @@ pub use writer::UdeltaWriter;
 pub const MAGIC: [u8; 8] = *b"UDELTA\r\n";
 /// Trailing magic.
 pub const END_MAGIC: [u8; 8] = *b"UDLTEND\n";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The format versions this build reads (version 1 has no `coded` tensors).
+pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
 /// Header length in bytes.
 pub const HEADER_LEN: u64 = 16;
 /// Footer length in bytes.

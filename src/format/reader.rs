@@ -1,11 +1,12 @@
 //! Reads and validates a `.udelta` file. Every size and offset is checked against the file
 //! before anything is allocated; every record's CRC-32 is checked when it is read.
 
-use super::index::{crc32, FileIndex, RecordRef, TensorKind};
-use super::{END_MAGIC, FOOTER_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_INDEX_LEN};
+use super::index::{crc32, CodedTensor, FileIndex, RecordRef, TensorKind};
+use super::{END_MAGIC, FOOTER_LEN, HEADER_LEN, MAGIC, MAX_INDEX_LEN, READABLE_VERSIONS};
 use crate::bytesource::ByteSource;
-use crate::checkpoint::dtype::{checked_byte_len, dtype_from_name};
+use crate::checkpoint::dtype::{checked_byte_len, dtype_from_name, Dtype};
 use crate::codec;
+use crate::codec::lossless::{lossless_block_count, word_width};
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -57,9 +58,9 @@ impl UdeltaReader {
             return Err(bad("not a .udelta file (bad magic)".into()));
         }
         let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
+        if !READABLE_VERSIONS.contains(&version) {
             return Err(bad(format!(
-                "format version {version}, this build reads version {FORMAT_VERSION} (upgrade udelta-gpu?)"
+                "format version {version}, this build reads versions {READABLE_VERSIONS:?} (upgrade udelta-gpu?)"
             )));
         }
         let flags = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
@@ -106,9 +107,9 @@ impl UdeltaReader {
             .ok_or_else(|| bad("index does not inflate to its stated length (corrupted)".into()))?;
         let index: FileIndex =
             serde_json::from_slice(&json).map_err(|e| bad(format!("index unreadable: {e}")))?;
-        if index.format_version != FORMAT_VERSION {
+        if index.format_version != version {
             return Err(bad(format!(
-                "index says format version {}",
+                "index says format version {}, the header {version}",
                 index.format_version
             )));
         }
@@ -162,6 +163,17 @@ impl UdeltaReader {
                 TensorKind::Raw { data } => {
                     if !in_range(data) {
                         return fail("raw record outside the file");
+                    }
+                }
+                TensorKind::Coded(c) => {
+                    if self.index.format_version < 2 {
+                        return fail("coded tensor in a version 1 file");
+                    }
+                    if !in_range(&c.data) {
+                        return fail("coded record outside the file");
+                    }
+                    if let Err(what) = check_coded(c, dtype, numel) {
+                        return fail(what);
                     }
                 }
                 TensorKind::Compressed(c) => {
@@ -223,6 +235,64 @@ impl UdeltaReader {
         }
         Ok(buf)
     }
+}
+
+impl UdeltaReader {
+    /// Reads record `r` in consecutive pieces of the lengths `parts` yields (which must add up
+    /// to the record's length), handing each to `f`; the CRC-32 of the whole record is checked
+    /// after the last piece, so the caller must not keep what `f` made unless this succeeds.
+    pub fn read_record_in_parts(
+        &self,
+        r: &RecordRef,
+        parts: impl IntoIterator<Item = u64>,
+        what: &str,
+        mut f: impl FnMut(Vec<u8>) -> Result<()>,
+    ) -> Result<()> {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut offset = 0u64;
+        for len in parts {
+            if offset.checked_add(len).is_none_or(|end| end > r.len) {
+                return Err(Error::format(
+                    &self.path,
+                    format!("{what}: parts exceed the record"),
+                ));
+            }
+            let buf = self
+                .file
+                .read_vec_at(r.offset + offset, len)
+                .map_err(|e| Error::io(&self.path, e))?;
+            hasher.update(&buf);
+            offset += len;
+            f(buf)?;
+        }
+        if offset != r.len || hasher.finalize() != r.crc32 {
+            return Err(Error::format(
+                &self.path,
+                format!("{what}: checksum mismatch (corrupted)"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a coded tensor's base shape and block table against its dtype and element count
+/// (whose byte size the caller has checked to fit in u64).
+fn check_coded(c: &CodedTensor, dtype: Dtype, numel: u64) -> std::result::Result<(), &'static str> {
+    let bytes = checked_byte_len(dtype, numel).ok_or("shape too large")?;
+    if let Some(b) = &c.base {
+        let base_bytes = numel_of(&b.shape).and_then(|n| checked_byte_len(dtype, n));
+        if base_bytes.is_none_or(|n| n > bytes) {
+            return Err("base shape larger than the tensor");
+        }
+    }
+    let width = word_width(dtype.bitsize());
+    if c.blocks.len() as u64 != lossless_block_count(bytes, width) {
+        return Err("block table length inconsistent with the tensor size");
+    }
+    if c.blocks.contains(&0) || sum_of(&c.blocks) != Some(c.data.len) {
+        return Err("block lengths inconsistent with the coded record");
+    }
+    Ok(())
 }
 
 /// Number of elements of `shape`, `None` if it overflows `u64`.

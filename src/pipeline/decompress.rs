@@ -17,6 +17,7 @@ use crate::staging::{check_output, OutputKind, StagedPath};
 use std::path::Path;
 use std::sync::Arc;
 
+use super::lossless::restore_coded;
 use super::prefetch::{Prefetch, ReadJob, TensorRead};
 
 /// Options of `decompress`.
@@ -126,6 +127,10 @@ impl BaseSource<'_> {
                 self.entry(&r.name, &c.base_dtype, &c.base_shape)?,
                 c.base_crc32,
             )),
+            TensorKind::Coded(c) => match &c.base {
+                Some(b) => Some((self.entry(&r.name, &r.dtype, &b.shape)?, b.crc32)),
+                None => None,
+            },
             TensorKind::Raw { .. } => None,
         })
     }
@@ -284,10 +289,18 @@ fn restore(
     if let (Some((b, crc)), Some(bytes)) = (needs, &base_bytes) {
         base.check(b, bytes, crc)?;
     }
-    let base_bytes = || base_bytes.ok_or_else(|| Error::Param("internal: base not read".into()));
+    let not_read = || Error::Param("internal: base not read".into());
     let out = match &r.kind {
-        TensorKind::Unchanged { .. } => base_bytes()?,
+        TensorKind::Unchanged { .. } => base_bytes.ok_or_else(not_read)?,
         TensorKind::Raw { data } => reader.read_record(data, &format!("tensor '{}'", r.name))?,
+        TensorKind::Coded(c) => {
+            // A base forced over a checksum mismatch restores other bytes than the fine-tune's.
+            let verify = match (needs, &base_bytes) {
+                (Some((_, crc)), Some(bytes)) => !base.force || crc32(bytes) == crc,
+                _ => true,
+            };
+            restore_coded(reader, r, c, h.dtype, h.byte_len(), base_bytes, verify)?
+        }
         TensorKind::Compressed(c) => {
             let bad_type = || {
                 Error::format(
@@ -302,7 +315,8 @@ fn restore(
                 .and_then(|(b, _)| b.float_type())
                 .ok_or_else(bad_type)?;
             let out_type = FloatType::from_dtype(h.dtype).ok_or_else(bad_type)?;
-            reconstruct(reader, r, c, base_bytes()?, base_type, out_type)?
+            let base_bytes = base_bytes.ok_or_else(not_read)?;
+            reconstruct(reader, r, c, base_bytes, base_type, out_type)?
         }
     };
     if out.len() as u64 != h.byte_len() {

@@ -2,6 +2,7 @@
 
 pub mod compress;
 pub mod decompress;
+pub mod lossless;
 pub mod norm_worker;
 pub mod prefetch;
 pub mod rescale;

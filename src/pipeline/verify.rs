@@ -9,7 +9,7 @@ use serde::Serialize;
 /// What verification found.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct VerifyReport {
-    /// Tensors restored bit-exact (unchanged and raw ones).
+    /// Tensors restored bit-exact (unchanged, raw and coded ones).
     pub exact_tensors: usize,
     /// Compressed tensors checked.
     pub compressed_tensors: usize,
@@ -49,7 +49,7 @@ pub fn verify(
         finetuned.read_tensor(ft, &mut a)?;
         restored.read_tensor(out, &mut b)?;
         match &r.kind {
-            TensorKind::Unchanged { .. } | TensorKind::Raw { .. } => {
+            TensorKind::Unchanged { .. } | TensorKind::Raw { .. } | TensorKind::Coded(_) => {
                 if a != b {
                     return Err(Error::tensor(
                         &restored.path,

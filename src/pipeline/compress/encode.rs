@@ -1,5 +1,6 @@
-//! Step 5, pass 2: writes every tensor's record. Raw tensors are copied first (the disk
-//! writes them back while the compressed ones are computed); then the compressed tensors are
+//! Step 5, pass 2: writes every tensor's record. Tensors stored whole are coded losslessly
+//! against the base first ([`lossless::store_tensor`]; the disk writes them back while the
+//! compressed ones are computed); then the compressed tensors are
 //! read again, in reverse order (those pass 1 read last are the likeliest to be still in the
 //! page cache when the checkpoints are larger than memory), their kept entries selected
 //! ([`Engine::select`]), entropy-coded and appended, and their nuclear norms estimated.
@@ -8,7 +9,7 @@ use super::model::{Analysis, Model, Plan};
 use super::pair::Pair;
 use super::schedule::{compress_reads, pass2_bytes};
 use super::trace_norms::{KeptMatrix, TraceNorms};
-use super::{timed, Run, COPY_CHUNK};
+use super::{timed, Run};
 use crate::algorithm::selection::adjusted_rate;
 use crate::algorithm::{SelectionPlan, TensorKey, TensorStats};
 use crate::checkpoint::dtype::dtype_name;
@@ -18,6 +19,7 @@ use crate::engine::{DeltaInput, Engine, KeptEntries};
 use crate::error::{Error, Result};
 use crate::format::index::crc32;
 use crate::format::{CompressedTensor, RecordRef, TensorKind, TensorRecord, UdeltaWriter};
+use crate::pipeline::lossless;
 use crate::progress::Progress;
 
 use super::super::prefetch::Prefetch;
@@ -47,7 +49,7 @@ impl Run<'_> {
         );
         let norms = TraceNorms::start(self.with_trace_norm, &*self.engine);
         for name in order {
-            self.copy_raw_tensors(models, name, &progress)?;
+            self.store_whole_tensors(models, name, &progress)?;
         }
         for name in compress_order {
             let loaded = timed(&mut self.times.read_pass2, || loads.next_job())?;
@@ -59,8 +61,8 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Writes the record of every model's tensor `name` that is stored raw.
-    fn copy_raw_tensors(
+    /// Writes the record of every model's tensor `name` that is stored whole (coded losslessly).
+    fn store_whole_tensors(
         &mut self,
         models: &mut [Model],
         name: &str,
@@ -75,10 +77,10 @@ impl Run<'_> {
             }
             m.plans[ti] = None;
             let t = &m.ckpt.tensors[ti];
-            let data = timed(&mut self.times.write, || {
-                copy_raw(&mut m.writer, &m.ckpt, t, progress)
+            let kind = timed(&mut self.times.write, || {
+                lossless::store_tensor(&mut m.writer, &self.base, &m.ckpt, t, progress)
             })?;
-            m.records[ti] = Some(record(t, TensorKind::Raw { data }));
+            m.records[ti] = Some(record(t, kind));
         }
         Ok(())
     }
@@ -245,27 +247,6 @@ impl Run<'_> {
             )
         })
     }
-}
-
-/// Appends tensor `t` of `ckpt` whole, chunk by chunk.
-fn copy_raw(
-    writer: &mut UdeltaWriter,
-    ckpt: &crate::checkpoint::reader::Checkpoint,
-    t: &TensorEntry,
-    progress: &Progress,
-) -> Result<RecordRef> {
-    let mut start = 0u64;
-    writer.append_chunks(|buf| {
-        if start >= t.len {
-            return Ok(false);
-        }
-        let n = COPY_CHUNK.min(t.len - start) as usize;
-        buf.resize(n, 0);
-        ckpt.read_range(t, start, buf)?;
-        start += n as u64;
-        progress.inc(n as u64);
-        Ok(true)
-    })
 }
 
 /// Appends a compressed tensor's new rows (if any), then its two coded streams.

@@ -7,7 +7,7 @@ use crate::algorithm::rescale;
 use crate::checkpoint::reader::{Checkpoint, Layout};
 use crate::error::{Error, Result};
 use crate::format::index::{BaseInfo, ModelInfo, ShardInfo, SourceLayout};
-use crate::format::{FileIndex, TensorKind, TensorRecord, FORMAT_VERSION};
+use crate::format::{FileIndex, TensorRecord, FORMAT_VERSION};
 use std::path::PathBuf;
 
 impl Run<'_> {
@@ -71,10 +71,8 @@ fn base_info(records: &[TensorRecord]) -> BaseInfo {
     let mut h = crc32fast::Hasher::new();
     let mut used = 0;
     for r in records {
-        let crc = match &r.kind {
-            TensorKind::Unchanged { base_crc32 } => *base_crc32,
-            TensorKind::Compressed(c) => c.base_crc32,
-            TensorKind::Raw { .. } => continue,
+        let Some(crc) = r.kind.base_crc32() else {
+            continue;
         };
         h.update(r.name.as_bytes());
         h.update(&crc.to_le_bytes());
