@@ -12,7 +12,7 @@ use crate::algorithm::{
 };
 use crate::checkpoint::dtype::{dtype_name, FloatType};
 use crate::checkpoint::reader::{Checkpoint, Layout, TensorEntry};
-use crate::checkpoint::select::TensorSelector;
+use crate::checkpoint::select::{Pool, TensorSelector};
 use crate::codec;
 use crate::engine::{cpu::CpuEngine, DeltaInput, Engine, EngineError};
 use crate::error::{Error, Result};
@@ -502,24 +502,38 @@ pub fn compress(
     drop(loads);
     progress.finish();
 
-    // The allocation plan of each model over its compressed tensors.
+    // The allocation plan of each model over its compressed tensors, pool by pool.
     for m in models.iter_mut() {
-        let stds: Vec<(u64, f64)> = m
-            .plans
-            .iter()
-            .filter_map(|p| match p {
-                Some(Plan::Compress {
-                    shared_numel,
-                    stats,
+        for pool in [Pool::Blocks, Pool::Embeddings] {
+            let in_pool = |t: &TensorEntry, bi: usize| {
+                opts.selector.pool(&t.name, &base.tensors[bi].shape) == pool
+            };
+            let stds: Vec<(u64, f64)> = m
+                .plans
+                .iter()
+                .zip(&m.ckpt.tensors)
+                .filter_map(|(p, t)| match p {
+                    Some(Plan::Compress {
+                        base: bi,
+                        shared_numel,
+                        stats,
+                        ..
+                    }) if in_pool(t, *bi) => Some((*shared_numel as u64, stats.std_dev())),
+                    _ => None,
+                })
+                .collect();
+            let mut allocations = allocate_rates(&stds, &opts.params).into_iter();
+            for (p, t) in m.plans.iter_mut().zip(&m.ckpt.tensors) {
+                if let Some(Plan::Compress {
+                    base: bi,
+                    allocation,
                     ..
-                }) => Some((*shared_numel as u64, stats.std_dev())),
-                _ => None,
-            })
-            .collect();
-        let mut allocations = allocate_rates(&stds, &opts.params).into_iter();
-        for p in m.plans.iter_mut() {
-            if let Some(Plan::Compress { allocation, .. }) = p {
-                *allocation = allocations.next();
+                }) = p
+                {
+                    if in_pool(t, *bi) {
+                        *allocation = allocations.next();
+                    }
+                }
             }
         }
     }
