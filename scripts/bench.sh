@@ -26,13 +26,13 @@ t $bin decompress "$work/s7.udelta" --base "$work/s7/base" -o "$work/s7-restored
 echo "== cp of the base (no sync), for comparison"
 rm -rf "$work/s7-cp"; t cp -r "$work/s7/base" "$work/s7-cp"; rm -rf "$work/s7-cp" "$work/s7-restored"
 
-echo "== ratios at the paper's settings (4 bits)"
+echo "== ratios at the paper's settings (4 bits), over the block linears (--embeddings lossless)"
 scripts/fetch-minilm.sh
 printf "| s | MiniLM measured | synth 7b-L2 measured | paper bound |\n|---|---|---|---|\n"
 for s in 0.90 0.95 0.97 0.99 0.995; do
   step=0.01; [ "$s" = 0.995 ] && step=0.005
-  m=$($bin compress --base target/testdata/minilm/base --finetuned target/testdata/minilm/ft -o "$work/m.udelta" --force -q --adapter cpu --sparsity $s --step $step --json)
-  y=$($bin compress --base "$work/s7/base" --finetuned "$work/s7/ft-1" -o "$work/y.udelta" --force -q --adapter cpu --sparsity $s --step $step --json)
+  m=$($bin compress --base target/testdata/minilm/base --finetuned target/testdata/minilm/ft -o "$work/m.udelta" --force -q --adapter cpu --sparsity $s --step $step --embeddings lossless --json)
+  y=$($bin compress --base "$work/s7/base" --finetuned "$work/s7/ft-1" -o "$work/y.udelta" --force -q --adapter cpu --sparsity $s --step $step --embeddings lossless --json)
   r() { python3 -c "import json,sys; d=json.load(sys.stdin); print('%.1f' % d['$1'])"; }
   printf "| %s | %sx | %sx | %sx |\n" $s "$(echo "$m" | r ratio_measured)" "$(echo "$y" | r ratio_measured)" "$(echo "$m" | r ratio_paper)"
 done

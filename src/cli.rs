@@ -3,7 +3,7 @@
 use crate::algorithm::CompressParams;
 use crate::checkpoint::dtype::FloatType;
 use crate::checkpoint::reader::Checkpoint;
-use crate::checkpoint::select::TensorSelector;
+use crate::checkpoint::select::{Embeddings, TensorSelector};
 use crate::engine::{self, Engine};
 use crate::error::{Error, Result};
 use crate::format::UdeltaReader;
@@ -122,6 +122,11 @@ pub struct CompressArgs {
     /// Never compress tensors whose names match this regex.
     #[arg(long)]
     pub exclude: Option<String>,
+    /// Embedding-like tables (embed_tokens, lm_head, word/position embeddings, ...): lossy
+    /// (UltraDelta, one allocation with the block linears), lossless (stored exactly), or
+    /// separate (UltraDelta, an allocation of their own).
+    #[arg(long, default_value = "lossy")]
+    pub embeddings: String,
     /// Model name used in the selection hash (default: the fine-tuned path's last component).
     #[arg(long)]
     pub model_name: Option<String>,
@@ -187,15 +192,15 @@ pub struct SynthArgs {
     /// Output directory (gets base/ and ft-1/ .. ft-M/).
     #[arg(long)]
     pub out: PathBuf,
-    /// Shapes: tiny, 7b or 13b (LLaMA-2).
+    /// Shapes: tiny, 7b or 13b (LLaMA-2), llama3-8b (Llama-3-8B, GQA).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// Override the number of transformer layers.
     #[arg(long)]
     pub layers: Option<usize>,
-    /// Element type: f16, bf16 or f32.
-    #[arg(long, default_value = "f16")]
-    pub dtype: String,
+    /// Element type: f16, bf16 or f32 (default: bf16 for llama3-8b, else f16).
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Number of fine-tunes.
     #[arg(long, default_value_t = 1)]
     pub models: usize,
@@ -358,7 +363,8 @@ fn run_compress(a: CompressArgs) -> Result<()> {
     params.validate()?;
     let opts = CompressOptions {
         params,
-        selector: TensorSelector::new(a.include.as_deref(), a.exclude.as_deref())?,
+        selector: TensorSelector::new(a.include.as_deref(), a.exclude.as_deref())?
+            .with_embeddings(a.embeddings.parse::<Embeddings>()?),
         model_name: a.model_name,
         force: a.force,
         verify: a.verify,
@@ -430,10 +436,14 @@ fn parse_float_type(s: &str) -> Result<FloatType> {
 }
 
 fn run_synth(a: SynthArgs) -> Result<()> {
+    let preset = a.preset.parse::<Preset>()?;
     let opts = SynthOptions {
-        preset: a.preset.parse::<Preset>()?,
+        preset,
         layers: a.layers,
-        dtype: parse_float_type(&a.dtype)?,
+        dtype: match &a.dtype {
+            Some(d) => parse_float_type(d)?,
+            None => preset.default_dtype(),
+        },
         models: a.models,
         shards: a.shards,
         seed: a.seed,

@@ -49,6 +49,9 @@ fn compress_and_restore(d: &Path, dtype: Dtype, growth: usize, shards: usize) {
         s(&fp),
         "-o",
         s(&file),
+        // Embeddings stored whole (not the default), so that a grown table is coded too.
+        "--embeddings",
+        "lossless",
     ]));
     let index = read_index(&file);
     assert_eq!(index["format_version"], 2);

@@ -2,7 +2,7 @@
 //! benchmarks.
 //!
 //! **These are synthetic weights, not a real model.** They have the tensor names, shapes,
-//! dtypes and file layout of Hugging Face LLaMA-2 checkpoints, and deltas whose statistics
+//! dtypes and file layout of Hugging Face LLaMA-2 and Llama-3 checkpoints, and deltas whose statistics
 //! resemble those of real fine-tunes, so that compression ratios, timings and the algorithm's
 //! code paths are exercised realistically; no language model is in them.
 //!
@@ -41,7 +41,9 @@
 //!     `0.8 + 0.4 * layer / (layers - 1)` (deeper layers move more; 1 with a single layer),
 //!     times a projection factor
 //!     (q, k 0.8; v 1.25; o 1.1; gate, up 1.0; down 1.15);
-//!   - `embed_tokens`: the same log-uniform times 0.3; `lm_head`: times 0.5;
+//!   - `embed_tokens`, `lm_head`: the same log-uniform, for the rows of *seen* tokens; the
+//!     other rows times 0.02 (`embed_tokens`) or 0.1 (`lm_head`, whose every row gets a
+//!     gradient through the softmax) — see "Vocabulary rows" below;
 //!   - norm weights (1-D, `D = s * T`, no low-rank or column part): log-uniform in
 //!     `[1e-3, 3e-3]`, one to a few f16 ulps near 1.0 (in f16 about 30 % of them round to a
 //!     zero delta);
@@ -54,6 +56,17 @@
 //! 3e-4..3e-3 survive the rounding of `B + D` with 20-200 ulps; in bf16 (ulp 1.2e-4 near
 //! 0.02) they are coarser, and most norm deltas round to zero (as they do in real bf16
 //! fine-tunes).
+//!
+//! Vocabulary rows: a full fine-tune moves the embedding rows of the tokens its training data
+//! contains much more than the others. Token `r` (0-based row, frequency rank `r + 1`) occurs
+//! in fine-tune `m`'s synthetic data `Poisson(lambda_r)` times, `lambda_r = 0.2 V / (H_V (r + 1))`
+//! (Zipf's law with exponent 1 over a corpus of `0.2 V` tokens, `H_V = ln V + 0.5772`), and is
+//! *seen* when it occurs at least once: about 11 % of the rows at V = 1024, 8 % at 32000, 7 % at
+//! 128256 (the real MiniLM fine-tune of the tests moved 6.6 % of its word-embedding rows by
+//! about 200 times the others). One uniform draw per (seed, fine-tune, row) decides, so
+//! `embed_tokens` and `lm_head` agree on the seen rows, and every fine-tune has its own. Every
+//! row drifts (unseen rows by the factor above); in f16 and bf16 part of the unseen rows'
+//! drift rounds away, as it does in real half-precision fine-tunes.
 //!
 //! Edge cases: in the `tiny` preset `model.norm.weight` has an exactly zero delta (the
 //! fine-tunes hold the base's bytes) and `model.position_ids` is an int64 tensor. With
@@ -103,32 +116,47 @@ pub enum Preset {
     Llama7B,
     /// LLaMA-2-13B: H = 5120, I = 13824, V = 32000, 40 layers (13,015,864,320 parameters).
     Llama13B,
+    /// Llama-3-8B: H = 4096, I = 14336, V = 128256, 32 layers, 32 query heads and 8 key/value
+    /// heads (GQA: `k_proj` and `v_proj` are `[1024, 4096]`), bf16 and 4 shards by default
+    /// (8,030,261,248 parameters).
+    Llama3_8B,
 }
 
 impl Preset {
-    /// The name accepted by [`FromStr`]: `tiny`, `7b` or `13b`.
+    /// The name accepted by [`FromStr`]: `tiny`, `7b`, `13b` or `llama3-8b`.
     pub fn name(self) -> &'static str {
         match self {
             Preset::Tiny => "tiny",
             Preset::Llama7B => "7b",
             Preset::Llama13B => "13b",
+            Preset::Llama3_8B => "llama3-8b",
         }
     }
 
-    /// Shards per model when none is asked for: tiny 1, 7b 2, 13b 3.
+    /// Shards per model when none is asked for: tiny 1, 7b 2, 13b 3, llama3-8b 4.
     pub fn default_shards(self) -> usize {
         match self {
             Preset::Tiny => 1,
             Preset::Llama7B => 2,
             Preset::Llama13B => 3,
+            Preset::Llama3_8B => 4,
+        }
+    }
+
+    /// Dtype when none is asked for: bf16 for llama3-8b (as released), f16 for the others.
+    pub fn default_dtype(self) -> FloatType {
+        match self {
+            Preset::Llama3_8B => FloatType::BF16,
+            _ => FloatType::F16,
         }
     }
 
     fn dims(self, layers: Option<usize>) -> Dims {
-        let (hidden, intermediate, vocab, default_layers, heads) = match self {
-            Preset::Tiny => (256, 688, 1024, 2, 4),
-            Preset::Llama7B => (4096, 11008, 32000, 32, 32),
-            Preset::Llama13B => (5120, 13824, 32000, 40, 40),
+        let (hidden, intermediate, vocab, default_layers, heads, kv_heads) = match self {
+            Preset::Tiny => (256, 688, 1024, 2, 4, 4),
+            Preset::Llama7B => (4096, 11008, 32000, 32, 32, 32),
+            Preset::Llama13B => (5120, 13824, 32000, 40, 40, 40),
+            Preset::Llama3_8B => (4096, 14336, 128256, 32, 32, 8),
         };
         Dims {
             hidden,
@@ -136,6 +164,7 @@ impl Preset {
             vocab,
             layers: layers.unwrap_or(default_layers),
             heads,
+            kv_heads,
         }
     }
 }
@@ -153,8 +182,9 @@ impl FromStr for Preset {
             "tiny" => Ok(Preset::Tiny),
             "7b" => Ok(Preset::Llama7B),
             "13b" => Ok(Preset::Llama13B),
+            "llama3-8b" => Ok(Preset::Llama3_8B),
             _ => Err(Error::Param(format!(
-                "unknown preset '{s}' (expected tiny, 7b or 13b)"
+                "unknown preset '{s}' (expected tiny, 7b, 13b or llama3-8b)"
             ))),
         }
     }
@@ -182,12 +212,13 @@ pub struct SynthOptions {
 }
 
 impl SynthOptions {
-    /// Defaults for `preset`: f16, one fine-tune, default shards, seed 0, no vocabulary growth.
+    /// Defaults for `preset`: its default dtype, one fine-tune, default shards, seed 0, no
+    /// vocabulary growth.
     pub fn new(preset: Preset) -> Self {
         SynthOptions {
             preset,
             layers: None,
-            dtype: FloatType::F16,
+            dtype: preset.default_dtype(),
             models: 1,
             shards: None,
             seed: 0,
@@ -224,6 +255,8 @@ struct Dims {
     vocab: usize,
     layers: usize,
     heads: usize,
+    /// Key/value heads (GQA when fewer than `heads`).
+    kv_heads: usize,
 }
 
 /// The linear projections of a LLaMA layer.
@@ -279,6 +312,7 @@ impl Spec {
 fn plan(preset: Preset, layers: Option<usize>) -> (Dims, Vec<Spec>) {
     let d = preset.dims(layers);
     let (h, i, v) = (d.hidden, d.intermediate, d.vocab);
+    let kv = h / d.heads * d.kv_heads;
     let spec = |name: String, shape: Vec<usize>, kind, layer| Spec {
         name,
         shape,
@@ -293,15 +327,15 @@ fn plan(preset: Preset, layers: Option<usize>) -> (Dims, Vec<Spec>) {
     )];
     for l in 0..d.layers {
         let p = format!("model.layers.{l}");
-        for (n, proj) in [
-            ("q", Proj::Q),
-            ("k", Proj::K),
-            ("v", Proj::V),
-            ("o", Proj::O),
+        for (n, proj, rows) in [
+            ("q", Proj::Q, h),
+            ("k", Proj::K, kv),
+            ("v", Proj::V, kv),
+            ("o", Proj::O, h),
         ] {
             out.push(spec(
                 format!("{p}.self_attn.{n}_proj.weight"),
-                vec![h, h],
+                vec![rows, h],
                 Kind::Proj(proj),
                 l,
             ));
@@ -525,9 +559,10 @@ fn config_json(opts: &SynthOptions, d: &Dims, finetune: Option<usize>) -> serde_
         "intermediate_size": d.intermediate,
         "num_hidden_layers": d.layers,
         "num_attention_heads": d.heads,
-        "num_key_value_heads": d.heads,
+        "num_key_value_heads": d.kv_heads,
         "vocab_size": vocab,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": if opts.preset == Preset::Llama3_8B { 8192 } else { 4096 },
+        "rope_theta": if opts.preset == Preset::Llama3_8B { 500_000.0 } else { 10_000.0 },
         "rms_norm_eps": 1e-5,
         "hidden_act": "silu",
         "tie_word_embeddings": false,

@@ -505,3 +505,138 @@ fn progress_and_bad_options() {
         assert!(matches!(err, Error::Param(_)), "{bad:?}: {err}");
     }
 }
+
+#[test]
+fn llama3_8b_preset_shapes_names_and_defaults() {
+    let (h, kv, i, v) = (4096usize, 1024usize, 14336usize, 128256usize);
+    let mut want: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![v, h])];
+    for l in 0..32 {
+        let p = format!("model.layers.{l}");
+        want.extend([
+            (format!("{p}.self_attn.q_proj.weight"), vec![h, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, h]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+        ]);
+    }
+    want.push(("model.norm.weight".into(), vec![h]));
+    want.push(("lm_head.weight".into(), vec![v, h]));
+    let got = preset_shapes(Preset::Llama3_8B, None);
+    assert_eq!(got, want);
+    // Meta-Llama-3-8B's published parameter count.
+    let params: u64 = got
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum();
+    assert_eq!(params, 8_030_261_248);
+    // With 2 layers: the same names for layers 0 and 1.
+    let two = preset_shapes(Preset::Llama3_8B, Some(2));
+    assert_eq!(two.len(), 2 + 2 * 9 + 1);
+    assert_eq!(two[..19], want[..19]);
+    assert_eq!(two[19..], want[want.len() - 2..]);
+
+    assert_eq!("llama3-8b".parse::<Preset>().unwrap(), Preset::Llama3_8B);
+    assert_eq!(Preset::Llama3_8B.default_shards(), 4);
+    let opts = SynthOptions::new(Preset::Llama3_8B);
+    assert_eq!(opts.dtype, FloatType::BF16);
+    assert_eq!(SynthOptions::new(Preset::Llama7B).dtype, FloatType::F16);
+    let (dims, _) = plan(Preset::Llama3_8B, Some(2));
+    let cfg = config_json(&opts, &dims, Some(1));
+    assert_eq!(cfg["num_attention_heads"], 32);
+    assert_eq!(cfg["num_key_value_heads"], 8);
+    assert_eq!(cfg["intermediate_size"], 14336);
+    assert_eq!(cfg["vocab_size"], 128256);
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    assert_eq!(cfg["num_hidden_layers"], 2);
+}
+
+/// Root mean square of each row of a `[rows, cols]` delta.
+fn row_rms(d: &[f64], cols: usize) -> Vec<f64> {
+    d.chunks(cols)
+        .map(|r| (r.iter().map(|x| x * x).sum::<f64>() / cols as f64).sqrt())
+        .collect()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+#[test]
+fn seen_token_rows_move_more_than_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SynthOptions {
+        dtype: FloatType::F32,
+        seed: 21,
+        ..tiny(2)
+    };
+    let rep = write(dir.path(), &opts);
+    let base = load_dir(&rep.base);
+    let (vocab, cols) = (1024usize, 256usize);
+    // Expected number of seen rows, recomputed from the model's definition in f64.
+    let harmonic = (vocab as f64).ln() + 0.577_215_664_9;
+    let p: Vec<f64> = (0..vocab)
+        .map(|r| 1.0 - (-0.2 * vocab as f64 / (harmonic * (r + 1) as f64)).exp())
+        .collect();
+    let expected: f64 = p.iter().sum();
+    let sd = p.iter().map(|q| q * (1.0 - q)).sum::<f64>().sqrt();
+    let mut seen_sets = Vec::new();
+    for ft_dir in &rep.finetuned {
+        let ft = load_dir(ft_dir);
+        let mut seen_of = Vec::new();
+        for (name, factor) in [
+            ("model.embed_tokens.weight", 1.0 / 0.02),
+            ("lm_head.weight", 1.0 / 0.1),
+        ] {
+            let b = floats(FloatType::F32, &base[name].2);
+            let f = floats(FloatType::F32, &ft[name].2);
+            let d: Vec<f64> = b.iter().zip(&f).map(|(b, f)| f - b).collect();
+            let rms = row_rms(&d, cols);
+            assert!(rms.iter().all(|&x| x > 0.0), "{name}: every row drifts");
+            // The two populations are far apart: split at the geometric middle.
+            let lo = rms.iter().cloned().fold(f64::MAX, f64::min);
+            let hi = rms.iter().cloned().fold(0.0, f64::max);
+            let cut = (lo * hi).sqrt();
+            let seen: Vec<bool> = rms.iter().map(|&x| x > cut).collect();
+            let n_seen = seen.iter().filter(|&&s| s).count() as f64;
+            assert!(
+                (n_seen - expected).abs() < 4.0 * sd,
+                "{name}: {n_seen} seen rows, expected {expected:.1} +- {sd:.1}"
+            );
+            let pick = |want: bool| -> Vec<f64> {
+                rms.iter()
+                    .zip(&seen)
+                    .filter(|(_, &s)| s == want)
+                    .map(|(x, _)| *x)
+                    .collect()
+            };
+            let ratio = median(&pick(true)) / median(&pick(false));
+            assert!(
+                (0.75 * factor..1.33 * factor).contains(&ratio),
+                "{name}: seen rows move {ratio:.1}x the others, expected {factor}"
+            );
+            // Frequent tokens (low ids) are seen far more often than rare ones.
+            let frac = |a: usize, z: usize| {
+                seen[a..z].iter().filter(|&&s| s).count() as f64 / (z - a) as f64
+            };
+            assert!(frac(0, vocab / 8) > 4.0 * frac(vocab / 2, vocab), "{name}");
+            seen_of.push(seen);
+        }
+        assert_eq!(
+            seen_of[0], seen_of[1],
+            "embed_tokens and lm_head see the same tokens"
+        );
+        seen_sets.push(seen_of.remove(0));
+    }
+    assert_ne!(
+        seen_sets[0], seen_sets[1],
+        "each fine-tune has its own data"
+    );
+}

@@ -25,10 +25,17 @@ pub const COLUMN_SIGMA: f32 = 0.25;
 pub const LINEAR_SCALE: (f32, f32) = (3e-4, 3e-3);
 /// Range of the per-tensor delta scale of norm weights.
 pub const NORM_SCALE: (f32, f32) = (1e-3, 3e-3);
-/// Embedding and lm_head deltas: the linear range times these factors.
-pub const EMBED_FACTOR: f32 = 0.3;
-/// See [`EMBED_FACTOR`].
-pub const LM_HEAD_FACTOR: f32 = 0.5;
+/// Rows of `embed_tokens` whose token the fine-tuning data does not contain move by this
+/// fraction of the rows of seen tokens (which move at the linear layers' scale).
+pub const UNSEEN_EMBED_FACTOR: f32 = 0.02;
+/// The same for `lm_head`, whose every row gets a gradient through the softmax.
+pub const UNSEEN_LM_HEAD_FACTOR: f32 = 0.1;
+/// Length of the synthetic fine-tuning data, in tokens per vocabulary row: token `r`
+/// (0-based, frequency rank `r + 1`) occurs `Poisson(TRAIN_TOKENS_PER_ROW * V / (H_V (r + 1)))`
+/// times (Zipf's law with exponent 1, `H_V ≈ ln V + 0.5772` the harmonic number), and is seen
+/// when it occurs at least once: about 11 % of the rows at V = 1024, 8 % at 32000, 7 % at
+/// 128256.
+pub const TRAIN_TOKENS_PER_ROW: f32 = 0.2;
 /// Model `m` (0-based: ft-1 is 0) has its deltas scaled by `1 + MODEL_STEP * m`.
 pub const MODEL_STEP: f32 = 0.3;
 /// Log-normal sigma of a per-(model, tensor) jitter of the delta scale.
@@ -41,6 +48,42 @@ const P_COLUMNS: u64 = 3;
 const P_NEW_ROWS: u64 = 4;
 const P_TENSOR_SCALE: u64 = 5;
 const P_MODEL_JITTER: u64 = 6;
+const P_SEEN: u64 = 7;
+
+/// Which vocabulary rows fine-tune `m` saw in its (synthetic) training data: row `r` with
+/// probability `1 - exp(-lambda_r)`, `lambda_r = TRAIN_TOKENS_PER_ROW * V / (H_V (r + 1))`, from
+/// one draw keyed by (seed, model, row), so that `embed_tokens` and `lm_head` agree.
+#[derive(Debug, Clone, Copy)]
+pub struct SeenTokens {
+    seed: u64,
+    m: usize,
+    /// `TRAIN_TOKENS_PER_ROW * V / H_V`.
+    lambda_1: f32,
+}
+
+impl SeenTokens {
+    /// For fine-tune `m` (0-based) of a vocabulary of `vocab` rows.
+    pub fn new(seed: u64, m: usize, vocab: usize) -> Self {
+        let v = vocab.max(1) as f32;
+        let harmonic = log2(v) * std::f32::consts::LN_2 + 0.577_215_7;
+        SeenTokens {
+            seed,
+            m,
+            lambda_1: TRAIN_TOKENS_PER_ROW * v / harmonic,
+        }
+    }
+
+    /// Probability that row `r` is seen.
+    pub fn probability(&self, r: usize) -> f32 {
+        1.0 - exp(-self.lambda_1 / (r + 1) as f32)
+    }
+
+    /// Whether row `r` is seen.
+    pub fn seen(&self, r: usize) -> bool {
+        let mut rng = Rng::stream(&[self.seed, P_SEEN, 1 + self.m as u64, r as u64]);
+        (rng.uniform_f64() as f32) < self.probability(r)
+    }
+}
 
 /// Projection-specific factor of the delta scale.
 fn proj_factor(p: Proj) -> f32 {
@@ -64,7 +107,8 @@ fn exp(x: f32) -> f32 {
 }
 
 /// The standard deviation `s` of the delta of tensor `t` in fine-tune `m` (0-based), before
-/// the per-column scales (whose mean square is 1).
+/// the per-column scales (whose mean square is 1) and, in `embed_tokens` and `lm_head`, before
+/// the factor of unseen rows ([`UNSEEN_EMBED_FACTOR`], [`UNSEEN_LM_HEAD_FACTOR`]).
 pub fn delta_scale(seed: u64, t: usize, spec: &Spec, layers: usize, m: usize) -> f32 {
     let mut r = Rng::stream(&[seed, P_TENSOR_SCALE, t as u64]);
     let base = match spec.kind {
@@ -76,8 +120,7 @@ pub fn delta_scale(seed: u64, t: usize, spec: &Spec, layers: usize, m: usize) ->
             };
             log_uniform(&mut r, LINEAR_SCALE) * trend * proj_factor(p)
         }
-        Kind::Embed => log_uniform(&mut r, LINEAR_SCALE) * EMBED_FACTOR,
-        Kind::LmHead => log_uniform(&mut r, LINEAR_SCALE) * LM_HEAD_FACTOR,
+        Kind::Embed | Kind::LmHead => log_uniform(&mut r, LINEAR_SCALE),
         Kind::InputNorm | Kind::PostNorm | Kind::FinalNorm => log_uniform(&mut r, NORM_SCALE),
         Kind::PositionIds => 0.0,
     };
@@ -168,6 +211,8 @@ struct DeltaParams {
     a: Vec<f32>,
     /// `None` for 1-D tensors (no low-rank part).
     b: Option<[Vec<f32>; LOW_RANK]>,
+    /// Vocabulary tables: which rows are seen, and the factor of the others.
+    rows: Option<(SeenTokens, f32)>,
 }
 
 impl DeltaParams {
@@ -177,8 +222,15 @@ impl DeltaParams {
             return DeltaParams {
                 a: vec![s; cols],
                 b: None,
+                rows: None,
             };
         }
+        let unseen = match spec.kind {
+            Kind::Embed => Some(UNSEEN_EMBED_FACTOR),
+            Kind::LmHead => Some(UNSEEN_LM_HEAD_FACTOR),
+            _ => None,
+        };
+        let rows = unseen.map(|f| (SeenTokens::new(seed, m, spec.shape[0]), f));
         let norm = LOW_RANK_WEIGHTS.iter().map(|w| w * w).sum::<f32>().sqrt();
         let lr = LOW_RANK_ENERGY.sqrt() / norm;
         let noise = (1.0 - LOW_RANK_ENERGY).sqrt();
@@ -193,7 +245,11 @@ impl DeltaParams {
                 bk.push(s * c * lr * LOW_RANK_WEIGHTS[k] * n.next());
             }
         }
-        DeltaParams { a, b: Some(b) }
+        DeltaParams {
+            a,
+            b: Some(b),
+            rows,
+        }
     }
 
     /// `out[j] = base[j] + delta[r][j]` for fine-tune `m`.
@@ -207,36 +263,40 @@ impl DeltaParams {
     ) {
         let mut rng = Rng::stream(&[seed, P_DELTA, 1 + m as u64, t as u64, r as u64]);
         sc.t.resize(base.len(), 0.0);
+        let g = match self.rows {
+            Some((seen, unseen)) if !seen.seen(r) => unseen,
+            _ => 1.0,
+        };
         match &self.b {
             None => {
                 rng.fill_t5(&mut sc.t, &mut sc.batch);
-                combine(out, base, &sc.t, &self.a, [0.0; LOW_RANK], &[]);
+                combine(out, base, &sc.t, &self.a, g, [0.0; LOW_RANK], &[]);
             }
             Some(b) => {
                 let (u0, u1) = rng.normal_pair();
                 let (u2, u3) = rng.normal_pair();
                 rng.fill_t5(&mut sc.t, &mut sc.batch);
-                combine(out, base, &sc.t, &self.a, [u0, u1, u2, u3], b);
+                combine(out, base, &sc.t, &self.a, g, [u0, u1, u2, u3], b);
             }
         }
     }
 }
 
 multiversion! {
-    /// `out[j] = base[j] + (a[j] * t[j] + (u[0] b[0][j] + .. + u[3] b[3][j]))`; without `b`,
-    /// `out[j] = base[j] + a[j] * t[j]`.
-    fn combine(out: &mut [f32], base: &[f32], t: &[f32], a: &[f32], u: [f32; LOW_RANK], b: &[Vec<f32>]) {
+    /// `out[j] = base[j] + g * (a[j] * t[j] + (u[0] b[0][j] + .. + u[3] b[3][j]))`; without
+    /// `b`, `out[j] = base[j] + g * (a[j] * t[j])`.
+    fn combine(out: &mut [f32], base: &[f32], t: &[f32], a: &[f32], g: f32, u: [f32; LOW_RANK], b: &[Vec<f32>]) {
         let n = out.len();
         let (base, t, a) = (&base[..n], &t[..n], &a[..n]);
         if let [b0, b1, b2, b3] = b {
             let (b0, b1, b2, b3) = (&b0[..n], &b1[..n], &b2[..n], &b3[..n]);
             for j in 0..n {
                 let lr = u[0] * b0[j] + u[1] * b1[j] + u[2] * b2[j] + u[3] * b3[j];
-                out[j] = base[j] + (a[j] * t[j] + lr);
+                out[j] = base[j] + g * (a[j] * t[j] + lr);
             }
         } else {
             for j in 0..n {
-                out[j] = base[j] + a[j] * t[j];
+                out[j] = base[j] + g * (a[j] * t[j]);
             }
         }
     }

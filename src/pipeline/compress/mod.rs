@@ -145,7 +145,7 @@ pub fn compress(
     };
     let order = schedule::schedule(&models);
     run.analyze_all(&mut models, &order)?;
-    allocate::allocate(&mut models, &opts.params);
+    allocate::allocate(&mut models, &run.base, &opts.selector, &opts.params);
     run.encode_all(&mut models, &order)?;
     let files = run.finish(models, outputs)?;
     Ok(CompressOutcome {

@@ -198,7 +198,7 @@ fn allocation_gives_each_compressed_plan_its_own_third() {
         step: 0.02,
         ..Default::default()
     };
-    allocate_plans(&mut plans, &params);
+    allocate_plans(&mut plans, &[true; 5], &params);
     let got: Vec<Option<(Group, f64)>> = plans
         .iter()
         .map(|p| match p {
