@@ -787,12 +787,12 @@ fn udelta_cases(fx: &Fixture) -> Vec<BadRun> {
         ("udelta-wrong-magic", with(0, b"XXXXXXXX"), "magic"),
         (
             "udelta-future-version",
-            with(8, &2u32.to_le_bytes()),
-            "version 2",
+            with(8, &3u32.to_le_bytes()),
+            "version 3",
         ),
         (
             "udelta-future-footer-version",
-            with(n - 12, &2u32.to_le_bytes()),
+            with(n - 12, &3u32.to_le_bytes()),
             "version",
         ),
         (

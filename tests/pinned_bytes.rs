@@ -1,7 +1,10 @@
 //! Pins the exact bytes of files built from synthetic inputs, so that a change meant to leave
 //! the output alone (a refactor, a speed-up) is caught if it does not. The expected values are
-//! CRC-32s and lengths recorded on 2026-12-06 from commit 1980d76; a change that is *meant* to
-//! change the bytes (a format or algorithm change) updates them in the same commit and says why.
+//! CRC-32s and lengths recorded on 2026-12-06 from commit 1980d76; the `.udelta` files and the
+//! restored `config.json` were re-recorded the same day for format version 2, which carries the
+//! synthetic `config.json` as a side file (every restored weight file unchanged). A change that
+//! is *meant* to change the bytes (a format or algorithm change) updates them in the same commit
+//! and says why.
 //!
 //! Each case goes through the binary with the CPU engine (the GPU engine is held to the CPU
 //! engine byte for byte by `gpu_engine.rs`).
@@ -91,8 +94,9 @@ fn two_bf16_sharded_finetunes_with_trace_norm() {
     check(
         got,
         &[
-            ("ft-1.udelta", 0xa022f6e1, 1124474),
-            ("ft-2.udelta", 0x3d43a259, 1123341),
+            ("ft-1.udelta", 0xb6527f81, 1124574),
+            ("ft-2.udelta", 0x8a8b7bb2, 1123442),
+            ("restored/config.json", 0x08876c05, 613),
             (
                 "restored/model-00001-of-00002.safetensors",
                 0xc507a623,
@@ -150,7 +154,8 @@ fn f16_vocabulary_growth_single_file() {
     check(
         got,
         &[
-            ("ft.udelta", 0xc4aacfff, 1177975),
+            ("config.json", 0x098a1cda, 613),
+            ("ft.udelta", 0xa00fc81f, 1178076),
             ("model.safetensors", 0xb59676c3, 4219128),
         ],
     );
@@ -190,7 +195,7 @@ fn f32_sharded_two_bits_fixed_gamma() {
     check(
         got,
         &[
-            ("ft.udelta", 0xa4f4eff5, 53284),
+            ("ft.udelta", 0x8c73b624, 53284),
             ("model-00001-of-00003.safetensors", 0xa2a7f27e, 223056),
             ("model-00002-of-00003.safetensors", 0x5b8002c5, 154960),
             ("model-00003-of-00003.safetensors", 0x2dd67171, 70080),

@@ -29,6 +29,7 @@
 //! number of threads.
 
 pub mod golomb;
+pub mod prefixed;
 pub mod rans;
 
 use rayon::prelude::*;

@@ -1,4 +1,4 @@
-//! The `.udelta` container (format v1, specified in `docs/FORMAT.md`).
+//! The `.udelta` container (format v2, specified in `docs/FORMAT.md`).
 //!
 //! ```text
 //! header  16 bytes: magic "UDELTA\r\n", u32 format version, u32 flags (0)
@@ -14,6 +14,7 @@
 
 pub mod index;
 pub mod reader;
+pub mod side_files;
 pub mod writer;
 
 pub use index::{CompressedTensor, FileIndex, RecordRef, TensorKind, TensorRecord};
@@ -24,8 +25,10 @@ pub use writer::UdeltaWriter;
 pub const MAGIC: [u8; 8] = *b"UDELTA\r\n";
 /// Trailing magic.
 pub const END_MAGIC: [u8; 8] = *b"UDLTEND\n";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes (and the newest it reads).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads (version 1 has no side files).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Header length in bytes.
 pub const HEADER_LEN: u64 = 16;
 /// Footer length in bytes.

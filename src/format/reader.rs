@@ -2,7 +2,10 @@
 //! before anything is allocated; every record's CRC-32 is checked when it is read.
 
 use super::index::{crc32, FileIndex, RecordRef, TensorKind};
-use super::{END_MAGIC, FOOTER_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_INDEX_LEN};
+use super::{
+    END_MAGIC, FOOTER_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_INDEX_LEN,
+    OLDEST_READABLE_VERSION,
+};
 use crate::bytesource::ByteSource;
 use crate::checkpoint::dtype::{checked_byte_len, dtype_from_name};
 use crate::codec;
@@ -57,9 +60,9 @@ impl UdeltaReader {
             return Err(bad("not a .udelta file (bad magic)".into()));
         }
         let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(bad(format!(
-                "format version {version}, this build reads version {FORMAT_VERSION} (upgrade udelta-gpu?)"
+                "format version {version}, this build reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION} (upgrade udelta-gpu?)"
             )));
         }
         let flags = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
@@ -106,9 +109,9 @@ impl UdeltaReader {
             .ok_or_else(|| bad("index does not inflate to its stated length (corrupted)".into()))?;
         let index: FileIndex =
             serde_json::from_slice(&json).map_err(|e| bad(format!("index unreadable: {e}")))?;
-        if index.format_version != FORMAT_VERSION {
+        if index.format_version != version {
             return Err(bad(format!(
-                "index says format version {}",
+                "index says format version {}, the header {version}",
                 index.format_version
             )));
         }
@@ -134,6 +137,8 @@ impl UdeltaReader {
                     .checked_add(r.len)
                     .is_some_and(|e| e <= records_end)
         };
+        super::side_files::check(&self.index, in_range)
+            .map_err(|why| Error::format(&self.path, why))?;
         let mut total_bytes = 0u64;
         for t in &self.index.tensors {
             let fail = |what: &str| {

@@ -13,6 +13,7 @@ use crate::algorithm::{
 use crate::checkpoint::dtype::{dtype_name, FloatType};
 use crate::checkpoint::reader::{Checkpoint, Layout, TensorEntry};
 use crate::checkpoint::select::TensorSelector;
+use crate::checkpoint::side_files::SideFileOptions;
 use crate::codec;
 use crate::engine::{cpu::CpuEngine, DeltaInput, Engine, EngineError};
 use crate::error::{Error, Result};
@@ -52,6 +53,8 @@ pub struct CompressOptions {
     pub trace_norm: bool,
     /// Use this gamma for every model instead of the trace-norm rule.
     pub gamma: Option<f64>,
+    /// Which of the fine-tuned directory's other files (config, tokenizer) are carried.
+    pub side_files: SideFileOptions,
 }
 
 /// Wall time spent in each stage, in seconds (stages run one after another on this thread).
@@ -139,6 +142,8 @@ struct Model {
     records: Vec<Option<TensorRecord>>,
     /// Sum of the nuclear norms of the compressed, rescaled 2-D deltas.
     trace_norm: f64,
+    /// The fine-tuned directory's side files, already in the file.
+    side_files: Vec<crate::format::side_files::SideFileEntry>,
 }
 
 /// Decides how a fine-tuned tensor is handled, before reading any data.
@@ -279,7 +284,14 @@ fn open_model(
 ) -> Result<Model> {
     let ckpt = Checkpoint::open(path)?;
     refuse_empty(&ckpt)?;
-    let writer = UdeltaWriter::create(out, opts.force)?;
+    let mut writer = UdeltaWriter::create(out, opts.force)?;
+    let side_files = super::side_files::carry(
+        base.path.as_path(),
+        &ckpt,
+        &mut writer,
+        opts.side_files,
+        !opts.progress,
+    )?;
     // A fine-tune may drop buffers (newer exports omit `position_ids`), but a missing tensor
     // that would be compressed means a truncated or wrong checkpoint.
     for missing in base.tensors.iter().filter(|b| ckpt.get(&b.name).is_none()) {
@@ -314,6 +326,7 @@ fn open_model(
         plans: (0..n).map(|_| None).collect(),
         records: vec![None; n],
         trace_norm: 0.0,
+        side_files,
     })
 }
 
@@ -771,6 +784,7 @@ pub fn compress(
             base: base_info(&records),
             source: source_layout(&m.ckpt),
             tensors: records,
+            side_files: m.side_files,
         };
         let target = m.writer.target().to_path_buf();
         let bytes = timed(&mut times.write, || m.writer.finish(&index))?;

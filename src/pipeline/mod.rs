@@ -5,4 +5,5 @@ pub mod decompress;
 pub mod norm_worker;
 pub mod prefetch;
 pub mod rescale;
+pub mod side_files;
 pub mod verify;
