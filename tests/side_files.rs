@@ -340,6 +340,22 @@ fn crafted_side_file_entries_are_refused_before_anything_is_written() {
         i
     };
     let set_path = |p: &'static str| move |e: &mut serde_json::Value| e["path"] = p.into();
+    // A record longer than any coding of one byte (at most 64 bytes): a tensor's.
+    let tensor_record = index["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|t| {
+            t.get("positions")
+                .filter(|p| p["len"].as_u64().unwrap() > 100)
+        })
+        .unwrap()
+        .clone();
+    let long_record = |e: &mut serde_json::Value| {
+        e["path"] = "z.md".into();
+        e["len"] = 1.into();
+        e["data"] = tensor_record.clone();
+    };
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
         ("dotdot", with_entry(&set_path("../escaped.md")), "'..'"),
         (
@@ -397,6 +413,11 @@ fn crafted_side_file_entries_are_refused_before_anything_is_written() {
                 e["data"]["offset"] = 1u64.into()
             }),
             "record outside",
+        ),
+        (
+            "long-record",
+            with_entry(&long_record),
+            "record longer than any coding",
         ),
         (
             "version-1",

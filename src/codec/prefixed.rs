@@ -29,6 +29,12 @@ fn zstd_error(what: &str, code: usize) -> String {
     format!("{what}: {}", zstd_safe::get_error_name(code))
 }
 
+/// The longest frame [`encode`] makes of `len` bytes (zstd's bound): a longer record is refused
+/// before it is read.
+pub fn max_frame_len(len: u64) -> u64 {
+    zstd_safe::compress_bound(len as usize) as u64
+}
+
 /// Codes `data` against `prefix` (empty: no base file). Deterministic.
 pub fn encode(prefix: &[u8], data: &[u8]) -> Result<Vec<u8>, String> {
     let mut cctx = CCtx::try_create().ok_or("zstd: out of memory")?;
@@ -90,6 +96,7 @@ mod tests {
         ft.extend_from_slice(b"\"added_token\": 1\n");
         for prefix in [&base[..], &[][..]] {
             let frame = encode(prefix, &ft).unwrap();
+            assert!(frame.len() as u64 <= max_frame_len(ft.len() as u64));
             assert_eq!(decode(prefix, &frame, ft.len()).unwrap(), ft);
         }
         let empty = encode(&base, b"").unwrap();

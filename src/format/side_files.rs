@@ -7,6 +7,7 @@ use crate::checkpoint::reader::INDEX_FILE_NAME;
 use crate::checkpoint::side_files::{
     check_relative_path, MAX_SIDE_FILES, MAX_SIDE_FILES_TOTAL, MAX_SIDE_FILE_LEN,
 };
+use crate::codec::prefixed::max_frame_len;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
@@ -87,6 +88,9 @@ fn check_entry(f: &SideFileEntry, in_range: &impl Fn(&RecordRef) -> bool) -> Res
     }
     match (&f.data, &f.base) {
         (Some(d), _) if !in_range(d) => Err("record outside the file".into()),
+        (Some(d), _) if d.len > max_frame_len(f.len) => {
+            Err("record longer than any coding of the file".into())
+        }
         (None, None) => Err("neither a record nor a base file".into()),
         (None, Some(b)) if (b.len, b.crc32) != (f.len, f.crc32) => {
             Err("stored as the base's file, but its length or CRC-32 differs".into())
