@@ -187,6 +187,7 @@ fn udelta_seeds(out: &Path, tmp: &Path) {
             progress: false,
             trace_norm: false,
             gamma: None,
+            side_files: Default::default(),
         };
         compress(
             &base,

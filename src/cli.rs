@@ -4,6 +4,7 @@ use crate::algorithm::CompressParams;
 use crate::checkpoint::dtype::FloatType;
 use crate::checkpoint::reader::Checkpoint;
 use crate::checkpoint::select::{Embeddings, TensorSelector};
+use crate::checkpoint::side_files::SideFileOptions;
 use crate::engine::{self, Engine};
 use crate::error::{Error, Result};
 use crate::format::UdeltaReader;
@@ -140,6 +141,13 @@ pub struct CompressArgs {
     /// Use this gamma for every model instead of the trace-norm rule.
     #[arg(long)]
     pub gamma: Option<f64>,
+    /// Carry none of the fine-tuned directory's other files (config, tokenizer, ...); by
+    /// default they travel in the file, coded against the base's, and decompress restores them.
+    #[arg(long)]
+    pub no_side_files: bool,
+    /// Also carry the directory's Python files (modeling_*.py for trust_remote_code).
+    #[arg(long, conflicts_with = "no_side_files")]
+    pub with_remote_code: bool,
     /// Replace an existing output file.
     #[arg(long)]
     pub force: bool,
@@ -371,6 +379,10 @@ fn run_compress(a: CompressArgs) -> Result<()> {
         progress: !a.quiet,
         trace_norm: a.trace_norm,
         gamma: a.gamma,
+        side_files: SideFileOptions {
+            omit: a.no_side_files,
+            remote_code: a.with_remote_code,
+        },
     };
     let mut engine = engine::create(&a.adapter, a.gpu_mem)?;
     let t = Instant::now();
@@ -518,6 +530,7 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         trace_norm: false,
         gamma: None,
         progress: false,
+        side_files: Default::default(),
     };
     let t = Instant::now();
     compress(

@@ -157,12 +157,13 @@ fn shape_numel(shape: &[usize]) -> u64 {
 
 /// A `.udelta` container around `records` (placed right after the header, so a record
 /// reference's offset is 16 + its position in `records`) and the index JSON `json`, with a
-/// correct footer, checksum and deflated index. Header and footer carry the version the JSON
-/// states (so version 1 indexes make version 1 files), else [`FORMAT_VERSION`].
+/// correct footer, checksum and deflated index. Header and footer carry the index's
+/// `format_version` when it has a numeric one (a version-1 seed stays a version-1 file), else
+/// [`FORMAT_VERSION`].
 pub fn udelta_container(records: &[u8], json: &[u8]) -> Vec<u8> {
     let version = serde_json::from_slice::<serde_json::Value>(json)
         .ok()
-        .and_then(|v| v["format_version"].as_u64())
+        .and_then(|v| v.get("format_version")?.as_u64())
         .and_then(|v| u32::try_from(v).ok())
         .unwrap_or(FORMAT_VERSION);
     let packed = miniz_oxide::deflate::compress_to_vec(json, 6);

@@ -49,6 +49,19 @@ pub struct KindBytes {
     pub stored_bytes: u64,
 }
 
+/// One side file (config, tokenizer, ...) the file carries.
+#[derive(Debug, Clone, Serialize)]
+pub struct SideFileReport {
+    /// Path relative to the checkpoint directory.
+    pub path: String,
+    /// Its size once restored.
+    pub bytes: u64,
+    /// Bytes it takes in the file (0 when it is the base's file).
+    pub bytes_stored: u64,
+    /// `same as base`, `against base` or `alone`.
+    pub coding: &'static str,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct InspectReport {
@@ -76,6 +89,8 @@ pub struct InspectReport {
     pub base_fingerprint: String,
     /// Per tensor.
     pub tensors: Vec<TensorReport>,
+    /// The side files restored beside the weights.
+    pub side_files: Vec<SideFileReport>,
     /// Parameters of the compressed tensors.
     pub compressed_params: u64,
     /// Kept entries.
@@ -206,6 +221,16 @@ impl InspectReport {
             base_fingerprint: index.base.fingerprint.clone(),
             raw_bytes: tensors.iter().map(|t| t.bytes_raw).sum(),
             tensors,
+            side_files: index
+                .side_files
+                .iter()
+                .map(|f| SideFileReport {
+                    path: f.path.clone(),
+                    bytes: f.len,
+                    bytes_stored: f.stored_len(),
+                    coding: f.coding(),
+                })
+                .collect(),
             compressed_params,
             kept,
             compressed_bytes,
@@ -252,6 +277,9 @@ impl InspectReport {
                 );
             }
         }
+        if per_tensor {
+            self.side_files_text(&mut s);
+        }
         let _ = writeln!(
             s,
             "model {}  engine {}  base {}",
@@ -275,7 +303,34 @@ impl InspectReport {
             );
         }
         let _ = writeln!(s, "ratio_measured {:.1}x  ratio_paper {:.1}x (16 / (p*b + H2(p)) at the achieved density)", self.ratio_measured, self.ratio_paper);
+        let _ = writeln!(
+            s,
+            "side_files {} ({} bytes, {} stored)",
+            self.side_files.len(),
+            self.side_files.iter().map(|f| f.bytes).sum::<u64>(),
+            self.side_files.iter().map(|f| f.bytes_stored).sum::<u64>()
+        );
         s
+    }
+
+    /// The table of side files (nothing when there are none).
+    fn side_files_text(&self, s: &mut String) {
+        use std::fmt::Write;
+        if self.side_files.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "{:<56} {:>12} {:>12}  coding",
+            "side file", "bytes", "stored"
+        );
+        for f in &self.side_files {
+            let _ = writeln!(
+                s,
+                "{:<56} {:>12} {:>12}  {}",
+                f.path, f.bytes, f.bytes_stored, f.coding
+            );
+        }
     }
 }
 

@@ -93,8 +93,9 @@ fn two_bf16_sharded_finetunes_with_trace_norm() {
     check(
         got,
         &[
-            ("ft-1.udelta", 0x2ee3d81e, 96441),
-            ("ft-2.udelta", 0x9a3d7a49, 95905),
+            ("ft-1.udelta", 0x0bef7205, 96544),
+            ("ft-2.udelta", 0xc2af4e7d, 96006),
+            ("restored/config.json", 0x923a9b98, 638),
             (
                 "restored/model-00001-of-00002.safetensors",
                 0xc27c6577,
@@ -152,7 +153,8 @@ fn f16_vocabulary_growth_single_file() {
     check(
         got,
         &[
-            ("ft.udelta", 0xb01209ab, 164391),
+            ("config.json", 0x9337eb47, 638),
+            ("ft.udelta", 0x9dc2dfe9, 164490),
             ("model.safetensors", 0x1212edab, 4219128),
         ],
     );

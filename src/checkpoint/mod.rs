@@ -3,4 +3,5 @@
 pub mod dtype;
 pub mod reader;
 pub mod select;
+pub mod side_files;
 pub mod writer;

@@ -31,6 +31,7 @@
 
 pub mod golomb;
 pub mod lossless;
+pub mod prefixed;
 pub mod rans;
 
 use rayon::prelude::*;

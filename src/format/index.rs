@@ -1,5 +1,6 @@
 //! The JSON index of a `.udelta` file.
 
+use super::side_files::SideFileEntry;
 use crate::algorithm::{CompressParams, Group};
 use crate::codec::BlockInfo;
 use serde::{Deserialize, Serialize};
@@ -196,7 +197,7 @@ pub struct TensorRecord {
 /// The whole index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileIndex {
-    /// Format version (2; version 1 files are read too).
+    /// Format version (1 or 2).
     pub format_version: u32,
     /// Writer, e.g. `udelta-gpu 0.1.0`.
     pub tool: String,
@@ -212,6 +213,9 @@ pub struct FileIndex {
     pub source: SourceLayout,
     /// Every tensor of the fine-tune.
     pub tensors: Vec<TensorRecord>,
+    /// The fine-tuned directory's other files (version 2; absent: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub side_files: Vec<SideFileEntry>,
 }
 
 /// CRC-32 of `bytes`.

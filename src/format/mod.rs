@@ -14,6 +14,7 @@
 
 pub mod index;
 pub mod reader;
+pub mod side_files;
 pub mod writer;
 
 pub use index::{
@@ -26,10 +27,10 @@ pub use writer::UdeltaWriter;
 pub const MAGIC: [u8; 8] = *b"UDELTA\r\n";
 /// Trailing magic.
 pub const END_MAGIC: [u8; 8] = *b"UDLTEND\n";
-/// The format version this build writes.
+/// The format version this build writes (and the newest it reads).
 pub const FORMAT_VERSION: u32 = 2;
-/// The format versions this build reads (version 1 has no `coded` tensors).
-pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
+/// The oldest format version this build reads (version 1 has no side files).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Header length in bytes.
 pub const HEADER_LEN: u64 = 16;
 /// Footer length in bytes.

@@ -2,7 +2,10 @@
 //! before anything is allocated; every record's CRC-32 is checked when it is read.
 
 use super::index::{crc32, CodedTensor, FileIndex, RecordRef, TensorKind};
-use super::{END_MAGIC, FOOTER_LEN, HEADER_LEN, MAGIC, MAX_INDEX_LEN, READABLE_VERSIONS};
+use super::{
+    END_MAGIC, FOOTER_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_INDEX_LEN,
+    OLDEST_READABLE_VERSION,
+};
 use crate::bytesource::ByteSource;
 use crate::checkpoint::dtype::{checked_byte_len, dtype_from_name, Dtype};
 use crate::codec;
@@ -58,9 +61,9 @@ impl UdeltaReader {
             return Err(bad("not a .udelta file (bad magic)".into()));
         }
         let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
-        if !READABLE_VERSIONS.contains(&version) {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(bad(format!(
-                "format version {version}, this build reads versions {READABLE_VERSIONS:?} (upgrade udelta-gpu?)"
+                "format version {version}, this build reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION} (upgrade udelta-gpu?)"
             )));
         }
         let flags = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
@@ -135,6 +138,8 @@ impl UdeltaReader {
                     .checked_add(r.len)
                     .is_some_and(|e| e <= records_end)
         };
+        super::side_files::check(&self.index, in_range)
+            .map_err(|why| Error::format(&self.path, why))?;
         let mut total_bytes = 0u64;
         for t in &self.index.tensors {
             let fail = |what: &str| {

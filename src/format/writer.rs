@@ -99,7 +99,8 @@ fn write_index(out: &mut DurableFile, index: &FileIndex, path: &Path) -> Result<
     footer.extend_from_slice(&(packed.len() as u64).to_le_bytes());
     footer.extend_from_slice(&(json.len() as u64).to_le_bytes());
     footer.extend_from_slice(&super::index::crc32(&packed).to_le_bytes());
-    footer.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    // The index's version: a rewritten version-1 file keeps its version-1 header.
+    footer.extend_from_slice(&index.format_version.to_le_bytes());
     footer.extend_from_slice(&END_MAGIC);
     out.write(&footer)
 }

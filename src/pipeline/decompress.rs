@@ -2,8 +2,9 @@
 //! or with `delta_only` the reconstructed deltas of the compressed tensors as f32.
 //!
 //! Every base tensor is checked against the CRC-32 recorded at compression, so a wrong base
-//! is refused (unless forced), naming the tensor. The output directory is staged and appears
-//! only when complete.
+//! is refused (unless forced), naming the tensor. The fine-tune's side files (config,
+//! tokenizer) are written beside the weights. The output directory is staged and appears only
+//! when complete.
 
 use crate::checkpoint::dtype::{dtype_from_name, Dtype, FloatType};
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
@@ -217,6 +218,8 @@ pub fn decompress(
     if opts.delta_only {
         write_deltas(&reader, &base, staged.path(), opts)?;
     } else {
+        // First: they are small, and a base without the files they need is refused early.
+        super::side_files::restore(&reader, base_path, staged.path())?;
         write_checkpoint(&reader, &base, staged.path(), opts)?;
     }
     staged.commit()

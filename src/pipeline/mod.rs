@@ -6,4 +6,5 @@ pub mod lossless;
 pub mod norm_worker;
 pub mod prefetch;
 pub mod rescale;
+pub mod side_files;
 pub mod verify;

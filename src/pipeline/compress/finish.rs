@@ -52,6 +52,7 @@ impl Run<'_> {
             base: base_info(&records),
             source: source_layout(&m.ckpt),
             tensors: records,
+            side_files: std::mem::take(&mut m.side_files),
         }
     }
 }

@@ -31,6 +31,7 @@ mod trace_norms;
 use crate::algorithm::CompressParams;
 use crate::checkpoint::reader::Checkpoint;
 use crate::checkpoint::select::TensorSelector;
+use crate::checkpoint::side_files::SideFileOptions;
 use crate::engine::Engine;
 use crate::error::Result;
 use std::path::{Path, PathBuf};
@@ -61,6 +62,8 @@ pub struct CompressOptions {
     pub trace_norm: bool,
     /// Use this gamma for every model instead of the trace-norm rule.
     pub gamma: Option<f64>,
+    /// Which of the fine-tuned directory's other files (config, tokenizer) are carried.
+    pub side_files: SideFileOptions,
 }
 
 /// Wall time spent in each stage, in seconds (stages run one after another on this thread).
@@ -135,7 +138,7 @@ pub fn compress(
     engine: &mut dyn Engine,
 ) -> Result<CompressOutcome> {
     let inputs = open::open_inputs(base_path, finetuned, out, opts)?;
-    let (outputs, mut models) = stage::stage_outputs(inputs.sources, out, opts.force)?;
+    let (outputs, mut models) = stage::stage_outputs(inputs.sources, &inputs.base, out, opts)?;
     let mut run = Run {
         base: inputs.base,
         opts,

@@ -4,6 +4,7 @@
 use super::open::{Kind, Source};
 use crate::algorithm::{Allocation, TensorStats};
 use crate::checkpoint::reader::Checkpoint;
+use crate::format::side_files::SideFileEntry;
 use crate::format::{TensorRecord, UdeltaWriter};
 use std::sync::Arc;
 
@@ -38,11 +39,13 @@ pub(super) struct Model {
     pub records: Vec<Option<TensorRecord>>,
     /// Sum of the nuclear norms of the compressed, rescaled 2-D deltas.
     pub trace_norm: f64,
+    /// The fine-tuned directory's side files, already in the file.
+    pub side_files: Vec<SideFileEntry>,
 }
 
 impl Model {
     /// A fine-tune that has its output: nothing planned or written yet.
-    pub fn new(source: Source, writer: UdeltaWriter) -> Model {
+    pub fn new(source: Source, writer: UdeltaWriter, side_files: Vec<SideFileEntry>) -> Model {
         let n = source.ckpt.tensors.len();
         Model {
             name: source.name,
@@ -52,6 +55,7 @@ impl Model {
             plans: vec![None; n],
             records: vec![None; n],
             trace_norm: 0.0,
+            side_files,
         }
     }
 }

@@ -1,10 +1,14 @@
 //! Step 2: the outputs, staged under temporary names: one `.udelta` file, or with several
-//! fine-tunes a directory of them, renamed into place only by [`Outputs::commit`].
+//! fine-tunes a directory of them, renamed into place only by [`Outputs::commit`]. Each file
+//! starts with the fine-tune's side files (config, tokenizer: [`side_files::carry`]).
 
 use super::model::Model;
 use super::open::Source;
+use super::CompressOptions;
+use crate::checkpoint::reader::Checkpoint;
 use crate::error::{Error, Result};
 use crate::format::UdeltaWriter;
+use crate::pipeline::side_files;
 use crate::staging::StagedPath;
 use std::path::{Path, PathBuf};
 
@@ -15,12 +19,15 @@ pub(super) struct Outputs {
     dir: Option<StagedPath>,
 }
 
-/// Stages the outputs of `sources` at `out` and gives each fine-tune its writer.
+/// Stages the outputs of `sources` at `out` and gives each fine-tune its writer, which already
+/// holds the fine-tune's side files.
 pub(super) fn stage_outputs(
     sources: Vec<Source>,
+    base: &Checkpoint,
     out: &Path,
-    force: bool,
+    opts: &CompressOptions,
 ) -> Result<(Outputs, Vec<Model>)> {
+    let force = opts.force;
     let dir = (sources.len() > 1)
         .then(|| StagedPath::new(out, force))
         .transpose()?;
@@ -34,7 +41,15 @@ pub(super) fn stage_outputs(
                 Some(d) => d.path().join(format!("{}.udelta", s.name)),
                 None => out.to_path_buf(),
             };
-            Ok(Model::new(s, UdeltaWriter::create(&file, force)?))
+            let mut writer = UdeltaWriter::create(&file, force)?;
+            let carried = side_files::carry(
+                &base.path,
+                &s.ckpt,
+                &mut writer,
+                opts.side_files,
+                !opts.progress,
+            )?;
+            Ok(Model::new(s, writer, carried))
         })
         .collect::<Result<Vec<_>>>()?;
     let outputs = Outputs {

@@ -61,6 +61,7 @@ fn options() -> CompressOptions {
         progress: false,
         trace_norm: false,
         gamma: None,
+        side_files: Default::default(),
     }
 }
 
