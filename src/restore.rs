@@ -1,0 +1,352 @@
+//! Restoring the tensors of a `.udelta` file against a base, one tensor at a time: what
+//! `decompress` writes and what the Python package hands to PyTorch or NumPy, from one code.
+//!
+//! - [`BaseSource`]: the base checkpoint, checked tensor by tensor (dtype, shape, CRC-32)
+//!   against what the file recorded, so a wrong base is refused naming the tensor.
+//! - [`kept_deltas`]: the kept positions of a compressed tensor and the f32 value that
+//!   restoring adds at each; [`dense_delta`]: the same as a dense f32 tensor.
+//! - [`restore`] / [`restore_unchecked`]: the fine-tuned bytes of one tensor from its record
+//!   and the base's bytes (f32 add, rounded to the fine-tune's dtype).
+//! - [`Restorer`]: every tensor of a file in order, reading the base one tensor at a time.
+
+use crate::checkpoint::dtype::{dtype_from_name, dtype_name, Dtype, FloatType};
+use crate::checkpoint::reader::{Checkpoint, TensorEntry};
+use crate::checkpoint::writer::TensorHeader;
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::format::index::crc32;
+use crate::format::{CompressedTensor, TensorKind, TensorRecord, UdeltaReader};
+use crate::pipeline::prefetch::{Prefetch, ReadJob, TensorRead};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Parses a dtype name as written in the index.
+fn parse_dtype(reader: &UdeltaReader, tensor: &str, name: &str) -> Result<Dtype> {
+    dtype_from_name(name).ok_or_else(|| {
+        Error::format(
+            reader.path(),
+            format!("tensor '{tensor}': unknown dtype '{name}'"),
+        )
+    })
+}
+
+/// The header of a record's tensor as the fine-tune had it.
+pub fn header_of(reader: &UdeltaReader, r: &TensorRecord) -> Result<TensorHeader> {
+    Ok(TensorHeader {
+        name: r.name.clone(),
+        dtype: parse_dtype(reader, &r.name, &r.dtype)?,
+        shape: r.shape.clone(),
+    })
+}
+
+/// What record `r` needs from the base: the dtype, shape and CRC-32 of the base tensor, or
+/// `None` for tensors stored whole in the file.
+pub fn base_expectation(r: &TensorRecord) -> Option<(&str, &[usize], u32)> {
+    match &r.kind {
+        TensorKind::Unchanged { base_crc32 } => Some((&r.dtype, &r.shape, *base_crc32)),
+        TensorKind::Compressed(c) => Some((&c.base_dtype, &c.base_shape, c.base_crc32)),
+        TensorKind::Raw { .. } => None,
+    }
+}
+
+/// The message for a base tensor of dtype `have`/`have_shape` where `file` expects another.
+pub fn wrong_kind_message(
+    file: &Path,
+    have: &str,
+    have_shape: &[usize],
+    want: &str,
+    want_shape: &[usize],
+) -> String {
+    format!(
+        "base has {have} {have_shape:?}, {} expects {want} {want_shape:?}: wrong base",
+        file.display()
+    )
+}
+
+/// The message for a base tensor whose bytes are not those `file` was made against.
+pub fn wrong_bytes_message(file: &Path) -> String {
+    format!(
+        "differs from the base {} was made against (checksum mismatch): wrong base? (--force to apply anyway)",
+        file.display()
+    )
+}
+
+/// The base checkpoint, checked tensor by tensor against what a `.udelta` file expects.
+pub struct BaseSource<'a> {
+    /// The base checkpoint.
+    pub base: &'a Arc<Checkpoint>,
+    /// The file restored against it.
+    pub reader: &'a UdeltaReader,
+    /// Accept bytes whose CRC-32 differs.
+    pub force: bool,
+}
+
+impl BaseSource<'_> {
+    /// The base tensor `name`, checked to have the dtype and shape the file expects.
+    pub fn entry(&self, name: &str, dtype: &str, shape: &[usize]) -> Result<&TensorEntry> {
+        let (base, file) = (self.base, self.reader.path());
+        let b = base.get(name).ok_or_else(|| {
+            Error::tensor(
+                &base.path,
+                name,
+                format!(
+                    "missing from the base, but {} was made against a base that has it",
+                    file.display()
+                ),
+            )
+        })?;
+        let have = dtype_name(b.dtype);
+        if have != dtype || b.shape != shape {
+            return Err(Error::tensor(
+                base.shard_path(b),
+                name,
+                wrong_kind_message(file, &have, &b.shape, dtype, shape),
+            ));
+        }
+        Ok(b)
+    }
+
+    /// Checks the bytes read for base tensor `b` against the CRC-32 the file recorded.
+    pub fn check(&self, b: &TensorEntry, bytes: &[u8], want_crc: u32) -> Result<()> {
+        if !self.force && crc32(bytes) != want_crc {
+            return Err(Error::tensor(
+                self.base.shard_path(b),
+                &b.name,
+                wrong_bytes_message(self.reader.path()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What record `r` needs from the base: its tensor entry and expected CRC-32, or `None`
+    /// for tensors stored whole in the file. Checks dtype and shape.
+    pub fn needs(&self, r: &TensorRecord) -> Result<Option<(&TensorEntry, u32)>> {
+        base_expectation(r)
+            .map(|(dtype, shape, crc)| Ok((self.entry(&r.name, dtype, shape)?, crc)))
+            .transpose()
+    }
+
+    /// Starts reading, in order, the base tensors `records` need, after checking every one
+    /// of them (so a base that lacks a tensor is refused before anything is written).
+    pub fn prefetch<'r>(
+        &self,
+        records: impl IntoIterator<Item = &'r TensorRecord>,
+    ) -> Result<Prefetch> {
+        let jobs = records
+            .into_iter()
+            .map(|r| {
+                Ok(match self.needs(r)? {
+                    Some((b, _)) => vec![TensorRead {
+                        ckpt: self.base.clone(),
+                        tensor: b.clone(),
+                    }],
+                    None => Vec::new(),
+                })
+            })
+            .collect::<Result<Vec<ReadJob>>>()?;
+        Ok(Prefetch::start(jobs))
+    }
+}
+
+/// Decodes a compressed tensor's kept positions and levels.
+pub fn decode_kept(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+) -> Result<(Vec<u32>, Vec<u8>)> {
+    let what = |s: &str| format!("tensor '{}': {s}", r.name);
+    let positions = reader.read_record(&c.positions, &what("position stream"))?;
+    let levels = reader.read_record(&c.levels, &what("level stream"))?;
+    codec::decode_tensor(
+        c.shared_numel,
+        &c.kept_counts,
+        &c.blocks,
+        &positions,
+        &levels,
+    )
+    .map_err(|e| Error::format(reader.path(), what(&format!("undecodable: {e}"))))
+}
+
+/// The kept positions of a compressed tensor (into the base tensor, flattened, increasing)
+/// and the f32 value that restoring adds to the base at each.
+pub fn kept_deltas(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+) -> Result<(Vec<u32>, Vec<f32>)> {
+    let (positions, levels) = decode_kept(reader, r, c)?;
+    let deltas = c.grid().scaled_values(reader.index.model.scale);
+    let values = levels.iter().map(|&l| deltas[l as usize]).collect();
+    Ok((positions, values))
+}
+
+/// The delta of a compressed tensor as restoring adds it, dense over the elements shared
+/// with the base (zero where nothing was kept).
+pub fn dense_delta(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+) -> Result<Vec<f32>> {
+    let (positions, values) = kept_deltas(reader, r, c)?;
+    let mut dense = vec![0f32; c.shared_numel as usize];
+    for (&p, &v) in positions.iter().zip(&values) {
+        dense[p as usize] = v;
+    }
+    Ok(dense)
+}
+
+/// Turns the base bytes of one compressed tensor into its fine-tuned bytes (in place when
+/// the dtypes agree, else into a new buffer).
+pub fn reconstruct(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+    base_bytes: Vec<u8>,
+    base_type: FloatType,
+    out_type: FloatType,
+) -> Result<Vec<u8>> {
+    let (positions, values) = kept_deltas(reader, r, c)?;
+    let base_values = (base_type != out_type).then(|| {
+        let mut vals = Vec::new();
+        base_type.decode_into(&base_bytes, &mut vals);
+        vals
+    });
+    let mut out = match &base_values {
+        None => base_bytes,
+        Some(vals) => {
+            let mut out = Vec::new();
+            out_type.encode_into(vals, &mut out);
+            out
+        }
+    };
+    for (&p, &delta) in positions.iter().zip(&values) {
+        let base = match &base_values {
+            None => out_type.load(&out, p as usize),
+            Some(vals) => vals[p as usize],
+        };
+        out_type.store(&mut out, p as usize, base + delta);
+    }
+    if let Some(tail) = &c.tail {
+        out.extend_from_slice(
+            &reader.read_record(tail, &format!("tensor '{}': new rows", r.name))?,
+        );
+    }
+    Ok(out)
+}
+
+/// The fine-tuned bytes of record `r` (header `h`) from the base bytes it needs (if any, of
+/// float type `base_type` for compressed tensors), without checking them against the file.
+pub fn restore_unchecked(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    h: &TensorHeader,
+    base_type: Option<FloatType>,
+    base_bytes: Option<Vec<u8>>,
+) -> Result<Vec<u8>> {
+    let base_bytes = || base_bytes.ok_or_else(|| Error::Param("internal: base not read".into()));
+    let out = match &r.kind {
+        TensorKind::Unchanged { .. } => base_bytes()?,
+        TensorKind::Raw { data } => reader.read_record(data, &format!("tensor '{}'", r.name))?,
+        TensorKind::Compressed(c) => {
+            let bad_type = || {
+                Error::format(
+                    reader.path(),
+                    format!(
+                        "tensor '{}': compressed tensor of a non-float dtype",
+                        r.name
+                    ),
+                )
+            };
+            let base_type = base_type.ok_or_else(bad_type)?;
+            let out_type = FloatType::from_dtype(h.dtype).ok_or_else(bad_type)?;
+            reconstruct(reader, r, c, base_bytes()?, base_type, out_type)?
+        }
+    };
+    if out.len() as u64 != h.byte_len() {
+        return Err(Error::format(
+            reader.path(),
+            format!("tensor '{}': restored size differs from its shape", r.name),
+        ));
+    }
+    Ok(out)
+}
+
+/// The fine-tuned bytes of record `r` (header `h`), given the base bytes it needs (if any),
+/// checked against the CRC-32 the file recorded.
+pub fn restore(
+    reader: &UdeltaReader,
+    base: &BaseSource,
+    r: &TensorRecord,
+    h: &TensorHeader,
+    base_bytes: Option<Vec<u8>>,
+) -> Result<Vec<u8>> {
+    let needs = base.needs(r)?;
+    if let (Some((b, crc)), Some(bytes)) = (needs, &base_bytes) {
+        base.check(b, bytes, crc)?;
+    }
+    let base_type = needs.and_then(|(b, _)| b.float_type());
+    restore_unchecked(reader, r, h, base_type, base_bytes)
+}
+
+/// Every tensor of a `.udelta` file restored against a base checkpoint, in the file's
+/// order, reading one base tensor at a time (memory: about one tensor).
+pub struct Restorer {
+    reader: UdeltaReader,
+    base: Arc<Checkpoint>,
+    force: bool,
+    next: usize,
+}
+
+impl Restorer {
+    /// Opens `input` and `base_path` and checks that the base has every tensor the file
+    /// needs, with the dtype and shape it expects (the bytes are checked as they are read).
+    pub fn open(input: &Path, base_path: &Path, force: bool) -> Result<Restorer> {
+        let reader = UdeltaReader::open(input)?;
+        let base = Arc::new(Checkpoint::open(base_path)?);
+        let r = Restorer {
+            reader,
+            base,
+            force,
+            next: 0,
+        };
+        for t in &r.reader.index.tensors {
+            r.source().needs(t)?;
+        }
+        Ok(r)
+    }
+
+    /// The file being restored.
+    pub fn reader(&self) -> &UdeltaReader {
+        &self.reader
+    }
+
+    fn source(&self) -> BaseSource<'_> {
+        BaseSource {
+            base: &self.base,
+            reader: &self.reader,
+            force: self.force,
+        }
+    }
+
+    /// The next tensor's header and fine-tuned bytes, or `None` after the last.
+    pub fn next_tensor(&mut self) -> Option<Result<(TensorHeader, Vec<u8>)>> {
+        let r = self.reader.index.tensors.get(self.next)?;
+        self.next += 1;
+        Some(self.restore_record(r))
+    }
+
+    fn restore_record(&self, r: &TensorRecord) -> Result<(TensorHeader, Vec<u8>)> {
+        let source = self.source();
+        let h = header_of(&self.reader, r)?;
+        let base_bytes = match source.needs(r)? {
+            Some((b, _)) => {
+                let mut buf = Vec::new();
+                self.base.read_tensor(b, &mut buf)?;
+                Some(buf)
+            }
+            None => None,
+        };
+        let out = restore(&self.reader, &source, r, &h, base_bytes)?;
+        Ok((h, out))
+    }
+}
