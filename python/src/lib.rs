@@ -161,6 +161,23 @@ fn rescale(py: Python<'_>, files: Vec<PathBuf>) -> PyResult<Vec<f64>> {
     guarded(py, || udelta_gpu::pipeline::rescale::rescale(&files))
 }
 
+/// CRC-32 (the format's checksum) of the `len` bytes at address `addr`: the buffer of a
+/// contiguous NumPy array (`a.ctypes.data`, `a.nbytes`), which the caller keeps alive during
+/// the call. (The buffer protocol is not in the stable ABI before Python 3.11.)
+#[pyfunction]
+fn crc32_at(py: Python<'_>, addr: usize, len: usize) -> PyResult<u32> {
+    if len == 0 {
+        return Ok(udelta_gpu::format::index::crc32(&[]));
+    }
+    if addr == 0 {
+        return Err(UdeltaError::new_err("crc32_at: null address"));
+    }
+    // SAFETY: the caller passes the address and length of a live, contiguous buffer that it
+    // holds a reference to for the duration of this call, and nothing writes it meanwhile.
+    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+    guarded(py, || Ok(udelta_gpu::format::index::crc32(bytes)))
+}
+
 /// An opened `.udelta` file.
 #[pyclass(module = "udelta._udelta", frozen)]
 struct File {
@@ -342,6 +359,7 @@ fn _udelta(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compress, m)?)?;
     m.add_function(wrap_pyfunction!(decompress, m)?)?;
     m.add_function(wrap_pyfunction!(rescale, m)?)?;
+    m.add_function(wrap_pyfunction!(crc32_at, m)?)?;
     m.add_class::<File>()?;
     m.add_class::<Restorer>()?;
     Ok(())

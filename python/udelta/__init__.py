@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "open",
     "inspect",
     "load_state_dict",
+    "iter_tensors",
     "apply_",
     "swap_",
     "compress",
@@ -435,21 +436,18 @@ def _host_view(t) -> np.ndarray:
     return t.numpy()
 
 
+def _crc32(t) -> int:
+    """CRC-32 of tensor ``t``'s bytes (the library's, hardware-accelerated, GIL released)."""
+    a = _host_view(t)
+    return _udelta.crc32_at(a.ctypes.data, a.nbytes)
+
+
 def _dtype_name(t) -> str:
     _torch()
     try:
         return _TORCH_NAMES[t.dtype]
     except KeyError:
         raise UdeltaError(f"tensor of dtype {t.dtype}: not a safetensors dtype") from None
-
-
-def _positions(file: UdeltaFile, name: str, device):
-    torch = _torch()
-    positions, values = file.kept(name)
-    return (
-        torch.from_numpy(positions).to(device),
-        torch.from_numpy(values.copy()).to(device),
-    )
 
 
 def _check_all(file: UdeltaFile, target: _Target, records, checksums: bool, force: bool) -> None:
@@ -459,12 +457,39 @@ def _check_all(file: UdeltaFile, target: _Target, records, checksums: bool, forc
         if r["kind"] == "raw":
             continue
         t = target.get(r["name"])
-        crc = zlib.crc32(_host_view(t)) & 0xFFFFFFFF if checksums and not force else None
+        crc = _crc32(t) if checksums and not force else None
         file._file.check_base(r["name"], target.origin, _dtype_name(t), list(t.shape), crc)
 
 
-def _apply_record(file: UdeltaFile, target: _Target, r, applied: Applied) -> None:
-    """Applies one tensor's record to the (checked) target, recording how to undo it."""
+def _scatters(r) -> bool:
+    """Whether record ``r`` is applied by a scatter into the base tensor (same dtype, shape)."""
+    return r["kind"] == "compressed" and (r["dtype"], r["shape"]) == (r["base_dtype"], r["base_shape"])
+
+
+def _fetch(file: UdeltaFile, r):
+    """What applying record ``r`` needs from the file (decoded in the library, GIL released)."""
+    if r["kind"] == "raw":
+        return file._file.stored(r["name"])
+    if _scatters(r):
+        return file.kept(r["name"])
+    return None
+
+
+def _ahead(fetch, items):
+    """``(item, fetch(item))`` in order, fetching one item ahead on a thread, so that decoding
+    the next tensor (GIL released) overlaps working on this one (memory: one item ahead)."""
+    items = list(items)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(fetch, items[0]) if items else None
+        for i, item in enumerate(items):
+            data = pending.result()
+            pending = pool.submit(fetch, items[i + 1]) if i + 1 < len(items) else None
+            yield item, data
+
+
+def _apply_record(target: _Target, file: UdeltaFile, r, data, applied: Applied) -> None:
+    """Applies one tensor's record (with its fetched ``data``) to the checked target,
+    recording how to undo it."""
     torch = _torch()
     name, kind = r["name"], r["kind"]
     if kind == "unchanged":
@@ -477,15 +502,15 @@ def _apply_record(file: UdeltaFile, target: _Target, r, applied: Applied) -> Non
             applied.replaced[name] = old
         else:
             applied.added.append(name)
-        target.replace(name, _tensor(file._file.stored(name), r["dtype"], r["shape"], device))
+        target.replace(name, _tensor(data, r["dtype"], r["shape"], device))
         return
     t = target.get(name)
-    if r["dtype"] != r["base_dtype"] or r["shape"] != r["base_shape"]:
-        data = file._file.restore(name, _host_view(t).tobytes(), r["base_dtype"])
+    if not _scatters(r):
+        restored = file._file.restore(name, _host_view(t).tobytes(), r["base_dtype"])
         applied.replaced[name] = t
-        target.replace(name, _tensor(data, r["dtype"], r["shape"], t.device))
+        target.replace(name, _tensor(restored, r["dtype"], r["shape"], t.device))
         return
-    positions, values = _positions(file, name, t.device)
+    positions, values = (torch.from_numpy(a).to(t.device) for a in data)
     flat = t.view(-1)
     old = flat[positions]
     flat[positions] = (old.float() + values).to(t.dtype)
@@ -527,8 +552,8 @@ def _apply(target_obj, file: UdeltaFile, checksums: bool, force: bool) -> Applie
     _check_all(file, target, records, checksums, force)
     applied = Applied(file.path, file.base_fingerprint)
     with torch.no_grad():
-        for r in records:
-            _apply_record(file, target, r, applied)
+        for r, data in _ahead(lambda r: _fetch(file, r), records):
+            _apply_record(target, file, r, data, applied)
     if target.module is None:
         _drop_extra(target, file, applied)
     else:
@@ -541,10 +566,10 @@ def _undo(target: _Target, applied: Applied) -> None:
     torch = _torch()
     file = open(applied.path)
     with torch.no_grad():
-        for name, old in applied.scattered.items():
+        for name, (positions, _) in _ahead(file.kept, list(applied.scattered)):
+            old = applied.scattered[name]
             t = target.get(name)
-            positions, _ = _positions(file, name, t.device)
-            t.view(-1)[positions] = old
+            t.view(-1)[torch.from_numpy(positions).to(t.device)] = old
         for name, old in applied.replaced.items():
             target.replace(name, old)
         if target.module is None:
