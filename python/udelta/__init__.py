@@ -90,7 +90,7 @@ def _torch():
 
 
 def _torch_dtype(name: str):
-    torch = _torch()
+    _torch()  # fills _TORCH_NAMES
     for dt, n in _TORCH_NAMES.items():
         if n == name:
             return dt
