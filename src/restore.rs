@@ -17,7 +17,10 @@ use crate::error::{Error, Result};
 use crate::format::index::crc32;
 use crate::format::{CompressedTensor, TensorKind, TensorRecord, UdeltaReader};
 use crate::pipeline::prefetch::{Prefetch, ReadJob, TensorRead};
+use crate::progress::Progress;
 use std::path::Path;
+#[cfg(test)]
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Parses a dtype name as written in the index.
@@ -295,19 +298,29 @@ pub struct Restorer {
     base: Arc<Checkpoint>,
     force: bool,
     next: usize,
+    progress: Progress,
 }
 
 impl Restorer {
     /// Opens `input` and `base_path` and checks that the base has every tensor the file
     /// needs, with the dtype and shape it expects (the bytes are checked as they are read).
-    pub fn open(input: &Path, base_path: &Path, force: bool) -> Result<Restorer> {
+    /// With `progress`, a progress bar counts the restored bytes.
+    pub fn open(input: &Path, base_path: &Path, force: bool, progress: bool) -> Result<Restorer> {
         let reader = UdeltaReader::open(input)?;
         let base = Arc::new(Checkpoint::open(base_path)?);
+        let headers = reader
+            .index
+            .tensors
+            .iter()
+            .map(|t| header_of(&reader, t))
+            .collect::<Result<Vec<_>>>()?;
+        let total = headers.iter().map(TensorHeader::byte_len).sum();
         let r = Restorer {
             reader,
             base,
             force,
             next: 0,
+            progress: Progress::new("restore", total, progress),
         };
         for t in &r.reader.index.tensors {
             r.source().needs(t)?;
@@ -330,9 +343,16 @@ impl Restorer {
 
     /// The next tensor's header and fine-tuned bytes, or `None` after the last.
     pub fn next_tensor(&mut self) -> Option<Result<(TensorHeader, Vec<u8>)>> {
-        let r = self.reader.index.tensors.get(self.next)?;
+        let Some(r) = self.reader.index.tensors.get(self.next) else {
+            self.progress.finish();
+            return None;
+        };
         self.next += 1;
-        Some(self.restore_record(r))
+        let out = self.restore_record(r);
+        if let Ok((_, bytes)) = &out {
+            self.progress.inc(bytes.len() as u64);
+        }
+        Some(out)
     }
 
     fn restore_record(&self, r: &TensorRecord) -> Result<(TensorHeader, Vec<u8>)> {
@@ -348,5 +368,97 @@ impl Restorer {
         };
         let out = restore(&self.reader, &source, r, &h, base_bytes)?;
         Ok((h, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::dtype::FloatType;
+    use crate::checkpoint::select::TensorSelector;
+    use crate::pipeline::compress::{compress, CompressOptions};
+    use crate::pipeline::decompress::{decompress, DecompressOptions};
+    use crate::synth::{write_synthetic, Preset, SynthOptions};
+
+    /// A tiny bf16 base with a fine-tune that grew its vocabulary, compressed.
+    fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
+        let mut synth = SynthOptions::new(Preset::Tiny);
+        synth.dtype = FloatType::BF16;
+        synth.vocab_growth = 3;
+        let made = write_synthetic(dir, &synth, &|_, _| {}).unwrap();
+        let file = dir.join("ft.udelta");
+        let opts = CompressOptions {
+            params: crate::algorithm::CompressParams::default(),
+            selector: TensorSelector::default(),
+            model_name: None,
+            force: false,
+            verify: false,
+            progress: false,
+            trace_norm: false,
+            gamma: None,
+        };
+        let engine = &mut crate::engine::cpu::CpuEngine;
+        compress(&made.base, &made.finetuned, &file, &opts, engine).unwrap();
+        (made.base, file)
+    }
+
+    #[test]
+    fn the_restorer_yields_what_decompress_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, file) = fixture(dir.path());
+        let out = dir.path().join("restored");
+        decompress(&file, &base, &out, &DecompressOptions::default()).unwrap();
+        let written = Checkpoint::open(&out).unwrap();
+        let mut restorer = Restorer::open(&file, &base, false, false).unwrap();
+        let mut seen = 0;
+        while let Some(next) = restorer.next_tensor() {
+            let (h, bytes) = next.unwrap();
+            let t = written.get(&h.name).unwrap();
+            let mut want = Vec::new();
+            written.read_tensor(t, &mut want).unwrap();
+            assert_eq!((t.dtype, &t.shape), (h.dtype, &h.shape), "{}", h.name);
+            assert!(bytes == want, "{}: bytes differ", h.name);
+            seen += 1;
+        }
+        assert_eq!(seen, written.tensors.len());
+    }
+
+    #[test]
+    fn kept_deltas_rebuild_the_dense_delta() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, file) = fixture(dir.path());
+        let reader = UdeltaReader::open(&file).unwrap();
+        let mut compressed = 0;
+        for r in &reader.index.tensors {
+            let TensorKind::Compressed(c) = &r.kind else {
+                continue;
+            };
+            let (positions, values) = kept_deltas(&reader, r, c).unwrap();
+            assert_eq!(positions.len() as u64, c.kept());
+            assert!(positions.windows(2).all(|w| w[0] < w[1]));
+            let dense = dense_delta(&reader, r, c).unwrap();
+            let mut rebuilt = vec![0f32; c.shared_numel as usize];
+            for (&p, &v) in positions.iter().zip(&values) {
+                rebuilt[p as usize] = v;
+            }
+            assert!(rebuilt == dense, "{}", r.name);
+            compressed += 1;
+        }
+        assert!(compressed > 0);
+    }
+
+    #[test]
+    fn a_changed_base_tensor_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, file) = fixture(dir.path());
+        // The fine-tune as base: every compressed tensor differs from the recorded base.
+        let wrong = dir.path().join("ft-1");
+        let err = match Restorer::open(&file, &wrong, false, false) {
+            Err(e) => e,
+            Ok(mut restorer) => std::iter::from_fn(|| restorer.next_tensor())
+                .find_map(|r| r.err())
+                .expect("a wrong base must be refused"),
+        };
+        assert!(err.to_string().contains("wrong base"), "{err}");
     }
 }

@@ -327,9 +327,17 @@ struct Restorer {
 #[pymethods]
 impl Restorer {
     #[new]
-    #[pyo3(signature = (path, base, force=false))]
-    fn open(py: Python<'_>, path: PathBuf, base: PathBuf, force: bool) -> PyResult<Restorer> {
-        let inner = guarded(py, || restore::Restorer::open(&path, &base, force))?;
+    #[pyo3(signature = (path, base, force=false, progress=false))]
+    fn open(
+        py: Python<'_>,
+        path: PathBuf,
+        base: PathBuf,
+        force: bool,
+        progress: bool,
+    ) -> PyResult<Restorer> {
+        let inner = guarded(py, || {
+            restore::Restorer::open(&path, &base, force, progress)
+        })?;
         Ok(Restorer { inner })
     }
 

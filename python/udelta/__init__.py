@@ -305,7 +305,13 @@ def open(path: PathLike) -> UdeltaFile:  # noqa: A001 - mirrors the builtin on p
 
 
 def iter_tensors(
-    base: PathLike, path: PathLike, *, framework: str = "pt", device=None, force: bool = False
+    base: PathLike,
+    path: PathLike,
+    *,
+    framework: str = "pt",
+    device=None,
+    force: bool = False,
+    progress: bool = True,
 ) -> Iterator[Tuple[str, Any]]:
     """Yields ``(name, tensor)`` of the fine-tune, one at a time, in file order; see
     :func:`load_state_dict`."""
@@ -313,7 +319,8 @@ def iter_tensors(
         raise UdeltaError(f"framework '{framework}': expected 'pt' or 'np'")
     if framework == "pt":
         _torch()
-    for name, dtype, shape, data in _udelta.Restorer(os.fspath(path), os.fspath(base), force):
+    restorer = _udelta.Restorer(os.fspath(path), os.fspath(base), force, progress)
+    for name, dtype, shape, data in restorer:
         if framework == "np":
             yield name, _array(data, dtype, shape)
         else:
@@ -327,6 +334,7 @@ def load_state_dict(
     device=None,
     *,
     force: bool = False,
+    progress: bool = True,
 ) -> Dict[str, Any]:
     """The fine-tuned state dict from the base checkpoint and a ``.udelta`` file, without
     writing a checkpoint.
@@ -337,9 +345,12 @@ def load_state_dict(
     so memory beyond the result is about one tensor. Values are bit-identical to
     ``decompress``'s output, in the checkpoint's own dtypes: with ``framework="pt"`` torch
     tensors (``torch.bfloat16`` for BF16), moved to ``device`` if given; with ``"np"`` NumPy
-    arrays, BF16 as its raw uint16 bit patterns (NumPy has no bfloat16).
+    arrays, BF16 as its raw uint16 bit patterns (NumPy has no bfloat16). ``progress`` shows
+    the CLI's progress bar (on a terminal).
     """
-    return dict(iter_tensors(base, path, framework=framework, device=device, force=force))
+    return dict(
+        iter_tensors(base, path, framework=framework, device=device, force=force, progress=progress)
+    )
 
 
 # ----------------------------------------------------------------------------- in place
