@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod pipeline;
 pub mod progress;
 pub mod report;
+pub mod restore;
 pub mod simd;
 pub mod splitmix;
 pub mod staging;

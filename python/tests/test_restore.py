@@ -1,0 +1,200 @@
+"""load_state_dict / apply_ / swap_ against what the CLI's `decompress` wrote."""
+
+import numpy as np
+import pytest
+import torch
+
+import udelta
+from conftest import (
+    as_numpy,
+    base_state_dict,
+    module_from_state_dict,
+    read_safetensors,
+    torch_bytes,
+)
+
+TORCH_NAMES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+}
+
+
+def assert_same_as_decompress(state, expected, to_bytes):
+    assert set(state) == set(expected)
+    for name, (dtype, shape, data) in expected.items():
+        t = state[name]
+        assert tuple(t.shape) == shape, name
+        assert to_bytes(t) == data, f"{name}: bytes differ from decompress"
+
+
+def test_load_state_dict_np_is_bit_identical(pair):
+    state = udelta.load_state_dict(pair.base, pair.udelta[0], framework="np")
+    expected = pair.expected
+    assert set(state) == set(expected)
+    for name, entry in expected.items():
+        want = as_numpy(entry)
+        assert state[name].dtype == want.dtype, name
+        assert state[name].tobytes() == entry[2], name
+
+
+def test_load_state_dict_pt_is_bit_identical_in_own_dtypes(pair):
+    state = udelta.load_state_dict(pair.base, pair.udelta[0], framework="pt")
+    expected = pair.expected
+    for name, (dtype, _, _) in expected.items():
+        assert TORCH_NAMES[state[name].dtype] == dtype, name
+    assert_same_as_decompress(state, expected, torch_bytes)
+
+
+def test_apply_to_state_dict_is_bit_identical(pair):
+    state = base_state_dict(pair)
+    udelta.apply_(state, pair.udelta[0])
+    assert_same_as_decompress(state, pair.expected, torch_bytes)
+
+
+def test_apply_to_module_is_bit_identical_and_in_place(pair):
+    model = module_from_state_dict(base_state_dict(pair))
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    udelta.apply_(model, pair.udelta[0])
+    state = model.state_dict()
+    assert_same_as_decompress(state, pair.expected, torch_bytes)
+    f = udelta.open(pair.udelta[0])
+    for name in f.tensors:
+        if f.kind(name) == "compressed" and f.shape(name) == tuple(f.record(name)["base_shape"]):
+            assert state[name].data_ptr() == before[name], f"{name} was not changed in place"
+
+
+def test_kept_values_are_what_decompress_adds(tmp_path):
+    from conftest import make_pair
+
+    pair = make_pair(tmp_path, dtype="f32")
+    f = udelta.open(pair.udelta[0])
+    base, restored = read_safetensors(pair.base), pair.expected
+    compressed = [n for n in f.tensors if f.kind(n) == "compressed"]
+    assert compressed
+    for name in compressed:
+        positions, values = f.kept(name)
+        assert positions.dtype == np.int64 and values.dtype == np.float32
+        assert np.all(np.diff(positions) > 0)
+        b = as_numpy(base[name]).reshape(-1)
+        r = as_numpy(restored[name]).reshape(-1)
+        want = b.copy()
+        want[positions] = b[positions] + values  # f32 add, recomputed here
+        assert want.tobytes() == r.tobytes(), name
+        dense = f.delta(name).reshape(-1)
+        assert np.count_nonzero(dense) <= len(positions)
+        assert np.array_equal(dense[positions], values)
+
+
+def test_delta_matches_cli_delta_only(tmp_path, two_models):
+    from conftest import cli
+
+    out = tmp_path / "deltas"
+    cli("decompress", two_models.udelta[0], "--base", two_models.base, "-o", out, "--delta-only", "-q")
+    f = udelta.open(two_models.udelta[0])
+    for name, entry in read_safetensors(out).items():
+        assert f.delta(name).tobytes() == entry[2], name
+
+
+def test_swap_equals_fresh_load(two_models):
+    a, b = two_models.udelta
+    model = module_from_state_dict(base_state_dict(two_models))
+    udelta.apply_(model, a)
+    assert_same_as_decompress(model.state_dict(), read_safetensors(two_models.restored[0]), torch_bytes)
+    udelta.swap_(model, a, b)
+    assert_same_as_decompress(model.state_dict(), read_safetensors(two_models.restored[1]), torch_bytes)
+    udelta.swap_(model, b, a)
+    assert_same_as_decompress(model.state_dict(), read_safetensors(two_models.restored[0]), torch_bytes)
+
+
+def test_swap_on_state_dict_with_record(two_models):
+    a, b = two_models.udelta
+    state = base_state_dict(two_models)
+    applied = udelta.apply_(state, a)
+    udelta.swap_(state, a, b, applied=applied)
+    assert_same_as_decompress(state, read_safetensors(two_models.restored[1]), torch_bytes)
+
+
+def test_swap_refuses_a_file_not_applied(two_models):
+    a, b = two_models.udelta
+    model = module_from_state_dict(base_state_dict(two_models))
+    with pytest.raises(udelta.UdeltaError, match="nothing was applied"):
+        udelta.swap_(model, a, b)
+    udelta.apply_(model, a)
+    with pytest.raises(udelta.UdeltaError, match="the model holds"):
+        udelta.swap_(model, b, a)
+
+
+def test_apply_refuses_a_wrong_base_and_changes_nothing(two_models):
+    state = base_state_dict(two_models)
+    f = udelta.open(two_models.udelta[0])
+    victim = [n for n in f.tensors if f.kind(n) == "compressed"][-1]
+    flat = state[victim].view(-1)
+    flat[7] = flat[7] + 1
+    snapshot = {k: torch_bytes(v) for k, v in state.items()}
+    with pytest.raises(udelta.UdeltaError, match=f"tensor '{victim}'.*checksum mismatch"):
+        udelta.apply_(state, two_models.udelta[0])
+    assert {k: torch_bytes(v) for k, v in state.items()} == snapshot
+    udelta.apply_(state, two_models.udelta[0], force=True)
+
+
+def test_apply_refuses_a_wrong_shape(two_models):
+    state = base_state_dict(two_models)
+    f = udelta.open(two_models.udelta[0])
+    victim = [n for n in f.tensors if f.kind(n) == "compressed"][0]
+    state[victim] = state[victim][:-1].clone()
+    with pytest.raises(udelta.UdeltaError, match="wrong base"):
+        udelta.apply_(state, two_models.udelta[0])
+
+
+def test_apply_refuses_a_missing_tensor(two_models):
+    state = base_state_dict(two_models)
+    f = udelta.open(two_models.udelta[0])
+    name = [n for n in f.tensors if f.kind(n) == "compressed"][0]
+    del state[name]
+    with pytest.raises(udelta.UdeltaError, match="missing"):
+        udelta.apply_(state, two_models.udelta[0])
+
+
+def test_load_state_dict_refuses_a_wrong_base(two_models):
+    with pytest.raises(udelta.UdeltaError, match="checksum mismatch"):
+        udelta.load_state_dict(two_models.fts[1], two_models.udelta[0])
+
+
+def test_minilm_real_pair(minilm):
+    expected = minilm.expected
+    assert_same_as_decompress(
+        udelta.load_state_dict(minilm.base, minilm.udelta[0]), expected, torch_bytes
+    )
+    state = base_state_dict(minilm)
+    udelta.apply_(state, minilm.udelta[0])
+    assert_same_as_decompress(state, expected, torch_bytes)
+
+
+def test_transformers_from_pretrained_applies_the_file(two_models):
+    import udelta.transformers
+
+    from conftest import as_torch
+
+    calls = []
+
+    class FakeAutoModel:
+        """Stands in for transformers.AutoModelForCausalLM: loads the base directory."""
+
+        @staticmethod
+        def from_pretrained(base_dir, **kwargs):
+            calls.append((base_dir, kwargs))
+            state = {k: as_torch(v) for k, v in read_safetensors(base_dir).items()}
+            return module_from_state_dict(state)
+
+    model = udelta.transformers.from_pretrained(
+        two_models.base, two_models.udelta[1], model_class=FakeAutoModel, revision="x"
+    )
+    assert calls == [(str(two_models.base), {"revision": "x", "torch_dtype": "auto"})]
+    expected = read_safetensors(two_models.restored[1])
+    assert_same_as_decompress(model.state_dict(), expected, torch_bytes)
+    udelta.swap_(model, two_models.udelta[1], two_models.udelta[0])
+    assert_same_as_decompress(model.state_dict(), read_safetensors(two_models.restored[0]), torch_bytes)

@@ -1,0 +1,88 @@
+"""Times the Python package against the CLI on a synthetic LLaMA-shaped pair (issue: apply_ onto
+a loaded base vs decompress + loading the written checkpoint; swap_ between two fine-tunes;
+extra peak memory). Run by scripts/bench-python.sh, which makes the data; prints one JSON line.
+
+    python bench-python.py WORKDIR CLI
+WORKDIR holds base/, ft-1/, ft-2/, ft-1.udelta, ft-2.udelta.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+import udelta
+
+
+def rss_peak_gib():
+    """Peak resident memory since the last reset_peak() (VmHWM)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 2**20
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def rss_now_gib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def load_dir(d):
+    state = {}
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".safetensors"):
+            state.update(load_file(os.path.join(d, name)))
+    return state
+
+
+def same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k].view(torch.int16) if a[k].dtype == torch.bfloat16 else a[k],
+                                                b[k].view(torch.int16) if b[k].dtype == torch.bfloat16 else b[k]) for k in a)
+
+
+def main(work, cli):
+    a, b = os.path.join(work, "ft-1.udelta"), os.path.join(work, "ft-2.udelta")
+    out = {}
+    t = time.perf_counter()
+    state = {k: v.clone() for k, v in load_dir(os.path.join(work, "base")).items()}  # read now, not mapped
+    out["load_base_s"] = time.perf_counter() - t
+    loaded = rss_now_gib()
+    reset_peak()
+    out["model_gib"] = sum(v.numel() * v.element_size() for v in state.values()) / 2**30
+
+    t = time.perf_counter()
+    applied = udelta.apply_(state, a)
+    out["apply_s"] = time.perf_counter() - t
+    out["apply_extra_peak_gib"] = rss_peak_gib() - loaded
+    out["undo_record_gib"] = applied.nbytes() / 2**30
+
+    t = time.perf_counter()
+    udelta.swap_(state, a, b, applied=applied)
+    out["swap_s"] = time.perf_counter() - t
+    out["extra_peak_after_swap_gib"] = rss_peak_gib() - loaded
+
+    restored = os.path.join(work, "restored-2")
+    shutil.rmtree(restored, ignore_errors=True)
+    t = time.perf_counter()
+    subprocess.run([cli, "decompress", b, "--base", os.path.join(work, "base"), "-o", restored, "-q"],
+                   check=True, capture_output=True)
+    out["decompress_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    fresh = {k: v.clone() for k, v in load_dir(restored).items()}
+    out["load_restored_s"] = time.perf_counter() - t
+    out["swap_equals_fresh"] = same(state, fresh)
+    shutil.rmtree(restored)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
