@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use udelta_gpu::algorithm::CompressParams;
 use udelta_gpu::checkpoint::dtype::{dtype_from_name, FloatType};
+use udelta_gpu::checkpoint::reader::Checkpoint;
 use udelta_gpu::checkpoint::select::Embeddings;
 use udelta_gpu::checkpoint::select::TensorSelector;
 use udelta_gpu::checkpoint::side_files::SideFileOptions;
@@ -269,10 +270,39 @@ impl File {
         Ok(bytes_of(py, &bytes))
     }
 
-    /// The bytes of a tensor stored whole in the file.
-    fn stored<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyByteArray>> {
+    /// The fine-tune's bytes of a tensor stored whole in the file: raw, or coded losslessly
+    /// (against the base's tensor of checkpoint `base` when it was coded against one).
+    #[pyo3(signature = (name, base=None))]
+    fn stored<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        base: Option<PathBuf>,
+    ) -> PyResult<Bound<'py, PyByteArray>> {
         let data = self.with_record(py, name, |reader, r| match &r.kind {
             TensorKind::Raw { data } => reader.read_record(data, &format!("tensor '{name}'")),
+            TensorKind::Coded(c) => {
+                let h = restore::header_of(reader, r)?;
+                match (&c.base, &base) {
+                    (None, _) => restore::restore_unchecked(reader, r, &h, None, None),
+                    (Some(_), None) => Err(self.not_kind(
+                        name,
+                        "coded against the base's tensor: pass the base checkpoint (base=...)",
+                    )),
+                    (Some(_), Some(path)) => {
+                        let ckpt = Arc::new(Checkpoint::open(path)?);
+                        let source = restore::BaseSource {
+                            base: &ckpt,
+                            reader,
+                            force: false,
+                        };
+                        let (entry, _) = source.needs(r)?.expect("a coded tensor with a base");
+                        let mut bytes = Vec::new();
+                        ckpt.read_tensor(entry, &mut bytes)?;
+                        restore::restore(reader, &source, r, &h, Some(bytes))
+                    }
+                }
+            }
             _ => Err(self.not_kind(name, "not stored whole in the file")),
         })?;
         Ok(bytes_of(py, &data))

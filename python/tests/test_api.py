@@ -14,7 +14,7 @@ def test_inspect_matches_cli_json(two_models):
     info = udelta.inspect(two_models.udelta[0])
     assert info["report"] == json.loads(cli("inspect", two_models.udelta[0], "--json"))
     index = info["index"]
-    assert index["format_version"] == 1
+    assert index["format_version"] == 2
     names = [r["name"] for r in index["tensors"]]
     assert set(names) == set(read_safetensors(two_models.restored[0]))
 
@@ -40,16 +40,19 @@ def test_stored_is_the_fine_tunes_tensor(tmp_path):
 
     pair = make_pair(tmp_path, dtype="f32", vocab_growth=4)
     f = udelta.open(pair.udelta[0])
-    raw = [n for n in f.tensors if f.kind(n) == "raw"]
-    assert raw, "the synthetic fine-tune stores some tensors whole"
+    coded = [n for n in f.tensors if f.kind(n) == "coded"]
+    assert coded, "the synthetic fine-tune stores some tensors whole"
     ft = read_safetensors(pair.fts[0])
-    for name in raw:
-        assert f.stored(name).tobytes() == ft[name][2], name
+    for name in coded:
+        assert f.stored(name, base=pair.base).tobytes() == ft[name][2], name
+    against_base = [n for n in coded if f.record(n)["base"] is not None][0]
+    with pytest.raises(udelta.UdeltaError, match="pass the base checkpoint"):
+        f.stored(against_base)
     compressed = [n for n in f.tensors if f.kind(n) == "compressed"][0]
     with pytest.raises(udelta.UdeltaError, match="not stored whole"):
         f.stored(compressed)
     with pytest.raises(udelta.UdeltaError, match="not a compressed tensor"):
-        f.kept(raw[0])
+        f.kept(coded[0])
     with pytest.raises(udelta.UdeltaError, match="no tensor named"):
         f.kept("nope")
 

@@ -234,14 +234,16 @@ class UdeltaFile:
         return [r["name"] for r in self.index["tensors"]]
 
     def record(self, name: str) -> Dict[str, Any]:
-        """The index record of tensor ``name`` (``kind``: unchanged, raw or compressed)."""
+        """The index record of tensor ``name`` (``kind``: unchanged, compressed, coded or raw)."""
         try:
             return self._records[name]
         except KeyError:
             raise UdeltaError(f"{self.path}: no tensor named '{name}' in this file") from None
 
     def kind(self, name: str) -> str:
-        """``"unchanged"``, ``"raw"`` (stored whole) or ``"compressed"``."""
+        """``"unchanged"``, ``"compressed"`` (UltraDelta), ``"coded"`` (stored whole, coded
+        losslessly, against the base's tensor when ``record(name)["base"]`` is set) or ``"raw"``
+        (stored whole, version-1 files)."""
         return self.record(name)["kind"]
 
     def shape(self, name: str) -> Tuple[int, ...]:
@@ -294,11 +296,13 @@ class UdeltaFile:
         shape = self.record(name)["base_shape"]
         return np.frombuffer(self._file.delta(name), dtype="<f4").reshape(tuple(shape))
 
-    def stored(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as stored whole in the file (kind ``raw``). BF16 comes as its
-        uint16 bit patterns."""
+    def stored(self, name: str, base: Optional[PathLike] = None) -> np.ndarray:
+        """The fine-tune's tensor ``name`` stored whole in the file (kind ``coded`` or ``raw``).
+        A tensor coded against the base's needs ``base`` (the base checkpoint, checked).
+        BF16 comes as its uint16 bit patterns."""
         r = self.record(name)
-        return _array(self._file.stored(name), r["dtype"], r["shape"])
+        data = self._file.stored(name, None if base is None else os.fspath(base))
+        return _array(data, r["dtype"], r["shape"])
 
     def __repr__(self) -> str:
         return f"UdeltaFile({self.path!r}, {len(self._records)} tensors)"
@@ -473,11 +477,16 @@ def _check_all(file: UdeltaFile, target: _Target, records, checksums: bool, forc
     """Refuses a wrong base before anything is changed: dtype and shape of every tensor the
     file needs from the base, and (``checksums``, unless ``force``) the CRC-32 of its bytes."""
     for r in records:
-        if r["kind"] == "raw":
+        if _stored_alone(r):
             continue
         t = target.get(r["name"])
         crc = _crc32(t) if checksums and not force else None
         file._file.check_base(r["name"], target.origin, _dtype_name(t), list(t.shape), crc)
+
+
+def _stored_alone(r) -> bool:
+    """Whether record ``r`` restores without any base tensor (raw, or coded alone)."""
+    return r["kind"] == "raw" or (r["kind"] == "coded" and r.get("base") is None)
 
 
 def _scatters(r) -> bool:
@@ -487,7 +496,7 @@ def _scatters(r) -> bool:
 
 def _fetch(file: UdeltaFile, r):
     """What applying record ``r`` needs from the file (decoded in the library, GIL released)."""
-    if r["kind"] == "raw":
+    if _stored_alone(r):
         return file._file.stored(r["name"])
     if _scatters(r):
         return file.kept(r["name"])
@@ -513,7 +522,7 @@ def _apply_record(target: _Target, file: UdeltaFile, r, data, applied: Applied) 
     name, kind = r["name"], r["kind"]
     if kind == "unchanged":
         return
-    if kind == "raw":
+    if _stored_alone(r):
         key = target.key(name)
         old = target.tensors[key] if key is not None else None
         device = old.device if old is not None else None
@@ -525,7 +534,8 @@ def _apply_record(target: _Target, file: UdeltaFile, r, data, applied: Applied) 
         return
     t = target.get(name)
     if not _scatters(r):
-        restored = file._file.restore(name, _host_view(t).tobytes(), r["base_dtype"])
+        base_dtype = r["base_dtype"] if kind == "compressed" else r["dtype"]
+        restored = file._file.restore(name, _host_view(t).tobytes(), base_dtype)
         applied.replaced[name] = t
         target.replace(name, _tensor(restored, r["dtype"], r["shape"], t.device))
         return
