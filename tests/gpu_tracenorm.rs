@@ -37,20 +37,19 @@ fn bit_exact(g: &GpuEngine) -> bool {
     g.adapter().name.starts_with("llvmpipe")
 }
 
-/// SplitMix64: small deterministic RNG.
-struct Rng(u64);
+/// The crate's SplitMix64 stream.
+struct Rng(udelta_gpu::splitmix::SplitMix64);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(udelta_gpu::splitmix::SplitMix64(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in [0, 1).
     fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.unit()
     }
 }
 
@@ -64,7 +63,7 @@ fn random_delta(
     levels: u32,
     seed: u64,
 ) -> (Vec<u32>, Vec<f32>) {
-    let mut r = Rng(seed);
+    let mut r = Rng::new(seed);
     let (mut positions, mut values) = (Vec::new(), Vec::new());
     for p in 0..(rows * cols) as u32 {
         if r.unit() < density {
@@ -128,7 +127,7 @@ fn compare(
     } else {
         (c.cols(), c.rows())
     };
-    let mut r = Rng(seed);
+    let mut r = Rng::new(seed);
     let x: Vec<f32> = (0..din * width)
         .map(|_| (2.0 * r.unit() - 1.0) as f32)
         .collect();

@@ -10,6 +10,7 @@
 //! (`k_v / n_v * 2^32`) in one pass, with an exact fallback.
 
 use super::{round_half_even, TensorStats};
+use crate::splitmix::mix64;
 
 /// Per-tensor key of the selection hash, derived from (seed, model, tensor name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,21 +21,13 @@ pub struct TensorKey {
     pub k1: u32,
 }
 
-/// SplitMix64 finalizer (host side only).
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 impl TensorKey {
     /// The key for `tensor` of `model` under `seed`: SplitMix64 chained over the seed, then the
     /// UTF-8 bytes of the model name, a 0xFF separator (not valid UTF-8), and the tensor name.
     pub fn new(seed: u64, model: &str, tensor: &str) -> Self {
-        let mut h = splitmix64(seed);
+        let mut h = mix64(seed);
         for b in model.bytes().chain([0xff]).chain(tensor.bytes()) {
-            h = splitmix64(h ^ b as u64);
+            h = mix64(h ^ b as u64);
         }
         TensorKey {
             k0: h as u32,
