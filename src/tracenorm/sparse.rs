@@ -19,7 +19,7 @@
 //! block's 66 ms build when the caches held none of its buffers, as inside `compress`, where
 //! gigabytes of checkpoint data stream through between two matrices; the scatter's products
 //! cost about 25 ms more than the gather's, and the build fell to 16 ms. Measurements in
-//! `docs/BENCHMARKS.md`.
+//! `docs/BENCHMARKS-HISTORY.md`.
 //!
 //! The products are limited by memory traffic as much as by arithmetic. Coded values
 //! ([`DeltaValues::Coded`], what `compress` passes: a byte per entry into the table of the level
