@@ -262,9 +262,7 @@ pub fn read_regular(path: &Path, limit: u64) -> std::result::Result<Vec<u8>, Rea
 pub fn write_into(dir: &Path, rel: &str, bytes: &[u8]) -> Result<PathBuf> {
     let path = dir.join(rel);
     check_relative_path(rel).map_err(|why| Error::checkpoint(&path, why))?;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
+    create_folders_below(dir, rel)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -276,9 +274,44 @@ pub fn write_into(dir: &Path, rel: &str, bytes: &[u8]) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Creates the folders of `rel` (a checked relative path) below `dir`, one level at a time,
+/// never `dir` itself: when an interrupt has just removed a staged output directory, writing
+/// into it fails instead of creating it again (`create_dir_all` would, and leave it behind).
+fn create_folders_below(dir: &Path, rel: &str) -> Result<()> {
+    let mut at = dir.to_path_buf();
+    let folders = rel.split('/').collect::<Vec<_>>();
+    for folder in &folders[..folders.len() - 1] {
+        at.push(folder);
+        match std::fs::create_dir(&at) {
+            Err(e) if !(e.kind() == std::io::ErrorKind::AlreadyExists && at.is_dir()) => {
+                return Err(Error::io(&at, e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folders_are_created_below_an_existing_directory_only() {
+        let d = tempfile::tempdir().unwrap();
+        write_into(d.path(), "1_Pooling/sub/config.json", b"{}").unwrap();
+        assert_eq!(
+            std::fs::read(d.path().join("1_Pooling/sub/config.json")).unwrap(),
+            b"{}"
+        );
+        write_into(d.path(), "1_Pooling/other.json", b"[]").unwrap();
+        let gone = d.path().join("staged");
+        assert!(write_into(&gone, "1_Pooling/config.json", b"{}").is_err());
+        assert!(
+            !gone.exists(),
+            "a removed staging directory is not created again"
+        );
+    }
 
     #[test]
     fn relative_paths_are_checked() {
