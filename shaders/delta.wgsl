@@ -64,14 +64,17 @@ fn delta_at(i: u32) -> Delta {
     return Delta(d, flags);
 }
 
-// Level of a delta: clamp(round((d - lo) * k), 0, L - 1) (WGSL round is half to even), and
-// FLAG_TINY when d - lo is a nonzero subnormal.
+// Level of a delta (LevelRule on the host): j = floor((d - lo) * k) clamped to 0..L-1, then
+// j + 1 when d reaches the smallest delta of the next level, bounds[j] (+inf for j = L - 1).
+// Only a subtraction, a product and comparisons: the same on every device. FLAG_TINY when
+// d - lo is a nonzero subnormal.
 fn level_of(d: f32) -> vec2<u32> {
     let t = d - params.lo;
     var flags = 0u;
     if exponent_bits(bitcast<u32>(t)) == 0u && d != params.lo {
         flags = FLAG_TINY;
     }
-    let q = clamp(round(t * params.k), 0.0, params.max_level);
-    return vec2<u32>(min(u32(q), params.num_levels - 1u), flags);
+    let j = u32(clamp(t * params.k, 0.0, params.max_level));
+    let up = select(0u, 1u, d >= params.bounds[j / 4u][j % 4u]);
+    return vec2<u32>(j + up, flags);
 }

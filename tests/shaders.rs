@@ -154,6 +154,7 @@ fn shared_values_come_only_from_the_generated_prelude() {
         ("key1", std::mem::offset_of!(Params, key1)),
         ("num_tiles", std::mem::offset_of!(Params, num_tiles)),
         ("pad", std::mem::offset_of!(Params, pad)),
+        ("bounds", std::mem::offset_of!(Params, bounds)),
     ];
     let wgsl: Vec<(&str, usize)> = members
         .iter()

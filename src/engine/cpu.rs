@@ -2,7 +2,7 @@
 //! the thread count (chunks are combined in order; all results are exact).
 
 use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries};
-use crate::algorithm::quantize::QuantGrid;
+use crate::algorithm::quantize::{LevelRule, QuantGrid};
 use crate::algorithm::selection::{element_key, TensorKey};
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::simd::multiversion;
@@ -26,17 +26,23 @@ struct Scratch {
 
 impl Scratch {
     /// Fills `levels` with the levels of `delta`.
-    fn levels(&mut self, lo: f32, k: f32, max_level: f32) {
+    fn levels(&mut self, rule: &LevelRule) {
         self.levels.resize(self.delta.len(), 0);
-        levels_into(&self.delta, lo, k, max_level, &mut self.levels);
+        if rule.by_multiplier {
+            levels_into(&self.delta, rule, &mut self.levels);
+        } else {
+            for (o, &x) in self.levels.iter_mut().zip(&self.delta) {
+                *o = rule.level_by_search(x);
+            }
+        }
     }
 }
 
 multiversion! {
-    /// `out[i] = level(d[i])`.
-    fn levels_into(d: &[f32], lo: f32, k: f32, max_level: f32, out: &mut [u8]) {
+    /// `out[i] = rule.level(d[i])`.
+    fn levels_into(d: &[f32], rule: &LevelRule, out: &mut [u8]) {
         for (o, &x) in out.iter_mut().zip(d) {
-            *o = QuantGrid::level_of(x, lo, k, max_level);
+            *o = rule.level(x);
         }
     }
 }
@@ -193,9 +199,9 @@ impl Engine for CpuEngine {
             (canonical_zero(lo), canonical_zero(hi))
         };
         let grid = QuantGrid { lo, hi, bits };
-        let (k, max_level) = (grid.multiplier(), (grid.levels() - 1) as f32);
+        let rule = grid.level_rule();
         let hists = map_chunks(input, |_, sc| {
-            sc.levels(lo, k, max_level);
+            sc.levels(&rule);
             level_histogram(&sc.levels, grid.levels())
         });
         let mut histogram = vec![0u64; grid.levels()];
@@ -260,15 +266,14 @@ fn select_with_margin(
     plan: &SelectionPlan,
     sigmas: f64,
 ) -> Result<KeptEntries, EngineError> {
-    let grid = stats.grid;
-    let (lo, k, max_level) = (grid.lo, grid.multiplier(), (grid.levels() - 1) as f32);
+    let rule = stats.grid.level_rule();
     let key = plan.key;
     let windows = key_windows(plan, sigmas);
     // Indexed by a u8 level: no bounds check, and a copy the loop can keep in registers.
     let mut window_of = [(0u64, 0u64); 256];
     window_of[..windows.len()].copy_from_slice(&windows);
     let parts = map_chunks(input, |start, sc| {
-        sc.levels(lo, k, max_level);
+        sc.levels(&rule);
         sc.keys.resize(sc.delta.len(), 0);
         keys_into(key, start as u32, &mut sc.keys);
         let mut part = ChunkSelection::default();
@@ -334,9 +339,9 @@ fn select_exact(
     plan: &SelectionPlan,
 ) -> Result<KeptEntries, EngineError> {
     let grid = stats.grid;
-    let (lo, k, max_level) = (grid.lo, grid.multiplier(), (grid.levels() - 1) as f32);
+    let rule = grid.level_rule();
     let levels: Vec<Vec<u8>> = map_chunks(input, |_, sc| {
-        sc.levels(lo, k, max_level);
+        sc.levels(&rule);
         sc.levels.clone()
     });
     let levels: Vec<u8> = levels.concat();
@@ -385,16 +390,16 @@ mod tests {
         let lo = d.iter().copied().fold(f32::INFINITY, f32::min);
         let hi = d.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let grid = QuantGrid { lo, hi, bits };
-        let l1 = ((1u32 << bits) - 1) as f64;
+        // The authors' division form, in f32.
+        let l1 = ((1u32 << bits) - 1) as f32;
         let levels: Vec<usize> = d
             .iter()
             .map(|&x| {
-                let k = if hi > lo {
-                    (l1 / (hi as f64 - lo as f64)) as f32
+                if hi > lo {
+                    ((x - lo) / (hi - lo) * l1).round_ties_even() as usize
                 } else {
-                    0.0
-                };
-                ((x - lo) * k).round_ties_even().clamp(0.0, l1 as f32) as usize
+                    0
+                }
             })
             .collect();
         let mut histogram = vec![0u64; 1 << bits];

@@ -303,10 +303,14 @@ pub fn expectations(
         let d: Vec<f32> = f.iter().zip(&b).map(|(x, y)| x - y).collect();
         let lo = d.iter().cloned().fold(f32::INFINITY, f32::min);
         let hi = d.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let k = ((nl - 1) as f64 / (hi as f64 - lo as f64)) as f32;
+        // The authors' level: the division form, every step in f32 (0 for a constant delta).
+        let l1 = (nl - 1) as f32;
         let levels: Vec<usize> = d
             .iter()
-            .map(|&x| ((x - lo) * k).round_ties_even().clamp(0.0, (nl - 1) as f32) as usize)
+            .map(|&x| match hi > lo {
+                true => ((x - lo) / (hi - lo) * l1).round_ties_even() as usize,
+                false => 0,
+            })
             .collect();
         let values: Vec<f32> = (0..nl)
             .map(|q| (lo as f64 + q as f64 * (hi as f64 - lo as f64) / (nl - 1) as f64) as f32)

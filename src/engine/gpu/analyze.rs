@@ -7,19 +7,10 @@ use super::constants::{stat, Params};
 use super::kernels::Kernel;
 use super::pool::Slot;
 use super::{chunk_ranges, GpuEngine};
-use crate::algorithm::quantize::QuantGrid;
+use crate::algorithm::quantize::{from_order_key, QuantGrid};
 use crate::algorithm::TensorStats;
 use crate::engine::cpu::canonical_zero;
 use crate::engine::{DeltaInput, EngineError};
-
-/// Order-preserving u32 key of an f32 (as `order_key` in `shaders/common.wgsl`), inverted.
-fn unorder(key: u32) -> f32 {
-    f32::from_bits(if key & 0x8000_0000 != 0 {
-        key & 0x7fff_ffff
-    } else {
-        !key
-    })
-}
 
 /// The chunks and device buffers of one `analyze` call.
 struct AnalyzeRun {
@@ -53,6 +44,9 @@ impl GpuEngine {
             return Ok(None);
         };
         let grid = QuantGrid { lo, hi, bits };
+        if !grid.level_rule().by_multiplier {
+            return Ok(None);
+        }
         Ok(self
             .histogram_pass(input, &run, grid)?
             .map(|histogram| TensorStats { grid, histogram }))
@@ -101,8 +95,8 @@ impl GpuEngine {
             return Ok(None);
         }
         Ok(Some((
-            canonical_zero(unorder(s[stat::MIN])),
-            canonical_zero(unorder(s[stat::MAX])),
+            canonical_zero(from_order_key(s[stat::MIN])),
+            canonical_zero(from_order_key(s[stat::MAX])),
         )))
     }
 
@@ -115,13 +109,7 @@ impl GpuEngine {
         grid: QuantGrid,
     ) -> Result<Option<Vec<u64>>, EngineError> {
         let levels = grid.levels();
-        let p = Params {
-            lo: grid.lo,
-            k: grid.multiplier(),
-            max_level: (levels - 1) as f32,
-            num_levels: levels as u32,
-            ..Self::base_params(input)
-        };
+        let p = Self::base_params(input).with_levels(&grid.level_rule());
         let last = run.chunks.len() - 1;
         let mut in_flight = None;
         for (i, &(start, len)) in run.chunks.iter().enumerate().rev() {
@@ -173,7 +161,8 @@ mod tests {
             assert!(order(w[0].to_bits()) <= order(w[1].to_bits()), "{w:?}");
         }
         for x in xs {
-            assert_eq!(unorder(order(x.to_bits())).to_bits(), x.to_bits());
+            assert_eq!(crate::algorithm::quantize::order_key(x), order(x.to_bits()));
+            assert_eq!(from_order_key(order(x.to_bits())).to_bits(), x.to_bits());
         }
     }
 }

@@ -3,6 +3,7 @@
 //! Rust items, which [`super::kernels::compose`] puts in front of every kernel. No file of
 //! `shaders/` declares them, so the two sides cannot drift apart.
 
+use crate::algorithm::quantize::{self, LevelRule};
 use crate::checkpoint::dtype::FloatType;
 use bytemuck::{Pod, Zeroable};
 
@@ -16,6 +17,7 @@ pub const TILE_ELEMENTS: usize = 4 * WORKGROUP as usize;
 pub const MAX_BITS: u32 = 8;
 /// Most levels of a tensor (`MAX_LEVELS`).
 pub const MAX_LEVELS: usize = 1 << MAX_BITS;
+const _: () = assert!(MAX_LEVELS == quantize::MAX_LEVELS);
 
 /// Top bits of a selection key that pick its bucket.
 pub const BUCKET_BITS: u32 = 12;
@@ -61,23 +63,53 @@ pub mod stat {
 // candidate stores its level in the bits of the bucket.
 const _: () = assert!(WORKGROUP as usize >= MAX_LEVELS && MAX_LEVELS <= BUCKETS);
 
-/// Defines the uniform block as a Rust struct and as its WGSL declaration, from one field list
-/// (`u32` and `f32` are spelled alike in both languages).
+/// The WGSL spelling of a field type of the uniform block.
+trait WgslType {
+    fn wgsl() -> String;
+}
+
+impl WgslType for u32 {
+    fn wgsl() -> String {
+        "u32".into()
+    }
+}
+
+impl WgslType for f32 {
+    fn wgsl() -> String {
+        "f32".into()
+    }
+}
+
+/// An array in a uniform block has a 16-byte stride: f32s go four to a `vec4`.
+impl<const N: usize> WgslType for [[f32; 4]; N] {
+    fn wgsl() -> String {
+        format!("array<vec4<f32>, {N}>")
+    }
+}
+
+/// Defines the uniform block as a Rust struct and as its WGSL declaration, from one field list.
 macro_rules! uniform_block {
-    ($(#[doc = $doc:literal])* struct $name:ident { $($(#[doc = $fdoc:literal])* $field:ident: $ty:ident,)* }) => {
+    ($(#[doc = $doc:literal])* struct $name:ident { $($(#[doc = $fdoc:literal])* $field:ident: $ty:ty,)* }) => {
         $(#[doc = $doc])*
         #[repr(C)]
-        #[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+        #[derive(Debug, Clone, Copy, Pod, Zeroable)]
         pub struct $name {
             $($(#[doc = $fdoc])* pub $field: $ty,)*
         }
 
+        impl Default for $name {
+            fn default() -> Self {
+                Zeroable::zeroed()
+            }
+        }
+
         /// The WGSL declaration of the uniform block.
-        const PARAMS_WGSL: &str = concat!(
-            "struct ", stringify!($name), " {\n",
-            $("    ", stringify!($field), ": ", stringify!($ty), ",\n",)*
-            "}\n"
-        );
+        fn params_wgsl() -> String {
+            let mut out = format!("struct {} {{\n", stringify!($name));
+            $(out.push_str(&format!("    {}: {},\n", stringify!($field), <$ty as WgslType>::wgsl()));)*
+            out.push_str("}\n");
+            out
+        }
     };
 }
 
@@ -92,7 +124,8 @@ uniform_block! {
         base_type: u32,
         /// [`FloatType::code`] of the fine-tuned tensor.
         ft_type: u32,
-        /// Quantization: `level = clamp(round((d - lo) * k), 0, max_level)`.
+        /// Quantization ([`LevelRule`]): `j = u32(clamp((d - lo) * k, 0, max_level))`, then
+        /// `level = j + (d >= bounds[j])`.
         lo: f32,
         /// The grid's multiplier.
         k: f32,
@@ -108,6 +141,26 @@ uniform_block! {
         num_tiles: u32,
         /// Padding to a multiple of 16 bytes.
         pad: u32,
+        /// [`LevelRule::bounds`], four to a `vec4` (`bounds[j / 4][j % 4]`).
+        bounds: [[f32; 4]; MAX_LEVELS / 4],
+    }
+}
+
+impl Params {
+    /// These parameters with the quantization of `rule`.
+    pub fn with_levels(self, rule: &LevelRule) -> Params {
+        let mut bounds = [[0.0; 4]; MAX_LEVELS / 4];
+        for (b, r) in bounds.iter_mut().zip(rule.bounds.chunks_exact(4)) {
+            b.copy_from_slice(r);
+        }
+        Params {
+            lo: rule.lo,
+            k: rule.k,
+            max_level: rule.max_level,
+            num_levels: rule.levels as u32,
+            bounds,
+            ..self
+        }
     }
 }
 
@@ -185,7 +238,7 @@ pub fn wgsl_prelude() -> String {
     for (name, value, what) in shared_constants() {
         out.push_str(&format!("// {what}\nconst {name}: u32 = {value}u;\n"));
     }
-    out.push_str(PARAMS_WGSL);
+    out.push_str(&params_wgsl());
     out
 }
 
@@ -206,6 +259,7 @@ mod tests {
         }
         assert!(prelude.contains("struct Params {\n    n: u32,\n    start: u32,\n"));
         assert!(prelude.contains("    lo: f32,\n"));
-        assert_eq!(std::mem::size_of::<Params>(), 48);
+        assert!(prelude.contains("    bounds: array<vec4<f32>, 64>,\n}\n"));
+        assert_eq!(std::mem::size_of::<Params>(), 48 + 4 * MAX_LEVELS);
     }
 }

@@ -2,12 +2,12 @@
 //! creates those buffers lazily, reuses them tensor after tensor, and accounts for every byte
 //! of live device buffers (creating one past the budget is refused).
 
-use super::constants::{stat, BUCKETS, TABLE_WORDS, TILE_ELEMENTS};
+use super::constants::{stat, Params, BUCKETS, TABLE_WORDS, TILE_ELEMENTS};
 use crate::engine::EngineError;
 use std::collections::HashMap;
 
-/// Size of the uniform buffer (the 48-byte `Params`, rounded up).
-const PARAMS_BYTES: u64 = 256;
+/// Size of the uniform buffer (`Params`, rounded up to 256 bytes).
+const PARAMS_BYTES: u64 = std::mem::size_of::<Params>().next_multiple_of(256) as u64;
 /// Size of the stats buffer.
 const STATS_BYTES: u64 = (stat::WORDS * 4) as u64;
 /// Size of the table buffer.

@@ -89,16 +89,17 @@ impl GpuEngine {
                 plan.histogram.len()
             )));
         }
+        let rule = grid.level_rule();
+        if !rule.by_multiplier {
+            return Ok(None);
+        }
         let layout = self.prepare(grid.bits)?;
         let params = Params {
-            lo: grid.lo,
-            k: grid.multiplier(),
-            max_level: (levels - 1) as f32,
-            num_levels: levels as u32,
             key0: plan.key.k0,
             key1: plan.key.k1,
             ..Self::base_params(input)
-        };
+        }
+        .with_levels(&rule);
         let mut run = self.select_run(&layout, input.numel(), params)?;
         let Some(hist) = self.levels_pass(input, &mut run)? else {
             return Ok(None);
