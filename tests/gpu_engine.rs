@@ -44,20 +44,16 @@ fn opts(gpu_mem: u64, chunk: Option<usize>) -> GpuOptions {
     }
 }
 
-/// SplitMix64: small deterministic RNG.
-struct Rng(u64);
+/// The crate's SplitMix64 stream, with the distributions these tests need.
+struct Rng(udelta_gpu::splitmix::SplitMix64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+    fn new(seed: u64) -> Rng {
+        Rng(udelta_gpu::splitmix::SplitMix64(seed))
     }
-    /// Uniform in (0, 1).
+    /// Uniform in (0, 1) (never 0, so its logarithm is finite).
     fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        self.0.unit() + 0.5 / (1u64 << 53) as f64
     }
     fn normal(&mut self) -> f64 {
         (-2.0 * self.unit().ln()).sqrt() * (std::f64::consts::TAU * self.unit()).cos()
@@ -98,7 +94,7 @@ impl Pair {
 
     /// Base weights ~ N(0, 0.02), fine-tuned = base + heavy-tailed delta ~ 1e-3.
     fn random(n: usize, bt: FloatType, ftt: FloatType, seed: u64) -> Pair {
-        let mut r = Rng(seed);
+        let mut r = Rng::new(seed);
         let base: Vec<f32> = (0..n).map(|_| (r.normal() * 0.02) as f32).collect();
         let ft: Vec<f32> = base
             .iter()
@@ -241,7 +237,7 @@ fn degenerate_tensors() {
     let Some(mut g) = gpu(opts(1 << 30, Some(4096))) else {
         return;
     };
-    let mut r = Rng(5);
+    let mut r = Rng::new(5);
     let base: Vec<f32> = (0..20_000).map(|_| (r.normal() * 0.02) as f32).collect();
     // All-zero delta: one level, every entry dequantizes to zero, nothing kept.
     for ty in [F32, F16, BF16] {
@@ -396,7 +392,7 @@ fn subnormals_are_exact() {
         return;
     };
     // f16 subnormals are decoded exactly on the device: no fallback.
-    let mut r = Rng(12);
+    let mut r = Rng::new(12);
     let base: Vec<f32> = (0..20_000).map(|_| (r.normal() * 3e-5) as f32).collect();
     let ft: Vec<f32> = base
         .iter()
