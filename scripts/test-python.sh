@@ -15,7 +15,7 @@ VENV=target/pyvenv
 export CARGO_TARGET_DIR="$PWD/target/python"
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
-"$VENV/bin/pip" install -q "maturin>=1.5,<2" pytest numpy
+"$VENV/bin/pip" install -q "maturin>=1.5,<2" pytest numpy "transformers==4.40.2"
 "$VENV/bin/python" -c "import torch" || {
   echo "test-python: torch is not importable (install python3-torch); the torch tests need it" >&2
   exit 1

@@ -8,6 +8,7 @@ import udelta
 from conftest import (
     as_numpy,
     base_state_dict,
+    cli,
     module_from_state_dict,
     read_safetensors,
     torch_bytes,
@@ -198,3 +199,23 @@ def test_transformers_from_pretrained_applies_the_file(two_models):
     assert_same_as_decompress(model.state_dict(), expected, torch_bytes)
     udelta.swap_(model, two_models.udelta[1], two_models.udelta[0])
     assert_same_as_decompress(model.state_dict(), read_safetensors(two_models.restored[0]), torch_bytes)
+
+
+def test_transformers_from_pretrained_on_the_real_minilm_pair(tmp_path):
+    """transformers itself loads the real base directory, the file is applied in place, and the
+    weights equal those transformers loads from the directory ``decompress`` writes."""
+    from transformers import AutoModel
+
+    import udelta.transformers
+    from conftest import MINILM
+
+    base, ft = MINILM / "base", MINILM / "ft"
+    file, restored = tmp_path / "ft.udelta", tmp_path / "restored"
+    cli("compress", "--base", base, "--finetuned", ft, "-o", file, "--adapter", "cpu", "-q")
+    cli("decompress", file, "--base", base, "-o", restored, "-q")
+    model = udelta.transformers.from_pretrained(base, file, model_class=AutoModel)
+    want = AutoModel.from_pretrained(restored, torch_dtype="auto").state_dict()
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
