@@ -267,7 +267,10 @@ fn restore_with(
     base_bytes: Option<Vec<u8>>,
     verify_coded: bool,
 ) -> Result<Vec<u8>> {
+    let not_read = || Error::Param("internal: base not read".into());
     let out = match &r.kind {
+        TensorKind::Unchanged { .. } => base_bytes.ok_or_else(not_read)?,
+        TensorKind::Raw { data } => reader.read_record(data, &format!("tensor '{}'", r.name))?,
         TensorKind::Coded(c) => restore_coded(
             reader,
             r,
@@ -277,30 +280,6 @@ fn restore_with(
             base_bytes,
             verify_coded,
         )?,
-        _ => restore_whole_or_compressed(reader, r, h, base_type, base_bytes)?,
-    };
-    if out.len() as u64 != h.byte_len() {
-        return Err(Error::format(
-            reader.path(),
-            format!("tensor '{}': restored size differs from its shape", r.name),
-        ));
-    }
-    Ok(out)
-}
-
-/// The bytes of an unchanged, raw or UltraDelta-compressed record.
-fn restore_whole_or_compressed(
-    reader: &UdeltaReader,
-    r: &TensorRecord,
-    h: &TensorHeader,
-    base_type: Option<FloatType>,
-    base_bytes: Option<Vec<u8>>,
-) -> Result<Vec<u8>> {
-    let base_bytes = || base_bytes.ok_or_else(|| Error::Param("internal: base not read".into()));
-    Ok(match &r.kind {
-        TensorKind::Unchanged { .. } => base_bytes()?,
-        TensorKind::Raw { data } => reader.read_record(data, &format!("tensor '{}'", r.name))?,
-        TensorKind::Coded(_) => unreachable!("coded records are restored by restore_coded"),
         TensorKind::Compressed(c) => {
             let bad_type = || {
                 Error::format(
@@ -313,9 +292,17 @@ fn restore_whole_or_compressed(
             };
             let base_type = base_type.ok_or_else(bad_type)?;
             let out_type = FloatType::from_dtype(h.dtype).ok_or_else(bad_type)?;
-            reconstruct(reader, r, c, base_bytes()?, base_type, out_type)?
+            let base_bytes = base_bytes.ok_or_else(not_read)?;
+            reconstruct(reader, r, c, base_bytes, base_type, out_type)?
         }
-    })
+    };
+    if out.len() as u64 != h.byte_len() {
+        return Err(Error::format(
+            reader.path(),
+            format!("tensor '{}': restored size differs from its shape", r.name),
+        ));
+    }
+    Ok(out)
 }
 
 /// The fine-tuned bytes of record `r` (header `h`), given the base bytes it needs (if any),
