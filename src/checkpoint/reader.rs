@@ -81,6 +81,15 @@ impl TensorEntry {
     pub fn float_type(&self) -> Option<FloatType> {
         FloatType::from_dtype(self.dtype)
     }
+
+    /// Whether this tensor has the shape of `base` or the same shape with more rows (a grown
+    /// vocabulary: the base's bytes are then a prefix of this tensor's). Never for a scalar.
+    pub fn extends_rows_of(&self, base: &TensorEntry) -> bool {
+        !self.shape.is_empty()
+            && self.shape.len() == base.shape.len()
+            && self.shape[0] >= base.shape[0]
+            && self.shape[1..] == base.shape[1..]
+    }
 }
 
 /// An opened safetensors checkpoint: all headers parsed and validated, files held open.

@@ -21,11 +21,7 @@ pub const CHUNK_BYTES: usize = 64 << 20;
 /// shape or the same shape with more rows (grown vocabulary: the base's bytes are a prefix).
 pub fn base_for<'a>(base: &'a Checkpoint, t: &TensorEntry) -> Option<&'a TensorEntry> {
     let b = base.get(&t.name)?;
-    let grown = !t.shape.is_empty()
-        && t.shape.len() == b.shape.len()
-        && t.shape[0] >= b.shape[0]
-        && t.shape[1..] == b.shape[1..];
-    (b.dtype == t.dtype && grown).then_some(b)
+    (b.dtype == t.dtype && t.extends_rows_of(b)).then_some(b)
 }
 
 /// Blocks per chunk for words of `width` bytes.

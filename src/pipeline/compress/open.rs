@@ -182,10 +182,7 @@ pub(super) fn classify(
         return Ok(Kind::Raw);
     };
     let b = &base.tensors[bi];
-    let grown = t.shape.len() == b.shape.len()
-        && !t.shape.is_empty()
-        && t.shape[0] > b.shape[0]
-        && t.shape[1..] == b.shape[1..];
+    let grown = t.shape != b.shape && t.extends_rows_of(b);
     if t.shape != b.shape && !grown {
         return Err(Error::tensor(
             ft_path,
