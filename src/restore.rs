@@ -7,6 +7,8 @@
 //!   restoring adds at each; [`dense_delta`]: the same as a dense f32 tensor.
 //! - [`restore`] / [`restore_unchecked`]: the fine-tuned bytes of one tensor from its record
 //!   and the base's bytes (f32 add, rounded to the fine-tune's dtype).
+//! - [`apply_kept_in_place`] / [`undo_kept_in_place`]: the same add on base values already in
+//!   memory (the Python package's `apply_` and `swap_`), keeping the overwritten values.
 //! - [`Restorer`]: every tensor of a file in order, reading the base one tensor at a time.
 
 use crate::checkpoint::dtype::{dtype_from_name, dtype_name, Dtype, FloatType};
@@ -215,33 +217,136 @@ pub fn reconstruct(
     base_type: FloatType,
     out_type: FloatType,
 ) -> Result<Vec<u8>> {
-    let (positions, values) = kept_deltas(reader, r, c)?;
-    let base_values = (base_type != out_type).then(|| {
-        let mut vals = Vec::new();
-        base_type.decode_into(&base_bytes, &mut vals);
-        vals
-    });
-    let mut out = match &base_values {
-        None => base_bytes,
-        Some(vals) => {
-            let mut out = Vec::new();
-            out_type.encode_into(vals, &mut out);
-            out
-        }
+    let mut out = if base_type == out_type {
+        let mut out = base_bytes;
+        add_kept(reader, r, c, &mut out, out_type, None)?;
+        out
+    } else {
+        convert_and_add_kept(reader, r, c, &base_bytes, base_type, out_type)?
     };
-    for (&p, &delta) in positions.iter().zip(&values) {
-        let base = match &base_values {
-            None => out_type.load(&out, p as usize),
-            Some(vals) => vals[p as usize],
-        };
-        out_type.store(&mut out, p as usize, base + delta);
-    }
     if let Some(tail) = &c.tail {
         out.extend_from_slice(
             &reader.read_record(tail, &format!("tensor '{}': new rows", r.name))?,
         );
     }
     Ok(out)
+}
+
+/// The fine-tuned bytes (of `out_type`) of a compressed tensor whose base has another float
+/// type: each kept entry is the exact base value plus its delta, rounded once.
+fn convert_and_add_kept(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+    base_bytes: &[u8],
+    base_type: FloatType,
+    out_type: FloatType,
+) -> Result<Vec<u8>> {
+    let (positions, values) = kept_deltas(reader, r, c)?;
+    let mut base_values = Vec::new();
+    base_type.decode_into(base_bytes, &mut base_values);
+    let mut out = Vec::new();
+    out_type.encode_into(&base_values, &mut out);
+    for (&p, &delta) in positions.iter().zip(&values) {
+        out_type.store(&mut out, p as usize, base_values[p as usize] + delta);
+    }
+    Ok(out)
+}
+
+/// Adds a compressed tensor's kept deltas to the base values `bytes` (of type `ty`, at least
+/// the elements shared with the base) in place, as restoring does (f32 add, rounded to `ty`).
+/// With `overwritten`, the base values replaced are appended to it (in `ty`, kept order).
+fn add_kept(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+    bytes: &mut [u8],
+    ty: FloatType,
+    mut overwritten: Option<&mut Vec<u8>>,
+) -> Result<()> {
+    let (positions, levels) = decode_kept(reader, r, c)?;
+    check_span(reader, r, c, &positions, bytes.len(), ty)?;
+    let deltas = c.grid().scaled_values(reader.index.model.scale);
+    let size = ty.size();
+    for (&p, &level) in positions.iter().zip(&levels) {
+        let p = p as usize;
+        if let Some(old) = overwritten.as_deref_mut() {
+            old.extend_from_slice(&bytes[p * size..(p + 1) * size]);
+        }
+        ty.store(bytes, p, ty.load(bytes, p) + deltas[level as usize]);
+    }
+    Ok(())
+}
+
+/// Refuses a buffer of `len` bytes that does not hold the `c.shared_numel` elements (of
+/// `ty`) that the kept `positions` index.
+fn check_span(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+    positions: &[u32],
+    len: usize,
+    ty: FloatType,
+) -> Result<()> {
+    let numel = (len / ty.size()) as u64;
+    let beyond = positions.last().is_some_and(|&p| u64::from(p) >= numel);
+    if numel < c.shared_numel || beyond {
+        return Err(Error::format(
+            reader.path(),
+            format!(
+                "tensor '{}': the tensor given holds {numel} elements, the file's kept entries need {}",
+                r.name, c.shared_numel
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Applies a compressed tensor in place to its base values `bytes` (of type `ty`): the kept
+/// entries become `ty(f32(base) + delta)`, exactly as restoring computes them. Returns the
+/// base values it overwrote (in `ty`, kept order), which [`undo_kept_in_place`] puts back.
+pub fn apply_kept_in_place(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+    bytes: &mut [u8],
+    ty: FloatType,
+) -> Result<Vec<u8>> {
+    let mut overwritten = Vec::new();
+    add_kept(reader, r, c, bytes, ty, Some(&mut overwritten))?;
+    Ok(overwritten)
+}
+
+/// Puts back at a compressed tensor's kept positions the base values `old` that
+/// [`apply_kept_in_place`] returned for the same tensor and type.
+pub fn undo_kept_in_place(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+    bytes: &mut [u8],
+    ty: FloatType,
+    old: &[u8],
+) -> Result<()> {
+    let (positions, _) = decode_kept(reader, r, c)?;
+    check_span(reader, r, c, &positions, bytes.len(), ty)?;
+    let size = ty.size();
+    if old.len() != positions.len() * size {
+        return Err(Error::format(
+            reader.path(),
+            format!(
+                "tensor '{}': {} bytes of old values given, its {} kept entries need {}",
+                r.name,
+                old.len(),
+                positions.len(),
+                positions.len() * size
+            ),
+        ));
+    }
+    for (&p, value) in positions.iter().zip(old.chunks_exact(size)) {
+        let p = p as usize;
+        bytes[p * size..(p + 1) * size].copy_from_slice(value);
+    }
+    Ok(())
 }
 
 /// The fine-tuned bytes of record `r` (header `h`) from the base bytes it needs (if any, of
@@ -493,5 +598,43 @@ mod tests {
                 .expect("a wrong base must be refused"),
         };
         assert!(err.to_string().contains("wrong base"), "{err}");
+    }
+
+    #[test]
+    fn in_place_apply_adds_the_kept_deltas_and_undo_puts_the_base_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base_path, file) = fixture(dir.path());
+        let reader = UdeltaReader::open(&file).unwrap();
+        let base = Checkpoint::open(&base_path).unwrap();
+        let mut applied = 0;
+        for r in &reader.index.tensors {
+            let TensorKind::Compressed(c) = &r.kind else {
+                continue;
+            };
+            let entry = base.get(&r.name).unwrap();
+            let ty = entry.float_type().unwrap();
+            let mut original = Vec::new();
+            base.read_tensor(entry, &mut original).unwrap();
+            // Expected: each kept entry rounded from f32(base) + its delta, by hand.
+            let (positions, values) = kept_deltas(&reader, r, c).unwrap();
+            let mut want = original.clone();
+            for (&p, &v) in positions.iter().zip(&values) {
+                let p = p as usize;
+                ty.store(&mut want, p, ty.load(&original, p) + v);
+            }
+            let mut bytes = original.clone();
+            let old = apply_kept_in_place(&reader, r, c, &mut bytes, ty).unwrap();
+            assert!(bytes == want, "{}: applied bytes differ", r.name);
+            assert_eq!(old.len(), positions.len() * ty.size());
+            undo_kept_in_place(&reader, r, c, &mut bytes, ty, &old).unwrap();
+            assert!(bytes == original, "{}: undo differs from the base", r.name);
+            let short = &mut original[..ty.size()];
+            let err = apply_kept_in_place(&reader, r, c, short, ty).unwrap_err();
+            assert!(err.to_string().contains(&r.name), "{err}");
+            let err = undo_kept_in_place(&reader, r, c, &mut bytes, ty, &old[1..]).unwrap_err();
+            assert!(err.to_string().contains("old values"), "{err}");
+            applied += 1;
+        }
+        assert!(applied > 0);
     }
 }

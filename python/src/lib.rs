@@ -173,21 +173,54 @@ fn rescale(py: Python<'_>, files: Vec<PathBuf>) -> PyResult<Vec<f64>> {
     guarded(py, || udelta_gpu::pipeline::rescale::rescale(&files))
 }
 
+/// A host buffer handed over by address (`a.ctypes.data` / `t.data_ptr()`), because the
+/// buffer protocol is not in the stable ABI before Python 3.11. The caller keeps the buffer
+/// alive and contiguous, and nothing else touches it, for the duration of the call.
+struct HostBytes {
+    addr: usize,
+    len: usize,
+}
+
+/// The buffer of `len` bytes at `addr` (a null address only for an empty buffer).
+fn host_bytes(addr: usize, len: usize) -> PyResult<HostBytes> {
+    if addr == 0 && len != 0 {
+        return Err(UdeltaError::new_err("null buffer address"));
+    }
+    Ok(HostBytes { addr, len })
+}
+
+impl HostBytes {
+    /// # Safety
+    /// The caller's promise above; the slice must not outlive the call.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn get(&self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len)
+    }
+}
+
+/// The float type of a safetensors dtype name, for tensor `name`.
+fn float_type_of(name: &str, dtype: &str) -> PyResult<FloatType> {
+    dtype_from_name(dtype)
+        .and_then(FloatType::from_dtype)
+        .ok_or_else(|| {
+            UdeltaError::new_err(format!(
+                "tensor '{name}': dtype {dtype} is not f16, bf16 or f32"
+            ))
+        })
+}
+
 /// CRC-32 (the format's checksum) of the `len` bytes at address `addr`: the buffer of a
-/// contiguous NumPy array (`a.ctypes.data`, `a.nbytes`), which the caller keeps alive during
-/// the call. (The buffer protocol is not in the stable ABI before Python 3.11.)
+/// contiguous NumPy array (`a.ctypes.data`, `a.nbytes`), see [`HostBytes`].
 #[pyfunction]
 fn crc32_at(py: Python<'_>, addr: usize, len: usize) -> PyResult<u32> {
-    if len == 0 {
-        return Ok(udelta_gpu::format::index::crc32(&[]));
-    }
-    if addr == 0 {
-        return Err(UdeltaError::new_err("crc32_at: null address"));
-    }
-    // SAFETY: the caller passes the address and length of a live, contiguous buffer that it
-    // holds a reference to for the duration of this call, and nothing writes it meanwhile.
-    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-    guarded(py, || Ok(udelta_gpu::format::index::crc32(bytes)))
+    let bytes = host_bytes(addr, len)?;
+    // SAFETY: see `HostBytes`; the slice is only read.
+    guarded(py, || {
+        Ok(udelta_gpu::format::index::crc32(unsafe { bytes.get() }))
+    })
 }
 
 /// An opened `.udelta` file.
@@ -334,6 +367,55 @@ impl File {
                 return Err(Error::tensor(origin, name, msg));
             }
             Ok(())
+        })
+    }
+
+    /// Applies compressed tensor `name` in place to the `nbytes` bytes at address `addr` (a
+    /// contiguous host buffer of the base tensor, of safetensors dtype `dtype`, that the caller
+    /// keeps alive and does not touch during the call): the kept entries become
+    /// `dtype(f32(base) + delta)`, as restoring computes them. Returns the base values it
+    /// overwrote (`dtype`, kept order), for `undo_at`.
+    fn apply_at<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        addr: usize,
+        nbytes: usize,
+        dtype: &str,
+    ) -> PyResult<Bound<'py, PyByteArray>> {
+        let ty = float_type_of(name, dtype)?;
+        let bytes = host_bytes(addr, nbytes)?;
+        let old = self.with_record(py, name, |reader, r| match &r.kind {
+            // SAFETY: see `host_bytes`; this call is the buffer's only user meanwhile.
+            TensorKind::Compressed(c) => {
+                restore::apply_kept_in_place(reader, r, c, unsafe { bytes.get() }, ty)
+            }
+            _ => Err(self.not_kind(name, "not a compressed tensor: nothing to apply in place")),
+        })?;
+        Ok(bytes_of(py, &old))
+    }
+
+    /// Puts back in the buffer at `addr` (as for `apply_at`) the base values `apply_at`
+    /// returned for `name`, given as the `old_len` bytes at `old_addr`.
+    fn undo_at(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        addr: usize,
+        nbytes: usize,
+        dtype: &str,
+        old_addr: usize,
+        old_len: usize,
+    ) -> PyResult<()> {
+        let ty = float_type_of(name, dtype)?;
+        let bytes = host_bytes(addr, nbytes)?;
+        let old = host_bytes(old_addr, old_len)?;
+        self.with_record(py, name, |reader, r| match &r.kind {
+            // SAFETY: see `host_bytes`; the two buffers are distinct and used only here.
+            TensorKind::Compressed(c) => unsafe {
+                restore::undo_kept_in_place(reader, r, c, bytes.get(), ty, old.get())
+            },
+            _ => Err(self.not_kind(name, "not a compressed tensor: nothing to undo in place")),
         })
     }
 

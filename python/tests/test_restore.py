@@ -119,6 +119,36 @@ def test_swap_on_state_dict_with_record(two_models):
     assert_same_as_decompress(state, read_safetensors(two_models.restored[1]), torch_bytes)
 
 
+def non_contiguous(t):
+    """The same values as ``t`` in a strided (non-contiguous) layout."""
+    if t.dim() != 2 or min(t.shape) < 2:
+        return t
+    v = t.t().contiguous().t()
+    assert not v.is_contiguous() and torch.equal(v, t)
+    return v
+
+
+def test_apply_and_swap_on_strided_tensors_take_the_torch_path_bit_identically(two_models):
+    # Every 2-D tensor strided: apply_ cannot scatter in its memory (the path of device
+    # tensors), while the 1-D ones still go in place: both paths in one model.
+    a, b = two_models.udelta
+    state = {k: non_contiguous(v) for k, v in base_state_dict(two_models).items()}
+    applied = udelta.apply_(state, a)
+    assert any(not isinstance(v, bytearray) for v in applied.scattered.values())
+    assert_same_as_decompress(state, read_safetensors(two_models.restored[0]), torch_bytes)
+    udelta.swap_(state, a, b, applied=applied)
+    assert_same_as_decompress(state, read_safetensors(two_models.restored[1]), torch_bytes)
+
+
+def test_swap_frees_the_first_record_before_applying_the_second(two_models):
+    a, b = two_models.udelta
+    state = base_state_dict(two_models)
+    first = udelta.apply_(state, a)
+    assert first.nbytes() > 0
+    udelta.swap_(state, a, b, applied=first)
+    assert first.nbytes() == 0 and not first.scattered and not first.replaced
+
+
 def test_swap_refuses_a_file_not_applied(two_models):
     a, b = two_models.udelta
     model = module_from_state_dict(base_state_dict(two_models))

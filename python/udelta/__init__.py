@@ -372,9 +372,10 @@ class Applied:
     """What :func:`apply_` changed in a model, to put the base back (used by :func:`swap_`).
 
     Kept compactly: for each compressed tensor only the base values at the kept entries (in
-    the tensor's dtype, on its device; the positions are decoded again from the file when
-    undoing); whole copies only of tensors that were replaced (stored whole, or whose shape
-    or dtype the fine-tune changed).
+    the tensor's dtype: a ``bytearray`` for tensors applied in place on the CPU, else a tensor
+    on their device; the positions are decoded again from the file when undoing); whole
+    copies only of tensors that were replaced (stored whole, or whose shape or dtype the
+    fine-tune changed).
     """
 
     def __init__(self, path: str, fingerprint: str):
@@ -388,7 +389,7 @@ class Applied:
     def nbytes(self) -> int:
         """Bytes held to undo."""
         held = [*self.scattered.values(), *self.replaced.values()]
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(len(t) if isinstance(t, bytearray) else t.numel() * t.element_size() for t in held)
 
 
 class _Target:
@@ -515,6 +516,60 @@ def _ahead(fetch, items):
             yield item, data
 
 
+def _in_place(t) -> bool:
+    """Whether tensor ``t`` is scattered into by the library itself, in its memory (a
+    contiguous CPU tensor): no index tensors, no float32 copies, both cores."""
+    return t.device.type == "cpu" and t.is_contiguous()
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _workers():
+    """A pool for per-tensor library calls (each releases the GIL): one thread per core."""
+    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
+
+
+def _apply_in_place(target: _Target, file: UdeltaFile, names: List[str], applied: Applied) -> None:
+    """Applies the compressed tensors ``names`` (contiguous CPU tensors of the target) in
+    their memory, several at a time, recording the overwritten base values."""
+
+    def one(name):
+        t = target.get(name)
+        return name, file._file.apply_at(name, t.data_ptr(), _nbytes(t), _dtype_name(t))
+
+    with _workers() as pool:
+        for name, old in pool.map(one, names):
+            applied.scattered[name] = old
+
+
+def _undo_in_place(target: _Target, file: UdeltaFile, names: List[str], applied: Applied) -> None:
+    """Puts back the base values of the tensors ``names`` applied in place, freeing each
+    tensor's record as soon as it is undone."""
+
+    def one(name):
+        t = target.get(name)
+        old = np.frombuffer(applied.scattered[name], dtype=np.uint8)
+        file._file.undo_at(name, t.data_ptr(), _nbytes(t), _dtype_name(t), old.ctypes.data, old.nbytes)
+        return name
+
+    with _workers() as pool:
+        for name in pool.map(one, names):
+            del applied.scattered[name]
+
+
+def _update_flat(t, update):
+    """``update(flat)`` on a flat view of ``t``'s elements; for a strided ``t``, on a flat
+    copy that is then written back. Returns what ``update`` returns."""
+    if t.is_contiguous():
+        return update(t.view(-1))
+    flat = t.reshape(-1).clone()
+    result = update(flat)
+    t.copy_(flat.view(t.shape))
+    return result
+
+
 def _apply_record(target: _Target, file: UdeltaFile, r, data, applied: Applied) -> None:
     """Applies one tensor's record (with its fetched ``data``) to the checked target,
     recording how to undo it."""
@@ -540,10 +595,13 @@ def _apply_record(target: _Target, file: UdeltaFile, r, data, applied: Applied) 
         target.replace(name, _tensor(restored, r["dtype"], r["shape"], t.device))
         return
     positions, values = (torch.from_numpy(a).to(t.device) for a in data)
-    flat = t.view(-1)
-    old = flat[positions]
-    flat[positions] = (old.float() + values).to(t.dtype)
-    applied.scattered[name] = old
+
+    def add(flat):
+        old = flat[positions]
+        flat[positions] = (old.float() + values).to(t.dtype)
+        return old
+
+    applied.scattered[name] = _update_flat(t, add)
 
 
 def apply_(model_or_state_dict, path: PathLike, *, force: bool = False) -> Applied:
@@ -580,8 +638,11 @@ def _apply(target_obj, file: UdeltaFile, checksums: bool, force: bool) -> Applie
     records = file.index["tensors"]
     _check_all(file, target, records, checksums, force)
     applied = Applied(file.path, file.base_fingerprint)
+    in_place = [r["name"] for r in records if _scatters(r) and _in_place(target.get(r["name"]))]
+    rest = [r for r in records if r["name"] not in set(in_place)]
     with torch.no_grad():
-        for r, data in _ahead(lambda r: _fetch(file, r), records):
+        _apply_in_place(target, file, in_place, applied)
+        for r, data in _ahead(lambda r: _fetch(file, r), rest):
             _apply_record(target, file, r, data, applied)
     if target.module is None:
         _drop_extra(target, file, applied)
@@ -591,20 +652,26 @@ def _apply(target_obj, file: UdeltaFile, checksums: bool, force: bool) -> Applie
 
 
 def _undo(target: _Target, applied: Applied) -> None:
-    """Puts back the base values ``applied`` recorded."""
+    """Puts back the base values ``applied`` recorded, emptying it as it goes (so that its
+    memory is free before the next file is applied)."""
     torch = _torch()
     file = open(applied.path)
+    host = [n for n, old in applied.scattered.items() if isinstance(old, bytearray)]
     with torch.no_grad():
+        _undo_in_place(target, file, host, applied)
         for name, (positions, _) in _ahead(file.kept, list(applied.scattered)):
-            old = applied.scattered[name]
+            old = applied.scattered.pop(name)
             t = target.get(name)
-            t.view(-1)[torch.from_numpy(positions).to(t.device)] = old
+            at = torch.from_numpy(positions).to(t.device)
+            _update_flat(t, lambda flat: flat.index_put_((at,), old))
         for name, old in applied.replaced.items():
             target.replace(name, old)
+        applied.replaced.clear()
         if target.module is None:
             for name in applied.added:
                 target.tensors.pop(name, None)
             target.tensors.update(applied.dropped)
+            applied.dropped.clear()
 
 
 def swap_(
