@@ -349,6 +349,30 @@ fn crafted_matrix_views_and_a_wrong_base_are_refused_naming_the_tensor() {
         &["mlp.experts.gate_up_proj", "[128, 48, 64]", "wrong base"],
     );
     assert!(!out.exists());
+    // So is a fine-tune whose experts have another shape than the base's, before any output.
+    let ft_other = dir.path().join("b").join("ft-1");
+    let refused = dir.path().join("refused.udelta");
+    fails(
+        udelta(&[
+            "compress",
+            "--base",
+            s(&base),
+            "--finetuned",
+            s(&ft_other),
+            "-o",
+            s(&refused),
+            "--adapter",
+            "cpu",
+            "-q",
+        ]),
+        &[
+            "mlp.experts.gate_up_proj",
+            "[128, 48, 64]",
+            "[128, 24, 32]",
+            "right base",
+        ],
+    );
+    assert!(!refused.exists());
 }
 
 #[test]
