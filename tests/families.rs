@@ -467,3 +467,46 @@ fn each_expert_is_its_own_matrix_in_the_trace_norm() {
     let (separate, together) = stacked("gate_up_proj");
     assert!(separate > 1.05 * together, "{separate} vs {together}");
 }
+
+#[test]
+fn include_and_exclude_match_the_3d_tensor_not_its_matrices() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = synth(dir.path(), "qwen3-moe", 1, 64);
+    let with = |what: &str, args: &[&str]| {
+        let file = dir.path().join(format!("{what}.udelta"));
+        let mut all = vec![
+            "compress",
+            "--base",
+            s(&base),
+            "--finetuned",
+            s(&ft),
+            "-o",
+            s(&file),
+            "--adapter",
+            "cpu",
+            "-q",
+        ];
+        all.extend(args);
+        ok(udelta(&all));
+        file
+    };
+    let only_down = with("include", &["--include", r"experts\.down_proj$"]);
+    let want: BTreeSet<String> = (0..128)
+        .map(|e| format!("model.layers.0.mlp.experts.down_proj[{e}]"))
+        .collect();
+    assert_eq!(compressed_names(&only_down), want);
+    // Excluded, the experts are stored whole (coded against the base): a version 2 file.
+    let no_experts = with("exclude", &["--exclude", "experts"]);
+    let index = read_index(&no_experts);
+    assert_eq!(index["format_version"], 2);
+    let gate_up = index["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "model.layers.0.mlp.experts.gate_up_proj")
+        .unwrap();
+    assert_eq!(gate_up["kind"], "coded");
+    assert!(!compressed_names(&no_experts)
+        .iter()
+        .any(|n| n.contains("experts")));
+}
