@@ -200,13 +200,20 @@ pub struct SynthArgs {
     /// Output directory (gets base/ and ft-1/ .. ft-M/).
     #[arg(long)]
     pub out: PathBuf,
-    /// Shapes: tiny, 7b or 13b (LLaMA-2), llama3-8b (Llama-3-8B, GQA).
+    /// Shapes: tiny, 7b or 13b (LLaMA-2), llama3-8b (Llama-3-8B, GQA), mistral-7b,
+    /// mixtral-8x7b, qwen3-moe (Qwen3-30B-A3B, fused 3-D experts), phi3-mini, gemma2-2b,
+    /// deepseek-v2-lite.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// Override the number of transformer layers.
     #[arg(long)]
     pub layers: Option<usize>,
-    /// Element type: f16, bf16 or f32 (default: bf16 for llama3-8b, else f16).
+    /// Divide every size (widths, vocabulary, head dimension; not the counts of layers, heads
+    /// or experts) by N, keeping every tensor name: small checkpoints of a family.
+    #[arg(long, default_value_t = 1)]
+    pub shrink: usize,
+    /// Element type: f16, bf16 or f32 (default: the preset's: f16 for tiny, 7b and 13b, f32
+    /// for gemma2-2b, else bf16).
     #[arg(long)]
     pub dtype: Option<String>,
     /// Number of fine-tunes.
@@ -461,6 +468,7 @@ fn run_synth(a: SynthArgs) -> Result<()> {
         seed: a.seed,
         vocab_growth: a.vocab_growth,
         replace: a.force,
+        shrink: a.shrink,
     };
     let t = Instant::now();
     let progress = crate::progress::Progress::new("synth", 0, !a.quiet);
@@ -505,6 +513,7 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         seed: 0,
         vocab_growth: 0,
         replace: true,
+        shrink: 1,
     };
     let _ = std::fs::remove_dir_all(&synth_dir);
     let syn = write_synthetic(&synth_dir, &opts, &|_, _| {})?;

@@ -13,10 +13,12 @@
 
 use crate::checkpoint::dtype::{dtype_from_name, dtype_name, Dtype, FloatType};
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
+use crate::checkpoint::views;
 use crate::checkpoint::writer::TensorHeader;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::format::index::crc32;
+use crate::format::matrix_views::{self, Whole};
 use crate::format::{CompressedTensor, TensorKind, TensorRecord, UdeltaReader};
 use crate::pipeline::lossless::restore_coded;
 use crate::pipeline::prefetch::{Prefetch, ReadJob, TensorRead};
@@ -36,12 +38,30 @@ fn parse_dtype(reader: &UdeltaReader, tensor: &str, name: &str) -> Result<Dtype>
     })
 }
 
-/// The header of a record's tensor as the fine-tune had it.
+/// The header of a record's tensor as the fine-tune had it (for a matrix view: the matrix).
 pub fn header_of(reader: &UdeltaReader, r: &TensorRecord) -> Result<TensorHeader> {
     Ok(TensorHeader {
         name: r.name.clone(),
         dtype: parse_dtype(reader, &r.name, &r.dtype)?,
         shape: r.shape.clone(),
+    })
+}
+
+/// The header of a whole tensor as the fine-tune had it (a 3-D tensor for matrix views).
+pub fn whole_header(reader: &UdeltaReader, w: &Whole) -> Result<TensorHeader> {
+    Ok(TensorHeader {
+        name: w.name.to_string(),
+        dtype: parse_dtype(reader, w.name, w.dtype)?,
+        shape: w.shape.to_vec(),
+    })
+}
+
+/// Opens the base checkpoint `path` for the file of `reader`, with the 3-D tensors the file
+/// stores as matrices split into the same matrix views ([`crate::checkpoint::views`]).
+pub fn open_base(path: &Path, reader: &UdeltaReader) -> Result<Checkpoint> {
+    let stacks = matrix_views::stacks(&reader.index);
+    views::split(Checkpoint::open(path)?, &stacks, |have, want| {
+        wrong_kind_message(reader.path(), "a tensor of shape", have, "shape", want)
     })
 }
 
@@ -434,7 +454,10 @@ pub struct Restorer {
     reader: UdeltaReader,
     base: Arc<Checkpoint>,
     force: bool,
-    next: usize,
+    /// The number of records of each whole tensor, in order.
+    wholes: Vec<usize>,
+    next_whole: usize,
+    next_record: usize,
     progress: Progress,
 }
 
@@ -444,19 +467,20 @@ impl Restorer {
     /// With `progress`, a progress bar counts the restored bytes.
     pub fn open(input: &Path, base_path: &Path, force: bool, progress: bool) -> Result<Restorer> {
         let reader = UdeltaReader::open(input)?;
-        let base = Arc::new(Checkpoint::open(base_path)?);
-        let headers = reader
-            .index
-            .tensors
-            .iter()
-            .map(|t| header_of(&reader, t))
-            .collect::<Result<Vec<_>>>()?;
-        let total = headers.iter().map(TensorHeader::byte_len).sum();
+        let base = Arc::new(open_base(base_path, &reader)?);
+        let wholes = matrix_views::wholes(&reader.index.tensors);
+        let mut total = 0;
+        for w in &wholes {
+            total += whole_header(&reader, w)?.byte_len();
+        }
+        let wholes = wholes.iter().map(|w| w.records.len()).collect();
         let r = Restorer {
             reader,
             base,
             force,
-            next: 0,
+            wholes,
+            next_whole: 0,
+            next_record: 0,
             progress: Progress::new("restore", total, progress),
         };
         for t in &r.reader.index.tensors {
@@ -478,18 +502,36 @@ impl Restorer {
         }
     }
 
-    /// The next tensor's header and fine-tuned bytes, or `None` after the last.
+    /// The next tensor's header and fine-tuned bytes, or `None` after the last. The matrices
+    /// of a 3-D tensor stored as matrix views come back as that one tensor.
     pub fn next_tensor(&mut self) -> Option<Result<(TensorHeader, Vec<u8>)>> {
-        let Some(r) = self.reader.index.tensors.get(self.next) else {
+        let Some(&count) = self.wholes.get(self.next_whole) else {
             self.progress.finish();
             return None;
         };
-        self.next += 1;
-        let out = self.restore_record(r);
+        let first = self.next_record;
+        self.next_whole += 1;
+        self.next_record += count;
+        let records = &self.reader.index.tensors[first..first + count];
+        let out = self.restore_whole(records);
         if let Ok((_, bytes)) = &out {
             self.progress.inc(bytes.len() as u64);
         }
         Some(out)
+    }
+
+    /// The header and bytes of the whole tensor stored as `records`.
+    fn restore_whole(&self, records: &[TensorRecord]) -> Result<(TensorHeader, Vec<u8>)> {
+        let whole = matrix_views::wholes(records).remove(0);
+        let header = whole_header(&self.reader, &whole)?;
+        if let [r] = records {
+            return Ok((header, self.restore_record(r)?.1));
+        }
+        let mut bytes = Vec::with_capacity(header.byte_len() as usize);
+        for r in records {
+            bytes.extend_from_slice(&self.restore_record(r)?.1);
+        }
+        Ok((header, bytes))
     }
 
     fn restore_record(&self, r: &TensorRecord) -> Result<(TensorHeader, Vec<u8>)> {

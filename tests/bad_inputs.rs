@@ -788,12 +788,12 @@ fn udelta_cases(fx: &Fixture) -> Vec<BadRun> {
         ("udelta-wrong-magic", with(0, b"XXXXXXXX"), "magic"),
         (
             "udelta-future-version",
-            with(8, &3u32.to_le_bytes()),
-            "version 3",
+            with(8, &4u32.to_le_bytes()),
+            "version 4",
         ),
         (
             "udelta-future-footer-version",
-            with(n - 12, &3u32.to_le_bytes()),
+            with(n - 12, &4u32.to_le_bytes()),
             "version",
         ),
         (

@@ -501,12 +501,12 @@ fn version_1_files_stay_readable() {
     assert_eq!(files_of(&r1), files_of(&r2));
     ok(udelta(&["inspect", s(&v1)]));
     // A version this build does not know is refused by name.
-    index["format_version"] = 3.into();
-    let v3 = dir.path().join("v3.udelta");
-    with_index(&v2, &index, &v3);
+    index["format_version"] = 4.into();
+    let v4 = dir.path().join("v4.udelta");
+    with_index(&v2, &index, &v4);
     fails(
-        udelta(&["inspect", s(&v3)]),
-        &["format version 3", "versions 1 to 2"],
+        udelta(&["inspect", s(&v4)]),
+        &["format version 4", "versions 1 to 3"],
     );
 }
 

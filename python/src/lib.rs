@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use udelta_gpu::algorithm::CompressParams;
 use udelta_gpu::checkpoint::dtype::{dtype_from_name, FloatType};
-use udelta_gpu::checkpoint::reader::Checkpoint;
 use udelta_gpu::checkpoint::select::Embeddings;
 use udelta_gpu::checkpoint::select::TensorSelector;
 use udelta_gpu::checkpoint::side_files::SideFileOptions;
@@ -323,7 +322,7 @@ impl File {
                         "coded against the base's tensor: pass the base checkpoint (base=...)",
                     )),
                     (Some(_), Some(path)) => {
-                        let ckpt = Arc::new(Checkpoint::open(path)?);
+                        let ckpt = Arc::new(restore::open_base(path, reader)?);
                         let source = restore::BaseSource {
                             base: &ckpt,
                             reader,

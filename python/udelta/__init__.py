@@ -636,6 +636,13 @@ def _apply(target_obj, file: UdeltaFile, checksums: bool, force: bool) -> Applie
     torch = _torch()
     target = _Target(target_obj)
     records = file.index["tensors"]
+    stacked = next((r["matrix_of"]["name"] for r in records if r.get("matrix_of")), None)
+    if stacked is not None:
+        raise UdeltaError(
+            f"{file.path}: tensor '{stacked}' is stored as its matrices (fused experts, format "
+            "version 3), which apply_ cannot restore in place yet: use load_state_dict or "
+            "iter_tensors (or decompress)"
+        )
     _check_all(file, target, records, checksums, force)
     applied = Applied(file.path, file.base_fingerprint)
     in_place = [r["name"] for r in records if _scatters(r) and _in_place(target.get(r["name"]))]

@@ -4,4 +4,5 @@ pub mod dtype;
 pub mod reader;
 pub mod select;
 pub mod side_files;
+pub mod views;
 pub mod writer;

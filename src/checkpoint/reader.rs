@@ -7,6 +7,7 @@
 //! are safe to issue from several threads at once.
 
 use super::dtype::{byte_len, dtype_name, Dtype, FloatType};
+use super::views::MatrixOf;
 use crate::bytesource::ByteSource;
 use crate::error::{Error, Result};
 use safetensors::tensor::{Metadata, TensorInfo};
@@ -69,6 +70,9 @@ pub struct TensorEntry {
     pub offset: u64,
     /// Length in bytes.
     pub len: u64,
+    /// For a matrix view ([`super::views`]): the 3-D tensor it is a matrix of; `None` for a
+    /// tensor of the file.
+    pub matrix_of: Option<MatrixOf>,
 }
 
 impl TensorEntry {
@@ -309,6 +313,7 @@ impl Checkpoint {
                     shard: ix,
                     offset: shard.data_start + info.data_offsets.0 as u64,
                     len: (info.data_offsets.1 - info.data_offsets.0) as u64,
+                    matrix_of: None,
                 });
             }
             shards.push(shard);
@@ -321,6 +326,27 @@ impl Checkpoint {
             index_path,
             index_metadata,
             by_name,
+        })
+    }
+
+    /// The same checkpoint with another tensor list (in the same order of shards and
+    /// offsets, e.g. with matrix views in place of a 3-D tensor). Two tensors of one name are
+    /// an error naming it.
+    pub(crate) fn with_tensors(self, tensors: Vec<TensorEntry>) -> Result<Checkpoint> {
+        let mut by_name = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            if by_name.insert(t.name.clone(), i).is_some() {
+                return Err(Error::tensor(
+                    self.shard_path(t),
+                    &t.name,
+                    "a matrix view of a 3-D tensor would have this name, which another tensor has",
+                ));
+            }
+        }
+        Ok(Checkpoint {
+            tensors,
+            by_name,
+            ..self
         })
     }
 

@@ -4,31 +4,45 @@
 //! stored losslessly by the caller (never silently dropped).
 
 use super::dtype::{Dtype, FloatType};
+use super::reader::TensorEntry;
 use crate::error::{Error, Result};
 use regex::Regex;
 use std::sync::LazyLock;
 
-/// Names the default selection accepts (together with the 2-D shape rule, see
-/// [`TensorSelector`]): the `.weight` of a linear layer inside a numbered transformer block.
-///
-/// - Block component: `layers.N`, `layer.N`, `h.N` or `blocks.N` (N decimal), at the start of
-///   the name or after a `.`.
-/// - Layer (the last component before `.weight`), later in the name than the block:
-///   - LLaMA / Mistral / Qwen: `q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`
-///   - GPT-NeoX / Falcon: `query_key_value dense dense_h_to_4h dense_4h_to_h`
-///   - GPT-2: `c_attn c_proj c_fc`
-///   - BERT-style: `query key value dense` (BERT's `attention.output.dense`,
-///     `intermediate.dense`, `output.dense`)
-pub const DEFAULT_PATTERN: &str = concat!(
-    r"(?:^|\.)(?:layers|layer|h|blocks)\.[0-9]+\.(?:.*\.)?",
-    r"(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj",
-    r"|query_key_value|dense|dense_h_to_4h|dense_4h_to_h",
-    r"|c_attn|c_proj|c_fc",
-    r"|query|key|value)\.weight$"
+/// A numbered transformer block: a component `layers.N`, `layer.N`, `h.N` or `blocks.N`
+/// (N decimal), at the start of the name or after a `.`, with more components after it.
+pub const BLOCK_PATTERN: &str = r"(?:^|\.)(?:layers|layer|h|blocks)\.[0-9]+\.";
+
+static BLOCK_REGEX: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(BLOCK_PATTERN).expect("BLOCK_PATTERN is a valid regex"));
+
+/// The deny-list of the default selection: a block tensor whose name has one of these
+/// components (a whole `.`-separated component, anywhere in the name) is not compressed, whatever
+/// its shape (docs/ALGORITHM.md, "Which tensors are compressed"):
+/// - MoE routers: `gate` (Mixtral `block_sparse_moe.gate`, Qwen-MoE and DeepSeek `mlp.gate`),
+///   `router`, `shared_expert_gate` (Qwen2-MoE), `e_score_correction_bias` (DeepSeek-V3);
+/// - norms: any component containing `norm` (any case), GPT-2's `ln_1`, `ln_2`, ...;
+/// - convolutions: any component containing `conv` (any case), e.g. Mamba's `conv1d`;
+/// - position tables and biases: any component containing `position`, `pos_embed...`,
+///   `rel_pos...`, T5's `relative_attention_bias`;
+/// - rotary buffers: any component containing `rotary` (`rotary_emb.inv_freq`, cached
+///   cos/sin tables).
+pub const DENY_PATTERN: &str = concat!(
+    r"(?:^|\.)(?:gate|router|shared_expert_gate|e_score_correction_bias",
+    r"|(?i-u:[a-z0-9_]*norm[a-z0-9_]*)|ln_[a-z0-9]+",
+    r"|(?i-u:[a-z0-9_]*conv[a-z0-9_]*)",
+    r"|[a-z0-9_]*position[a-z0-9_]*|pos_embed[a-z0-9_]*|rel_pos[a-z0-9_]*",
+    r"|relative_attention_bias",
+    r"|[a-z0-9_]*rotary[a-z0-9_]*)(?:\.|$)"
 );
 
-static DEFAULT_REGEX: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(DEFAULT_PATTERN).expect("DEFAULT_PATTERN is a valid regex"));
+static DENY_REGEX: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(DENY_PATTERN).expect("DENY_PATTERN is a valid regex"));
+
+/// The ranks the default selection takes: 2 (a matrix) and 3 (a stack of matrices, such as
+/// fused MoE experts `[E, rows, cols]`, compressed as E matrices). Rank 1 is norms and biases;
+/// rank 4 and more are convolution kernels and cached tables (GPT-2's causal mask buffer).
+pub const DEFAULT_RANKS: std::ops::RangeInclusive<usize> = 2..=3;
 
 /// Names of the embedding-like tables (together with the 2-D shape rule, see
 /// [`TensorSelector::is_embedding`]): the `.weight` of a last component, at the start of the
@@ -108,15 +122,22 @@ pub enum Pool {
 /// Only f16, bf16 and f32 tensors with at least one element are ever selected. Then:
 /// - with an `include` regex: a tensor is selected iff `include` matches somewhere in its name
 ///   (a search, as [`Regex::is_match`]; anchor with `^`/`$` if needed), whatever its shape;
-/// - without one, the default: 2-D tensors whose name matches [`DEFAULT_PATTERN`], i.e. the
-///   linear-layer weights of the transformer blocks (`model.layers.0.self_attn.q_proj.weight`,
-///   `encoder.layer.3.attention.output.dense.weight`, `h.0.attn.c_attn.weight`, ...), and,
-///   unless the embeddings mode is [`Embeddings::Lossless`], the embedding-like tables
-///   ([`EMBEDDING_PATTERN`]: `model.embed_tokens.weight`, `lm_head.weight`,
-///   `embeddings.word_embeddings.weight`, ...); never norms, biases, or layers outside the
-///   blocks such as BERT's `pooler.dense`;
+/// - without one, the default:
+///   - an embedding-like table ([`EMBEDDING_PATTERN`], 2-D: `model.embed_tokens.weight`,
+///     `lm_head.weight`, `embeddings.word_embeddings.weight`, ...) is selected unless the
+///     embeddings mode is [`Embeddings::Lossless`];
+///   - any other tensor is selected iff it has rank 2 or 3 ([`DEFAULT_RANKS`]), lies inside a
+///     numbered block ([`BLOCK_PATTERN`]: `model.layers.0.`, `encoder.layer.3.`, `h.0.`,
+///     `blocks.7.`) and no component of its name is on the deny-list ([`DENY_PATTERN`]:
+///     routers, norms, convolutions, position tables, rotary buffers). No list of layer
+///     names: `q_proj`, `qkv_proj`, `w1`, `kv_b_proj`, `c_attn`, `query`, fused
+///     `experts.gate_up_proj` are all taken; layers outside the blocks (BERT's
+///     `pooler.dense`) are not;
 /// - in both cases a tensor whose name the `exclude` regex matches (searched likewise) is not
 ///   selected.
+///
+/// A selected 3-D tensor is compressed as the matrices of its last two dimensions
+/// ([`crate::checkpoint::views`]).
 ///
 /// A selected embedding-like tensor is in the [`Pool::Embeddings`] allocation with
 /// [`Embeddings::Separate`], whether the default or `include` selected it; otherwise every
@@ -174,14 +195,25 @@ impl TensorSelector {
         }
         let included = match &self.include {
             Some(include) => include.is_match(name),
-            None => {
-                shape.len() == 2
-                    && (DEFAULT_REGEX.is_match(name)
-                        || (self.embeddings != Embeddings::Lossless
-                            && EMBEDDING_REGEX.is_match(name)))
-            }
+            None if Self::is_embedding(name, shape) => self.embeddings != Embeddings::Lossless,
+            None => Self::is_block_weight(name, shape),
         };
         included && !self.exclude.as_ref().is_some_and(|x| x.is_match(name))
+    }
+
+    /// Whether checkpoint entry `t` is compressed: for a matrix view, whether its 3-D tensor
+    /// is ([`crate::checkpoint::views`]).
+    pub fn selects_entry(&self, t: &TensorEntry) -> bool {
+        let (name, shape) = super::views::selection_identity(t);
+        self.selects(name, shape, t.dtype)
+    }
+
+    /// The default rule for tensors that are not embedding-like: rank 2 or 3, inside a
+    /// numbered block, no component on the deny-list.
+    pub fn is_block_weight(name: &str, shape: &[usize]) -> bool {
+        DEFAULT_RANKS.contains(&shape.len())
+            && BLOCK_REGEX.is_match(name)
+            && !DENY_REGEX.is_match(name)
     }
 }
 
@@ -289,73 +321,106 @@ mod tests {
         );
     }
 
+    /// Block weights of today's families (2-D unless a shape is given): all selected.
+    const BLOCK_WEIGHTS: [&str; 24] = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.31.mlp.down_proj.weight",
+        "model.layers.0.self_attn.qkv_proj.weight",
+        "model.layers.0.mlp.gate_up_proj.weight",
+        "model.layers.3.block_sparse_moe.experts.7.w1.weight",
+        "model.layers.3.block_sparse_moe.experts.0.w2.weight",
+        "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+        "model.layers.1.self_attn.kv_b_proj.weight",
+        "model.layers.1.self_attn.q_a_proj.weight",
+        "model.layers.1.mlp.shared_experts.up_proj.weight",
+        "model.layers.1.mlp.shared_expert.down_proj.weight",
+        "model.transformer.blocks.2.att_proj.weight",
+        "transformer.blocks.0.attn.Wqkv.weight",
+        "encoder.layer.3.attention.self.query.weight",
+        "encoder.layer.3.attention.output.dense.weight",
+        "bert.encoder.layer.11.output.dense.weight",
+        "h.0.attn.c_attn.weight",
+        "transformer.h.11.mlp.c_fc.weight",
+        "gpt_neox.layers.2.attention.query_key_value.weight",
+        "transformer.h.5.mlp.dense_4h_to_h.weight",
+        "vision.blocks.7.attn.qkv.weight",
+        "model.layers.0.self_attn.q_proj_extra.weight",
+        "model.layers.0.q_proj.weight.other",
+        "model.layers.0.mlp.experts.down_proj",
+    ];
+
     #[test]
-    fn default_takes_llama_block_linears_only() {
-        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+    fn default_takes_every_block_matrix_without_a_name_list() {
+        for name in BLOCK_WEIGHTS {
+            assert!(default_selects(name), "{name}");
             assert!(
-                default_selects(&format!("model.layers.0.self_attn.{proj}.weight")),
-                "{proj}"
+                TensorSelector::default()
+                    .with_embeddings(Embeddings::Lossless)
+                    .selects(name, &[4, 8, 4], Dtype::BF16),
+                "{name} 3-D"
             );
-        }
-        for proj in ["gate_proj", "up_proj", "down_proj"] {
-            assert!(
-                default_selects(&format!("model.layers.31.mlp.{proj}.weight")),
-                "{proj}"
-            );
-        }
-        for name in [
-            "model.layers.0.input_layernorm.weight",
-            "model.layers.0.post_attention_layernorm.weight",
-            "model.embed_tokens.weight",
-            "model.norm.weight",
-            "lm_head.weight",
-            "model.layers.0.self_attn.q_proj.bias",
-            "model.layers.0.self_attn.rotary_emb.inv_freq",
-            // the layer name must be a whole component, the block a numbered one
-            "model.layers.0.self_attn.xq_proj.weight",
-            "model.layers.0.self_attn.q_proj_extra.weight",
-            "model.layers.x.self_attn.q_proj.weight",
-            "model.xlayers.0.self_attn.q_proj.weight",
-            "model.layers.0.q_proj.weight.other",
-        ] {
-            assert!(!default_selects(name), "{name}");
         }
     }
 
     #[test]
-    fn default_takes_bert_gpt2_neox_falcon_block_linears() {
+    fn default_denies_routers_norms_convolutions_positions_rotary() {
         for name in [
-            "encoder.layer.3.attention.self.query.weight",
-            "encoder.layer.3.attention.self.key.weight",
-            "encoder.layer.3.attention.self.value.weight",
-            "encoder.layer.3.attention.output.dense.weight",
-            "encoder.layer.3.intermediate.dense.weight",
-            "encoder.layer.3.output.dense.weight",
-            "bert.encoder.layer.11.output.dense.weight",
-            "h.0.attn.c_attn.weight",
-            "transformer.h.11.attn.c_proj.weight",
-            "transformer.h.11.mlp.c_fc.weight",
-            "gpt_neox.layers.2.attention.query_key_value.weight",
-            "gpt_neox.layers.2.attention.dense.weight",
-            "gpt_neox.layers.2.mlp.dense_h_to_4h.weight",
-            "transformer.h.5.mlp.dense_4h_to_h.weight",
-            "vision.blocks.7.attn.q_proj.weight",
+            "model.layers.3.block_sparse_moe.gate.weight",
+            "model.layers.1.mlp.gate.weight",
+            "model.layers.1.mlp.router.weight",
+            "model.layers.1.mlp.router.layer.weight",
+            "model.layers.1.mlp.shared_expert_gate.weight",
+            "model.layers.1.mlp.gate.e_score_correction_bias",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.self_attn.kv_a_layernorm.weight",
+            "model.layers.0.self_attn.q_norm.weight",
+            "encoder.layer.3.attention.output.LayerNorm.weight",
+            "h.0.ln_1.weight",
+            "model.layers.0.mixer.conv1d.weight",
+            "blocks.0.Conv2d.weight",
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            "model.layers.0.position_embeddings.weight",
+            "blocks.1.attn.rel_pos_h",
+            "blocks.1.pos_embed",
+            "model.layers.0.self_attn.rotary_emb.inv_freq",
+            "model.layers.0.self_attn.rotary_emb.cos_cached",
+        ] {
+            assert!(!default_selects(name), "{name}");
+            assert!(
+                !TensorSelector::default().selects(name, &[4, 8, 4], Dtype::F16),
+                "{name} 3-D"
+            );
+        }
+        // deny-list words inside another component do not count
+        for name in [
+            "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.0.mlp.experts.gate_up_proj",
+            "model.layers.0.mlp.gated.weight",
         ] {
             assert!(default_selects(name), "{name}");
         }
+    }
+
+    #[test]
+    fn default_needs_a_numbered_block_and_rank_2_or_3() {
         for name in [
-            "encoder.layer.3.attention.self.query.bias",
-            "encoder.layer.3.attention.output.LayerNorm.weight",
+            "model.layers.x.self_attn.q_proj.weight",
+            "model.xlayers.0.self_attn.q_proj.weight",
+            "model.layers.0",
             "pooler.dense.weight",
-            "embeddings.word_embeddings.weight",
-            "embeddings.position_embeddings.weight",
-            "h.0.ln_1.weight",
-            "wte.weight",
-            "gpt_neox.embed_in.weight",
-            "embed_out.weight",
+            "model.norm.weight",
+            "lm_head_extra.weight",
+            "model.vision_tower.proj.weight",
         ] {
             assert!(!default_selects(name), "{name}");
         }
+        let s = TensorSelector::default();
+        let q = "model.layers.0.self_attn.q_proj.weight";
+        assert!(!s.selects(q, &[8], Dtype::F16), "biases, norms: rank 1");
+        assert!(!s.selects(q, &[1, 1, 8, 8], Dtype::F16), "rank 4");
+        assert!(!s.selects(q, &[], Dtype::F16), "scalar");
+        assert!(s.selects(q, &[8, 8], Dtype::F16));
+        assert!(s.selects(q, &[2, 8, 8], Dtype::F16));
     }
 
     #[test]
@@ -378,7 +443,7 @@ mod tests {
             assert!(!s.selects(name, W, dtype), "{dtype:?}");
         }
         assert!(!s.selects(name, &[32], Dtype::F16));
-        assert!(!s.selects(name, &[2, 4, 4], Dtype::F16));
+        assert!(s.selects(name, &[2, 4, 4], Dtype::F16));
         assert!(!s.selects(name, &[], Dtype::F16));
         assert!(!s.selects(name, &[0, 4], Dtype::F16));
     }

@@ -2,6 +2,7 @@
 
 use super::side_files::SideFileEntry;
 use crate::algorithm::{CompressParams, Group};
+use crate::checkpoint::views::MatrixOf;
 use crate::codec::BlockInfo;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -189,6 +190,10 @@ pub struct TensorRecord {
     pub shape: Vec<usize>,
     /// Index into `SourceLayout::shards`.
     pub shard: usize,
+    /// For one matrix of a 3-D tensor (format version 3): that tensor. The matrices of a
+    /// 3-D tensor are consecutive records, in order; restoring writes the one tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matrix_of: Option<MatrixOf>,
     /// How it is stored.
     #[serde(flatten)]
     pub kind: TensorKind,
@@ -197,7 +202,7 @@ pub struct TensorRecord {
 /// The whole index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileIndex {
-    /// Format version (1 or 2).
+    /// Format version (1, 2 or 3).
     pub format_version: u32,
     /// Writer, e.g. `udelta-gpu 0.1.0`.
     pub tool: String,

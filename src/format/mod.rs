@@ -1,4 +1,4 @@
-//! The `.udelta` container (format v2, specified in `docs/FORMAT.md`).
+//! The `.udelta` container (format v3, specified in `docs/FORMAT.md`).
 //!
 //! ```text
 //! header  16 bytes: magic "UDELTA\r\n", u32 format version, u32 flags (0)
@@ -13,6 +13,7 @@
 //! scale (gamma) is known only after every tensor is done.
 
 pub mod index;
+pub mod matrix_views;
 pub mod reader;
 pub mod side_files;
 pub mod writer;
@@ -27,8 +28,23 @@ pub use writer::UdeltaWriter;
 pub const MAGIC: [u8; 8] = *b"UDELTA\r\n";
 /// Trailing magic.
 pub const END_MAGIC: [u8; 8] = *b"UDLTEND\n";
-/// The format version this build writes (and the newest it reads).
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 3;
+/// The version of a file without matrix views: 2, which builds before version 3 read too.
+pub const VERSION_WITHOUT_MATRIX_VIEWS: u32 = 2;
+/// The first version with matrix views (a 3-D tensor stored as its matrices,
+/// [`TensorRecord::matrix_of`]).
+pub const MATRIX_VIEWS_VERSION: u32 = 3;
+
+/// The version a file is written in: the oldest that describes it (version 2 unless it holds
+/// matrix views), so that older builds read every file they can.
+pub fn version_for(matrix_views: bool) -> u32 {
+    if matrix_views {
+        MATRIX_VIEWS_VERSION
+    } else {
+        VERSION_WITHOUT_MATRIX_VIEWS
+    }
+}
 /// The oldest format version this build reads (version 1 has no side files).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Header length in bytes.

@@ -140,6 +140,7 @@ impl UdeltaReader {
         };
         super::side_files::check(&self.index, in_range)
             .map_err(|why| Error::format(&self.path, why))?;
+        super::matrix_views::check(&self.index).map_err(|why| Error::format(&self.path, why))?;
         let mut total_bytes = 0u64;
         for t in &self.index.tensors {
             let fail = |what: &str| {

@@ -1,7 +1,7 @@
 //! Writes a `.udelta` file: header, records as they come, then index and footer; the file is
 //! staged under a temporary name and appears only when [`UdeltaWriter::finish`] succeeds.
 
-use super::{index::FileIndex, RecordRef, END_MAGIC, FOOTER_LEN, FORMAT_VERSION, MAGIC};
+use super::{index::FileIndex, RecordRef, END_MAGIC, FOOTER_LEN, MAGIC};
 use crate::error::{Error, Result};
 use crate::staging::{DurableFile, StagedPath};
 use std::path::Path;
@@ -10,16 +10,22 @@ use std::path::Path;
 pub struct UdeltaWriter {
     staged: StagedPath,
     out: DurableFile,
+    version: u32,
 }
 
 impl UdeltaWriter {
-    /// Stages `target` (refused if it exists and `force` is false) and writes the header.
-    pub fn create(target: &Path, force: bool) -> Result<Self> {
+    /// Stages `target` (refused if it exists and `force` is false) and writes the header of
+    /// format `version` ([`super::version_for`]).
+    pub fn create(target: &Path, force: bool, version: u32) -> Result<Self> {
         let staged = StagedPath::new(target, force)?;
         let out = DurableFile::create(staged.path(), target)?;
-        let mut w = UdeltaWriter { staged, out };
+        let mut w = UdeltaWriter {
+            staged,
+            out,
+            version,
+        };
         let mut header = MAGIC.to_vec();
-        header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        header.extend_from_slice(&version.to_le_bytes());
         header.extend_from_slice(&0u32.to_le_bytes());
         w.out.write(&header)?;
         Ok(w)
@@ -53,6 +59,11 @@ impl UdeltaWriter {
             len: self.out.written() - offset,
             crc32: hasher.finalize(),
         })
+    }
+
+    /// The format version of the header, which the index must state too.
+    pub fn version(&self) -> u32 {
+        self.version
     }
 
     /// The final path of the file.

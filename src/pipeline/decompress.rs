@@ -7,12 +7,12 @@
 //! when complete.
 
 use crate::checkpoint::dtype::Dtype;
-use crate::checkpoint::reader::Checkpoint;
 use crate::checkpoint::writer::{SafetensorsWriter, TensorHeader};
 use crate::error::{Error, Result};
+use crate::format::matrix_views::{wholes, Whole};
 use crate::format::{CompressedTensor, TensorKind, TensorRecord, UdeltaReader};
 use crate::progress::Progress;
-use crate::restore::{dense_delta, header_of, restore, BaseSource};
+use crate::restore::{dense_delta, header_of, open_base, restore, whole_header, BaseSource};
 use crate::staging::{check_output, OutputKind, StagedPath};
 use std::path::Path;
 use std::sync::Arc;
@@ -40,7 +40,7 @@ pub fn decompress(
     check_output(out_dir, OutputKind::Dir, opts.force, &[input, base_path])?;
     let staged = StagedPath::new(out_dir, opts.force)?;
     let reader = UdeltaReader::open(input)?;
-    let base = Arc::new(Checkpoint::open(base_path)?);
+    let base = Arc::new(open_base(base_path, &reader)?);
     let base = BaseSource {
         base: &base,
         reader: &reader,
@@ -123,31 +123,43 @@ fn write_checkpoint(
                 format!("unsafe shard file name '{}'", shard.file_name),
             ));
         }
-        let records: Vec<&TensorRecord> = index.tensors.iter().filter(|r| r.shard == si).collect();
-        let headers = records
+        let tensors: Vec<Whole> = wholes(index.tensors.iter().filter(|r| r.shard == si));
+        let headers = tensors
             .iter()
-            .map(|r| header_of(reader, r))
+            .map(|w| whole_header(reader, w))
             .collect::<Result<Vec<_>>>()?;
-        shards.push((shard, records, headers));
+        shards.push((shard, tensors, headers));
     }
     let total: u64 = shards
         .iter()
         .flat_map(|(_, _, hs)| hs.iter().map(|h| h.byte_len()))
         .sum();
-    let mut loads = base.prefetch(shards.iter().flat_map(|(_, rs, _)| rs.iter().copied()))?;
+    let records = shards
+        .iter()
+        .flat_map(|(_, ws, _)| ws.iter().flat_map(|w| w.records.iter().copied()));
+    let mut loads = base.prefetch(records)?;
     let progress = Progress::new("decompress", total, opts.progress);
     let mut weight_map = serde_json::Map::new();
-    for (shard, records, headers) in &shards {
+    for (shard, tensors, headers) in &shards {
         let path = dir.join(&shard.file_name);
         let mut w = SafetensorsWriter::create(&path, headers, shard.metadata.as_ref())?;
-        for (r, h) in records.iter().zip(headers) {
+        for (tensor, h) in tensors.iter().zip(headers) {
             weight_map.insert(
-                r.name.clone(),
+                tensor.name.to_string(),
                 serde_json::Value::String(shard.file_name.clone()),
             );
-            let out = restore(reader, base, r, h, loads.next_job()?.pop())?;
-            w.write(&out)?;
-            loads.recycle([out]);
+            // One record, or the matrices of a 3-D tensor one after another: its bytes in order.
+            for r in &tensor.records {
+                let out = restore(
+                    reader,
+                    base,
+                    r,
+                    &header_of(reader, r)?,
+                    loads.next_job()?.pop(),
+                )?;
+                w.write(&out)?;
+                loads.recycle([out]);
+            }
             progress.inc(h.byte_len());
         }
         w.finish()?;

@@ -84,6 +84,7 @@
 //! thread streams the previous chunk to the files: memory stays bounded (about 100 MB) whatever
 //! the model size.
 
+mod families;
 mod rng;
 /// One step of the splitmix64 generator (shared by test-data and seed generators).
 pub use rng::splitmix64;
@@ -120,48 +121,131 @@ pub enum Preset {
     /// heads (GQA: `k_proj` and `v_proj` are `[1024, 4096]`), bf16 and 4 shards by default
     /// (8,030,261,248 parameters).
     Llama3_8B,
+    /// Mistral-7B (v0.1): the LLaMA layout with H = 4096, I = 14336, V = 32000, 32 layers, 32
+    /// query and 8 key/value heads, bf16, 2 shards (7,241,732,096 parameters).
+    Mistral7B,
+    /// Mixtral-8x7B: Mistral's attention, and per layer a router `block_sparse_moe.gate`
+    /// `[8, 4096]` and 8 experts `block_sparse_moe.experts.N.w1/w3` `[14336, 4096]`, `w2`
+    /// `[4096, 14336]`; bf16, 19 shards (46,702,792,704 parameters).
+    Mixtral8x7B,
+    /// Qwen3-30B-A3B in transformers' fused-experts layout: H = 2048, V = 151936, 48 layers,
+    /// 32 query and 4 key/value heads of 128 (`q_norm`, `k_norm`), a router `mlp.gate`
+    /// `[128, 2048]` and the 128 experts as `mlp.experts.gate_up_proj` `[128, 1536, 2048]` and
+    /// `mlp.experts.down_proj` `[128, 2048, 768]`; bf16, 16 shards (30,532,122,624 parameters).
+    Qwen3Moe,
+    /// Phi-3-mini-4k: H = 3072, V = 32064, 32 layers, fused `qkv_proj` `[9216, 3072]` and
+    /// `gate_up_proj` `[16384, 3072]`; bf16, 2 shards (3,821,079,552 parameters).
+    Phi3Mini,
+    /// Gemma-2-2B: H = 2304, I = 9216, V = 256000, 26 layers, 8 query and 4 key/value heads of
+    /// 256, four norms per layer, tied embeddings (no `lm_head`); f32, 3 shards
+    /// (2,614,341,888 parameters).
+    Gemma2_2B,
+    /// DeepSeek-V2-Lite: H = 2048, V = 102400, 27 layers of multi-head latent attention
+    /// (`q_proj`, `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`); layer 0 a
+    /// dense MLP (I = 10944), the others a router `mlp.gate` `[64, 2048]`, 64 experts
+    /// `mlp.experts.N.{gate,up,down}_proj` (F = 1408) and the 2 shared experts fused in
+    /// `mlp.shared_experts.*`; bf16, 4 shards (15,706,484,224 parameters).
+    DeepSeekV2Lite,
 }
 
 impl Preset {
-    /// The name accepted by [`FromStr`]: `tiny`, `7b`, `13b` or `llama3-8b`.
+    /// Every preset, in the order `synth --help` lists them.
+    pub const ALL: [Preset; 10] = [
+        Preset::Tiny,
+        Preset::Llama7B,
+        Preset::Llama13B,
+        Preset::Llama3_8B,
+        Preset::Mistral7B,
+        Preset::Mixtral8x7B,
+        Preset::Qwen3Moe,
+        Preset::Phi3Mini,
+        Preset::Gemma2_2B,
+        Preset::DeepSeekV2Lite,
+    ];
+
+    /// The name accepted by [`FromStr`]: `tiny`, `7b`, `13b`, `llama3-8b`, `mistral-7b`,
+    /// `mixtral-8x7b`, `qwen3-moe`, `phi3-mini`, `gemma2-2b` or `deepseek-v2-lite`.
     pub fn name(self) -> &'static str {
         match self {
             Preset::Tiny => "tiny",
             Preset::Llama7B => "7b",
             Preset::Llama13B => "13b",
             Preset::Llama3_8B => "llama3-8b",
+            Preset::Mistral7B => "mistral-7b",
+            Preset::Mixtral8x7B => "mixtral-8x7b",
+            Preset::Qwen3Moe => "qwen3-moe",
+            Preset::Phi3Mini => "phi3-mini",
+            Preset::Gemma2_2B => "gemma2-2b",
+            Preset::DeepSeekV2Lite => "deepseek-v2-lite",
         }
     }
 
-    /// Shards per model when none is asked for: tiny 1, 7b 2, 13b 3, llama3-8b 4.
+    /// Shards per model when none is asked for (at most one per tensor): tiny 1, 7b 2, 13b 3,
+    /// llama3-8b 4, and the published counts of the others.
     pub fn default_shards(self) -> usize {
         match self {
             Preset::Tiny => 1,
-            Preset::Llama7B => 2,
-            Preset::Llama13B => 3,
-            Preset::Llama3_8B => 4,
+            Preset::Llama7B | Preset::Mistral7B | Preset::Phi3Mini => 2,
+            Preset::Llama13B | Preset::Gemma2_2B => 3,
+            Preset::Llama3_8B | Preset::DeepSeekV2Lite => 4,
+            Preset::Mixtral8x7B => 19,
+            Preset::Qwen3Moe => 16,
         }
     }
 
-    /// Dtype when none is asked for: bf16 for llama3-8b (as released), f16 for the others.
+    /// Dtype when none is asked for: as released (bf16, f32 for gemma2-2b), f16 for the
+    /// LLaMA-2 shapes and tiny.
     pub fn default_dtype(self) -> FloatType {
         match self {
-            Preset::Llama3_8B => FloatType::BF16,
-            _ => FloatType::F16,
+            Preset::Tiny | Preset::Llama7B | Preset::Llama13B => FloatType::F16,
+            Preset::Gemma2_2B => FloatType::F32,
+            _ => FloatType::BF16,
         }
     }
 
-    fn dims(self, layers: Option<usize>) -> Dims {
+    /// The family layout of the presets that are not in the LLaMA layout.
+    fn family(self) -> Option<families::Family> {
+        match self {
+            Preset::Mixtral8x7B => Some(families::MIXTRAL_8X7B),
+            Preset::Qwen3Moe => Some(families::QWEN3_MOE),
+            Preset::Phi3Mini => Some(families::PHI3_MINI),
+            Preset::Gemma2_2B => Some(families::GEMMA2_2B),
+            Preset::DeepSeekV2Lite => Some(families::DEEPSEEK_V2_LITE),
+            _ => None,
+        }
+    }
+
+    /// `config.json`'s `architectures` entry and `model_type`.
+    fn architecture(self) -> (&'static str, &'static str) {
+        match self {
+            Preset::Tiny | Preset::Llama7B | Preset::Llama13B | Preset::Llama3_8B => {
+                ("LlamaForCausalLM", "llama")
+            }
+            Preset::Mistral7B => ("MistralForCausalLM", "mistral"),
+            Preset::Mixtral8x7B => ("MixtralForCausalLM", "mixtral"),
+            Preset::Qwen3Moe => ("Qwen3MoeForCausalLM", "qwen3_moe"),
+            Preset::Phi3Mini => ("Phi3ForCausalLM", "phi3"),
+            Preset::Gemma2_2B => ("Gemma2ForCausalLM", "gemma2"),
+            Preset::DeepSeekV2Lite => ("DeepseekV2ForCausalLM", "deepseek_v2"),
+        }
+    }
+
+    /// The sizes of the LLaMA-layout presets, every size divided by `shrink`.
+    fn dims(self, layers: Option<usize>, shrink: usize) -> Dims {
         let (hidden, intermediate, vocab, default_layers, heads, kv_heads) = match self {
             Preset::Tiny => (256, 688, 1024, 2, 4, 4),
             Preset::Llama7B => (4096, 11008, 32000, 32, 32, 32),
             Preset::Llama13B => (5120, 13824, 32000, 40, 40, 40),
             Preset::Llama3_8B => (4096, 14336, 128256, 32, 32, 8),
+            Preset::Mistral7B => (4096, 14336, 32000, 32, 32, 8),
+            other => return other.family().expect("a family preset").dims(),
         };
+        // Whole heads: the head dimension is divided, never the head counts.
+        let head_dim = families::shrunk(hidden / heads, shrink);
         Dims {
-            hidden,
-            intermediate,
-            vocab,
+            hidden: head_dim * heads,
+            intermediate: families::shrunk(intermediate, shrink),
+            vocab: families::shrunk(vocab, shrink),
             layers: layers.unwrap_or(default_layers),
             heads,
             kv_heads,
@@ -182,10 +266,16 @@ impl FromStr for Preset {
             "tiny" => Ok(Preset::Tiny),
             "7b" => Ok(Preset::Llama7B),
             "13b" => Ok(Preset::Llama13B),
-            "llama3-8b" => Ok(Preset::Llama3_8B),
-            _ => Err(Error::Param(format!(
-                "unknown preset '{s}' (expected tiny, 7b, 13b or llama3-8b)"
-            ))),
+            lower => Preset::ALL
+                .into_iter()
+                .find(|p| p.name() == lower)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+                    Error::Param(format!(
+                        "unknown preset '{s}' (expected one of {})",
+                        names.join(", ")
+                    ))
+                }),
         }
     }
 }
@@ -209,6 +299,10 @@ pub struct SynthOptions {
     pub vocab_growth: usize,
     /// Replace existing `base/` and `ft-N/` directories (otherwise they are an error).
     pub replace: bool,
+    /// Divides every size (hidden, feed-forward and expert widths, vocabulary, head
+    /// dimension, latent ranks; never a count of layers, heads or experts) by this, at least
+    /// 1 (1: the published shapes). Keeps every name: small checkpoints of a family for tests.
+    pub shrink: usize,
 }
 
 impl SynthOptions {
@@ -224,6 +318,7 @@ impl SynthOptions {
             seed: 0,
             vocab_growth: 0,
             replace: false,
+            shrink: 1,
         }
     }
 }
@@ -309,8 +404,12 @@ impl Spec {
     }
 }
 
-fn plan(preset: Preset, layers: Option<usize>) -> (Dims, Vec<Spec>) {
-    let d = preset.dims(layers);
+fn plan(preset: Preset, layers: Option<usize>, shrink: usize) -> (Dims, Vec<Spec>) {
+    if let Some(family) = preset.family() {
+        let family = family.scaled(shrink, layers);
+        return (family.dims(), family.specs());
+    }
+    let d = preset.dims(layers, shrink);
     let (h, i, v) = (d.hidden, d.intermediate, d.vocab);
     let kv = h / d.heads * d.kv_heads;
     let spec = |name: String, shape: Vec<usize>, kind, layer| Spec {
@@ -396,7 +495,16 @@ const POSITION_IDS: usize = 64;
 /// tensors of the chosen dtype except `model.position_ids` (tiny only), which is int64.
 /// Fine-tunes with vocabulary growth have `V + g` rows in `embed_tokens` and `lm_head`.
 pub fn preset_shapes(preset: Preset, layers: Option<usize>) -> Vec<(String, Vec<usize>)> {
-    plan(preset, layers)
+    scaled_preset_shapes(preset, layers, 1)
+}
+
+/// [`preset_shapes`] with every size divided by `shrink` ([`SynthOptions::shrink`]).
+pub fn scaled_preset_shapes(
+    preset: Preset,
+    layers: Option<usize>,
+    shrink: usize,
+) -> Vec<(String, Vec<usize>)> {
+    plan(preset, layers, shrink)
         .1
         .into_iter()
         .map(|s| (s.name, s.shape))
@@ -546,15 +654,21 @@ fn config_json(opts: &SynthOptions, d: &Dims, finetune: Option<usize>) -> serde_
         } else {
             0
         };
+    let (architecture, model_type) = opts.preset.architecture();
+    let tied = opts.preset.family().is_some_and(|f| f.tied);
+    let comment = match model_type {
+        "llama" => "Synthetic LLaMA-shaped weights written by udelta-gpu synth: not a real model.",
+        _ => "Synthetic weights of this model type's shapes written by udelta-gpu synth: not a real model.",
+    };
     serde_json::json!({
         "synthetic": true,
-        "_comment": "Synthetic LLaMA-shaped weights written by udelta-gpu synth: not a real model.",
+        "_comment": comment,
         "synthetic_preset": opts.preset.name(),
         "synthetic_seed": opts.seed,
         "synthetic_role": if finetune.is_some() { "finetuned" } else { "base" },
         "synthetic_finetune_index": finetune,
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": d.hidden,
         "intermediate_size": d.intermediate,
         "num_hidden_layers": d.layers,
@@ -565,7 +679,7 @@ fn config_json(opts: &SynthOptions, d: &Dims, finetune: Option<usize>) -> serde_
         "rope_theta": if opts.preset == Preset::Llama3_8B { 500_000.0 } else { 10_000.0 },
         "rms_norm_eps": 1e-5,
         "hidden_act": "silu",
-        "tie_word_embeddings": false,
+        "tie_word_embeddings": tied,
         "torch_dtype": torch_dtype,
     })
 }
@@ -713,8 +827,13 @@ pub fn write_synthetic(
             "synth writes at most {MAX_LAYERS} layers (LLaMA-2-70B has 80)"
         )));
     }
-    let (dims, specs) = plan(opts.preset, opts.layers);
-    let shards = opts.shards.unwrap_or(opts.preset.default_shards());
+    if opts.shrink == 0 {
+        return Err(Error::Param("synth --shrink must be at least 1".into()));
+    }
+    let (dims, specs) = plan(opts.preset, opts.layers, opts.shrink);
+    let shards = opts
+        .shards
+        .unwrap_or(opts.preset.default_shards().min(specs.len()));
     if shards == 0 || shards > specs.len() {
         return Err(Error::Param(format!(
             "shards must be between 1 and the number of tensors ({}), not {shards}",

@@ -546,7 +546,7 @@ fn llama3_8b_preset_shapes_names_and_defaults() {
     let opts = SynthOptions::new(Preset::Llama3_8B);
     assert_eq!(opts.dtype, FloatType::BF16);
     assert_eq!(SynthOptions::new(Preset::Llama7B).dtype, FloatType::F16);
-    let (dims, _) = plan(Preset::Llama3_8B, Some(2));
+    let (dims, _) = plan(Preset::Llama3_8B, Some(2), 1);
     let cfg = config_json(&opts, &dims, Some(1));
     assert_eq!(cfg["num_attention_heads"], 32);
     assert_eq!(cfg["num_key_value_heads"], 8);
@@ -639,4 +639,62 @@ fn seen_token_rows_move_more_than_the_others() {
         seen_sets[0], seen_sets[1],
         "each fine-tune has its own data"
     );
+}
+
+#[test]
+fn family_presets_have_the_published_parameter_counts() {
+    let count = |p: Preset| {
+        preset_shapes(p, None)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum::<u64>()
+    };
+    // The counts the model cards / config-derived totals publish.
+    for (preset, params) in [
+        (Preset::Mistral7B, 7_241_732_096u64),
+        (Preset::Mixtral8x7B, 46_702_792_704),
+        (Preset::Qwen3Moe, 30_532_122_624),
+        (Preset::Phi3Mini, 3_821_079_552),
+        (Preset::Gemma2_2B, 2_614_341_888),
+        (Preset::DeepSeekV2Lite, 15_706_484_224),
+    ] {
+        assert_eq!(count(preset), params, "{preset}");
+        assert_eq!(preset.name().parse::<Preset>().unwrap(), preset);
+    }
+    let err = "mixtral".parse::<Preset>().unwrap_err().to_string();
+    assert!(
+        err.contains("mixtral-8x7b") && err.contains("deepseek-v2-lite"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shrink_divides_sizes_and_keeps_names_and_counts() {
+    let full = preset_shapes(Preset::Qwen3Moe, Some(1));
+    let small = scaled_preset_shapes(Preset::Qwen3Moe, Some(1), 32);
+    let names = |v: &[(String, Vec<usize>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&full), names(&small));
+    let shape =
+        |v: &[(String, Vec<usize>)], n: &str| v.iter().find(|(m, _)| m == n).unwrap().1.clone();
+    let gate_up = "model.layers.0.mlp.experts.gate_up_proj";
+    assert_eq!(shape(&full, gate_up), [128, 1536, 2048]);
+    // experts kept, F = 768 / 32, H = 2048 / 32
+    assert_eq!(shape(&small, gate_up), [128, 48, 64]);
+    // 32 heads of 128 / 32 = 4
+    assert_eq!(
+        shape(&small, "model.layers.0.self_attn.q_proj.weight"),
+        [128, 64]
+    );
+    assert_eq!(shape(&small, "model.layers.0.mlp.gate.weight"), [128, 64]);
+    // LLaMA-layout presets too; 1 keeps the published shapes.
+    assert_eq!(
+        scaled_preset_shapes(Preset::Llama7B, Some(1), 1),
+        preset_shapes(Preset::Llama7B, Some(1))
+    );
+    let m = scaled_preset_shapes(Preset::Mistral7B, Some(1), 32);
+    assert_eq!(
+        shape(&m, "model.layers.0.self_attn.k_proj.weight"),
+        [32, 128]
+    );
+    assert_eq!(shape(&m, "model.embed_tokens.weight"), [1000, 128]);
 }

@@ -376,6 +376,38 @@ pub fn expectations(
     out
 }
 
+/// `tensors` with every 3-D tensor `NAME` `[E, R, C]` for which `split` holds replaced by its E
+/// matrices `NAME[e]` `[R, C]` (bytes `[e, e + 1)` E-ths of its data): the matrix views of
+/// docs/FORMAT.md, written out here independently of the crate.
+pub fn split_stacks(
+    tensors: HashMap<String, T>,
+    split: impl Fn(&str) -> bool,
+) -> HashMap<String, T> {
+    let mut out = HashMap::new();
+    for (name, t) in tensors {
+        if t.shape.len() != 3 || !split(&name) {
+            out.insert(name, t);
+            continue;
+        }
+        let len = t.data.len() / t.shape[0];
+        for (e, bytes) in t.data.chunks(len).enumerate() {
+            let view = format!("{name}[{e}]");
+            let shape = t.shape[1..].to_vec();
+            let data = bytes.to_vec();
+            out.insert(
+                view.clone(),
+                T {
+                    name: view,
+                    dtype: t.dtype,
+                    shape,
+                    data,
+                },
+            );
+        }
+    }
+    out
+}
+
 /// Decompresses `file` (full and delta-only) under `dir` and checks every tensor against the
 /// algorithm recomputed here; returns the restored checkpoint's directory.
 pub fn check_against_algorithm(
@@ -386,8 +418,25 @@ pub fn check_against_algorithm(
     sparsity: f64,
     compressed: impl Fn(&str) -> bool,
 ) -> std::path::PathBuf {
+    check_split_against_algorithm(dir, base, ftp, file, sparsity, compressed, |_| false)
+}
+
+/// [`check_against_algorithm`] where the 3-D tensors for which `split` holds are compressed as
+/// their matrices ([`split_stacks`]; `compressed` then names the matrices).
+pub fn check_split_against_algorithm(
+    dir: &Path,
+    base: &Path,
+    ftp: &Path,
+    file: &Path,
+    sparsity: f64,
+    compressed: impl Fn(&str) -> bool,
+    split: impl Fn(&str) -> bool + Copy,
+) -> std::path::PathBuf {
     let index = read_index(file);
-    let (bm, fm) = (read_checkpoint(base), read_checkpoint(ftp));
+    let (bm, fm) = (
+        split_stacks(read_checkpoint(base), split),
+        split_stacks(read_checkpoint(ftp), split),
+    );
     let exp = expectations(&bm, &fm, sparsity, 0.01, 4, compressed);
     let scale = 1.0 / (1.0 - sparsity);
     assert!((index["model"]["scale"].as_f64().unwrap() - scale).abs() < 1e-12);
@@ -403,7 +452,7 @@ pub fn check_against_algorithm(
         s(&out),
         "-q",
     ]));
-    let restored = read_checkpoint(&out);
+    let restored = split_stacks(read_checkpoint(&out), split);
     assert_eq!(restored.len(), fm.len());
     let dtype_of = |n: &str| fm[n].dtype;
     let deltas_dir = dir.join("deltas");
@@ -479,6 +528,61 @@ pub fn check_against_algorithm(
         }
     }
     out
+}
+
+/// Whether `--adapter vulkan` works here (loud message or CI failure when not).
+pub fn vulkan_available() -> bool {
+    let out = udelta(&["adapters", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let found = list
+        .as_array()
+        .is_some_and(|l| l.iter().any(|a| a["backend"] == "Vulkan"));
+    if !found {
+        report_missing_gpu("no Vulkan adapter");
+    }
+    found
+}
+
+/// Compresses with `adapter` and returns the file's bytes before the index, and the index
+/// without its informational `engine` field.
+pub fn payload(dir: &Path, base: &Path, ft: &Path, adapter: &str) -> (Vec<u8>, serde_json::Value) {
+    let file = dir.join(format!("{adapter}.udelta"));
+    ok(udelta(&[
+        "compress",
+        "--base",
+        s(base),
+        "--finetuned",
+        s(ft),
+        "-o",
+        s(&file),
+        "--adapter",
+        adapter,
+        "-q",
+        "--sparsity",
+        "0.9",
+    ]));
+    let bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    let index_off = u64::from_le_bytes(bytes[n - 40..n - 32].try_into().unwrap()) as usize;
+    let mut index = read_index(&file);
+    assert!(index["engine"]
+        .as_str()
+        .unwrap()
+        .starts_with(if adapter == "cpu" { "cpu" } else { "gpu" }));
+    index.as_object_mut().unwrap().remove("engine");
+    (bytes[..index_off].to_vec(), index)
+}
+
+/// The CPU engine and `--adapter vulkan` write the same records and index for this pair.
+pub fn same_payloads(base: &Path, ft: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = payload(dir.path(), base, ft, "cpu");
+    let gpu = payload(dir.path(), base, ft, "vulkan");
+    assert!(
+        cpu.0 == gpu.0,
+        "record bytes differ between the CPU and GPU engines"
+    );
+    assert_eq!(cpu.1, gpu.1);
 }
 
 /// What a GPU test does where no usable adapter exists: with `CI=true` it fails; elsewhere it

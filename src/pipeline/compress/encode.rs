@@ -306,6 +306,7 @@ fn record(t: &TensorEntry, kind: TensorKind) -> TensorRecord {
         dtype: dtype_name(t.dtype),
         shape: t.shape.clone(),
         shard: t.shard,
+        matrix_of: t.matrix_of.clone(),
         kind,
     }
 }

@@ -7,7 +7,7 @@ use crate::algorithm::rescale;
 use crate::checkpoint::reader::{Checkpoint, Layout};
 use crate::error::{Error, Result};
 use crate::format::index::{BaseInfo, ModelInfo, ShardInfo, SourceLayout};
-use crate::format::{FileIndex, TensorRecord, FORMAT_VERSION};
+use crate::format::{FileIndex, TensorRecord};
 use std::path::PathBuf;
 
 impl Run<'_> {
@@ -38,7 +38,7 @@ impl Run<'_> {
             .map(|r| r.expect("pass 2 wrote every tensor"))
             .collect();
         FileIndex {
-            format_version: FORMAT_VERSION,
+            format_version: m.writer.version(),
             tool: format!("udelta-gpu {}", env!("CARGO_PKG_VERSION")),
             engine: self.engine.name(),
             params: self.opts.params,

@@ -5,6 +5,7 @@ use super::CompressOptions;
 use crate::checkpoint::dtype::dtype_name;
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
 use crate::checkpoint::select::TensorSelector;
+use crate::checkpoint::views;
 use crate::error::{Error, Result};
 use crate::staging::{check_output, OutputKind};
 use std::path::{Path, PathBuf};
@@ -90,8 +91,11 @@ pub(super) fn open_inputs(
         .chain(finetuned.iter().map(PathBuf::as_path))
         .collect();
     check_output(out, kind, opts.force, &inputs)?;
-    let base = Arc::new(Checkpoint::open(base_path)?);
+    let base = Checkpoint::open(base_path)?;
     refuse_empty(&base)?;
+    let stacks = views::stacks_to_split(&base, &opts.selector);
+    let base = views::split(base, &stacks, |s, want| shape_mismatch(s, want, base_path))?;
+    let base = Arc::new(base);
     let mut sources: Vec<Source> = Vec::with_capacity(finetuned.len());
     for path in finetuned {
         let name = opts
@@ -103,7 +107,7 @@ pub(super) fn open_inputs(
                 "two fine-tunes are named '{name}': their files would collide"
             )));
         }
-        sources.push(open_source(&base, path, name, opts)?);
+        sources.push(open_source(&base, &stacks, path, name, opts)?);
     }
     Ok(Inputs { base, sources })
 }
@@ -119,14 +123,18 @@ fn refuse_empty(c: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
-/// Opens a fine-tune and checks it against the base before any data is read.
+/// Opens a fine-tune and checks it against the base before any data is read; the 3-D tensors
+/// split in the base (`stacks`) are split in the fine-tune too.
 fn open_source(
     base: &Checkpoint,
+    stacks: &views::Stacks,
     path: &Path,
     name: String,
     opts: &CompressOptions,
 ) -> Result<Source> {
-    let ckpt = Checkpoint::open(path)?;
+    let ckpt = views::split(Checkpoint::open(path)?, stacks, |shape, want| {
+        shape_mismatch(shape, want, &base.path)
+    })?;
     refuse_empty(&ckpt)?;
     check_missing(base, &ckpt, path, opts)?;
     let kinds = ckpt
@@ -150,10 +158,7 @@ fn check_missing(
     opts: &CompressOptions,
 ) -> Result<()> {
     for missing in base.tensors.iter().filter(|b| ft.get(&b.name).is_none()) {
-        if opts
-            .selector
-            .selects(&missing.name, &missing.shape, missing.dtype)
-        {
+        if opts.selector.selects_entry(missing) {
             return Err(Error::tensor(
                 path,
                 &missing.name,
@@ -168,6 +173,14 @@ fn check_missing(
         }
     }
     Ok(())
+}
+
+/// The message for a fine-tuned tensor whose shape the base's (in `base_file`) cannot take.
+fn shape_mismatch(shape: &[usize], base_shape: &[usize], base_file: &Path) -> String {
+    format!(
+        "shape {shape:?} does not match the base's {base_shape:?} ({}): is this the right base?",
+        base_file.display()
+    )
 }
 
 /// Decides how fine-tuned tensor `t` of `ft` is handled, from the headers alone.
@@ -187,17 +200,12 @@ pub(super) fn classify(
         return Err(Error::tensor(
             ft_path,
             &t.name,
-            format!(
-                "shape {:?} does not match the base's {:?} ({}): is this the right base?",
-                t.shape,
-                b.shape,
-                base.shard_path(b).display()
-            ),
+            shape_mismatch(&t.shape, &b.shape, base.shard_path(b)),
         ));
     }
     // A tensor the base would have compressed must be compressible in the fine-tune too: an
     // integer (e.g. quantized) fine-tune of a float base is not a delta this tool can take.
-    if selector.selects(&b.name, &b.shape, b.dtype) && t.float_type().is_none() {
+    if selector.selects_entry(b) && t.float_type().is_none() {
         return Err(Error::tensor(
             ft_path,
             &t.name,
@@ -208,7 +216,7 @@ pub(super) fn classify(
             ),
         ));
     }
-    let selected = selector.selects(&t.name, &t.shape, t.dtype) && b.float_type().is_some();
+    let selected = selector.selects_entry(t) && b.float_type().is_some();
     if selected {
         let shared = b.numel();
         if shared > u32::MAX as u64 {

@@ -7,7 +7,7 @@ use super::open::Source;
 use super::CompressOptions;
 use crate::checkpoint::reader::Checkpoint;
 use crate::error::{Error, Result};
-use crate::format::UdeltaWriter;
+use crate::format::{self, UdeltaWriter};
 use crate::pipeline::side_files;
 use crate::staging::StagedPath;
 use std::path::{Path, PathBuf};
@@ -41,7 +41,8 @@ pub(super) fn stage_outputs(
                 Some(d) => d.path().join(format!("{}.udelta", s.name)),
                 None => out.to_path_buf(),
             };
-            let mut writer = UdeltaWriter::create(&file, force)?;
+            let views = s.ckpt.tensors.iter().any(|t| t.matrix_of.is_some());
+            let mut writer = UdeltaWriter::create(&file, force, format::version_for(views))?;
             let carried = side_files::carry(
                 &base.path,
                 &s.ckpt,
