@@ -234,7 +234,11 @@ pub fn reconstruct(
             None => out_type.load(&out, p as usize),
             Some(vals) => vals[p as usize],
         };
-        out_type.store(&mut out, p as usize, base + delta);
+        let restored = base + delta;
+        if !out_type.holds(restored) {
+            return Err(overflow_error(reader, r, p, base, delta));
+        }
+        out_type.store(&mut out, p as usize, restored);
     }
     if let Some(tail) = &c.tail {
         out.extend_from_slice(
@@ -242,6 +246,18 @@ pub fn reconstruct(
         );
     }
     Ok(out)
+}
+
+/// The refusal of a restored value (`base + delta` at element `p`) that its dtype cannot hold.
+fn overflow_error(reader: &UdeltaReader, r: &TensorRecord, p: u32, base: f32, delta: f32) -> Error {
+    Error::format(
+        reader.path(),
+        format!(
+            "tensor '{}': element {p} restores to {base} + {delta}, beyond the range of {}: \
+             the file cannot be restored against this base without overflow",
+            r.name, r.dtype
+        ),
+    )
 }
 
 /// The fine-tuned bytes of record `r` (header `h`) from the base bytes it needs (if any, of
