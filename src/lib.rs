@@ -16,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod fuzzing;
+pub mod limits;
 pub mod pipeline;
 pub mod progress;
 pub mod report;

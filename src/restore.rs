@@ -268,14 +268,20 @@ fn convert_and_add_kept(
     let mut out = Vec::new();
     out_type.encode_into(&base_values, &mut out);
     for (&p, &delta) in positions.iter().zip(&values) {
-        out_type.store(&mut out, p as usize, base_values[p as usize] + delta);
+        let base = base_values[p as usize];
+        let restored = base + delta;
+        if !out_type.holds(restored) {
+            return Err(overflow_error(reader, r, p, base, delta));
+        }
+        out_type.store(&mut out, p as usize, restored);
     }
     Ok(out)
 }
 
 /// Adds a compressed tensor's kept deltas to the base values `bytes` (of type `ty`, at least
 /// the elements shared with the base) in place, as restoring does (f32 add, rounded to `ty`).
-/// With `overwritten`, the base values replaced are appended to it (in `ty`, kept order).
+/// With `overwritten`, the base values replaced are appended to it (in `ty`, kept order). A
+/// value `ty` cannot hold is an error; with `overwritten`, the buffer is then as it was.
 fn add_kept(
     reader: &UdeltaReader,
     r: &TensorRecord,
@@ -288,12 +294,20 @@ fn add_kept(
     check_span(reader, r, c, &positions, bytes.len(), ty)?;
     let deltas = c.grid().scaled_values(reader.index.model.scale);
     let size = ty.size();
-    for (&p, &level) in positions.iter().zip(&levels) {
-        let p = p as usize;
+    for (i, (&p, &level)) in positions.iter().zip(&levels).enumerate() {
+        let (base, delta) = (ty.load(bytes, p as usize), deltas[level as usize]);
+        let restored = base + delta;
+        if !ty.holds(restored) {
+            if let Some(old) = overwritten.as_deref() {
+                put_back(bytes, &positions[..i], old, size);
+            }
+            return Err(overflow_error(reader, r, p, base, delta));
+        }
         if let Some(old) = overwritten.as_deref_mut() {
+            let p = p as usize;
             old.extend_from_slice(&bytes[p * size..(p + 1) * size]);
         }
-        ty.store(bytes, p, ty.load(bytes, p) + deltas[level as usize]);
+        ty.store(bytes, p as usize, restored);
     }
     Ok(())
 }
@@ -362,11 +376,28 @@ pub fn undo_kept_in_place(
             ),
         ));
     }
+    put_back(bytes, &positions, old, size);
+    Ok(())
+}
+
+/// Writes the values `old` (`size` bytes each) back at `positions`, in order.
+fn put_back(bytes: &mut [u8], positions: &[u32], old: &[u8], size: usize) {
     for (&p, value) in positions.iter().zip(old.chunks_exact(size)) {
         let p = p as usize;
         bytes[p * size..(p + 1) * size].copy_from_slice(value);
     }
-    Ok(())
+}
+
+/// The refusal of a restored value (`base + delta` at element `p`) that its dtype cannot hold.
+fn overflow_error(reader: &UdeltaReader, r: &TensorRecord, p: u32, base: f32, delta: f32) -> Error {
+    Error::format(
+        reader.path(),
+        format!(
+            "tensor '{}': element {p} restores to {base} + {delta}, beyond the range of {}: \
+             the file cannot be restored against this base without overflow",
+            r.name, r.dtype
+        ),
+    )
 }
 
 /// The fine-tuned bytes of record `r` (header `h`) from the base bytes it needs (if any, of
@@ -678,5 +709,49 @@ mod tests {
             applied += 1;
         }
         assert!(applied > 0);
+    }
+
+    #[test]
+    fn an_in_place_apply_that_overflows_leaves_the_tensor_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base_path, file) = fixture(dir.path());
+        let mut reader = UdeltaReader::open(&file).unwrap();
+        // Deltas of 1e36..1e38: every kept entry fits bf16 (up to about 3.4e38) but the last,
+        // whose base value is made the largest finite one of the delta's sign.
+        reader.index.model.scale = 1e40;
+        let base = Checkpoint::open(&base_path).unwrap();
+        let (r, c) = reader
+            .index
+            .tensors
+            .iter()
+            .find_map(|r| match &r.kind {
+                TensorKind::Compressed(c) if c.kept() > 100 => Some((r, c)),
+                _ => None,
+            })
+            .unwrap();
+        let entry = base.get(&r.name).unwrap();
+        let ty = entry.float_type().unwrap();
+        let mut original = Vec::new();
+        base.read_tensor(entry, &mut original).unwrap();
+        let (positions, values) = kept_deltas(&reader, r, c).unwrap();
+        let (&last, &delta) = positions.iter().zip(&values).last().unwrap();
+        ty.store(
+            &mut original,
+            last as usize,
+            ty.max_finite().copysign(delta),
+        );
+        let mut bytes = original.clone();
+        let Err(err) = apply_kept_in_place(&reader, r, c, &mut bytes, ty) else {
+            panic!("{}: an overflowing apply succeeded", r.name);
+        };
+        assert!(
+            err.to_string().contains(&format!("element {last} ")),
+            "{err}"
+        );
+        assert!(
+            bytes == original,
+            "{}: a failed apply changed the tensor",
+            r.name
+        );
     }
 }

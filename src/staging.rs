@@ -41,11 +41,7 @@ impl StagedPath {
                 "the output's parent directory does not exist",
             ));
         }
-        let tmp = parent.join(format!(
-            ".{}.partial-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let tmp = parent.join(temporary_name(name, std::process::id()));
         remove_any(&tmp);
         LIVE.lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -86,6 +82,40 @@ impl Drop for StagedPath {
             forget_live(&self.tmp);
         }
     }
+}
+
+/// Longest file name (one path component) the file systems udelta-gpu writes to accept, in
+/// bytes (`NAME_MAX` of Linux, macOS and the BSDs).
+pub const NAME_MAX: usize = 255;
+
+/// The temporary sibling name under which output `name` is written: `.NAME.partial-PID`, or,
+/// when that would not fit in [`NAME_MAX`] bytes (an output name of up to 255 bytes is legal),
+/// `.PREFIX~HASH.partial-PID` with as much of the name as fits and the CRC-32 of the whole
+/// name, so that every legal output name can be staged. The name's bytes are kept as they are
+/// (a name that is not UTF-8 stays so).
+fn temporary_name(name: &std::ffi::OsStr, pid: u32) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let name = name.as_bytes();
+    let suffix = format!(".partial-{pid}");
+    let whole = 1 + name.len() + suffix.len();
+    let mut tmp = vec![b'.'];
+    if whole <= NAME_MAX {
+        tmp.extend_from_slice(name);
+    } else {
+        let hash = format!("~{:08x}", crc32fast::hash(name));
+        let mut room = NAME_MAX - 1 - hash.len() - suffix.len();
+        if let Ok(text) = std::str::from_utf8(name) {
+            // Cut a UTF-8 name between characters, so the temporary is UTF-8 too.
+            room = (0..=room)
+                .rev()
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0);
+        }
+        tmp.extend_from_slice(&name[..room]);
+        tmp.extend_from_slice(hash.as_bytes());
+    }
+    tmp.extend_from_slice(suffix.as_bytes());
+    std::ffi::OsString::from_vec(tmp)
 }
 
 fn forget_live(p: &Path) {
@@ -331,6 +361,56 @@ mod tests {
             err.contains("out.bin") && err.contains("already exists"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn every_legal_output_name_can_be_staged() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Short names keep the readable form.
+        assert_eq!(
+            temporary_name(OsStr::new("ft.udelta"), 42),
+            ".ft.udelta.partial-42"
+        );
+        let long_a = "a".repeat(NAME_MAX);
+        let long_b = format!("{}b", "a".repeat(NAME_MAX - 1));
+        let accented = "\u{e9}".repeat(NAME_MAX / 2); // 254 bytes, 2 per character
+        let not_utf8 = OsStr::from_bytes(b"ft-\xff\xfe.udelta");
+        let (ta, tb) = (
+            temporary_name(OsStr::new(&long_a), u32::MAX),
+            temporary_name(OsStr::new(&long_b), u32::MAX),
+        );
+        assert!(ta.len() <= NAME_MAX && tb.len() <= NAME_MAX, "{ta:?}");
+        assert_ne!(
+            ta, tb,
+            "names differing only past the cut get different temporaries"
+        );
+        assert!(ta.to_str().unwrap().starts_with(".aaaa"));
+        assert!(ta
+            .to_str()
+            .unwrap()
+            .ends_with(&format!(".partial-{}", u32::MAX)));
+        let te = temporary_name(OsStr::new(&accented), 7);
+        assert!(
+            te.len() <= NAME_MAX && te.to_str().is_some(),
+            "cut inside a character"
+        );
+        for name in [OsStr::new(&long_a), OsStr::new(&accented), not_utf8] {
+            let target = dir.path().join(name);
+            let staged = StagedPath::new(&target, false).unwrap();
+            std::fs::write(staged.path(), b"whole").unwrap();
+            staged.commit().unwrap();
+            assert_eq!(std::fs::read(&target).unwrap(), b"whole", "{name:?}");
+        }
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        let mut want = vec![long_a.into(), accented.into(), not_utf8.to_owned()];
+        want.sort();
+        assert_eq!(names, want, "exactly the three outputs, no temporary left");
     }
 
     #[test]

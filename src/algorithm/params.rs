@@ -62,6 +62,12 @@ impl CompressParams {
                 self.factor
             )));
         }
+        if !self.rescale().is_finite() {
+            return Err(Error::Param(format!(
+                "--factor {} / (1 - --sparsity {s}) overflows: the scale would be infinite",
+                self.factor
+            )));
+        }
         Ok(())
     }
 
@@ -107,6 +113,10 @@ mod tests {
                 ..ok
             },
             CompressParams { factor: 0.0, ..ok },
+            CompressParams {
+                factor: f64::MAX,
+                ..ok
+            },
         ] {
             assert!(matches!(bad.validate(), Err(Error::Param(_))), "{bad:?}");
         }

@@ -52,6 +52,27 @@ impl FloatType {
             FloatType::F32 => 2,
         }
     }
+    /// Largest finite value of this type.
+    pub fn max_finite(self) -> f32 {
+        match self {
+            FloatType::F16 => f16::MAX.to_f32(),
+            FloatType::BF16 => bf16::MAX.to_f32(),
+            FloatType::F32 => f32::MAX,
+        }
+    }
+    /// Whether `v` rounds (nearest, ties to even, as [`store`](Self::store)) to a finite value
+    /// of this type: one comparison, for the restore loop. False for NaN.
+    #[inline(always)]
+    pub fn holds(self, v: f32) -> bool {
+        // Half-way between the largest finite value and the next power of two, which rounds
+        // to infinity (its even neighbour).
+        let overflow = match self {
+            FloatType::F16 => 65520.0,
+            FloatType::BF16 => f32::from_bits(0x7F7F_8000),
+            FloatType::F32 => f32::INFINITY,
+        };
+        v.abs() < overflow
+    }
     /// Element `i` of little-endian `bytes` as f32 (exact).
     #[inline(always)]
     pub fn load(self, bytes: &[u8], i: usize) -> f32 {
@@ -160,6 +181,28 @@ pub fn dtype_name(dtype: Dtype) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holds_is_exactly_whether_the_stored_value_is_finite() {
+        let mut probes = vec![
+            0.0f32, 1.0, 65504.0, 65519.0, 65520.0, 1e5, 3.0e38, 3.3895e38,
+        ];
+        probes.extend([
+            f32::from_bits(0x7F7F_7FFF),
+            f32::from_bits(0x7F7F_8000),
+            f32::MAX,
+        ]);
+        probes.extend([f32::INFINITY, f32::NAN]);
+        for t in [FloatType::F16, FloatType::BF16, FloatType::F32] {
+            assert!(t.max_finite().is_finite() && !t.holds(f32::NAN));
+            for v in probes.iter().flat_map(|&v| [v, -v]) {
+                let mut b = vec![0u8; 4];
+                t.store(&mut b, 0, v);
+                assert_eq!(t.holds(v), t.load(&b, 0).is_finite(), "{t:?} {v}");
+            }
+        }
+        assert_eq!(FloatType::F16.max_finite(), 65504.0);
+    }
 
     #[test]
     fn round_trip_and_rounding() {

@@ -19,7 +19,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Largest accepted JSON header, in bytes (the limit the `safetensors` crate uses too).
-pub const MAX_HEADER_LEN: u64 = 100_000_000;
+pub use crate::limits::MAX_SAFETENSORS_HEADER_LEN as MAX_HEADER_LEN;
+use crate::limits::MAX_SHARD_INDEX_LEN;
 
 /// Single-file checkpoint name inside an HF model directory.
 pub const SINGLE_FILE_NAME: &str = "model.safetensors";
@@ -89,11 +90,13 @@ impl TensorEntry {
     /// Whether this tensor has the shape of `base` or the same shape with more rows (a grown
     /// vocabulary: the base's bytes are then a prefix of this tensor's). Never for a scalar.
     pub fn extends_rows_of(&self, base: &TensorEntry) -> bool {
-        !self.shape.is_empty()
-            && self.shape.len() == base.shape.len()
-            && self.shape[0] >= base.shape[0]
-            && self.shape[1..] == base.shape[1..]
+        shape_extends_rows(&self.shape, &base.shape)
     }
+}
+
+/// Whether `shape` is `base` or `base` with more rows (see [`TensorEntry::extends_rows_of`]).
+pub fn shape_extends_rows(shape: &[usize], base: &[usize]) -> bool {
+    !shape.is_empty() && shape.len() == base.len() && shape[0] >= base[0] && shape[1..] == base[1..]
 }
 
 /// An opened safetensors checkpoint: all headers parsed and validated, files held open.
@@ -135,7 +138,7 @@ impl Checkpoint {
         if meta.is_dir() {
             return Self::open_dir(path);
         }
-        let name = file_name_of(path);
+        let name = file_name_of(path)?;
         if name.ends_with(".index.json") {
             return Self::open_sharded(path, path);
         }
@@ -198,7 +201,7 @@ impl Checkpoint {
     }
 
     fn open_sharded(path: &Path, index_path: &Path) -> Result<Checkpoint> {
-        let index_name = file_name_of(index_path);
+        let index_name = file_name_of(index_path)?;
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let (metadata, weight_map) = read_index(index_path)?;
 
@@ -463,20 +466,35 @@ impl Checkpoint {
     }
 }
 
-/// The final path component as a string (lossy), or the whole path if it has none.
-fn file_name_of(path: &Path) -> String {
-    path.file_name().map_or_else(
-        || path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    )
+/// The final path component (the whole path if it has none), which must be UTF-8: a
+/// `.udelta` file stores the names of the fine-tune's files to write them back, as UTF-8.
+fn file_name_of(path: &Path) -> Result<String> {
+    let name = path.file_name().unwrap_or(path.as_os_str());
+    name.to_str().map(str::to_string).ok_or_else(|| {
+        Error::checkpoint(
+            path,
+            format!(
+                "the file name {name:?} is not valid UTF-8 (checkpoint file names are stored \
+                 as UTF-8): rename the file"
+            ),
+        )
+    })
 }
 
-/// Sorted entry names of `dir`.
+/// Sorted entry names of `dir`. A name that is not UTF-8 is an error if it could be a weight
+/// file (its bytes end in `.safetensors` or `.json`), else shown as well as it can be.
 fn list_dir(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
-        names.push(entry.file_name().to_string_lossy().into_owned());
+        let name = entry.file_name();
+        let bytes = name.as_encoded_bytes();
+        if name.to_str().is_none()
+            && (bytes.ends_with(b".safetensors") || bytes.ends_with(b".json"))
+        {
+            file_name_of(&entry.path())?;
+        }
+        names.push(name.to_string_lossy().into_owned());
     }
     names.sort();
     Ok(names)
@@ -497,10 +515,49 @@ fn join_names(names: &[&String]) -> String {
     s
 }
 
-/// Reads and parses the shard index `path` (see [`parse_shard_index`]).
+/// Reads and parses the shard index `path` (see [`parse_shard_index`]), at most
+/// [`MAX_SHARD_INDEX_LEN`] bytes of it.
 fn read_index(path: &Path) -> Result<(Option<Value>, BTreeMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_bounded(path, MAX_SHARD_INDEX_LEN, "shard index")?;
     parse_shard_index(path, &bytes)
+}
+
+/// The bytes of the regular file `path` (a symbolic link is followed: model caches link every
+/// file), refused without reading it when it is larger than `limit` bytes (or grows past it
+/// while read) or not a regular file (opened non-blocking, so a FIFO cannot hang the run).
+/// `what` names the file in the error.
+pub fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::checkpoint(
+            path,
+            format!("{what} is not a regular file"),
+        ));
+    }
+    let too_large = || {
+        Error::checkpoint(
+            path,
+            format!("{what} is larger than the limit of {limit} bytes"),
+        )
+    };
+    if meta.len() > limit {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large());
+    }
+    Ok(bytes)
 }
 
 /// Parses the bytes of a shard index (`model.safetensors.index.json`; `path` names it in
@@ -1478,6 +1535,54 @@ mod tests {
             std::fs::write(dir.path().join(INDEX_FILE_NAME), text).unwrap();
             assert_contains(&open_err(dir.path()), &[INDEX_FILE_NAME, needle]);
         }
+    }
+
+    #[test]
+    fn an_oversized_or_special_index_file_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        write_sharded(dir.path());
+        let index = dir.path().join(INDEX_FILE_NAME);
+        // A sparse file one byte over the limit: refused from its size, nothing read.
+        std::fs::File::create(&index)
+            .unwrap()
+            .set_len(MAX_SHARD_INDEX_LEN + 1)
+            .unwrap();
+        let limit = format!("limit of {MAX_SHARD_INDEX_LEN} bytes");
+        assert_contains(&open_err(dir.path()), &[INDEX_FILE_NAME, &limit]);
+        // A FIFO with no writer, given as the index, would block a plain open: refused at once.
+        std::fs::remove_file(&index).unwrap();
+        let c = std::ffi::CString::new(index.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_contains(&open_err(&index), &[INDEX_FILE_NAME, "not a regular file"]);
+        // At the limit exactly, the file is read (and then parsed: zeros are not JSON).
+        std::fs::remove_file(&index).unwrap();
+        std::fs::File::create(&index)
+            .unwrap()
+            .set_len(MAX_SHARD_INDEX_LEN)
+            .unwrap();
+        assert_contains(&open_err(dir.path()), &[INDEX_FILE_NAME, "not valid JSON"]);
+    }
+
+    #[test]
+    fn checkpoint_file_names_that_are_not_utf8_are_refused_saying_so() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let name = std::ffi::OsStr::from_bytes(b"w\xff.safetensors");
+        write_st(&dir.path().join(name), &MIXED[..2], None);
+        let needles = ["\"w\\xFF.safetensors\" is not valid UTF-8", "rename"];
+        // Given as the file, or found in the directory: the same refusal.
+        assert_contains(&open_err(&dir.path().join(name)), &needles);
+        assert_contains(&open_err(dir.path()), &needles);
+        // A name that cannot be a weight file does not matter (the directory is listed).
+        std::fs::rename(dir.path().join(name), dir.path().join("a.safetensors")).unwrap();
+        std::fs::write(
+            dir.path()
+                .join(std::ffi::OsStr::from_bytes(b"notes\xff.txt")),
+            "",
+        )
+        .unwrap();
+        Checkpoint::open(dir.path()).unwrap();
     }
 
     #[test]

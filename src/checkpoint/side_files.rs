@@ -14,10 +14,7 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// Largest side file carried (a LLaMA-3 `tokenizer.json` is 9 MB, Gemma's 33 MB).
-pub const MAX_SIDE_FILE_LEN: u64 = 64 << 20;
-/// Largest total of the side files of one model.
-pub const MAX_SIDE_FILES_TOTAL: u64 = 256 << 20;
+pub use crate::limits::{MAX_SIDE_FILES_TOTAL, MAX_SIDE_FILE_LEN};
 /// Most side files of one model.
 pub const MAX_SIDE_FILES: usize = 4096;
 /// Deepest subfolder listed (`1_Pooling/config.json` is at depth 1).

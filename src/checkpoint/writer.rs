@@ -3,6 +3,7 @@
 
 use super::dtype::{byte_len, Dtype};
 use crate::error::{Error, Result};
+use crate::limits::MAX_SAFETENSORS_HEADER_LEN as MAX_HEADER_LEN;
 use crate::staging::DurableFile;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,8 @@ impl SafetensorsWriter {
         tensors: &[TensorHeader],
         metadata: Option<&BTreeMap<String, String>>,
     ) -> Result<Self> {
-        let header = header_json(tensors, metadata);
+        let header =
+            writable_header(tensors, metadata).map_err(|why| Error::checkpoint(path, why))?;
         let mut padded = header.into_bytes();
         while padded.len() % 8 != 0 {
             padded.push(b' ');
@@ -105,12 +107,43 @@ impl SafetensorsWriter {
     }
 }
 
+/// The name safetensors reserves for a file's metadata, which no tensor may have.
+pub const METADATA_KEY: &str = "__metadata__";
+
+/// The JSON header of a safetensors file holding `tensors` (with `metadata`), or what makes
+/// such a file unreadable: a tensor named twice, a tensor named [`METADATA_KEY`], or a header
+/// longer than readers accept ([`MAX_HEADER_LEN`]).
+pub fn writable_header(
+    tensors: &[TensorHeader],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> std::result::Result<String, String> {
+    let mut names = std::collections::HashSet::with_capacity(tensors.len());
+    for t in tensors {
+        if t.name == METADATA_KEY {
+            return Err(format!(
+                "tensor '{METADATA_KEY}': the name is reserved for the file's metadata"
+            ));
+        }
+        if !names.insert(t.name.as_str()) {
+            return Err(format!("tensor '{}': listed twice", t.name));
+        }
+    }
+    let header = header_json(tensors, metadata);
+    if header.len() as u64 > MAX_HEADER_LEN {
+        return Err(format!(
+            "a safetensors header of {} bytes, over the {MAX_HEADER_LEN} bytes readers accept",
+            header.len()
+        ));
+    }
+    Ok(header)
+}
+
 /// The JSON header for `tensors` laid out contiguously in the given order.
 fn header_json(tensors: &[TensorHeader], metadata: Option<&BTreeMap<String, String>>) -> String {
     let mut map = serde_json::Map::new();
     if let Some(m) = metadata {
         map.insert(
-            "__metadata__".into(),
+            METADATA_KEY.into(),
             serde_json::to_value(m).unwrap_or_default(),
         );
     }
@@ -166,6 +199,44 @@ mod tests {
         assert_eq!(st.tensor("empty").unwrap().shape(), &[0, 4]);
         let (_, md) = SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(md.metadata().as_ref().unwrap()["format"], "pt");
+    }
+
+    #[test]
+    fn headers_the_readers_would_refuse_are_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let t = |name: &str| TensorHeader {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape: vec![1],
+        };
+        // The header of one tensor named n bytes: n + this many bytes of JSON.
+        let overhead = header_json(&[t("")], None).len() as u64;
+        let at_limit = "x".repeat((MAX_HEADER_LEN - overhead) as usize);
+        assert_eq!(
+            header_json(&[t(&at_limit)], None).len() as u64,
+            MAX_HEADER_LEN
+        );
+        writable_header(&[t(&at_limit)], None).unwrap();
+        let over = format!("{at_limit}x");
+        for (tensors, needle) in [
+            (vec![t("a"), t("b"), t("a")], "tensor 'a': listed twice"),
+            (
+                vec![t("a"), t(METADATA_KEY)],
+                "reserved for the file's metadata",
+            ),
+            (vec![t(&over)], "over the 100000000 bytes readers accept"),
+        ] {
+            let err = match SafetensorsWriter::create(&path, &tensors, None) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{needle}: written"),
+            };
+            assert!(
+                err.contains(needle) && err.contains("t.safetensors"),
+                "{err}"
+            );
+            assert!(!path.exists(), "{needle}: a file was created");
+        }
     }
 
     #[test]

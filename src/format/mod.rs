@@ -16,6 +16,7 @@ pub mod index;
 pub mod matrix_views;
 pub mod reader;
 pub mod side_files;
+pub mod validate;
 pub mod writer;
 
 pub use index::{
@@ -52,4 +53,4 @@ pub const HEADER_LEN: u64 = 16;
 /// Footer length in bytes.
 pub const FOOTER_LEN: u64 = 40;
 /// Largest index this reader accepts (a hostile file cannot make it allocate more).
-pub const MAX_INDEX_LEN: u64 = 256 << 20;
+pub use crate::limits::MAX_UDELTA_INDEX_LEN as MAX_INDEX_LEN;

@@ -1,13 +1,14 @@
 //! Reads and validates a `.udelta` file. Every size and offset is checked against the file
 //! before anything is allocated; every record's CRC-32 is checked when it is read.
 
-use super::index::{crc32, CodedTensor, FileIndex, RecordRef, TensorKind};
+use super::index::{crc32, CodedTensor, CompressedTensor, FileIndex, RecordRef, TensorKind};
 use super::{
     END_MAGIC, FOOTER_LEN, FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_INDEX_LEN,
     OLDEST_READABLE_VERSION,
 };
 use crate::bytesource::ByteSource;
-use crate::checkpoint::dtype::{checked_byte_len, dtype_from_name, Dtype};
+use crate::checkpoint::dtype::{checked_byte_len, dtype_from_name, Dtype, FloatType};
+use crate::checkpoint::reader::shape_extends_rows;
 use crate::codec;
 use crate::codec::lossless::{lossless_block_count, word_width};
 use crate::error::{Error, Result};
@@ -126,6 +127,7 @@ impl UdeltaReader {
             index,
         };
         reader.check_records(index_offset)?;
+        super::validate::check_index(&reader.index).map_err(bad)?;
         Ok(reader)
     }
 
@@ -158,17 +160,20 @@ impl UdeltaReader {
             let Some(numel) = numel_of(&t.shape) else {
                 return fail("shape overflows");
             };
-            let Some(bytes) =
-                checked_byte_len(dtype, numel).and_then(|b| total_bytes.checked_add(b))
+            let Some((bytes, total)) =
+                checked_byte_len(dtype, numel).and_then(|b| Some((b, total_bytes.checked_add(b)?)))
             else {
                 return fail("shape too large: its bytes overflow a 64-bit size");
             };
-            total_bytes = bytes;
+            total_bytes = total;
             match &t.kind {
                 TensorKind::Unchanged { .. } => {}
                 TensorKind::Raw { data } => {
                     if !in_range(data) {
                         return fail("raw record outside the file");
+                    }
+                    if data.len != bytes {
+                        return fail("raw record length differs from the shape's byte size");
                     }
                 }
                 TensorKind::Coded(c) => {
@@ -178,7 +183,7 @@ impl UdeltaReader {
                     if !in_range(&c.data) {
                         return fail("coded record outside the file");
                     }
-                    if let Err(what) = check_coded(c, dtype, numel) {
+                    if let Err(what) = check_coded(c, dtype, &t.shape, numel) {
                         return fail(what);
                     }
                 }
@@ -187,34 +192,8 @@ impl UdeltaReader {
                     if refs.iter().flatten().any(|r| !in_range(r)) {
                         return fail("record outside the file");
                     }
-                    let levels = 1usize << c.bits.min(8);
-                    if !(1..=8).contains(&c.bits)
-                        || c.histogram.len() != levels
-                        || c.kept_counts.len() != levels
-                    {
-                        return fail("level tables inconsistent with the bit width");
-                    }
-                    let Some(base_dtype) = dtype_from_name(&c.base_dtype) else {
-                        return fail("unknown base dtype");
-                    };
-                    let base_numel = numel_of(&c.base_shape);
-                    let Some(base_numel) =
-                        base_numel.filter(|&n| checked_byte_len(base_dtype, n).is_some())
-                    else {
-                        return fail("base shape too large: its bytes overflow a 64-bit size");
-                    };
-                    if c.shared_numel > numel
-                        || c.shared_numel > base_numel
-                        || c.shared_numel > codec::MAX_NUMEL
-                        || sum_of(&c.histogram) != Some(c.shared_numel)
-                    {
-                        return fail("element counts inconsistent with the shapes");
-                    }
-                    if c.kept_counts.iter().zip(&c.histogram).any(|(k, h)| k > h) {
-                        return fail("more kept entries than elements in a level");
-                    }
-                    if c.blocks.len() != codec::block_count(c.shared_numel) {
-                        return fail("block table length inconsistent with the element count");
+                    if let Err(what) = check_compressed(c, dtype, &t.shape) {
+                        return fail(what);
                     }
                 }
             }
@@ -281,14 +260,71 @@ impl UdeltaReader {
     }
 }
 
+/// Checks a compressed tensor's fields against each other and against the fine-tune's dtype
+/// and shape (whose byte size the caller has checked to fit in u64): float dtypes, a base
+/// shape that the shape equals or extends by rows, every base element shared, new rows'
+/// bytes in the tail, level tables of the bit width, counts that add up, rates in [0, 1].
+fn check_compressed(
+    c: &CompressedTensor,
+    dtype: Dtype,
+    shape: &[usize],
+) -> std::result::Result<(), &'static str> {
+    let Some(base_dtype) = dtype_from_name(&c.base_dtype) else {
+        return Err("unknown base dtype");
+    };
+    let (Some(out), Some(_)) = (
+        FloatType::from_dtype(dtype),
+        FloatType::from_dtype(base_dtype),
+    ) else {
+        return Err("compressed tensor of a non-float dtype");
+    };
+    let numel = numel_of(shape).ok_or("shape overflows")?;
+    let base_numel = numel_of(&c.base_shape)
+        .filter(|&n| checked_byte_len(base_dtype, n).is_some())
+        .ok_or("base shape too large: its bytes overflow a 64-bit size")?;
+    if c.shared_numel != base_numel
+        || c.shared_numel > codec::MAX_NUMEL
+        || sum_of(&c.histogram) != Some(c.shared_numel)
+    {
+        return Err("element counts inconsistent with the shapes");
+    }
+    if !(shape == c.base_shape.as_slice() || shape_extends_rows(shape, &c.base_shape)) {
+        return Err("base shape neither equal to the shape nor the same with fewer rows");
+    }
+    // The shape extends the base's: `numel >= base_numel`.
+    let new_bytes = (numel - base_numel) * out.size() as u64;
+    if c.tail.map(|t| t.len) != (new_bytes > 0).then_some(new_bytes) {
+        return Err("new rows' record (tail) inconsistent with the shapes");
+    }
+    let levels = 1usize << c.bits.min(8);
+    if !(1..=8).contains(&c.bits) || c.histogram.len() != levels || c.kept_counts.len() != levels {
+        return Err("level tables inconsistent with the bit width");
+    }
+    if c.kept_counts.iter().zip(&c.histogram).any(|(k, h)| k > h) {
+        return Err("more kept entries than elements in a level");
+    }
+    if c.blocks.len() != codec::block_count(c.shared_numel) {
+        return Err("block table length inconsistent with the element count");
+    }
+    let unit = 0.0..=1.0;
+    if !(unit.contains(&c.rate) && unit.contains(&c.adjusted_rate) && c.std >= 0.0) {
+        return Err("pruning rates outside [0, 1] or a negative standard deviation");
+    }
+    Ok(())
+}
+
 /// Checks a coded tensor's base shape and block table against its dtype and element count
 /// (whose byte size the caller has checked to fit in u64).
-fn check_coded(c: &CodedTensor, dtype: Dtype, numel: u64) -> std::result::Result<(), &'static str> {
+fn check_coded(
+    c: &CodedTensor,
+    dtype: Dtype,
+    shape: &[usize],
+    numel: u64,
+) -> std::result::Result<(), &'static str> {
     let bytes = checked_byte_len(dtype, numel).ok_or("shape too large")?;
     if let Some(b) = &c.base {
-        let base_bytes = numel_of(&b.shape).and_then(|n| checked_byte_len(dtype, n));
-        if base_bytes.is_none_or(|n| n > bytes) {
-            return Err("base shape larger than the tensor");
+        if !(shape == b.shape.as_slice() || shape_extends_rows(shape, &b.shape)) {
+            return Err("base shape neither equal to the shape nor the same with fewer rows");
         }
     }
     let width = word_width(dtype.bitsize());

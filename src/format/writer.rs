@@ -99,8 +99,11 @@ impl UdeltaWriter {
     }
 }
 
-/// Appends the deflated index and the footer.
+/// Appends the deflated index and the footer, after the checks the reader makes of an index
+/// (an index it would refuse is not written, and the write fails naming what is wrong).
 fn write_index(out: &mut DurableFile, index: &FileIndex, path: &Path) -> Result<()> {
+    super::validate::check_index(index)
+        .map_err(|why| Error::format(path, format!("not written: {why}")))?;
     let json = serde_json::to_vec(index).map_err(|e| Error::format(path, e.to_string()))?;
     let packed = miniz_oxide::deflate::compress_to_vec(&json, 9);
     let index_offset = out.written();

@@ -38,16 +38,27 @@ pub(super) struct Inputs {
 }
 
 /// The name a fine-tuned checkpoint path gives its model: the last path component, without
-/// a `.safetensors` extension.
-pub fn model_name_of(path: &Path) -> String {
+/// a `.safetensors` extension. The index stores it as UTF-8 (and it names the output of a
+/// run with several fine-tunes), so a name that is not UTF-8 is an error suggesting
+/// `--model-name`.
+pub fn model_name_of(path: &Path) -> Result<String> {
     let p = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    name.strip_suffix(".safetensors")
-        .map(str::to_string)
+    let Some(name) = p.file_name() else {
+        return Ok("model".into());
+    };
+    let name = name.to_str().ok_or_else(|| {
+        Error::checkpoint(
+            path,
+            format!(
+                "the model's name {name:?} is not valid UTF-8 (a .udelta file stores it as \
+                 UTF-8): rename it, or name the model with --model-name"
+            ),
+        )
+    })?;
+    Ok(name
+        .strip_suffix(".safetensors")
         .unwrap_or(name)
+        .to_string())
 }
 
 /// Checks every option that does not need the checkpoints.
@@ -67,6 +78,12 @@ pub(super) fn validate_options(finetuned: &[PathBuf], opts: &CompressOptions) ->
         if !(g.is_finite() && g > 0.0) {
             return Err(Error::Param(format!(
                 "--gamma {g} must be a finite number > 0"
+            )));
+        }
+        if !(g * opts.params.rescale()).is_finite() {
+            return Err(Error::Param(format!(
+                "--gamma {g} times the rescale {} overflows: the scale would be infinite",
+                opts.params.rescale()
             )));
         }
     }
@@ -98,10 +115,10 @@ pub(super) fn open_inputs(
     let base = Arc::new(base);
     let mut sources: Vec<Source> = Vec::with_capacity(finetuned.len());
     for path in finetuned {
-        let name = opts
-            .model_name
-            .clone()
-            .unwrap_or_else(|| model_name_of(path));
+        let name = match &opts.model_name {
+            Some(name) => name.clone(),
+            None => model_name_of(path)?,
+        };
         if sources.iter().any(|s| s.name == name) {
             return Err(Error::Param(format!(
                 "two fine-tunes are named '{name}': their files would collide"

@@ -78,7 +78,7 @@ fn listing(dir: &Path) -> Vec<String> {
 #[test]
 fn every_bad_gamma_is_refused_and_a_good_one_accepted() {
     let ft = [PathBuf::from("ft")];
-    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, f64::MAX] {
         let opts = CompressOptions {
             gamma: Some(bad),
             ..options()
