@@ -734,7 +734,7 @@ mod tests {
         let mut original = Vec::new();
         base.read_tensor(entry, &mut original).unwrap();
         let (positions, values) = kept_deltas(&reader, r, c).unwrap();
-        let (&last, &delta) = positions.iter().zip(&values).last().unwrap();
+        let (&last, &delta) = positions.iter().zip(&values).next_back().unwrap();
         ty.store(
             &mut original,
             last as usize,
