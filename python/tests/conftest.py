@@ -87,10 +87,11 @@ class Pair:
         return read_safetensors(self.restored[0])
 
 
-def make_pair(root, dtype="f16", shards=None, vocab_growth=0, models=1, base=None, ft=None):
+def make_pair(root, dtype="f16", shards=None, vocab_growth=0, models=1, base=None, ft=None,
+              preset=("tiny",)):
     root = Path(root)
     if base is None:
-        args = ["synth", "--out", root, "--preset", "tiny", "--dtype", dtype, "-q"]
+        args = ["synth", "--out", root, "--preset", *preset, "--dtype", dtype, "-q"]
         args += ["--models", models, "--vocab-growth", vocab_growth]
         if shards:
             args += ["--shards", shards]
@@ -122,6 +123,14 @@ def pair(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def two_models(tmp_path_factory):
     return make_pair(tmp_path_factory.mktemp("two"), dtype="bf16", models=2)
+
+
+@pytest.fixture(scope="session")
+def fused_experts(tmp_path_factory):
+    """Two fine-tunes of a Qwen3-MoE-shaped model (fused 3-D experts, stored as matrices),
+    one block, every size divided by 32."""
+    preset = ("qwen3-moe", "--layers", 1, "--shrink", 32)
+    return make_pair(tmp_path_factory.mktemp("fused"), dtype="bf16", models=2, preset=preset)
 
 
 @pytest.fixture(scope="session")

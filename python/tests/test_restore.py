@@ -121,9 +121,9 @@ def test_swap_on_state_dict_with_record(two_models):
 
 def non_contiguous(t):
     """The same values as ``t`` in a strided (non-contiguous) layout."""
-    if t.dim() != 2 or min(t.shape) < 2:
+    if t.dim() < 2 or min(t.shape[-2:]) < 2:
         return t
-    v = t.t().contiguous().t()
+    v = t.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert not v.is_contiguous() and torch.equal(v, t)
     return v
 
@@ -147,6 +147,27 @@ def test_swap_frees_the_first_record_before_applying_the_second(two_models):
     assert first.nbytes() > 0
     udelta.swap_(state, a, b, applied=first)
     assert first.nbytes() == 0 and not first.scattered and not first.replaced
+
+
+def test_fused_experts_apply_and_swap_per_matrix_bit_identically(fused_experts):
+    a, b = fused_experts.udelta
+    assert any(r.get("matrix_of") for r in udelta.open(a).index["tensors"])
+    model = module_from_state_dict(base_state_dict(fused_experts))
+    udelta.apply_(model, a)
+    assert_same_as_decompress(model.state_dict(), read_safetensors(fused_experts.restored[0]), torch_bytes)
+    udelta.swap_(model, a, b)
+    assert_same_as_decompress(model.state_dict(), read_safetensors(fused_experts.restored[1]), torch_bytes)
+    state = {k: non_contiguous(v) for k, v in base_state_dict(fused_experts).items()}
+    udelta.apply_(state, b)
+    assert_same_as_decompress(state, read_safetensors(fused_experts.restored[1]), torch_bytes)
+
+
+def test_fused_experts_of_another_shape_are_refused_naming_the_tensor(fused_experts):
+    state = base_state_dict(fused_experts)
+    name = next(k for k in state if k.endswith("mlp.experts.down_proj"))
+    state[name] = state[name][:-1].clone()
+    with pytest.raises(udelta.UdeltaError, match="down_proj.*wrong base"):
+        udelta.apply_(state, fused_experts.udelta[0])
 
 
 def test_swap_refuses_a_file_not_applied(two_models):

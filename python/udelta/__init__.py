@@ -409,6 +409,28 @@ class _Target:
                 f"apply_: expected a torch.nn.Module or a dict of tensors, got {type(target).__name__}"
             )
         self.origin = "model" if self.module is not None else "state dict"
+        self.views: Dict[str, Dict[str, Any]] = {}
+
+    def add_views(self, path: str, records) -> None:
+        """Registers the matrix views among ``records`` (fused experts stored as their
+        matrices, format version 3): the file's tensor ``NAME[e]`` is then matrix ``e`` of the
+        target's tensor ``NAME``, a view into its memory."""
+        for r in records:
+            m = r.get("matrix_of")
+            if m is None:
+                continue
+            if r["kind"] not in ("compressed", "unchanged"):
+                raise UdeltaError(
+                    f"{path}: tensor '{r['name']}': a matrix of '{m['name']}' stored "
+                    f"{r['kind']}, which apply_ cannot write into the fused tensor: use "
+                    "load_state_dict or iter_tensors"
+                )
+            self.views[r["name"]] = m
+
+    def whole_name(self, name: str) -> str:
+        """The target's tensor that the file's tensor ``name`` lies in (itself unless a view)."""
+        m = self.views.get(name)
+        return name if m is None else m["name"]
 
     def key(self, name: str) -> Optional[str]:
         """The target's key for the file's tensor ``name`` (allowing the model's prefix)."""
@@ -422,6 +444,9 @@ class _Target:
         return None
 
     def get(self, name: str):
+        m = self.views.get(name)
+        if m is not None:
+            return self._matrix(m)
         key = self.key(name)
         if key is None:
             raise UdeltaError(
@@ -429,6 +454,17 @@ class _Target:
                 "but the .udelta file was made against a base that has it"
             )
         return self.tensors[key]
+
+    def _matrix(self, m):
+        """Matrix ``m["index"]`` of the fused tensor ``m["name"]``, checked to have the
+        shape the file was made against."""
+        whole = self.get(m["name"])
+        if list(whole.shape) != list(m["shape"]):
+            raise UdeltaError(
+                f"{self.origin}: tensor '{m['name']}': shape {list(whole.shape)}, but the .udelta "
+                f"file was made against a base of shape {list(m['shape'])}: wrong base"
+            )
+        return whole[m["index"]]
 
     def replace(self, name: str, new) -> None:
         key = self.key(name)
@@ -627,7 +663,7 @@ def apply_(model_or_state_dict, path: PathLike, *, force: bool = False) -> Appli
 def _drop_extra(target: _Target, file: UdeltaFile, applied: Applied) -> None:
     """Removes from a state dict the base tensors the fine-tune does not have (as
     ``decompress`` does not write them), keeping them in ``applied`` to put back."""
-    keep = {target.key(n) or n for n in file.tensors}
+    keep = {target.key(n) or n for n in map(target.whole_name, file.tensors)}
     for key in [k for k in target.tensors if k not in keep]:
         applied.dropped[key] = target.tensors.pop(key)
 
@@ -636,13 +672,7 @@ def _apply(target_obj, file: UdeltaFile, checksums: bool, force: bool) -> Applie
     torch = _torch()
     target = _Target(target_obj)
     records = file.index["tensors"]
-    stacked = next((r["matrix_of"]["name"] for r in records if r.get("matrix_of")), None)
-    if stacked is not None:
-        raise UdeltaError(
-            f"{file.path}: tensor '{stacked}' is stored as its matrices (fused experts, format "
-            "version 3), which apply_ cannot restore in place yet: use load_state_dict or "
-            "iter_tensors (or decompress)"
-        )
+    target.add_views(file.path, records)
     _check_all(file, target, records, checksums, force)
     applied = Applied(file.path, file.base_fingerprint)
     in_place = [r["name"] for r in records if _scatters(r) and _in_place(target.get(r["name"]))]
@@ -663,6 +693,7 @@ def _undo(target: _Target, applied: Applied) -> None:
     memory is free before the next file is applied)."""
     torch = _torch()
     file = open(applied.path)
+    target.add_views(file.path, file.index["tensors"])
     host = [n for n, old in applied.scattered.items() if isinstance(old, bytearray)]
     with torch.no_grad():
         _undo_in_place(target, file, host, applied)

@@ -5,7 +5,6 @@
 use super::index::{FileIndex, TensorRecord};
 use super::MATRIX_VIEWS_VERSION;
 use crate::checkpoint::views::Stacks;
-use std::collections::HashSet;
 
 /// One tensor of the fine-tuned checkpoint as restoring writes it: one record, or the
 /// consecutive records of a 3-D tensor's matrices.
@@ -60,13 +59,10 @@ pub fn stacks(index: &FileIndex) -> Stacks {
 
 /// Checks the matrix views of `index`: only in version 3 and later; the matrices of a 3-D
 /// tensor `[E, R, C]` are E consecutive records `[R, C]` with indexes `0..E`, one dtype and one
-/// shard; no two whole tensors share a name.
+/// shard. (That no two whole tensors share a name is checked with every other name rule, in
+/// [`super::validate`].)
 pub fn check(index: &FileIndex) -> Result<(), String> {
-    let mut names = HashSet::new();
     for w in wholes(&index.tensors) {
-        if !names.insert(w.name) {
-            return Err(format!("tensor '{}' is stored twice", w.name));
-        }
         if w.records.iter().any(|r| r.matrix_of.is_some()) {
             check_stack(index, &w)?;
         }

@@ -9,6 +9,7 @@
 //! `compress` and `rescale` refuse a scale that would overflow a tensor's dtype).
 
 use super::index::{CompressedTensor, FileIndex, ModelInfo, SourceLayout, TensorKind};
+use super::matrix_views::wholes;
 use crate::checkpoint::dtype::{dtype_from_name, FloatType};
 use crate::checkpoint::reader::INDEX_FILE_NAME;
 use crate::checkpoint::side_files::check_relative_path;
@@ -115,32 +116,33 @@ fn check_shard_name(name: &str) -> Refusal {
     Ok(())
 }
 
-/// Tensor names: none twice in the file, none reserved, and each shard's safetensors header
-/// writable (see [`writable_header`]).
+/// Tensor names as restoring writes them (a 3-D tensor stored as matrices once, by its own
+/// name: [`wholes`]): none twice in the file, none reserved, and each shard's safetensors
+/// header writable (see [`writable_header`]).
 fn check_tensor_names(index: &FileIndex) -> Refusal {
-    let mut names = HashSet::with_capacity(index.tensors.len());
-    for t in &index.tensors {
+    let tensors = wholes(&index.tensors);
+    let mut names = HashSet::with_capacity(tensors.len());
+    for t in &tensors {
         if t.name == METADATA_KEY {
             return Err(format!(
                 "tensor '{METADATA_KEY}': the name is reserved for the file's metadata"
             ));
         }
-        if !names.insert(t.name.as_str()) {
+        if !names.insert(t.name) {
             return Err(format!("tensor '{}': listed twice", t.name));
         }
     }
     for (si, shard) in index.source.shards.iter().enumerate() {
-        let headers = index
-            .tensors
+        let headers = tensors
             .iter()
-            .filter(|t| t.shard == si)
+            .filter(|t| t.records[0].shard == si)
             .map(|t| {
-                let dtype = dtype_from_name(&t.dtype)
+                let dtype = dtype_from_name(t.dtype)
                     .ok_or_else(|| format!("tensor '{}': unknown dtype", t.name))?;
                 Ok(TensorHeader {
-                    name: t.name.clone(),
+                    name: t.name.to_string(),
                     dtype,
-                    shape: t.shape.clone(),
+                    shape: t.shape.to_vec(),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
