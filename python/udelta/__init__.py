@@ -377,9 +377,12 @@ class Applied:
     or dtype the fine-tune changed).
     """
 
-    def __init__(self, path: str, fingerprint: str):
+    def __init__(self, path: str, base: Dict[str, Any], base_crcs: Dict[str, int]):
         self.path = path
-        self.fingerprint = fingerprint
+        self.fingerprint = base["fingerprint"]
+        self.identity = base.get("identity")
+        # The CRC-32 of every base tensor apply_ checked (name -> CRC).
+        self.base_crcs = base_crcs
         self.scattered: Dict[str, Any] = {}
         self.replaced: Dict[str, Any] = {}
         self.dropped: Dict[str, Any] = {}
@@ -484,6 +487,40 @@ def _check_all(file: UdeltaFile, target: _Target, records, checksums: bool, forc
         file._file.check_base(r["name"], target.origin, _dtype_name(t), list(t.shape), crc)
 
 
+def _base_crcs(records) -> Dict[str, int]:
+    """The CRC-32 of every base tensor the records need (name -> CRC)."""
+    out = {}
+    for r in records:
+        if r["kind"] in ("unchanged", "compressed"):
+            out[r["name"]] = r["base_crc32"]
+        elif r["kind"] == "coded" and r.get("base") is not None:
+            out[r["name"]] = r["base"]["crc32"]
+    return out
+
+
+def _check_same_base(to_file: UdeltaFile, applied: Applied) -> bool:
+    """Refuses ``to_file`` if it was made against another base than the file ``applied``
+    records (another fingerprint of the same kind, or another CRC-32 for a base tensor both
+    need). Returns whether it needs base tensors that apply_ did not check."""
+    base = to_file.index["base"]
+    if base.get("identity") == applied.identity and base["fingerprint"] != applied.fingerprint:
+        raise UdeltaError(
+            f"{to_file.path}: made against another base (fingerprint {base['fingerprint']}, "
+            f"the model's base has {applied.fingerprint}): wrong base"
+        )
+    unchecked = False
+    for name, crc in _base_crcs(to_file.index["tensors"]).items():
+        have = applied.base_crcs.get(name)
+        if have is None:
+            unchecked = True
+        elif have != crc:
+            raise UdeltaError(
+                f"{to_file.path}: tensor '{name}': made against another base (base CRC-32 "
+                f"{crc:08x}, the model's base has {have:08x}): wrong base"
+            )
+    return unchecked
+
+
 def _stored_alone(r) -> bool:
     """Whether record ``r`` restores without any base tensor (raw, or coded alone)."""
     return r["kind"] == "raw" or (r["kind"] == "coded" and r.get("base") is None)
@@ -579,7 +616,7 @@ def _apply(target_obj, file: UdeltaFile, checksums: bool, force: bool) -> Applie
     target = _Target(target_obj)
     records = file.index["tensors"]
     _check_all(file, target, records, checksums, force)
-    applied = Applied(file.path, file.base_fingerprint)
+    applied = Applied(file.path, file.index["base"], _base_crcs(records))
     with torch.no_grad():
         for r, data in _ahead(lambda r: _fetch(file, r), records):
             _apply_record(target, file, r, data, applied)
@@ -620,8 +657,10 @@ def swap_(
 
     ``from_path`` must be the file last applied with :func:`apply_` (its record is
     ``model._udelta_applied``, or pass ``applied=`` for a state dict). Instead of checksumming
-    every tensor again, the two files must have been made against the same base (equal base
-    fingerprints): the undo restores exactly the base that :func:`apply_` checked.
+    every tensor again, the two files must have been made against the same base (same base
+    fingerprint, same CRC-32 for every base tensor both need): the undo restores exactly the
+    base that :func:`apply_` checked. Base tensors ``to_path`` needs that ``from_path`` did not
+    are checksummed.
     """
     applied = applied if applied is not None else getattr(model, "_udelta_applied", None)
     if applied is None:
@@ -631,11 +670,7 @@ def swap_(
             f"swap_: the model holds {applied.path}, not {os.fspath(from_path)}"
         )
     to_file = open(to_path)
-    if to_file.base_fingerprint != applied.fingerprint:
-        raise UdeltaError(
-            f"{to_file.path}: made against another base (fingerprint {to_file.base_fingerprint}, "
-            f"the model's base has {applied.fingerprint}): wrong base"
-        )
+    unchecked = _check_same_base(to_file, applied)
     target = _Target(model)
     _undo(target, applied)
-    return _apply(model, to_file, checksums=False, force=False)
+    return _apply(model, to_file, checksums=unchecked, force=False)
