@@ -8,8 +8,8 @@ use crate::checkpoint::side_files::SideFileOptions;
 use crate::engine::{self, Engine};
 use crate::error::{Error, Result};
 use crate::format::UdeltaReader;
-use crate::pipeline::compress::{compress, CompressOptions};
-use crate::pipeline::decompress::{decompress, DecompressOptions};
+use crate::pipeline::compress::{compress, compress_staged, CompressOptions};
+use crate::pipeline::decompress::{decompress, decompress_staged, DecompressOptions};
 use crate::pipeline::verify::verify;
 use crate::report::InspectReport;
 use crate::synth::{write_synthetic, Preset, SynthOptions};
@@ -36,6 +36,29 @@ pub fn emit(args: std::fmt::Arguments) {
         eprintln!("error: writing to stdout: {e}");
         std::process::exit(1);
     }
+}
+
+/// Writes a whole result (the report of a run whose outputs are still staged) to stdout: a
+/// reader that went away (a closed pipe) is not a failure of the run, any other failure to
+/// write (a full disk behind `>`) is, and the run then commits nothing.
+fn write_stdout(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::Param(format!("writing the report to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `eprintln!` for progress notes: a failure to write them (stderr closed or full) neither
+/// panics nor fails the run.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
 }
 
 /// Makes signals end the process cleanly: SIGINT, SIGTERM and SIGHUP remove every output still
@@ -307,8 +330,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 progress: !a.quiet,
             };
             let t = Instant::now();
-            decompress(&a.input, &a.base, &a.output, &opts).map_err(|e| e.for_output(&a.output))?;
-            eprintln!(
+            let staged = decompress_staged(&a.input, &a.base, &a.output, &opts)
+                .map_err(|e| e.for_output(&a.output))?;
+            crate::staging::committing();
+            staged.commit()?;
+            note!(
                 "wrote {} in {:.2} s",
                 a.output.display(),
                 t.elapsed().as_secs_f64()
@@ -325,11 +351,16 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(a) => run_demo(a),
         Command::Rescale(a) => {
-            let gammas = crate::pipeline::rescale::rescale(&a.files)?;
-            for (f, g) in a.files.iter().zip(gammas) {
-                out!("{}  gamma {g:.6}", f.display());
-            }
-            Ok(())
+            let staged = crate::pipeline::rescale::stage_rescale(&a.files)?;
+            let lines: String = a
+                .files
+                .iter()
+                .zip(&staged.gammas)
+                .map(|(f, g)| format!("{}  gamma {g:.6}\n", f.display()))
+                .collect();
+            write_stdout(&lines)?;
+            crate::staging::committing();
+            staged.commit()
         }
         Command::Adapters(a) => {
             let list = engine::gpu::list_adapters();
@@ -356,15 +387,20 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn print_report(report: &InspectReport, json: bool, per_tensor: bool) -> Result<()> {
-    if json {
-        out!(
-            "{}",
-            serde_json::to_string_pretty(report).map_err(|e| Error::Param(e.to_string()))?
-        );
-    } else {
-        out!("{}", report.to_text(per_tensor).trim_end_matches('\n'));
-    }
+    out!("{}", report_text(report, json, per_tensor)?);
     Ok(())
+}
+
+/// A report as JSON or text, without a final newline.
+fn report_text(report: &InspectReport, json: bool, per_tensor: bool) -> Result<String> {
+    Ok(if json {
+        serde_json::to_string_pretty(report).map_err(|e| Error::Param(e.to_string()))?
+    } else {
+        report
+            .to_text(per_tensor)
+            .trim_end_matches('\n')
+            .to_string()
+    })
 }
 
 fn run_compress(a: CompressArgs) -> Result<()> {
@@ -393,54 +429,79 @@ fn run_compress(a: CompressArgs) -> Result<()> {
     };
     let mut engine = engine::create(&a.adapter, a.gpu_mem)?;
     let t = Instant::now();
-    let out = compress(&a.base, &a.finetuned, &a.output, &opts, engine.as_mut())?;
+    let staged = compress_staged(&a.base, &a.finetuned, &a.output, &opts, engine.as_mut())?;
     let secs = t.elapsed().as_secs_f64();
-    let reports = out
-        .files
+    let reports = staged
+        .files()
         .iter()
         .map(|(f, _)| Ok(InspectReport::of(&UdeltaReader::open(f)?)))
         .collect::<Result<Vec<_>>>()?;
     if !a.json {
-        let params: u64 = reports.iter().map(|r| r.compressed_params).sum();
-        eprintln!(
-            "compressed {params} params in {secs:.2} s ({:.1} M params/s) on {}",
-            params as f64 / secs / 1e6,
-            out.engine
-        );
-        let t = &out.times;
-        eprintln!(
-            "stages (s): read {:.2}  compare {:.2}  analyze {:.2}  select {:.2}  trace norm {:.2}  encode {:.2}  write {:.2}{}{}  (read: pass 1 {:.2}, pass 2 {:.2})",
-            t.read + t.read_pass2,
-            t.compare,
-            t.analyze,
-            t.select,
-            t.trace_norm,
-            t.encode,
-            t.write,
-            if a.verify { format!("  verify {:.2}", t.verify) } else { String::new() },
-            if t.trace_norm_wait > 0.0 {
-                format!("  (trace norm on its own thread; final wait {:.2})", t.trace_norm_wait)
-            } else {
-                String::new()
-            },
-            t.read,
-            t.read_pass2
-        );
+        note_compress_times(&reports, secs, &staged.times, a.verify, &staged.engine);
     }
-    if a.json && reports.len() > 1 {
-        out!(
-            "{}",
-            serde_json::to_string_pretty(&reports).map_err(|e| Error::Param(e.to_string()))?
-        );
-        return Ok(());
-    }
-    for (r, (f, _)) in reports.iter().zip(&out.files) {
-        if !a.json && reports.len() > 1 {
-            out!("== {}", f.display());
-        }
-        print_report(r, a.json, false)?;
-    }
+    let names: Vec<PathBuf> = match reports.len() {
+        1 => vec![a.output.clone()],
+        _ => staged
+            .files()
+            .iter()
+            .map(|(f, _)| a.output.join(f.file_name().unwrap_or_default()))
+            .collect(),
+    };
+    write_stdout(&compress_report(&reports, &names, a.json)?)?;
+    crate::staging::committing();
+    staged.commit()?;
     Ok(())
+}
+
+/// What `compress` prints on stdout: each file's report (JSON: one object, or an array).
+fn compress_report(reports: &[InspectReport], names: &[PathBuf], json: bool) -> Result<String> {
+    if json && reports.len() > 1 {
+        let text =
+            serde_json::to_string_pretty(&reports).map_err(|e| Error::Param(e.to_string()))?;
+        return Ok(text + "\n");
+    }
+    let mut text = String::new();
+    for (r, f) in reports.iter().zip(names) {
+        if !json && reports.len() > 1 {
+            text += &format!("== {}\n", f.display());
+        }
+        text += &report_text(r, json, false)?;
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// The speed and stage-time lines `compress` prints on stderr.
+fn note_compress_times(
+    reports: &[InspectReport],
+    secs: f64,
+    t: &crate::pipeline::compress::StageTimes,
+    verify: bool,
+    engine: &str,
+) {
+    let params: u64 = reports.iter().map(|r| r.compressed_params).sum();
+    note!(
+        "compressed {params} params in {secs:.2} s ({:.1} M params/s) on {engine}",
+        params as f64 / secs / 1e6,
+    );
+    note!(
+        "stages (s): read {:.2}  compare {:.2}  analyze {:.2}  select {:.2}  trace norm {:.2}  encode {:.2}  write {:.2}{}{}  (read: pass 1 {:.2}, pass 2 {:.2})",
+        t.read + t.read_pass2,
+        t.compare,
+        t.analyze,
+        t.select,
+        t.trace_norm,
+        t.encode,
+        t.write,
+        if verify { format!("  verify {:.2}", t.verify) } else { String::new() },
+        if t.trace_norm_wait > 0.0 {
+            format!("  (trace norm on its own thread; final wait {:.2})", t.trace_norm_wait)
+        } else {
+            String::new()
+        },
+        t.read,
+        t.read_pass2
+    );
 }
 
 fn parse_float_type(s: &str) -> Result<FloatType> {

@@ -8,7 +8,8 @@ fn main() {
     let cli = udelta_gpu::cli::Cli::parse();
     udelta_gpu::cli::install_signal_handlers();
     if let Err(e) = udelta_gpu::cli::run(cli) {
-        eprintln!("error: {e}");
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "error: {e}");
         std::process::exit(1);
     }
 }

@@ -3,21 +3,30 @@
 //! Every file or directory udelta-gpu produces is first written under a temporary sibling name
 //! (`.NAME.partial-PID`) and renamed into place by [`StagedPath::commit`]. Dropping a
 //! `StagedPath` without committing (an error, a panic, an interrupt) removes the temporary.
+//! Without `--force` the rename never replaces an output that appeared meanwhile (another run
+//! writing the same output loses, with an error, and leaves nothing: [`crate::no_replace`]);
+//! with it, only an output of the same kind (a regular file, a directory) is replaced.
 
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// Temporaries alive right now, so a signal handler can remove them.
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Set (under the `LIVE` lock) by [`committing`]: the run is putting its outputs in place and
+/// will exit 0 unless that fails, so a signal no longer interrupts it.
+static COMMITTING: AtomicBool = AtomicBool::new(false);
 
 /// A temporary path that becomes `target` on [`commit`](StagedPath::commit).
 #[derive(Debug)]
 pub struct StagedPath {
     tmp: PathBuf,
     target: PathBuf,
+    force: bool,
     committed: bool,
 }
 
@@ -49,6 +58,7 @@ impl StagedPath {
         Ok(StagedPath {
             tmp,
             target: target.to_path_buf(),
+            force,
             committed: false,
         })
     }
@@ -63,16 +73,61 @@ impl StagedPath {
         &self.target
     }
 
-    /// Renames the temporary into place (replacing an existing target).
+    /// Renames the temporary into place. Without `force` an output that appeared since
+    /// [`new`](Self::new) is never replaced (the commit fails and the temporary goes); with it
+    /// only a regular file (for a file) or a directory (for a directory) is. Holds the
+    /// registry of temporaries meanwhile, so a signal handler waits for the rename.
     pub fn commit(mut self) -> Result<()> {
-        if self.target.is_dir() && self.tmp.is_dir() {
-            std::fs::remove_dir_all(&self.target).map_err(|e| Error::io(&self.target, e))?;
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        let is_dir = self.tmp.is_dir();
+        let placed = if self.force {
+            replace_same_kind(&self.tmp, &self.target, is_dir)
+        } else {
+            crate::no_replace::place_new(&self.tmp, &self.target).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    appeared_meanwhile(&self.target)
+                } else {
+                    Error::io(&self.target, e)
+                }
+            })
+        };
+        live.retain(|q| q != &self.tmp);
+        if placed.is_err() {
+            remove_any(&self.tmp);
         }
-        std::fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
         self.committed = true;
-        forget_live(&self.tmp);
-        Ok(())
+        placed
     }
+}
+
+/// `--force`: puts `tmp` at `target`, replacing only what is of the same kind.
+fn replace_same_kind(tmp: &Path, target: &Path, is_dir: bool) -> Result<()> {
+    let existing = std::fs::symlink_metadata(target).ok();
+    match existing.map(|m| m.file_type()) {
+        Some(t) if is_dir && t.is_dir() => {
+            crate::no_replace::replace_dir(tmp, target).map_err(|e| Error::io(target, e))
+        }
+        None => std::fs::rename(tmp, target).map_err(|e| Error::io(target, e)),
+        Some(t) if !is_dir && t.is_file() => {
+            std::fs::rename(tmp, target).map_err(|e| Error::io(target, e))
+        }
+        Some(t) => Err(Error::checkpoint(
+            target,
+            format!(
+                "output became {} while this run wrote it; not replaced",
+                kind_name(t)
+            ),
+        )),
+    }
+}
+
+/// The refusal of an output that another writer put in place while this run wrote its own.
+fn appeared_meanwhile(target: &Path) -> Error {
+    Error::checkpoint(
+        target,
+        "output appeared while this run was writing it (another run writing the same output?); \
+         it was left as it is and this run's output discarded (use --force to replace it)",
+    )
 }
 
 impl Drop for StagedPath {
@@ -145,12 +200,25 @@ fn remove_until_gone(paths: &[PathBuf]) {
 
 /// For signal handlers: removes every temporary, prints `message` on stderr and exits with
 /// `code`, holding the registry the whole time so that no new temporary can be staged (and left
-/// behind) between the cleanup and the exit.
-pub fn remove_all_live_and_exit(code: i32, message: &str) -> ! {
+/// behind) between the cleanup and the exit, and no output committed. Returns, doing nothing,
+/// once the run is [`committing`] its outputs (it then exits 0, or 1 if a rename fails).
+pub fn remove_all_live_and_exit(code: i32, message: &str) {
     let live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    if COMMITTING.load(Ordering::SeqCst) {
+        return;
+    }
     remove_until_gone(&live);
-    eprintln!("{message}");
+    let _ = writeln!(std::io::stderr(), "{message}");
     std::process::exit(code)
+}
+
+/// Marks the start of the last step of a command-line run: everything that can fail has
+/// succeeded and the outputs are renamed into place next. From here a signal is ignored
+/// (see [`remove_all_live_and_exit`]), so the exit status always says whether the outputs
+/// are there: an interrupt either removes them all before any is committed, or comes too late.
+pub fn committing() {
+    let _live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    COMMITTING.store(true, Ordering::SeqCst);
 }
 
 /// Bytes available to this user on the file system that holds, or would hold, `dir` (its
@@ -191,25 +259,40 @@ pub enum OutputKind {
     Dir,
 }
 
-/// Checks an output path before any work: it must not exist (unless `force`), must not be of
-/// the other kind (a file where a directory is written or the reverse), and must be neither one
-/// of `inputs`, nor a directory holding one, nor an existing file inside an input directory
-/// (replacing it would destroy the input, even with `force`).
+/// Checks an output path before any work: it must not be under `/dev/`, must not exist
+/// (unless `force`), may be replaced only if it is of the same kind (a regular file where a file
+/// is written, a directory where a directory is; never a link, FIFO, socket or device), and
+/// must be neither one of `inputs`, nor a directory holding one, nor an existing file inside an
+/// input directory (replacing it would destroy the input, even with `force`).
 pub fn check_output(target: &Path, kind: OutputKind, force: bool, inputs: &[&Path]) -> Result<()> {
+    if crate::special_files::under_dev(target) {
+        return Err(Error::checkpoint(
+            target,
+            "output is under /dev/ (a device or a link to one): choose a file-system path",
+        ));
+    }
     let meta = std::fs::symlink_metadata(target).ok();
     if let Some(m) = &meta {
         if !force {
             return Err(already_exists(target));
         }
-        let wrong = match kind {
-            OutputKind::File if m.is_dir() => Some("is a directory; the output is a file"),
-            OutputKind::Dir if !m.is_dir() => Some("is a file; the output is a directory"),
-            _ => None,
+        let t = m.file_type();
+        let same_kind = match kind {
+            OutputKind::File => t.is_file(),
+            OutputKind::Dir => t.is_dir(),
         };
-        if let Some(w) = wrong {
+        if !same_kind {
+            let wanted = match kind {
+                OutputKind::File => "a file",
+                OutputKind::Dir => "a directory",
+            };
             return Err(Error::checkpoint(
                 target,
-                format!("output {w} (--force replaces only an output of the same kind)"),
+                format!(
+                    "output is {}; the output is {wanted} (--force replaces only a regular file \
+                     with a file, a directory with a directory)",
+                    kind_name(t)
+                ),
             ));
         }
     }
@@ -240,6 +323,19 @@ pub fn check_output(target: &Path, kind: OutputKind, force: bool, inputs: &[&Pat
         }
     }
     Ok(())
+}
+
+/// What a file type is, for messages.
+fn kind_name(t: std::fs::FileType) -> &'static str {
+    if let Some(special) = crate::special_files::special_kind(t) {
+        special
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "a regular file"
+    }
 }
 
 /// `target` with its parent resolved (symbolic links, `..`), or `None` without a parent.
@@ -425,7 +521,7 @@ mod tests {
         assert!(err(&ckpt, OutputKind::Dir).contains("is the input"));
         assert!(err(dir.path(), OutputKind::Dir).contains("contains the input"));
         assert!(err(&ckpt, OutputKind::File).contains("is a directory"));
-        assert!(err(&file, OutputKind::Dir).contains("is a file"));
+        assert!(err(&file, OutputKind::Dir).contains("is a regular file"));
         let via_dots = ckpt.join("..").join("ckpt").join("model.safetensors");
         assert!(check_output(&via_dots, OutputKind::File, true, &[&file]).is_err());
         // A new file inside an input directory, or anywhere else, is fine.

@@ -504,7 +504,7 @@ fn output_cases(fx: &Fixture) -> Vec<BadRun> {
         case(
             "restore-over-the-udelta",
             restore_to(&fx.good, &["--force"]),
-            &["good.udelta", "is a file"],
+            &["good.udelta", "is a regular file"],
         ),
         case(
             "restore-over-a-parent-of-the-input",
@@ -752,9 +752,9 @@ fn parameter_cases(fx: &Fixture) -> Vec<BadRun> {
     cases.push(BadRun::new("inspect-no-input", &["inspect"], &["INPUT"]).code(2));
     cases.push(BadRun::new("rescale-one-file", &["rescale", s(&fx.good)], &["FILES"]).code(2));
     cases.push(BadRun::new(
-        "rescale-without-trace-norm",
+        "rescale-same-file-twice",
         &["rescale", s(&fx.good), s(&fx.good)],
-        &["good.udelta", "--trace-norm"],
+        &["good.udelta", "names the same file"],
     ));
     cases.push(BadRun::new("unknown-command", &["explode"], &["explode"]).code(2));
     cases

@@ -270,3 +270,21 @@ def test_transformers_from_pretrained_on_the_real_minilm_pair(tmp_path):
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
+def test_swap_refuses_a_file_of_another_base_with_the_same_shapes(two_models, tmp_path):
+    # Another seed: the same tensor names, dtypes and shapes (so the same base fingerprint),
+    # other values. swap_ compares the base CRC-32s the two files recorded and refuses it
+    # before changing anything.
+    cli("synth", "--out", tmp_path, "--preset", "tiny", "--dtype", "bf16", "--seed", 9, "-q")
+    other = tmp_path / "other.udelta"
+    cli("compress", "--base", tmp_path / "base", "--finetuned", tmp_path / "ft-1", "-o", other,
+        "--adapter", "cpu", "-q")
+    a = two_models.udelta[0]
+    assert udelta.open(other).base_fingerprint == udelta.open(a).base_fingerprint
+    model = module_from_state_dict(base_state_dict(two_models))
+    udelta.apply_(model, a)
+    before = {k: torch_bytes(v) for k, v in model.state_dict().items()}
+    with pytest.raises(udelta.UdeltaError, match="another base"):
+        udelta.swap_(model, a, other)
+    assert {k: torch_bytes(v) for k, v in model.state_dict().items()} == before

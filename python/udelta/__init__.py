@@ -378,9 +378,12 @@ class Applied:
     fine-tune changed).
     """
 
-    def __init__(self, path: str, fingerprint: str):
+    def __init__(self, path: str, base: Dict[str, Any], base_crcs: Dict[str, int]):
         self.path = path
-        self.fingerprint = fingerprint
+        self.fingerprint = base["fingerprint"]
+        self.identity = base.get("identity")
+        # The CRC-32 of every base tensor apply_ checked (name -> CRC).
+        self.base_crcs = base_crcs
         self.scattered: Dict[str, Any] = {}
         self.replaced: Dict[str, Any] = {}
         self.dropped: Dict[str, Any] = {}
@@ -519,6 +522,40 @@ def _check_all(file: UdeltaFile, target: _Target, records, checksums: bool, forc
         t = target.get(r["name"])
         crc = _crc32(t) if checksums and not force else None
         file._file.check_base(r["name"], target.origin, _dtype_name(t), list(t.shape), crc)
+
+
+def _base_crcs(records) -> Dict[str, int]:
+    """The CRC-32 of every base tensor the records need (name -> CRC)."""
+    out = {}
+    for r in records:
+        if r["kind"] in ("unchanged", "compressed"):
+            out[r["name"]] = r["base_crc32"]
+        elif r["kind"] == "coded" and r.get("base") is not None:
+            out[r["name"]] = r["base"]["crc32"]
+    return out
+
+
+def _check_same_base(to_file: UdeltaFile, applied: Applied) -> bool:
+    """Refuses ``to_file`` if it was made against another base than the file ``applied``
+    records (another fingerprint of the same kind, or another CRC-32 for a base tensor both
+    need). Returns whether it needs base tensors that apply_ did not check."""
+    base = to_file.index["base"]
+    if base.get("identity") == applied.identity and base["fingerprint"] != applied.fingerprint:
+        raise UdeltaError(
+            f"{to_file.path}: made against another base (fingerprint {base['fingerprint']}, "
+            f"the model's base has {applied.fingerprint}): wrong base"
+        )
+    unchecked = False
+    for name, crc in _base_crcs(to_file.index["tensors"]).items():
+        have = applied.base_crcs.get(name)
+        if have is None:
+            unchecked = True
+        elif have != crc:
+            raise UdeltaError(
+                f"{to_file.path}: tensor '{name}': made against another base (base CRC-32 "
+                f"{crc:08x}, the model's base has {have:08x}): wrong base"
+            )
+    return unchecked
 
 
 def _stored_alone(r) -> bool:
@@ -674,7 +711,7 @@ def _apply(target_obj, file: UdeltaFile, checksums: bool, force: bool) -> Applie
     records = file.index["tensors"]
     target.add_views(file.path, records)
     _check_all(file, target, records, checksums, force)
-    applied = Applied(file.path, file.base_fingerprint)
+    applied = Applied(file.path, file.index["base"], _base_crcs(records))
     in_place = [r["name"] for r in records if _scatters(r) and _in_place(target.get(r["name"]))]
     rest = [r for r in records if r["name"] not in set(in_place)]
     with torch.no_grad():
@@ -725,8 +762,10 @@ def swap_(
 
     ``from_path`` must be the file last applied with :func:`apply_` (its record is
     ``model._udelta_applied``, or pass ``applied=`` for a state dict). Instead of checksumming
-    every tensor again, the two files must have been made against the same base (equal base
-    fingerprints): the undo restores exactly the base that :func:`apply_` checked.
+    every tensor again, the two files must have been made against the same base (same base
+    fingerprint, same CRC-32 for every base tensor both need): the undo restores exactly the
+    base that :func:`apply_` checked. Base tensors ``to_path`` needs that ``from_path`` did not
+    are checksummed.
     """
     applied = applied if applied is not None else getattr(model, "_udelta_applied", None)
     if applied is None:
@@ -736,11 +775,7 @@ def swap_(
             f"swap_: the model holds {applied.path}, not {os.fspath(from_path)}"
         )
     to_file = open(to_path)
-    if to_file.base_fingerprint != applied.fingerprint:
-        raise UdeltaError(
-            f"{to_file.path}: made against another base (fingerprint {to_file.base_fingerprint}, "
-            f"the model's base has {applied.fingerprint}): wrong base"
-        )
+    unchecked = _check_same_base(to_file, applied)
     target = _Target(model)
     _undo(target, applied)
-    return _apply(model, to_file, checksums=False, force=False)
+    return _apply(model, to_file, checksums=unchecked, force=False)

@@ -134,6 +134,7 @@ impl Checkpoint {
     /// must agree with the shards: every listed tensor is in the shard it names, no tensor is
     /// in two shards or missing from the index, and every listed shard exists.
     pub fn open(path: &Path) -> Result<Checkpoint> {
+        crate::special_files::refuse_special(path, "the checkpoint")?;
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
             return Self::open_dir(path);
@@ -600,11 +601,7 @@ pub fn parse_shard_index(
 /// Opens one safetensors file and validates its header and data length; returns it with its
 /// tensors by offset (ties, between empty tensors, by name).
 fn open_shard(path: &Path, file_name: String) -> Result<(ShardFile, Vec<(String, TensorInfo)>)> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::checkpoint(path, "not a regular file"));
-    }
+    let file = crate::special_files::open_regular(path)?;
     let header = parse_shard_header(path, &file)?;
     let shard = ShardFile {
         path: path.to_path_buf(),

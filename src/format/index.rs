@@ -56,11 +56,19 @@ pub struct ShardInfo {
 /// Identity of the base checkpoint the file was made against.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BaseInfo {
-    /// CRC-32 over the names and CRC-32s of every base tensor used, hex.
+    /// CRC-32, hex: with `identity` [`BASE_IDENTITY_HEADER`], over the name, dtype and shape of
+    /// every base tensor (the whole base, whichever tensors the fine-tune used); without it
+    /// (older files), over the names and CRC-32s of the base tensors used.
     pub fingerprint: String,
-    /// Number of base tensors used.
+    /// Number of base tensors the fingerprint covers.
     pub tensors: usize,
+    /// What the fingerprint covers; absent in files written before it was the whole base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
+
+/// [`BaseInfo::identity`] of a fingerprint over every base tensor's name, dtype and shape.
+pub const BASE_IDENTITY_HEADER: &str = "names-dtypes-shapes";
 
 /// Everything about one compressed tensor except its streams' bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,7 +12,6 @@ use crate::checkpoint::reader::shape_extends_rows;
 use crate::codec;
 use crate::codec::lossless::{lossless_block_count, word_width};
 use crate::error::{Error, Result};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// An open, validated `.udelta` file.
@@ -36,7 +35,7 @@ impl UdeltaReader {
     /// Opens `path`, checks magic, version, footer, index checksum, and that every record lies
     /// inside the record area.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::special_files::open_regular(path)?;
         Self::from_source(path, Box::new(file))
     }
 

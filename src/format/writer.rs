@@ -77,25 +77,35 @@ impl UdeltaWriter {
     }
 
     /// Writes the index and footer, syncs, and renames the file into place. Returns its size.
-    pub fn finish(mut self, index: &FileIndex) -> Result<u64> {
-        write_index(&mut self.out, index, self.staged.target())?;
-        let size = self.out.written();
-        self.out.finish()?;
-        self.staged.commit()?;
+    pub fn finish(self, index: &FileIndex) -> Result<u64> {
+        let (staged, size) = self.complete(index)?;
+        staged.commit()?;
         Ok(size)
     }
 
-    /// Replaces the index of the existing file `path` (whose index starts at `index_offset`),
-    /// keeping its records: the new file is staged and renamed over the old one.
-    pub fn rewrite_index(path: &Path, index_offset: u64, index: &FileIndex) -> Result<u64> {
+    /// Writes the index and footer and syncs, leaving the complete file under its temporary
+    /// name for the caller to commit. Returns it with its size.
+    pub fn complete(mut self, index: &FileIndex) -> Result<(StagedPath, u64)> {
+        write_index(&mut self.out, index, self.staged.target())?;
+        let size = self.out.written();
+        self.out.finish()?;
+        Ok((self.staged, size))
+    }
+
+    /// Stages a copy of the existing file `path` (whose index starts at `index_offset`) with
+    /// its records and `index` in place of its index, complete and synced, beside it; the
+    /// caller commits it over `path` (or drops it, and `path` is unchanged).
+    pub fn stage_rewritten_index(
+        path: &Path,
+        index_offset: u64,
+        index: &FileIndex,
+    ) -> Result<StagedPath> {
         let staged = StagedPath::new(path, true)?;
         std::fs::copy(path, staged.path()).map_err(|e| Error::io(path, e))?;
         let mut out = DurableFile::truncate_and_append(staged.path(), path, index_offset)?;
         write_index(&mut out, index, path)?;
-        let size = out.written();
         out.finish()?;
-        staged.commit()?;
-        Ok(size)
+        Ok(staged)
     }
 }
 

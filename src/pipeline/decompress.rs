@@ -37,6 +37,16 @@ pub fn decompress(
     out_dir: &Path,
     opts: &DecompressOptions,
 ) -> Result<()> {
+    decompress_staged(input, base_path, out_dir, opts)?.commit()
+}
+
+/// [`decompress`] up to, not including, the final rename: the complete directory, staged.
+pub fn decompress_staged(
+    input: &Path,
+    base_path: &Path,
+    out_dir: &Path,
+    opts: &DecompressOptions,
+) -> Result<StagedPath> {
     check_output(out_dir, OutputKind::Dir, opts.force, &[input, base_path])?;
     let staged = StagedPath::new(out_dir, opts.force)?;
     let reader = UdeltaReader::open(input)?;
@@ -54,7 +64,7 @@ pub fn decompress(
         super::side_files::restore(&reader, base_path, staged.path())?;
         write_checkpoint(&reader, &base, staged.path(), opts)?;
     }
-    staged.commit()
+    Ok(staged)
 }
 
 fn write_deltas(

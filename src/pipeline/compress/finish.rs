@@ -1,33 +1,26 @@
-//! Step 6: each model's gamma, its file's index, and the outputs renamed into place.
+//! Step 6: each model's gamma and its file's index; the outputs are complete but still staged.
 
 use super::model::Model;
-use super::stage::Outputs;
+use super::stage::{Outputs, StagedOutputs};
 use super::{timed, Run};
 use crate::algorithm::rescale;
+use crate::checkpoint::dtype::dtype_name;
 use crate::checkpoint::reader::{Checkpoint, Layout};
 use crate::error::{Error, Result};
-use crate::format::index::{BaseInfo, ModelInfo, ShardInfo, SourceLayout};
+use crate::format::index::{BaseInfo, ModelInfo, ShardInfo, SourceLayout, BASE_IDENTITY_HEADER};
 use crate::format::{FileIndex, TensorRecord};
-use std::path::PathBuf;
 
 impl Run<'_> {
-    /// Writes every model's index and commits the outputs; returns the files and their sizes.
-    pub(super) fn finish(
-        &mut self,
-        models: Vec<Model>,
-        outputs: Outputs,
-    ) -> Result<Vec<(PathBuf, u64)>> {
+    /// Writes every model's index; returns the outputs, complete and staged.
+    pub(super) fn finish(&mut self, models: Vec<Model>, outputs: Outputs) -> Result<StagedOutputs> {
         let norms: Vec<f64> = models.iter().map(|m| m.trace_norm).collect();
         let gammas = gammas(self.opts.gamma, self.with_trace_norm, &norms)?;
         let mut files = Vec::with_capacity(models.len());
         for (mut m, gamma) in models.into_iter().zip(gammas) {
             let index = self.file_index(&mut m, gamma);
-            let target = m.writer.target().to_path_buf();
-            let bytes = timed(&mut self.times.write, || m.writer.finish(&index))?;
-            files.push((target, bytes));
+            files.push(timed(&mut self.times.write, || m.writer.complete(&index))?);
         }
-        outputs.commit(&mut files)?;
-        Ok(files)
+        outputs.complete(files)
     }
 
     /// The index of model `m`'s file, with its gamma (takes the records over).
@@ -49,7 +42,7 @@ impl Run<'_> {
                 trace_norm: self.with_trace_norm.then_some(m.trace_norm),
                 scale: gamma * rescale,
             },
-            base: base_info(&records),
+            base: base_info(&self.base),
             source: source_layout(&m.ckpt),
             tensors: records,
             side_files: std::mem::take(&mut m.side_files),
@@ -67,21 +60,29 @@ pub(super) fn gammas(fixed: Option<f64>, with_trace_norm: bool, norms: &[f64]) -
     })
 }
 
-/// The base fingerprint: CRC-32 over the names and base CRC-32s of every base tensor used.
-fn base_info(records: &[TensorRecord]) -> BaseInfo {
+/// The base's identity: CRC-32 over every base tensor, in name order, as its name, dtype and
+/// shape (read from the headers, so it costs no read of tensor data and does not depend on
+/// which tensors the fine-tune stores). Two bases of one architecture share it; `rescale`
+/// also compares the CRC-32 of every base tensor two files both recorded (docs/FORMAT.md).
+fn base_info(base: &Checkpoint) -> BaseInfo {
+    let mut tensors: Vec<_> = base.tensors.iter().collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
     let mut h = crc32fast::Hasher::new();
-    let mut used = 0;
-    for r in records {
-        let Some(crc) = r.kind.base_crc32() else {
-            continue;
-        };
-        h.update(r.name.as_bytes());
-        h.update(&crc.to_le_bytes());
-        used += 1;
+    for t in &tensors {
+        let dtype = dtype_name(t.dtype);
+        h.update(&(t.name.len() as u64).to_le_bytes());
+        h.update(t.name.as_bytes());
+        h.update(&(dtype.len() as u64).to_le_bytes());
+        h.update(dtype.as_bytes());
+        h.update(&(t.shape.len() as u64).to_le_bytes());
+        for &d in &t.shape {
+            h.update(&(d as u64).to_le_bytes());
+        }
     }
     BaseInfo {
         fingerprint: format!("{:08x}", h.finalize()),
-        tensors: used,
+        tensors: tensors.len(),
+        identity: Some(BASE_IDENTITY_HEADER.to_string()),
     }
 }
 

@@ -10,7 +10,9 @@
 //! 5. [`encode`] (pass 2) reads the compressed tensors again, selects the kept entries
 //!    ([`Engine::select`]), entropy-codes them and appends the records, while [`trace_norms`]
 //!    estimates the nuclear norms beside it;
-//! 6. [`finish`] picks each model's gamma, writes the indexes and commits the outputs.
+//! 6. [`finish`] picks each model's gamma and writes the indexes; the outputs are complete,
+//!    still under temporary names, and [`StagedCompress::commit`] renames them into place
+//!    (the command line first prints its report, so a failure there leaves no output).
 //!
 //! Reads run ahead on their own thread in both passes ([`super::prefetch`]), and with a
 //! host-side estimator the nuclear norms run on theirs ([`super::norm_worker`]).
@@ -124,6 +126,33 @@ struct Run<'a> {
     times: StageTimes,
 }
 
+/// A finished compression whose outputs are complete but still under temporary names: they
+/// appear only on [`commit`](Self::commit), and dropping it removes them.
+pub struct StagedCompress {
+    outputs: stage::StagedOutputs,
+    /// The engine that ran.
+    pub engine: String,
+    /// Where the time went.
+    pub times: StageTimes,
+}
+
+impl StagedCompress {
+    /// The complete `.udelta` files where they are now (temporary names), with their sizes.
+    pub fn files(&self) -> &[(PathBuf, u64)] {
+        &self.outputs.files
+    }
+
+    /// Renames the outputs into place (never over an output that appeared meanwhile, unless
+    /// `--force`) and returns the files under their final names.
+    pub fn commit(self) -> Result<CompressOutcome> {
+        Ok(CompressOutcome {
+            files: self.outputs.commit()?,
+            engine: self.engine,
+            times: self.times,
+        })
+    }
+}
+
 /// Compresses each fine-tune in `finetuned` against `base` with `engine`. With one fine-tune
 /// `out` is the `.udelta` file; with several it is a directory that receives `NAME.udelta` per
 /// fine-tune (NAME = the path's last component), and the base is read once per tensor for all.
@@ -137,6 +166,17 @@ pub fn compress(
     opts: &CompressOptions,
     engine: &mut dyn Engine,
 ) -> Result<CompressOutcome> {
+    compress_staged(base_path, finetuned, out, opts, engine)?.commit()
+}
+
+/// [`compress`] up to, not including, the final rename.
+pub fn compress_staged(
+    base_path: &Path,
+    finetuned: &[PathBuf],
+    out: &Path,
+    opts: &CompressOptions,
+    engine: &mut dyn Engine,
+) -> Result<StagedCompress> {
     let inputs = open::open_inputs(base_path, finetuned, out, opts)?;
     let (outputs, mut models) = stage::stage_outputs(inputs.sources, &inputs.base, out, opts)?;
     let mut run = Run {
@@ -150,9 +190,9 @@ pub fn compress(
     run.analyze_all(&mut models, &order)?;
     allocate::allocate(&mut models, &run.base, &opts.selector, &opts.params);
     run.encode_all(&mut models, &order)?;
-    let files = run.finish(models, outputs)?;
-    Ok(CompressOutcome {
-        files,
+    let outputs = run.finish(models, outputs)?;
+    Ok(StagedCompress {
+        outputs,
         engine: run.engine.name(),
         times: run.times,
     })

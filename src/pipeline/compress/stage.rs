@@ -1,6 +1,7 @@
 //! Step 2: the outputs, staged under temporary names: one `.udelta` file, or with several
-//! fine-tunes a directory of them, renamed into place only by [`Outputs::commit`]. Each file
-//! starts with the fine-tune's side files (config, tokenizer: [`side_files::carry`]).
+//! fine-tunes a directory of them, renamed into place only by [`StagedOutputs::commit`], after
+//! everything else (the report included) has succeeded. Each file starts with the fine-tune's
+//! side files (config, tokenizer: [`side_files::carry`]).
 
 use super::model::Model;
 use super::open::Source;
@@ -17,6 +18,14 @@ use std::path::{Path, PathBuf};
 pub(super) struct Outputs {
     out: PathBuf,
     dir: Option<StagedPath>,
+}
+
+/// The complete outputs under their temporary names, waiting for [`commit`](Self::commit).
+pub(super) struct StagedOutputs {
+    out: PathBuf,
+    staged: StagedPath,
+    /// Each file where it is now, with its size.
+    pub files: Vec<(PathBuf, u64)>,
 }
 
 /// Stages the outputs of `sources` at `out` and gives each fine-tune its writer, which already
@@ -61,14 +70,46 @@ pub(super) fn stage_outputs(
 }
 
 impl Outputs {
-    /// Renames a staged directory into place; `files` (written inside it) are renamed with it.
-    pub fn commit(self, files: &mut [(PathBuf, u64)]) -> Result<()> {
-        if let Some(d) = self.dir {
-            d.commit()?;
-            for (f, _) in files.iter_mut() {
-                *f = self.out.join(f.file_name().expect("a file name"));
+    /// Takes the complete files (staged by their writers, with their sizes): inside a staged
+    /// directory each is renamed to its name there now; a single file stays staged.
+    pub fn complete(self, files: Vec<(StagedPath, u64)>) -> Result<StagedOutputs> {
+        if let Some(dir) = self.dir {
+            let mut placed = Vec::with_capacity(files.len());
+            for (f, size) in files {
+                let name = f.target().to_path_buf();
+                f.commit()?;
+                placed.push((name, size));
             }
+            return Ok(StagedOutputs {
+                out: self.out,
+                staged: dir,
+                files: placed,
+            });
         }
-        Ok(())
+        let [(file, size)]: [(StagedPath, u64); 1] = files
+            .try_into()
+            .map_err(|_| Error::Param("one output file per run without a directory".into()))?;
+        Ok(StagedOutputs {
+            out: self.out,
+            files: vec![(file.path().to_path_buf(), size)],
+            staged: file,
+        })
+    }
+}
+
+impl StagedOutputs {
+    /// Renames the output (the file, or the directory with the files in it) into place and
+    /// returns the files under their final names.
+    pub fn commit(self) -> Result<Vec<(PathBuf, u64)>> {
+        let is_dir = self.staged.path().is_dir();
+        self.staged.commit()?;
+        Ok(self
+            .files
+            .into_iter()
+            .map(|(f, size)| match is_dir {
+                true => (self.out.join(f.file_name().expect("a file name")), size),
+                false => (self.out.clone(), size),
+            })
+            .collect())
     }
 }
