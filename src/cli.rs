@@ -8,7 +8,7 @@ use crate::checkpoint::side_files::SideFileOptions;
 use crate::engine::{self, Engine};
 use crate::error::{Error, Result};
 use crate::format::UdeltaReader;
-use crate::pipeline::compress::{compress, CompressOptions};
+use crate::pipeline::compress::{compress, CompressOptions, CompressOutcome};
 use crate::pipeline::decompress::{decompress, DecompressOptions};
 use crate::pipeline::verify::verify;
 use crate::report::InspectReport;
@@ -420,10 +420,15 @@ fn run_compress(a: CompressArgs) -> Result<()> {
             t.read_pass2
         );
     }
-    if a.json && reports.len() > 1 {
+    if a.json {
+        let reports = with_run_counters(&reports, &out)?;
+        let value = match reports.as_slice() {
+            [one] => one,
+            _ => &serde_json::Value::Array(reports.clone()),
+        };
         out!(
             "{}",
-            serde_json::to_string_pretty(&reports).map_err(|e| Error::Param(e.to_string()))?
+            serde_json::to_string_pretty(value).map_err(|e| Error::Param(e.to_string()))?
         );
         return Ok(());
     }
@@ -434,6 +439,25 @@ fn run_compress(a: CompressArgs) -> Result<()> {
         print_report(r, a.json, false)?;
     }
     Ok(())
+}
+
+/// Each file's report as JSON with the whole run's counters and stage times under `run`
+/// (the same object in every file's report when several fine-tunes were compressed).
+fn with_run_counters(
+    reports: &[InspectReport],
+    out: &CompressOutcome,
+) -> Result<Vec<serde_json::Value>> {
+    let json = |e: serde_json::Error| Error::Param(e.to_string());
+    let mut run = serde_json::to_value(&out.counters).map_err(json)?;
+    run["seconds"] = serde_json::to_value(&out.times).map_err(json)?;
+    reports
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).map_err(json)?;
+            v["run"] = run.clone();
+            Ok(v)
+        })
+        .collect()
 }
 
 fn parse_float_type(s: &str) -> Result<FloatType> {

@@ -4,7 +4,7 @@
 
 use super::cpu;
 use super::gpu::{self, AdapterChoice, GpuEngine, GpuFault, GpuOptions};
-use super::{DeltaInput, Engine, EngineError, KeptEntries};
+use super::{DeltaInput, DeviceCounters, Engine, EngineError, KeptEntries};
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::tracenorm::{EstimatorOptions, SparseDelta};
 
@@ -61,7 +61,10 @@ pub fn create(adapter: &str, gpu_mem: u64) -> crate::Result<Box<dyn Engine>> {
             }
             Ok(e) => {
                 eprintln!("udelta-gpu: using GPU adapter {}", e.adapter().summary());
-                Ok(Box::new(Fallback { gpu: Some(e) }))
+                Ok(Box::new(Fallback {
+                    gpu: Some(e),
+                    counted: DeviceCounters::default(),
+                }))
             }
             Err(e) => {
                 eprintln!("udelta-gpu: no usable GPU ({e}); falling back to the CPU engine");
@@ -77,6 +80,8 @@ pub fn create(adapter: &str, gpu_mem: u64) -> crate::Result<Box<dyn Engine>> {
 /// data (a non-finite delta) is an error on any engine.
 pub struct Fallback {
     gpu: Option<gpu::GpuEngine>,
+    /// The failed GPU engine's counters.
+    counted: DeviceCounters,
 }
 
 impl Fallback {
@@ -92,6 +97,7 @@ impl Fallback {
                     eprintln!(
                         "udelta-gpu: the GPU engine failed ({e}); continuing on the CPU engine (same output)"
                     );
+                    self.counted = g.counters();
                     self.gpu = None;
                 }
                 other => return other,
@@ -139,5 +145,10 @@ impl Engine for Fallback {
     /// False: the GPU runs the products until it fails (then the CPU, inline).
     fn nuclear_norm_on_host(&self) -> bool {
         false
+    }
+
+    /// The GPU's counters until it failed (kept after the fall-back).
+    fn counters(&self) -> DeviceCounters {
+        self.gpu.as_ref().map_or(self.counted, |g| g.counters())
     }
 }

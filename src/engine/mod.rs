@@ -111,6 +111,18 @@ pub enum EngineError {
     Inconsistent(String),
 }
 
+/// What an engine moved between the host and its device, and how often the host blocked on
+/// the device (each `poll` that waits, map round trips included). All zero on the CPU engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceCounters {
+    /// Bytes written to device buffers (inputs, levels, parameters, operator blocks).
+    pub bytes_uploaded: u64,
+    /// Bytes copied back to the host.
+    pub bytes_read_back: u64,
+    /// Times the host waited for the device.
+    pub blocking_waits: u64,
+}
+
 /// A compute engine (CPU reference or GPU).
 pub trait Engine: Send {
     /// Name recorded in the file, e.g. `cpu` or the adapter's name and backend (nothing that
@@ -144,6 +156,11 @@ pub trait Engine: Send {
     /// thread instead (same result). Engines that override `nuclear_norm` return false.
     fn nuclear_norm_on_host(&self) -> bool {
         true
+    }
+
+    /// Device traffic and waits since the engine was made (zero for host-only engines).
+    fn counters(&self) -> DeviceCounters {
+        DeviceCounters::default()
     }
 }
 

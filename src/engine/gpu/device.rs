@@ -3,7 +3,8 @@
 //! asynchronous wgpu failure into an [`EngineError::Gpu`], and reading buffers back.
 
 use super::constants::WORKGROUP;
-use crate::engine::EngineError;
+use crate::engine::{DeviceCounters, EngineError};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Largest storage binding the engine asks for (the WebGPU default; lavapipe's maximum).
@@ -204,6 +205,20 @@ pub struct Gpu {
     pub max_binding: u64,
     /// Most workgroups per dispatch dimension (at most 65,535).
     pub max_groups: u32,
+    /// Traffic and waits so far.
+    counters: Counters,
+}
+
+/// [`DeviceCounters`], counted through `&Gpu`.
+#[derive(Default)]
+struct Counters {
+    uploaded: AtomicU64,
+    read_back: AtomicU64,
+    waits: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
 }
 
 impl Gpu {
@@ -277,11 +292,29 @@ impl Gpu {
             errors,
             max_binding,
             max_groups: limits.max_compute_workgroups_per_dimension,
+            counters: Counters::default(),
         })
+    }
+
+    /// Traffic and waits so far.
+    pub fn counters(&self) -> DeviceCounters {
+        let c = &self.counters;
+        DeviceCounters {
+            bytes_uploaded: c.uploaded.load(Ordering::Relaxed),
+            bytes_read_back: c.read_back.load(Ordering::Relaxed),
+            blocking_waits: c.waits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Writes `bytes` at `offset` of `buffer` (queued; counted as uploaded).
+    pub fn write(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
+        bump(&self.counters.uploaded, bytes.len() as u64);
+        self.queue.write_buffer(buffer, offset, bytes);
     }
 
     /// Waits for all submitted work; `Err` on a poll failure or any reported wgpu error.
     pub fn wait(&self) -> Result<(), EngineError> {
+        bump(&self.counters.waits, 1);
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
@@ -290,6 +323,7 @@ impl Gpu {
 
     /// Waits for one submission (and everything before it).
     pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<(), EngineError> {
+        bump(&self.counters.waits, 1);
         self.device
             .poll(wgpu::PollType::Wait {
                 submission_index: Some(index),
@@ -335,6 +369,7 @@ impl Gpu {
                     .get_mapped_range()
                     .map_err(|e| EngineError::Gpu(format!("reading a mapped buffer: {e}")))?;
                 out.extend_from_slice(&view[..piece as usize]);
+                bump(&self.counters.read_back, piece);
             }
             staging.unmap();
             pos += piece;

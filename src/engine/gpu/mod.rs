@@ -289,12 +289,12 @@ impl GpuEngine {
     fn upload(&self, buffer: &wgpu::Buffer, bytes: &[u8]) {
         let aligned = bytes.len() / 4 * 4;
         if aligned > 0 {
-            self.gpu.queue.write_buffer(buffer, 0, &bytes[..aligned]);
+            self.gpu.write(buffer, 0, &bytes[..aligned]);
         }
         if aligned < bytes.len() {
             let mut tail = [0u8; 4];
             tail[..bytes.len() - aligned].copy_from_slice(&bytes[aligned..]);
-            self.gpu.queue.write_buffer(buffer, aligned as u64, &tail);
+            self.gpu.write(buffer, aligned as u64, &tail);
         }
     }
 
@@ -312,16 +312,12 @@ impl GpuEngine {
     }
 
     fn write_params(&self, buffer: &wgpu::Buffer, p: &Params) {
-        self.gpu
-            .queue
-            .write_buffer(buffer, 0, bytemuck::bytes_of(p));
+        self.gpu.write(buffer, 0, bytemuck::bytes_of(p));
     }
 
     /// Writes `words` at offset 0 of `buffer`.
     fn write_words(&self, buffer: &wgpu::Buffer, words: &[u32]) {
-        self.gpu
-            .queue
-            .write_buffer(buffer, 0, &words_to_bytes(words));
+        self.gpu.write(buffer, 0, &words_to_bytes(words));
     }
 
     /// Reads the stats buffer back.
@@ -400,6 +396,10 @@ impl Engine for GpuEngine {
     /// False: the products run on the device.
     fn nuclear_norm_on_host(&self) -> bool {
         false
+    }
+
+    fn counters(&self) -> super::DeviceCounters {
+        self.gpu.counters()
     }
 
     /// The estimator on the host with its products on the device ([`GpuSparseOperator`]);

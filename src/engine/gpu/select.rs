@@ -260,8 +260,7 @@ impl GpuEngine {
     ) -> Result<usize, EngineError> {
         let candidates_offset = (stat::CANDIDATES * 4) as u64;
         self.gpu
-            .queue
-            .write_buffer(&run.stats, candidates_offset, &0u32.to_le_bytes());
+            .write(&run.stats, candidates_offset, &0u32.to_le_bytes());
         let (mut c, mut elements) = (first, 0);
         let mut in_flight = None;
         while c < run.chunks.len()

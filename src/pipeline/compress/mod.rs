@@ -32,7 +32,7 @@ use crate::algorithm::CompressParams;
 use crate::checkpoint::reader::Checkpoint;
 use crate::checkpoint::select::TensorSelector;
 use crate::checkpoint::side_files::SideFileOptions;
-use crate::engine::Engine;
+use crate::engine::{DeviceCounters, Engine};
 use crate::error::Result;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -102,6 +102,23 @@ fn timed<T>(slot: &mut f64, f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// What a run read, moved to and from the device and waited for: what `compress --json`
+/// reports under `run`, so that a run's I/O can be checked without a GPU.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RunCounters {
+    /// Bytes of tensor data read from the checkpoints' files (base and fine-tunes, both
+    /// passes, compared and stored-whole tensors included).
+    pub bytes_read: u64,
+    /// Tensors compressed (over all fine-tunes).
+    pub compressed_tensors: u64,
+    /// Bytes of the compressed tensors' inputs, each counted once: each base tensor that some
+    /// fine-tune compresses against, and each compressed fine-tuned tensor.
+    pub compressed_input_bytes: u64,
+    /// Device traffic and blocking waits (zero on the CPU engine).
+    #[serde(flatten)]
+    pub device: DeviceCounters,
+}
+
 /// What a finished compression produced.
 #[derive(Debug, Clone)]
 pub struct CompressOutcome {
@@ -111,6 +128,8 @@ pub struct CompressOutcome {
     pub engine: String,
     /// Where the time went.
     pub times: StageTimes,
+    /// What was read, moved and waited for.
+    pub counters: RunCounters,
 }
 
 /// What every step after opening needs besides the models: the base, the options, the engine
@@ -150,10 +169,16 @@ pub fn compress(
     run.analyze_all(&mut models, &order)?;
     allocate::allocate(&mut models, &run.base, &opts.selector, &opts.params);
     run.encode_all(&mut models, &order)?;
+    let counters = RunCounters {
+        bytes_read: run.base.bytes_read() + models.iter().map(|m| m.ckpt.bytes_read()).sum::<u64>(),
+        device: run.engine.counters(),
+        ..schedule::compressed_inputs(&order, &run.base, &models)
+    };
     let files = run.finish(models, outputs)?;
     Ok(CompressOutcome {
         files,
         engine: run.engine.name(),
         times: run.times,
+        counters,
     })
 }
