@@ -8,7 +8,7 @@ use common::*;
 use std::path::Path;
 
 /// How many times a run reads each compressed tensor's inputs.
-const READS_OF_EACH_INPUT: u64 = 2;
+const READS_OF_EACH_INPUT: u64 = 1;
 
 /// A tiny LLaMA-shaped pair written by `synth` (f16; the fine-tune's tensors have the base's
 /// shapes): its directory.

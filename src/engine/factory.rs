@@ -4,7 +4,7 @@
 
 use super::cpu;
 use super::gpu::{self, AdapterChoice, GpuEngine, GpuFault, GpuOptions};
-use super::{DeltaInput, DeviceCounters, Engine, EngineError, KeptEntries};
+use super::{DeltaInput, DeviceCounters, Engine, EngineError, KeptEntries, PackedLevels};
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::tracenorm::{EstimatorOptions, SparseDelta};
 
@@ -117,6 +117,29 @@ impl Engine for Fallback {
 
     fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError> {
         self.run(|g| g.analyze(input, bits), |c| c.analyze(input, bits))
+    }
+
+    fn analyze_levels(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<(TensorStats, PackedLevels), EngineError> {
+        self.run(
+            |g| g.analyze_levels(input, bits),
+            |c| c.analyze_levels(input, bits),
+        )
+    }
+
+    fn select_levels(
+        &mut self,
+        levels: &PackedLevels,
+        stats: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError> {
+        self.run(
+            |g| g.select_levels(levels, stats, plan),
+            |c| c.select_levels(levels, stats, plan),
+        )
     }
 
     fn select(

@@ -5,20 +5,21 @@
 //!    is classified against the base, before any output exists;
 //! 2. [`stage`]: the outputs are staged (temporary names, renamed only when complete);
 //! 3. [`analyze`] (pass 1) reads every tensor pair once: compressed tensors go through
-//!    [`Engine::analyze`], the others are compared with the base (unchanged ones cost nothing);
+//!    [`Engine::analyze_levels`], which keeps their levels for pass 2, the others are compared with the base (unchanged ones cost nothing);
 //! 4. [`allocate`] makes each model's allocation plan from all standard deviations;
-//! 5. [`encode`] (pass 2) reads the compressed tensors again, selects the kept entries
-//!    ([`Engine::select`]), entropy-codes them and appends the records, while [`trace_norms`]
-//!    estimates the nuclear norms beside it;
+//! 5. [`encode`] (pass 2) selects the kept entries from the levels pass 1 kept ([`kept`],
+//!    [`Engine::select_levels`]: the checkpoints are not read again), entropy-codes them and
+//!    appends the records, while [`trace_norms`] estimates the nuclear norms beside it;
 //! 6. [`finish`] picks each model's gamma, writes the indexes and commits the outputs.
 //!
-//! Reads run ahead on their own thread in both passes ([`super::prefetch`]), and with a
+//! Reads run ahead on their own thread ([`super::prefetch`]), and with a
 //! host-side estimator the nuclear norms run on theirs ([`super::norm_worker`]).
 
 mod allocate;
 mod analyze;
 mod encode;
 mod finish;
+mod kept;
 mod model;
 mod open;
 mod pair;
@@ -72,8 +73,8 @@ pub struct StageTimes {
     /// Waiting for tensors to be read in pass 1 (reads run ahead on their own thread, so this
     /// is only the part the compute did not hide).
     pub read: f64,
-    /// The same in pass 2, which reads the compressed tensors again (most of them from the
-    /// page cache: it takes them in reverse order).
+    /// Pass 2 reading back the levels kept in the temporary file (no checkpoint is read
+    /// again: pass 2 selects from the levels pass 1 kept).
     pub read_pass2: f64,
     /// Comparing uncompressed tensors with the base.
     pub compare: f64,
@@ -87,8 +88,8 @@ pub struct StageTimes {
     pub write: f64,
     /// Recomputing on the CPU engine (`--verify`).
     pub verify: f64,
-    /// Nuclear-norm estimates. With the CPU engine they run on their own thread, beside the
-    /// other stages, and this is that thread's busy time.
+    /// Nuclear-norm estimates (on the host, from the kept entries, whatever the engine). They
+    /// run on their own thread, beside the other stages, and this is that thread's busy time.
     pub trace_norm: f64,
     /// Waiting, after the last tensor, for the nuclear norms still running on their thread.
     pub trace_norm_wait: f64,
@@ -114,6 +115,9 @@ pub struct RunCounters {
     /// Bytes of the compressed tensors' inputs, each counted once: each base tensor that some
     /// fine-tune compresses against, and each compressed fine-tuned tensor.
     pub compressed_input_bytes: u64,
+    /// Bytes of kept levels that did not fit in [`kept::HOST_BUDGET`] and went through the
+    /// temporary file.
+    pub levels_spilled_bytes: u64,
     /// Device traffic and blocking waits (zero on the CPU engine).
     #[serde(flatten)]
     pub device: DeviceCounters,
@@ -140,7 +144,17 @@ struct Run<'a> {
     engine: &'a mut dyn Engine,
     /// Whether each model's trace norm is estimated.
     with_trace_norm: bool,
+    /// The levels pass 1 keeps for pass 2.
+    kept: kept::KeptStore,
     times: StageTimes,
+}
+
+/// The directory that receives the temporary file of kept levels: the output's.
+fn scratch_dir(out: &Path) -> PathBuf {
+    match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// Compresses each fine-tune in `finetuned` against `base` with `engine`. With one fine-tune
@@ -163,6 +177,7 @@ pub fn compress(
         opts,
         engine,
         with_trace_norm: opts.trace_norm || models.len() > 1,
+        kept: kept::KeptStore::new(kept::HOST_BUDGET, &scratch_dir(out)),
         times: StageTimes::default(),
     };
     let order = schedule::schedule(&models);
@@ -172,6 +187,7 @@ pub fn compress(
     let counters = RunCounters {
         bytes_read: run.base.bytes_read() + models.iter().map(|m| m.ckpt.bytes_read()).sum::<u64>(),
         device: run.engine.counters(),
+        levels_spilled_bytes: run.kept.spilled,
         ..schedule::compressed_inputs(&order, &run.base, &models)
     };
     let files = run.finish(models, outputs)?;
