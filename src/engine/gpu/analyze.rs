@@ -134,8 +134,8 @@ impl GpuEngine {
             );
             self.submit_chunk(enc, &mut in_flight)?;
         }
-        let h = self.gpu.read_words(&run.hist, 0, levels, &run.readback)?;
-        if self.read_stats(&run.stats, &run.readback)?[stat::FLAGS] != 0 {
+        let [h, s] = self.read_pair((&run.hist, levels), &run.stats, &run.readback)?;
+        if s[stat::FLAGS] != 0 {
             return Ok(None);
         }
         Ok(Some(h.into_iter().map(u64::from).collect()))

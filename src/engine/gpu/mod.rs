@@ -329,6 +329,19 @@ impl GpuEngine {
         self.gpu.read_words(stats, 0, stat::WORDS, readback)
     }
 
+    /// The first `words` of `counts` and the stats buffer, in one map where they fit together.
+    fn read_pair(
+        &self,
+        (counts, words): (&wgpu::Buffer, usize),
+        stats: &wgpu::Buffer,
+        readback: &wgpu::Buffer,
+    ) -> Result<[Vec<u32>; 2], EngineError> {
+        let regions = [(counts, 0, words), (stats, 0, stat::WORDS)];
+        let mut got = self.gpu.read_words_batch(&regions, readback)?.into_iter();
+        let counts = got.next().expect("one per region");
+        Ok([counts, got.next().expect("one per region")])
+    }
+
     /// Records one dispatch of `kernel` with `buffers` bound to bindings 0, 1, ...
     fn pass(
         &self,
