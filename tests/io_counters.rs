@@ -153,3 +153,78 @@ fn gpu_run_counts_its_uploads_readbacks_and_waits() {
     let read_back = counter(&r, "bytes_read_back");
     assert!(read_back > 0 && read_back <= tensors * 1024, "{read_back}");
 }
+
+#[test]
+fn levels_spilled_to_the_temporary_file_give_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, fts) = synth(dir.path(), 1);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let run = |name: &str, budget: &str| {
+        let file = out_dir.join(name);
+        let out = udelta_env(
+            &[
+                "compress",
+                "--base",
+                s(&base),
+                "--finetuned",
+                s(&fts[0]),
+                "-o",
+                s(&file),
+                "--adapter",
+                "cpu",
+                "-q",
+                "--json",
+            ],
+            &[("UDELTA_KEPT_LEVELS_BUDGET", budget)],
+        );
+        let r: serde_json::Value = serde_json::from_str(&ok(out)).unwrap();
+        (
+            std::fs::read(&file).unwrap(),
+            counter(&r, "levels_spilled_bytes"),
+            r,
+        )
+    };
+    let (in_memory, none, _) = run("memory.udelta", "1000000000");
+    let (spilled, bytes, r) = run("spilled.udelta", "0");
+    assert_eq!(none, 0);
+    // Every compressed parameter's 4-bit level, two per byte.
+    let params: u64 = r["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "compressed")
+        .map(|t| t["bytes_tensor"].as_u64().unwrap() / 2)
+        .sum();
+    assert_eq!(
+        bytes,
+        params.div_ceil(2),
+        "half a byte per compressed parameter"
+    );
+    assert!(in_memory == spilled, "the spilled run wrote other bytes");
+    // The temporary file was unnamed: only the two outputs are in the directory.
+    let names: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    fails(
+        udelta_env(
+            &[
+                "compress",
+                "--base",
+                s(&base),
+                "--finetuned",
+                s(&fts[0]),
+                "-o",
+                s(&out_dir.join("x.udelta")),
+                "--adapter",
+                "cpu",
+                "-q",
+            ],
+            &[("UDELTA_KEPT_LEVELS_BUDGET", "lots")],
+        ),
+        &["UDELTA_KEPT_LEVELS_BUDGET=lots"],
+    );
+    assert!(!out_dir.join("x.udelta").exists());
+}

@@ -9,6 +9,12 @@
 //!   ([`Kernel::TileCount`], [`Kernel::Scan`], [`Kernel::Scatter`]).
 //! - `nuclear_norm`: the host estimator over [`GpuSparseOperator`] ([`Kernel::Spmm`]).
 //!
+//! `compress`, which reads its inputs once, calls `analyze_levels` and `select_levels`: this
+//! engine keeps the trait's defaults, `analyze` on the device and the levels and the selection
+//! on the host (rayon), so `select` and `nuclear_norm` on the device serve the library API and
+//! the tests. Keeping the levels in device memory and selecting there is the open next step
+//! (`docs/BENCHMARKS.md`, performance model).
+//!
 //! Every value the kernels share with the host is defined once, in [`constants`], and reaches
 //! the WGSL as a generated prelude ([`constants::wgsl_prelude`]).
 //!

@@ -13,6 +13,20 @@ use std::path::{Path, PathBuf};
 /// Bytes of kept levels held in memory at most; the rest are spilled to the temporary file.
 pub const HOST_BUDGET: u64 = 1 << 30;
 
+/// The environment variable that replaces [`HOST_BUDGET`] (bytes; tests use 0 to send every
+/// tensor's levels through the temporary file).
+pub const BUDGET_ENV: &str = "UDELTA_KEPT_LEVELS_BUDGET";
+
+/// [`HOST_BUDGET`], or the number of bytes in `UDELTA_KEPT_LEVELS_BUDGET`.
+pub fn host_budget() -> Result<u64> {
+    match std::env::var(BUDGET_ENV) {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| Error::Param(format!("{BUDGET_ENV}={v}: expected a number of bytes"))),
+        Err(_) => Ok(HOST_BUDGET),
+    }
+}
+
 /// One compressed tensor's kept data, in memory or in the temporary file.
 #[derive(Debug, Clone)]
 pub(super) enum Kept {

@@ -170,6 +170,7 @@ pub fn compress(
     opts: &CompressOptions,
     engine: &mut dyn Engine,
 ) -> Result<CompressOutcome> {
+    let levels_budget = kept::host_budget()?;
     let inputs = open::open_inputs(base_path, finetuned, out, opts)?;
     let (outputs, mut models) = stage::stage_outputs(inputs.sources, &inputs.base, out, opts)?;
     let mut run = Run {
@@ -177,7 +178,7 @@ pub fn compress(
         opts,
         engine,
         with_trace_norm: opts.trace_norm || models.len() > 1,
-        kept: kept::KeptStore::new(kept::HOST_BUDGET, &scratch_dir(out)),
+        kept: kept::KeptStore::new(levels_budget, &scratch_dir(out)),
         times: StageTimes::default(),
     };
     let order = schedule::schedule(&models);
