@@ -143,8 +143,8 @@ fn gpu_run_counts_its_uploads_readbacks_and_waits() {
         uploaded as f64 <= 1.05 * inputs as f64,
         "{uploaded} for {inputs}"
     );
-    // Per tensor: min/max, then the histogram with the flags in one map; the levels and the
-    // selection are computed on the host (nothing read back but those counts).
+    // Per tensor one map: min/max and the flags; the levels, their histogram and the selection
+    // are computed on the host (nothing else read back).
     assert!(
         waits >= tensors,
         "at least one wait per tensor for its statistics"

@@ -230,7 +230,17 @@ fn stats_and_levels(
     keep: bool,
 ) -> Result<(TensorStats, Option<PackedLevels>), EngineError> {
     let (lo, hi) = min_max(input)?;
-    let grid = QuantGrid { lo, hi, bits };
+    Ok(quantize(input, QuantGrid { lo, hi, bits }, keep))
+}
+
+/// The level histogram under `grid` (the input's exact min and max), and with `keep` every
+/// element's level, packed.
+pub fn quantize(
+    input: &DeltaInput,
+    grid: QuantGrid,
+    keep: bool,
+) -> (TensorStats, Option<PackedLevels>) {
+    let bits = grid.bits;
     let rule = grid.level_rule();
     let parts = map_chunks(input, |_, sc| {
         sc.levels(&rule);
@@ -253,7 +263,7 @@ fn stats_and_levels(
     let levels = keep.then(|| {
         PackedLevels::from_bytes(input.numel(), bits, packed).expect("one packed level per element")
     });
-    Ok((TensorStats { grid, histogram }, levels))
+    (TensorStats { grid, histogram }, levels)
 }
 
 /// Every element's level under `stats`' grid, packed (for engines whose pass 1 keeps no

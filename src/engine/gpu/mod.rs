@@ -10,9 +10,9 @@
 //! - `nuclear_norm`: the host estimator over [`GpuSparseOperator`] ([`Kernel::Spmm`]).
 //!
 //! `compress`, which reads its inputs once, calls `analyze_levels` and `select_levels`: this
-//! engine keeps the trait's defaults, `analyze` on the device and the levels and the selection
-//! on the host (rayon), so `select` and `nuclear_norm` on the device serve the library API and
-//! the tests. Keeping the levels in device memory and selecting there is the open next step
+//! engine computes min/max on the device, then the levels, their histogram and the selection
+//! on the host (rayon), so the device histogram, `select` and `nuclear_norm` serve the library
+//! API and the tests. Keeping the levels in device memory and selecting there is the open next step
 //! (`docs/BENCHMARKS.md`, performance model).
 //!
 //! Every value the kernels share with the host is defined once, in [`constants`], and reaches
@@ -44,7 +44,7 @@ pub use kernels::{compose as compose_shader, shader_modules, Kernel, SHADER_FILE
 pub use spmm::GpuSparseOperator;
 
 use super::cpu::CpuEngine;
-use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries};
+use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries, PackedLevels};
 use crate::algorithm::quantize::QuantGrid;
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::tracenorm::{estimate_nuclear_norm, EstimatorOptions, SparseDelta};
@@ -472,6 +472,30 @@ impl Engine for GpuEngine {
                 CpuEngine.analyze(input, bits)
             }
         }
+    }
+
+    /// Min/max on the device; the levels (kept for `select_levels`) and their histogram on the
+    /// host, in one pass: the host computes the levels anyway, and a device histogram pass
+    /// would upload every chunk of a large tensor but the last a second time.
+    fn analyze_levels(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<(TensorStats, PackedLevels), EngineError> {
+        self.start_tensor();
+        self.gpu.errors.check()?;
+        let n = input.numel();
+        let range = if n > 0 && Self::gpu_can(n, bits) {
+            self.min_max_gpu(input, bits)?
+        } else {
+            None
+        };
+        let Some((lo, hi)) = range else {
+            self.cpu_fallbacks += u64::from(n > 0);
+            return CpuEngine.analyze_levels(input, bits);
+        };
+        let (stats, levels) = super::cpu::quantize(input, QuantGrid { lo, hi, bits }, true);
+        Ok((stats, levels.expect("levels kept")))
     }
 
     fn select(
