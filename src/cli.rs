@@ -8,7 +8,7 @@ use crate::checkpoint::side_files::SideFileOptions;
 use crate::engine::{self, Engine};
 use crate::error::{Error, Result};
 use crate::format::UdeltaReader;
-use crate::pipeline::compress::{compress, compress_staged, CompressOptions};
+use crate::pipeline::compress::{compress, compress_staged, CompressOptions, StagedCompress};
 use crate::pipeline::decompress::{decompress, decompress_staged, DecompressOptions};
 use crate::pipeline::verify::verify;
 use crate::report::InspectReport;
@@ -447,17 +447,27 @@ fn run_compress(a: CompressArgs) -> Result<()> {
             .map(|(f, _)| a.output.join(f.file_name().unwrap_or_default()))
             .collect(),
     };
-    write_stdout(&compress_report(&reports, &names, a.json)?)?;
+    write_stdout(&compress_report(&reports, &names, a.json, &staged)?)?;
     crate::staging::committing();
     staged.commit()?;
     Ok(())
 }
 
-/// What `compress` prints on stdout: each file's report (JSON: one object, or an array).
-fn compress_report(reports: &[InspectReport], names: &[PathBuf], json: bool) -> Result<String> {
-    if json && reports.len() > 1 {
-        let text =
-            serde_json::to_string_pretty(&reports).map_err(|e| Error::Param(e.to_string()))?;
+/// What `compress` prints on stdout: each file's report (JSON: one object, or an array, each
+/// with the run's counters under `run`).
+fn compress_report(
+    reports: &[InspectReport],
+    names: &[PathBuf],
+    json: bool,
+    staged: &StagedCompress,
+) -> Result<String> {
+    if json {
+        let reports = with_run_counters(reports, staged)?;
+        let value = match reports.as_slice() {
+            [one] => one,
+            _ => &serde_json::Value::Array(reports.clone()),
+        };
+        let text = serde_json::to_string_pretty(value).map_err(|e| Error::Param(e.to_string()))?;
         return Ok(text + "\n");
     }
     let mut text = String::new();
@@ -502,6 +512,25 @@ fn note_compress_times(
         t.read,
         t.read_pass2
     );
+}
+
+/// Each file's report as JSON with the whole run's counters and stage times under `run`
+/// (the same object in every file's report when several fine-tunes were compressed).
+fn with_run_counters(
+    reports: &[InspectReport],
+    out: &StagedCompress,
+) -> Result<Vec<serde_json::Value>> {
+    let json = |e: serde_json::Error| Error::Param(e.to_string());
+    let mut run = serde_json::to_value(&out.counters).map_err(json)?;
+    run["seconds"] = serde_json::to_value(&out.times).map_err(json)?;
+    reports
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).map_err(json)?;
+            v["run"] = run.clone();
+            Ok(v)
+        })
+        .collect()
 }
 
 fn parse_float_type(s: &str) -> Result<FloatType> {

@@ -281,8 +281,9 @@ fn gpu_nuclear_norm_matches_the_cpu_estimate() {
     assert!(g.allocated_bytes() <= g.gpu_mem());
 }
 
-/// `compress --trace-norm` through the library: the GPU engine's `T_m` (products on the device)
-/// matches the CPU engine's.
+/// `compress --trace-norm` through the library: the stored `T_m` is the host estimator's on the
+/// kept entries whatever the engine, so the GPU engine's file holds the CPU engine's `T_m` to
+/// the bit on any device (fused multiply-adds or not).
 #[test]
 fn compress_records_the_gpu_trace_norm() {
     let Some(mut g) = gpu() else { return };
@@ -307,14 +308,8 @@ fn compress_records_the_gpu_trace_norm() {
         read_index(&out)["model"]["trace_norm"].as_f64().unwrap()
     };
     let cpu = norm(&mut CpuEngine, "cpu.udelta");
-    let exact = bit_exact(&g);
     let gpu = norm(&mut g, "gpu.udelta");
     eprintln!("compress --trace-norm: CPU T_m {cpu}, GPU T_m {gpu}");
-    if exact {
-        assert_eq!(gpu.to_bits(), cpu.to_bits());
-    }
-    assert!(
-        cpu > 0.0 && (gpu - cpu).abs() <= 1e-3 * cpu,
-        "{gpu} vs {cpu}"
-    );
+    assert!(cpu > 0.0);
+    assert_eq!(gpu.to_bits(), cpu.to_bits(), "{gpu} vs {cpu}");
 }

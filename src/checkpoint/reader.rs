@@ -116,6 +116,8 @@ pub struct Checkpoint {
     /// The index's `"metadata"` object (e.g. `{"total_size": ...}`), kept to write it back.
     pub index_metadata: Option<Value>,
     by_name: HashMap<String, usize>,
+    /// Bytes of tensor data read so far ([`Checkpoint::bytes_read`]).
+    bytes_read: std::sync::atomic::AtomicU64,
 }
 
 impl Checkpoint {
@@ -330,6 +332,7 @@ impl Checkpoint {
             index_path,
             index_metadata,
             by_name,
+            bytes_read: Default::default(),
         })
     }
 
@@ -390,6 +393,7 @@ impl Checkpoint {
             return Ok(());
         }
         let pos = t.offset + start;
+        (self.bytes_read).fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         FileExt::read_exact_at(&shard.file, buf, pos).map_err(|e| {
             let msg = if e.kind() == ErrorKind::UnexpectedEof {
                 format!(
@@ -418,6 +422,12 @@ impl Checkpoint {
         buf.truncate(len);
         buf.resize(len, 0);
         self.read_range(t, 0, buf)
+    }
+
+    /// Bytes of tensor data read from this checkpoint's files so far, by every thread
+    /// ([`read_range`](Self::read_range) and [`read_tensor`](Self::read_tensor)).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Total bytes of tensor data (all tensors, headers excluded).

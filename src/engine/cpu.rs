@@ -1,7 +1,7 @@
 //! The CPU reference engine: multi-threaded with rayon, chunk by chunk, results independent of
 //! the thread count (chunks are combined in order; all results are exact).
 
-use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries};
+use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries, PackedLevels};
 use crate::algorithm::quantize::{LevelRule, QuantGrid};
 use crate::algorithm::selection::{element_key, TensorKey};
 use crate::algorithm::{SelectionPlan, TensorStats};
@@ -56,27 +56,55 @@ multiversion! {
     }
 }
 
-/// Runs `f(first_index, scratch)` on every chunk of the input in parallel, with the chunk's
-/// deltas in `scratch.delta`; results in chunk order.
+/// Runs `f(first_index, len, scratch)` on every chunk of `n` elements in parallel; results
+/// in chunk order.
 ///
 /// Each thread keeps its scratch buffers for the life of the process (about 850 KB): rayon
 /// calls a `map_init` initializer once per split job, and fresh buffers of that size come
 /// from `mmap`, so their pages would be faulted in and zeroed again and again.
-fn map_chunks<T: Send>(input: &DeltaInput, f: impl Fn(usize, &mut Scratch) -> T + Sync) -> Vec<T> {
+fn for_chunks<T: Send>(n: usize, f: impl Fn(usize, usize, &mut Scratch) -> T + Sync) -> Vec<T> {
     thread_local! {
         static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
     }
-    let n = input.numel();
     (0..n.div_ceil(CHUNK))
         .into_par_iter()
-        .map(|c| {
-            SCRATCH.with_borrow_mut(|sc| {
-                let start = c * CHUNK;
-                input.delta_range(start, &mut sc.delta, &mut sc.base, CHUNK.min(n - start));
-                f(start, sc)
-            })
-        })
+        .map(|c| SCRATCH.with_borrow_mut(|sc| f(c * CHUNK, CHUNK.min(n - c * CHUNK), sc)))
         .collect()
+}
+
+/// Runs `f(first_index, scratch)` on every chunk of the input, with the chunk's deltas in
+/// `scratch.delta`; results in chunk order.
+fn map_chunks<T: Send>(input: &DeltaInput, f: impl Fn(usize, &mut Scratch) -> T + Sync) -> Vec<T> {
+    for_chunks(input.numel(), |start, len, sc| {
+        input.delta_range(start, &mut sc.delta, &mut sc.base, len);
+        f(start, sc)
+    })
+}
+
+/// Where `select` takes each element's level from.
+#[derive(Clone, Copy)]
+enum LevelSource<'a> {
+    /// Quantized from the input under the rule.
+    Input(&'a DeltaInput<'a>, &'a LevelRule),
+    /// Unpacked from the levels pass 1 kept.
+    Packed(&'a PackedLevels),
+}
+
+/// Runs `f(first_index, scratch)` on every chunk with the chunk's levels in `scratch.levels`.
+fn map_level_chunks<T: Send>(
+    src: LevelSource,
+    f: impl Fn(usize, &mut Scratch) -> T + Sync,
+) -> Vec<T> {
+    match src {
+        LevelSource::Input(input, rule) => map_chunks(input, |start, sc| {
+            sc.levels(rule);
+            f(start, sc)
+        }),
+        LevelSource::Packed(p) => for_chunks(p.numel(), |start, len, sc| {
+            p.unpack_into(start, len, &mut sc.levels);
+            f(start, sc)
+        }),
+    }
 }
 
 /// `-0.0` becomes `+0.0`: min/max may return either zero, and `lo`/`hi` are stored bit-exact.
@@ -176,39 +204,98 @@ multiversion! {
     }
 }
 
+/// The exact min and max of the delta (`-0.0` as `+0.0`; `[0, 0]` for an empty tensor), or
+/// the first non-finite delta.
+fn min_max(input: &DeltaInput) -> Result<(f32, f32), EngineError> {
+    let parts = map_chunks(input, |start, sc| chunk_min_max(start, &sc.delta));
+    if let Some(index) = parts.iter().find_map(|p| p.2) {
+        return Err(EngineError::NonFinite {
+            index: index as u64,
+            base: input.base_type.load(input.base, index),
+            finetuned: input.finetuned_type.load(input.finetuned, index),
+        });
+    }
+    if parts.is_empty() {
+        return Ok((0.0, 0.0));
+    }
+    let lo = parts.iter().map(|p| p.0).fold(f32::INFINITY, f32::min);
+    let hi = parts.iter().map(|p| p.1).fold(f32::NEG_INFINITY, f32::max);
+    Ok((canonical_zero(lo), canonical_zero(hi)))
+}
+
+/// Pass 1: the statistics, and with `keep` every element's level, packed.
+fn stats_and_levels(
+    input: &DeltaInput,
+    bits: u32,
+    keep: bool,
+) -> Result<(TensorStats, Option<PackedLevels>), EngineError> {
+    let (lo, hi) = min_max(input)?;
+    Ok(quantize(input, QuantGrid { lo, hi, bits }, keep))
+}
+
+/// The level histogram under `grid` (the input's exact min and max), and with `keep` every
+/// element's level, packed.
+pub fn quantize(
+    input: &DeltaInput,
+    grid: QuantGrid,
+    keep: bool,
+) -> (TensorStats, Option<PackedLevels>) {
+    let bits = grid.bits;
+    let rule = grid.level_rule();
+    let parts = map_chunks(input, |_, sc| {
+        sc.levels(&rule);
+        let mut packed = Vec::new();
+        if keep {
+            PackedLevels::pack_into(&sc.levels, bits, &mut packed);
+        }
+        (level_histogram(&sc.levels, grid.levels()), packed)
+    });
+    let mut histogram = vec![0u64; grid.levels()];
+    let mut packed = Vec::with_capacity(if keep {
+        PackedLevels::packed_len(input.numel(), bits)
+    } else {
+        0
+    });
+    for (h, p) in parts {
+        histogram.iter_mut().zip(h).for_each(|(a, b)| *a += b);
+        packed.extend_from_slice(&p);
+    }
+    let levels = keep.then(|| {
+        PackedLevels::from_bytes(input.numel(), bits, packed).expect("one packed level per element")
+    });
+    (TensorStats { grid, histogram }, levels)
+}
+
+/// Every element's level under `stats`' grid, packed (for engines whose pass 1 keeps no
+/// levels of its own).
+pub fn levels_of(input: &DeltaInput, stats: &TensorStats) -> PackedLevels {
+    let rule = stats.grid.level_rule();
+    let bits = stats.grid.bits;
+    let parts = map_chunks(input, |_, sc| {
+        sc.levels(&rule);
+        let mut packed = Vec::new();
+        PackedLevels::pack_into(&sc.levels, bits, &mut packed);
+        packed
+    });
+    PackedLevels::from_bytes(input.numel(), bits, parts.concat()).expect("one level per element")
+}
+
 impl Engine for CpuEngine {
     fn name(&self) -> String {
         "cpu".to_string()
     }
 
     fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError> {
-        let parts = map_chunks(input, |start, sc| chunk_min_max(start, &sc.delta));
-        if let Some(index) = parts.iter().find_map(|p| p.2) {
-            return Err(EngineError::NonFinite {
-                index: index as u64,
-                base: input.base_type.load(input.base, index),
-                finetuned: input.finetuned_type.load(input.finetuned, index),
-            });
-        }
-        // An empty tensor gets the grid [0, 0].
-        let (lo, hi) = if parts.is_empty() {
-            (0.0, 0.0)
-        } else {
-            let lo = parts.iter().map(|p| p.0).fold(f32::INFINITY, f32::min);
-            let hi = parts.iter().map(|p| p.1).fold(f32::NEG_INFINITY, f32::max);
-            (canonical_zero(lo), canonical_zero(hi))
-        };
-        let grid = QuantGrid { lo, hi, bits };
-        let rule = grid.level_rule();
-        let hists = map_chunks(input, |_, sc| {
-            sc.levels(&rule);
-            level_histogram(&sc.levels, grid.levels())
-        });
-        let mut histogram = vec![0u64; grid.levels()];
-        for h in hists {
-            histogram.iter_mut().zip(h).for_each(|(a, b)| *a += b);
-        }
-        Ok(TensorStats { grid, histogram })
+        Ok(stats_and_levels(input, bits, false)?.0)
+    }
+
+    fn analyze_levels(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<(TensorStats, PackedLevels), EngineError> {
+        let (stats, levels) = stats_and_levels(input, bits, true)?;
+        Ok((stats, levels.expect("levels kept")))
     }
 
     fn select(
@@ -217,7 +304,17 @@ impl Engine for CpuEngine {
         stats: &TensorStats,
         plan: &SelectionPlan,
     ) -> Result<KeptEntries, EngineError> {
-        select_with_margin(input, stats, plan, WINDOW_SIGMAS)
+        let rule = stats.grid.level_rule();
+        select_with_margin(LevelSource::Input(input, &rule), plan, WINDOW_SIGMAS)
+    }
+
+    fn select_levels(
+        &mut self,
+        levels: &PackedLevels,
+        _stats: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError> {
+        select_with_margin(LevelSource::Packed(levels), plan, WINDOW_SIGMAS)
     }
 }
 
@@ -261,20 +358,17 @@ struct ChunkSelection {
 /// `sigmas` is 0), the cuts are found exactly from all keys instead. The result is the same
 /// either way: in each level, the entries with the `k_v` smallest keys are pruned.
 fn select_with_margin(
-    input: &DeltaInput,
-    stats: &TensorStats,
+    src: LevelSource,
     plan: &SelectionPlan,
     sigmas: f64,
 ) -> Result<KeptEntries, EngineError> {
-    let rule = stats.grid.level_rule();
     let key = plan.key;
     let windows = key_windows(plan, sigmas);
     // Indexed by a u8 level: no bounds check, and a copy the loop can keep in registers.
     let mut window_of = [(0u64, 0u64); 256];
     window_of[..windows.len()].copy_from_slice(&windows);
-    let parts = map_chunks(input, |start, sc| {
-        sc.levels(&rule);
-        sc.keys.resize(sc.delta.len(), 0);
+    let parts = map_level_chunks(src, |start, sc| {
+        sc.keys.resize(sc.levels.len(), 0);
         keys_into(key, start as u32, &mut sc.keys);
         let mut part = ChunkSelection::default();
         for (j, (&l, &kk)) in sc.levels.iter().zip(&sc.keys).enumerate() {
@@ -306,7 +400,7 @@ fn select_with_margin(
     for (l, (&k_v, keys)) in plan.pruned.iter().zip(window_keys.iter_mut()).enumerate() {
         let (b, (w_lo, _)) = (below[l], windows[l]);
         if b > k_v || b + (keys.len() as u64) < k_v {
-            return select_exact(input, stats, plan);
+            return select_exact(src, plan);
         }
         thresholds.push(if k_v == b {
             w_lo
@@ -333,19 +427,10 @@ fn select_with_margin(
 
 /// The selection by definition, from every key of every level (the fallback of
 /// [`select_with_margin`]; memory 4 bytes per element).
-fn select_exact(
-    input: &DeltaInput,
-    stats: &TensorStats,
-    plan: &SelectionPlan,
-) -> Result<KeptEntries, EngineError> {
-    let grid = stats.grid;
-    let rule = grid.level_rule();
-    let levels: Vec<Vec<u8>> = map_chunks(input, |_, sc| {
-        sc.levels(&rule);
-        sc.levels.clone()
-    });
+fn select_exact(src: LevelSource, plan: &SelectionPlan) -> Result<KeptEntries, EngineError> {
+    let levels: Vec<Vec<u8>> = map_level_chunks(src, |_, sc| sc.levels.clone());
     let levels: Vec<u8> = levels.concat();
-    let mut keys = vec![Vec::new(); grid.levels()];
+    let mut keys = vec![Vec::new(); plan.histogram.len()];
     for (i, &l) in levels.iter().enumerate() {
         keys[l as usize].push(element_key(plan.key, i as u32));
     }
@@ -456,12 +541,21 @@ mod tests {
         let kept = CpuEngine.select(&input, &stats, &plan).unwrap();
         assert_eq!(kept, want_kept);
         // A zero-width window forces the exact fallback; a wide one many candidates.
+        let rule = stats.grid.level_rule();
+        let (stats_kept, levels) = CpuEngine.analyze_levels(&input, bits).unwrap();
+        assert_eq!(stats_kept, want_stats);
         for sigmas in [0.0, 1000.0] {
-            assert_eq!(
-                select_with_margin(&input, &stats, &plan, sigmas).unwrap(),
-                want_kept
-            );
+            for src in [
+                LevelSource::Input(&input, &rule),
+                LevelSource::Packed(&levels),
+            ] {
+                assert_eq!(select_with_margin(src, &plan, sigmas).unwrap(), want_kept);
+            }
         }
+        assert_eq!(
+            CpuEngine.select_levels(&levels, &stats, &plan).unwrap(),
+            want_kept
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::cpu;
 use super::gpu::{self, AdapterChoice, GpuEngine, GpuFault, GpuOptions};
-use super::{DeltaInput, Engine, EngineError, KeptEntries};
+use super::{DeltaInput, DeviceCounters, Engine, EngineError, KeptEntries, PackedLevels};
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::tracenorm::{EstimatorOptions, SparseDelta};
 
@@ -61,7 +61,10 @@ pub fn create(adapter: &str, gpu_mem: u64) -> crate::Result<Box<dyn Engine>> {
             }
             Ok(e) => {
                 eprintln!("udelta-gpu: using GPU adapter {}", e.adapter().summary());
-                Ok(Box::new(Fallback { gpu: Some(e) }))
+                Ok(Box::new(Fallback {
+                    gpu: Some(e),
+                    counted: DeviceCounters::default(),
+                }))
             }
             Err(e) => {
                 eprintln!("udelta-gpu: no usable GPU ({e}); falling back to the CPU engine");
@@ -77,6 +80,8 @@ pub fn create(adapter: &str, gpu_mem: u64) -> crate::Result<Box<dyn Engine>> {
 /// data (a non-finite delta) is an error on any engine.
 pub struct Fallback {
     gpu: Option<gpu::GpuEngine>,
+    /// The failed GPU engine's counters.
+    counted: DeviceCounters,
 }
 
 impl Fallback {
@@ -92,6 +97,7 @@ impl Fallback {
                     eprintln!(
                         "udelta-gpu: the GPU engine failed ({e}); continuing on the CPU engine (same output)"
                     );
+                    self.counted = g.counters();
                     self.gpu = None;
                 }
                 other => return other,
@@ -111,6 +117,29 @@ impl Engine for Fallback {
 
     fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError> {
         self.run(|g| g.analyze(input, bits), |c| c.analyze(input, bits))
+    }
+
+    fn analyze_levels(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<(TensorStats, PackedLevels), EngineError> {
+        self.run(
+            |g| g.analyze_levels(input, bits),
+            |c| c.analyze_levels(input, bits),
+        )
+    }
+
+    fn select_levels(
+        &mut self,
+        levels: &PackedLevels,
+        stats: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError> {
+        self.run(
+            |g| g.select_levels(levels, stats, plan),
+            |c| c.select_levels(levels, stats, plan),
+        )
     }
 
     fn select(
@@ -139,5 +168,10 @@ impl Engine for Fallback {
     /// False: the GPU runs the products until it fails (then the CPU, inline).
     fn nuclear_norm_on_host(&self) -> bool {
         false
+    }
+
+    /// The GPU's counters until it failed (kept after the fall-back).
+    fn counters(&self) -> DeviceCounters {
+        self.gpu.as_ref().map_or(self.counted, |g| g.counters())
     }
 }

@@ -4,13 +4,21 @@
 //! [`crate::algorithm::selection`]. Every result is exact (min/max, integer counts, integer
 //! hashing), so all engines return identical values; [`cpu::CpuEngine`] is the reference.
 //! [`Engine::nuclear_norm`] is not exact: the GPU engine's sparse products equal the CPU's to
-//! the bit on lavapipe only, and to f32 rounding elsewhere ([`gpu::GpuSparseOperator`]).
+//! the bit on lavapipe only, and to f32 rounding elsewhere ([`gpu::GpuSparseOperator`]); so
+//! `compress` stores the host estimator's `T_m` whatever the engine, and files do not depend
+//! on the device.
+//!
+//! `compress` reads its inputs once: pass 1 is [`Engine::analyze_levels`], which keeps every
+//! element's level ([`PackedLevels`]), and pass 2 is [`Engine::select_levels`] on them.
+//! [`Engine::analyze`] and [`Engine::select`] on the inputs remain (tests, benchmarks).
 
 pub mod cpu;
 pub mod factory;
 pub mod gpu;
+pub mod levels;
 
 pub use factory::{create, Fallback};
+pub use levels::PackedLevels;
 
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::checkpoint::dtype::FloatType;
@@ -111,6 +119,18 @@ pub enum EngineError {
     Inconsistent(String),
 }
 
+/// What an engine moved between the host and its device, and how often the host blocked on
+/// the device (each `poll` that waits, map round trips included). All zero on the CPU engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceCounters {
+    /// Bytes written to device buffers (inputs, levels, parameters, operator blocks).
+    pub bytes_uploaded: u64,
+    /// Bytes copied back to the host.
+    pub bytes_read_back: u64,
+    /// Times the host waited for the device.
+    pub blocking_waits: u64,
+}
+
 /// A compute engine (CPU reference or GPU).
 pub trait Engine: Send {
     /// Name recorded in the file, e.g. `cpu` or the adapter's name and backend (nothing that
@@ -120,6 +140,18 @@ pub trait Engine: Send {
     /// Pass 1: exact min/max of the delta, then its level histogram at `bits`.
     fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError>;
 
+    /// Pass 1 keeping what pass 2 needs, so that the inputs are read once: the statistics and
+    /// every element's level (those [`select`](Self::select) would compute again). The default
+    /// quantizes on the host after [`analyze`](Self::analyze).
+    fn analyze_levels(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<(TensorStats, PackedLevels), EngineError> {
+        let stats = self.analyze(input, bits)?;
+        Ok((stats.clone(), cpu::levels_of(input, &stats)))
+    }
+
     /// Pass 2: the kept entries under `plan` (exactly `plan.kept_counts()` per level).
     fn select(
         &mut self,
@@ -127,6 +159,17 @@ pub trait Engine: Send {
         stats: &TensorStats,
         plan: &SelectionPlan,
     ) -> Result<KeptEntries, EngineError>;
+
+    /// Pass 2 from the levels [`analyze_levels`](Self::analyze_levels) kept: the same kept
+    /// entries as [`select`](Self::select) on the input. The default selects on the host.
+    fn select_levels(
+        &mut self,
+        levels: &PackedLevels,
+        stats: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError> {
+        cpu::CpuEngine.select_levels(levels, stats, plan)
+    }
 
     /// Estimated nuclear norm (sum of singular values) of a sparse delta, for trace-norm
     /// rescaling. The default runs [`crate::tracenorm::nuclear_norm`] on the CPU; the GPU engine
@@ -144,6 +187,11 @@ pub trait Engine: Send {
     /// thread instead (same result). Engines that override `nuclear_norm` return false.
     fn nuclear_norm_on_host(&self) -> bool {
         true
+    }
+
+    /// Device traffic and waits since the engine was made (zero for host-only engines).
+    fn counters(&self) -> DeviceCounters {
+        DeviceCounters::default()
     }
 }
 

@@ -52,6 +52,27 @@ impl GpuEngine {
             .map(|histogram| TensorStats { grid, histogram }))
     }
 
+    /// The exact min and max on the device (what `analyze_levels` needs of it: the levels and
+    /// the histogram are computed on the host, which keeps the levels for `select_levels`);
+    /// `None` when the tensor must go to the CPU engine.
+    pub(super) fn min_max_gpu(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<Option<(f32, f32)>, EngineError> {
+        let layout = self.prepare(bits)?;
+        let run = AnalyzeRun {
+            chunks: chunk_ranges(input.numel(), layout.chunk),
+            a: self.buf(&layout, Slot::InA)?,
+            b: self.buf(&layout, Slot::InB)?,
+            stats: self.buf(&layout, Slot::Stats)?,
+            hist: self.buf(&layout, Slot::BucketHist)?,
+            uniform: self.buf(&layout, Slot::Params)?,
+            readback: self.buf(&layout, Slot::Readback)?,
+        };
+        self.min_max_pass(input, &run)
+    }
+
     /// The exact min and max of the delta; `None` when an element needs the CPU engine, an
     /// error at the first non-finite delta.
     fn min_max_pass(
@@ -134,8 +155,8 @@ impl GpuEngine {
             );
             self.submit_chunk(enc, &mut in_flight)?;
         }
-        let h = self.gpu.read_words(&run.hist, 0, levels, &run.readback)?;
-        if self.read_stats(&run.stats, &run.readback)?[stat::FLAGS] != 0 {
+        let [h, s] = self.read_pair((&run.hist, levels), &run.stats, &run.readback)?;
+        if s[stat::FLAGS] != 0 {
             return Ok(None);
         }
         Ok(Some(h.into_iter().map(u64::from).collect()))

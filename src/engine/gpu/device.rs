@@ -3,7 +3,8 @@
 //! asynchronous wgpu failure into an [`EngineError::Gpu`], and reading buffers back.
 
 use super::constants::WORKGROUP;
-use crate::engine::EngineError;
+use crate::engine::{DeviceCounters, EngineError};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Largest storage binding the engine asks for (the WebGPU default; lavapipe's maximum).
@@ -204,6 +205,20 @@ pub struct Gpu {
     pub max_binding: u64,
     /// Most workgroups per dispatch dimension (at most 65,535).
     pub max_groups: u32,
+    /// Traffic and waits so far.
+    counters: Counters,
+}
+
+/// [`DeviceCounters`], counted through `&Gpu`.
+#[derive(Default)]
+struct Counters {
+    uploaded: AtomicU64,
+    read_back: AtomicU64,
+    waits: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
 }
 
 impl Gpu {
@@ -277,11 +292,29 @@ impl Gpu {
             errors,
             max_binding,
             max_groups: limits.max_compute_workgroups_per_dimension,
+            counters: Counters::default(),
         })
+    }
+
+    /// Traffic and waits so far.
+    pub fn counters(&self) -> DeviceCounters {
+        let c = &self.counters;
+        DeviceCounters {
+            bytes_uploaded: c.uploaded.load(Ordering::Relaxed),
+            bytes_read_back: c.read_back.load(Ordering::Relaxed),
+            blocking_waits: c.waits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Writes `bytes` at `offset` of `buffer` (queued; counted as uploaded).
+    pub fn write(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
+        bump(&self.counters.uploaded, bytes.len() as u64);
+        self.queue.write_buffer(buffer, offset, bytes);
     }
 
     /// Waits for all submitted work; `Err` on a poll failure or any reported wgpu error.
     pub fn wait(&self) -> Result<(), EngineError> {
+        bump(&self.counters.waits, 1);
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
@@ -290,6 +323,7 @@ impl Gpu {
 
     /// Waits for one submission (and everything before it).
     pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<(), EngineError> {
+        bump(&self.counters.waits, 1);
         self.device
             .poll(wgpu::PollType::Wait {
                 submission_index: Some(index),
@@ -317,28 +351,65 @@ impl Gpu {
             let mut enc = self.device.create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(src, offset + pos, staging, 0, padded);
             self.queue.submit([enc.finish()]);
-            let (tx, rx) = std::sync::mpsc::channel();
-            let slice = staging.slice(..padded);
-            slice.map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-            self.wait()?;
-            match rx.try_recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    return Err(EngineError::Gpu(format!("mapping a readback buffer: {e}")))
-                }
-                Err(_) => return Err(EngineError::Gpu("readback did not complete".into())),
-            }
-            {
-                let view = slice
-                    .get_mapped_range()
-                    .map_err(|e| EngineError::Gpu(format!("reading a mapped buffer: {e}")))?;
-                out.extend_from_slice(&view[..piece as usize]);
-            }
-            staging.unmap();
+            out.extend_from_slice(&self.map_read(staging, padded)?[..piece as usize]);
             pos += piece;
         }
+        Ok(out)
+    }
+
+    /// Reads several small regions `(buffer, offset, words)` in one map of `staging` (one
+    /// blocking wait instead of one per region), as little-endian u32 words; regions that do
+    /// not fit in `staging` together are read one by one.
+    pub fn read_words_batch(
+        &self,
+        regions: &[(&wgpu::Buffer, u64, usize)],
+        staging: &wgpu::Buffer,
+    ) -> Result<Vec<Vec<u32>>, EngineError> {
+        let total: u64 = regions.iter().map(|r| r.2 as u64 * 4).sum();
+        if total > staging.size() || total == 0 {
+            return (regions.iter())
+                .map(|&(b, o, w)| self.read_words(b, o, w, staging))
+                .collect();
+        }
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut at = 0;
+        for &(src, offset, words) in regions {
+            enc.copy_buffer_to_buffer(src, offset, staging, at, words as u64 * 4);
+            at += words as u64 * 4;
+        }
+        self.queue.submit([enc.finish()]);
+        let bytes = self.map_read(staging, total)?;
+        let mut words = bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        Ok(regions
+            .iter()
+            .map(|r| words.by_ref().take(r.2).collect())
+            .collect())
+    }
+
+    /// Maps the first `len` bytes (a multiple of 4) of `staging` once the queue is done, and
+    /// copies them out.
+    fn map_read(&self, staging: &wgpu::Buffer, len: u64) -> Result<Vec<u8>, EngineError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let slice = staging.slice(..len);
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        match rx.try_recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(EngineError::Gpu(format!("mapping a readback buffer: {e}"))),
+            Err(_) => return Err(EngineError::Gpu("readback did not complete".into())),
+        }
+        let out = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| EngineError::Gpu(format!("reading a mapped buffer: {e}")))?;
+            view.to_vec()
+        };
+        staging.unmap();
+        bump(&self.counters.read_back, len);
         Ok(out)
     }
 

@@ -9,6 +9,12 @@
 //!   ([`Kernel::TileCount`], [`Kernel::Scan`], [`Kernel::Scatter`]).
 //! - `nuclear_norm`: the host estimator over [`GpuSparseOperator`] ([`Kernel::Spmm`]).
 //!
+//! `compress`, which reads its inputs once, calls `analyze_levels` and `select_levels`: this
+//! engine computes min/max on the device, then the levels, their histogram and the selection
+//! on the host (rayon), so the device histogram, `select` and `nuclear_norm` serve the library
+//! API and the tests. Keeping the levels in device memory and selecting there is the open next step
+//! (`docs/BENCHMARKS.md`, performance model).
+//!
 //! Every value the kernels share with the host is defined once, in [`constants`], and reaches
 //! the WGSL as a generated prelude ([`constants::wgsl_prelude`]).
 //!
@@ -38,7 +44,7 @@ pub use kernels::{compose as compose_shader, shader_modules, Kernel, SHADER_FILE
 pub use spmm::GpuSparseOperator;
 
 use super::cpu::CpuEngine;
-use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries};
+use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries, PackedLevels};
 use crate::algorithm::quantize::QuantGrid;
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::tracenorm::{estimate_nuclear_norm, EstimatorOptions, SparseDelta};
@@ -289,12 +295,12 @@ impl GpuEngine {
     fn upload(&self, buffer: &wgpu::Buffer, bytes: &[u8]) {
         let aligned = bytes.len() / 4 * 4;
         if aligned > 0 {
-            self.gpu.queue.write_buffer(buffer, 0, &bytes[..aligned]);
+            self.gpu.write(buffer, 0, &bytes[..aligned]);
         }
         if aligned < bytes.len() {
             let mut tail = [0u8; 4];
             tail[..bytes.len() - aligned].copy_from_slice(&bytes[aligned..]);
-            self.gpu.queue.write_buffer(buffer, aligned as u64, &tail);
+            self.gpu.write(buffer, aligned as u64, &tail);
         }
     }
 
@@ -312,16 +318,12 @@ impl GpuEngine {
     }
 
     fn write_params(&self, buffer: &wgpu::Buffer, p: &Params) {
-        self.gpu
-            .queue
-            .write_buffer(buffer, 0, bytemuck::bytes_of(p));
+        self.gpu.write(buffer, 0, bytemuck::bytes_of(p));
     }
 
     /// Writes `words` at offset 0 of `buffer`.
     fn write_words(&self, buffer: &wgpu::Buffer, words: &[u32]) {
-        self.gpu
-            .queue
-            .write_buffer(buffer, 0, &words_to_bytes(words));
+        self.gpu.write(buffer, 0, &words_to_bytes(words));
     }
 
     /// Reads the stats buffer back.
@@ -331,6 +333,19 @@ impl GpuEngine {
         readback: &wgpu::Buffer,
     ) -> Result<Vec<u32>, EngineError> {
         self.gpu.read_words(stats, 0, stat::WORDS, readback)
+    }
+
+    /// The first `words` of `counts` and the stats buffer, in one map where they fit together.
+    fn read_pair(
+        &self,
+        (counts, words): (&wgpu::Buffer, usize),
+        stats: &wgpu::Buffer,
+        readback: &wgpu::Buffer,
+    ) -> Result<[Vec<u32>; 2], EngineError> {
+        let regions = [(counts, 0, words), (stats, 0, stat::WORDS)];
+        let mut got = self.gpu.read_words_batch(&regions, readback)?.into_iter();
+        let counts = got.next().expect("one per region");
+        Ok([counts, got.next().expect("one per region")])
     }
 
     /// Records one dispatch of `kernel` with `buffers` bound to bindings 0, 1, ...
@@ -402,6 +417,10 @@ impl Engine for GpuEngine {
         false
     }
 
+    fn counters(&self) -> super::DeviceCounters {
+        self.gpu.counters()
+    }
+
     /// The estimator on the host with its products on the device ([`GpuSparseOperator`]);
     /// matrices whose operator would exceed `--gpu-mem` or one storage binding go to the CPU.
     fn nuclear_norm(
@@ -453,6 +472,30 @@ impl Engine for GpuEngine {
                 CpuEngine.analyze(input, bits)
             }
         }
+    }
+
+    /// Min/max on the device; the levels (kept for `select_levels`) and their histogram on the
+    /// host, in one pass: the host computes the levels anyway, and a device histogram pass
+    /// would upload every chunk of a large tensor but the last a second time.
+    fn analyze_levels(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<(TensorStats, PackedLevels), EngineError> {
+        self.start_tensor();
+        self.gpu.errors.check()?;
+        let n = input.numel();
+        let range = if n > 0 && Self::gpu_can(n, bits) {
+            self.min_max_gpu(input, bits)?
+        } else {
+            None
+        };
+        let Some((lo, hi)) = range else {
+            self.cpu_fallbacks += u64::from(n > 0);
+            return CpuEngine.analyze_levels(input, bits);
+        };
+        let (stats, levels) = super::cpu::quantize(input, QuantGrid { lo, hi, bits }, true);
+        Ok((stats, levels.expect("levels kept")))
     }
 
     fn select(

@@ -200,13 +200,14 @@ impl GpuEngine {
                 run.spilled.push(bytes);
             }
         }
-        let s = self.read_stats(&run.stats, &run.readback)?;
+        let [hist, s] = self.read_pair(
+            (&run.bucket_hist, levels * BUCKETS),
+            &run.stats,
+            &run.readback,
+        )?;
         if s[stat::FLAGS] != 0 {
             return Ok(None);
         }
-        let hist = self
-            .gpu
-            .read_words(&run.bucket_hist, 0, levels * BUCKETS, &run.readback)?;
         Ok(Some(hist.into_iter().map(u64::from).collect()))
     }
 
@@ -260,8 +261,7 @@ impl GpuEngine {
     ) -> Result<usize, EngineError> {
         let candidates_offset = (stat::CANDIDATES * 4) as u64;
         self.gpu
-            .queue
-            .write_buffer(&run.stats, candidates_offset, &0u32.to_le_bytes());
+            .write(&run.stats, candidates_offset, &0u32.to_le_bytes());
         let (mut c, mut elements) = (first, 0);
         let mut in_flight = None;
         while c < run.chunks.len()

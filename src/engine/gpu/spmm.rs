@@ -174,7 +174,7 @@ fn storage(gpu: &Gpu, label: &str, bytes: &[u8]) -> wgpu::Buffer {
         mapped_at_creation: false,
     });
     if !bytes.is_empty() {
-        gpu.queue.write_buffer(&buffer, 0, bytes);
+        gpu.write(&buffer, 0, bytes);
     }
     buffer
 }
@@ -290,7 +290,7 @@ impl GpuSparseOperator<'_> {
         }
         self.ensure_capacity(floats);
         let (xb, yb, staging) = self.io.as_ref().expect("allocated just above");
-        self.gpu.queue.write_buffer(xb, 0, bytemuck::cast_slice(x));
+        self.gpu.write(xb, 0, bytemuck::cast_slice(x));
         let blocks = if transpose { &self.at } else { &self.a };
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         for b in blocks {
@@ -300,9 +300,7 @@ impl GpuSparseOperator<'_> {
                 num_levels: w as u32,
                 ..Default::default()
             };
-            self.gpu
-                .queue
-                .write_buffer(&b.params, 0, bytemuck::bytes_of(&p));
+            self.gpu.write(&b.params, 0, bytemuck::bytes_of(&p));
             self.kernels.dispatch(
                 &self.gpu.device,
                 &mut enc,

@@ -1,5 +1,6 @@
-//! Step 3, pass 1: reads every tensor pair once. Compressed tensors get their statistics
-//! ([`Engine::analyze`](crate::engine::Engine::analyze)); the others are compared with the
+//! Step 3, pass 1: reads every tensor pair once. Compressed tensors get their statistics and
+//! keep their levels for pass 2
+//! ([`Engine::analyze_levels`](crate::engine::Engine::analyze_levels)); the others are compared with the
 //! base, so that unchanged ones are stored as a reference to it.
 
 use super::model::{Analysis, Model, Plan};
@@ -34,6 +35,8 @@ impl Run<'_> {
             let mut loaded = timed(&mut self.times.read, || loads.next_job())?.into_iter();
             // Empty when no model compresses this tensor.
             let base_buf = loaded.next().unwrap_or_default();
+            // Once for every fine-tune compressed against it.
+            let base_crc32 = crc32(&base_buf);
             for m in models.iter_mut() {
                 let Some(ti) = m.ckpt.index_of(name) else {
                     continue;
@@ -49,8 +52,8 @@ impl Run<'_> {
                             ft: &m.ckpt,
                             t: &m.ckpt.tensors[ti],
                         };
-                        let analysis =
-                            self.analyze_tensor(&pair, bi, shared_numel, &base_buf, &ft_buf)?;
+                        let bufs = (base_buf.as_slice(), base_crc32, ft_buf.as_slice());
+                        let analysis = self.analyze_tensor(&pair, bi, shared_numel, bufs)?;
                         progress.inc(pair.b.len + pair.t.len);
                         loads.recycle([ft_buf]);
                         Plan::Compress(analysis)
@@ -83,35 +86,41 @@ impl Run<'_> {
         })
     }
 
-    /// The statistics of one compressed pair (checked against the CPU engine with `--verify`).
+    /// The statistics of one compressed pair, with its levels and new rows kept for pass 2
+    /// (checked against the CPU engine with `--verify`).
     fn analyze_tensor(
         &mut self,
         pair: &Pair,
         bi: usize,
         shared_numel: usize,
-        base_buf: &[u8],
-        ft_buf: &[u8],
+        (base_buf, base_crc32, ft_buf): (&[u8], u32, &[u8]),
     ) -> Result<Analysis> {
         let input = pair.input(base_buf, ft_buf, shared_numel)?;
         let bits = self.opts.params.bits;
         let engine: &mut dyn Engine = self.engine;
-        let stats = timed(&mut self.times.analyze, || engine.analyze(&input, bits))
-            .map_err(|e| pair.engine_error(e))?;
+        let result = timed(&mut self.times.analyze, || {
+            engine.analyze_levels(&input, bits)
+        })
+        .map_err(|e| pair.engine_error(e))?;
         if self.opts.verify {
             pair.check_against_cpu(
-                &stats,
+                &result,
                 &engine.name(),
                 "statistics",
                 &mut self.times.verify,
-                |cpu| cpu.analyze(&input, bits),
+                |cpu| cpu.analyze_levels(&input, bits),
             )?;
         }
+        let (stats, levels) = result;
+        let tail_start = (shared_numel * pair.ft_type()?.size()).min(ft_buf.len());
         Ok(Analysis {
             base: bi,
             shared_numel,
             stats,
-            base_crc32: crc32(base_buf),
+            base_crc32,
             allocation: None,
+            kept: Some(self.kept.keep(levels, bits)?),
+            tail: ft_buf[tail_start..].to_vec(),
         })
     }
 }

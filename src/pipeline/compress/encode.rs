@@ -1,13 +1,12 @@
 //! Step 5, pass 2: writes every tensor's record. Tensors stored whole are coded losslessly
 //! against the base first ([`lossless::store_tensor`]; the disk writes them back while the
-//! compressed ones are computed); then the compressed tensors are
-//! read again, in reverse order (those pass 1 read last are the likeliest to be still in the
-//! page cache when the checkpoints are larger than memory), their kept entries selected
-//! ([`Engine::select`]), entropy-coded and appended, and their nuclear norms estimated.
+//! compressed ones are computed); then the compressed tensors, in reverse order, get their
+//! kept entries selected from the levels pass 1 kept ([`Engine::select_levels`]; neither
+//! checkpoint is read again), entropy-coded and appended, and their nuclear norms estimated.
 
 use super::model::{Analysis, Model, Plan};
 use super::pair::Pair;
-use super::schedule::{compress_reads, pass2_bytes};
+use super::schedule::pass2_bytes;
 use super::trace_norms::{KeptMatrix, TraceNorms};
 use super::{timed, Run};
 use crate::algorithm::selection::adjusted_rate;
@@ -15,14 +14,11 @@ use crate::algorithm::{SelectionPlan, TensorKey, TensorStats};
 use crate::checkpoint::dtype::dtype_name;
 use crate::checkpoint::reader::TensorEntry;
 use crate::codec::{self, EncodedTensor};
-use crate::engine::{DeltaInput, Engine, KeptEntries};
+use crate::engine::{Engine, KeptEntries, PackedLevels};
 use crate::error::{Error, Result};
-use crate::format::index::crc32;
 use crate::format::{CompressedTensor, RecordRef, TensorKind, TensorRecord, UdeltaWriter};
 use crate::pipeline::lossless;
 use crate::progress::Progress;
-
-use super::super::prefetch::Prefetch;
 
 /// The records a compressed tensor's data is written to.
 struct Streams {
@@ -40,22 +36,14 @@ impl Run<'_> {
             pass2_bytes(&self.base, models),
             self.opts.progress,
         );
-        let compress_order: Vec<&String> = order.iter().rev().collect();
-        let mut loads = Prefetch::start(
-            compress_order
-                .iter()
-                .map(|n| compress_reads(n, &self.base, models))
-                .collect(),
-        );
-        let norms = TraceNorms::start(self.with_trace_norm, &*self.engine);
+        let norms = TraceNorms::start(self.with_trace_norm);
         for name in order {
             self.store_whole_tensors(models, name, &progress)?;
         }
-        for name in compress_order {
-            let loaded = timed(&mut self.times.read_pass2, || loads.next_job())?;
-            self.encode_tensors(models, name, loaded, &norms, &progress, &loads)?;
+        // Reverse order: the levels spilled last are read back first.
+        for name in order.iter().rev() {
+            self.encode_tensors(models, name, &norms, &progress)?;
         }
-        drop(loads);
         progress.finish();
         norms.finish(models, &mut self.times);
         Ok(())
@@ -85,20 +73,14 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Writes the record of every model's tensor `name` that is unchanged or compressed;
-    /// `loaded` holds the base tensor and each compressing model's fine-tuned tensor.
+    /// Writes the record of every model's tensor `name` that is unchanged or compressed.
     fn encode_tensors(
         &mut self,
         models: &mut [Model],
         name: &str,
-        loaded: Vec<Vec<u8>>,
         norms: &TraceNorms,
         progress: &Progress,
-        loads: &Prefetch,
     ) -> Result<()> {
-        let mut loaded = loaded.into_iter();
-        let base_buf = loaded.next().unwrap_or_default();
-        let mut base_checked = false;
         for (mi, m) in models.iter_mut().enumerate() {
             let Some(ti) = m.ckpt.index_of(name) else {
                 continue;
@@ -106,16 +88,9 @@ impl Run<'_> {
             let kind = match m.plans[ti].take() {
                 Some(Plan::Unchanged { base_crc32 }) => TensorKind::Unchanged { base_crc32 },
                 Some(Plan::Compress(analysis)) => {
-                    if !base_checked {
-                        self.check_base_unchanged(&analysis, &base_buf)?;
-                        base_checked = true;
-                    }
-                    let ft_buf = loaded.next().expect("one read per compressing model");
                     let bytes = self.base.tensors[analysis.base].len + m.ckpt.tensors[ti].len;
-                    let kind =
-                        self.encode_tensor(mi, m, ti, analysis, &base_buf, &ft_buf, norms)?;
+                    let kind = self.encode_tensor(mi, m, ti, analysis, norms)?;
                     progress.inc(bytes);
-                    loads.recycle([ft_buf]);
                     kind
                 }
                 // Raw tensors were written, and their plans taken, by the first round.
@@ -123,21 +98,7 @@ impl Run<'_> {
             };
             m.records[ti] = Some(record(&m.ckpt.tensors[ti], kind));
         }
-        loads.recycle([base_buf]);
         Ok(())
-    }
-
-    /// Fails if the base tensor read in pass 2 is not the one pass 1 analyzed.
-    fn check_base_unchanged(&self, analysis: &Analysis, base_buf: &[u8]) -> Result<()> {
-        if crc32(base_buf) == analysis.base_crc32 {
-            return Ok(());
-        }
-        let b = &self.base.tensors[analysis.base];
-        Err(Error::tensor(
-            self.base.shard_path(b),
-            &b.name,
-            "the base changed on disk during compression",
-        ))
     }
 
     /// Selects, codes and appends one compressed tensor `ti` of model `mi` (`m`), and hands
@@ -148,9 +109,7 @@ impl Run<'_> {
         mi: usize,
         m: &mut Model,
         ti: usize,
-        analysis: Analysis,
-        base_buf: &[u8],
-        ft_buf: &[u8],
+        mut analysis: Analysis,
         norms: &TraceNorms,
     ) -> Result<TensorKind> {
         let (base, ckpt) = (self.base.clone(), m.ckpt.clone());
@@ -160,8 +119,8 @@ impl Run<'_> {
             ft: &ckpt,
             t: &ckpt.tensors[ti],
         };
-        let ft_type = pair.ft_type()?;
-        let input = pair.input(base_buf, ft_buf, analysis.shared_numel)?;
+        let kept = analysis.kept.take().expect("pass 1 kept the levels");
+        let levels = timed(&mut self.times.read_pass2, || self.kept.take(kept))?;
         let allocation = analysis
             .allocation
             .expect("one allocation per compressed tensor");
@@ -170,7 +129,8 @@ impl Run<'_> {
             &analysis.stats,
             allocation.rate,
         );
-        let kept = self.select(&pair, &input, &analysis.stats, &selection)?;
+        let kept = self.select(&pair, &levels, &analysis.stats, &selection)?;
+        drop(levels);
         let kept_counts = selection.kept_counts();
         let enc = self.entropy_code(&pair, analysis.shared_numel, &kept, &kept_counts)?;
         // After encoding, so that the worker can take the positions over.
@@ -184,13 +144,11 @@ impl Run<'_> {
                     .grid
                     .scaled_values(self.opts.params.rescale()),
             };
-            norms
-                .add(mi, m, matrix, self.engine, &mut self.times.trace_norm)
-                .map_err(|e| pair.engine_error(e))?;
+            norms.add(mi, m, matrix, &mut self.times.trace_norm);
         }
-        let tail = &ft_buf[(analysis.shared_numel * ft_type.size()).min(ft_buf.len())..];
+        let tail = std::mem::take(&mut analysis.tail);
         let streams = timed(&mut self.times.write, || {
-            write_streams(&mut m.writer, &enc, tail)
+            write_streams(&mut m.writer, &enc, &tail)
         })?;
         let bits = self.opts.params.bits;
         Ok(TensorKind::Compressed(Box::new(compressed_tensor(
@@ -203,17 +161,18 @@ impl Run<'_> {
         ))))
     }
 
-    /// The kept entries of one pair (checked against the CPU engine with `--verify`).
+    /// The kept entries of one pair, from its levels (checked against the CPU engine with
+    /// `--verify`).
     fn select(
         &mut self,
         pair: &Pair,
-        input: &DeltaInput,
+        levels: &PackedLevels,
         stats: &TensorStats,
         selection: &SelectionPlan,
     ) -> Result<KeptEntries> {
         let engine: &mut dyn Engine = self.engine;
         let kept = timed(&mut self.times.select, || {
-            engine.select(input, stats, selection)
+            engine.select_levels(levels, stats, selection)
         })
         .map_err(|e| pair.engine_error(e))?;
         if self.opts.verify {
@@ -222,7 +181,7 @@ impl Run<'_> {
                 &engine.name(),
                 "kept entries",
                 &mut self.times.verify,
-                |cpu| cpu.select(input, stats, selection),
+                |cpu| cpu.select_levels(levels, stats, selection),
             )?;
         }
         Ok(kept)

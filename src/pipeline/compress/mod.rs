@@ -5,22 +5,23 @@
 //!    is classified against the base, before any output exists;
 //! 2. [`stage`]: the outputs are staged (temporary names, renamed only when complete);
 //! 3. [`analyze`] (pass 1) reads every tensor pair once: compressed tensors go through
-//!    [`Engine::analyze`], the others are compared with the base (unchanged ones cost nothing);
+//!    [`Engine::analyze_levels`], which keeps their levels for pass 2, the others are compared with the base (unchanged ones cost nothing);
 //! 4. [`allocate`] makes each model's allocation plan from all standard deviations;
-//! 5. [`encode`] (pass 2) reads the compressed tensors again, selects the kept entries
-//!    ([`Engine::select`]), entropy-codes them and appends the records, while [`trace_norms`]
-//!    estimates the nuclear norms beside it;
+//! 5. [`encode`] (pass 2) selects the kept entries from the levels pass 1 kept ([`kept`],
+//!    [`Engine::select_levels`]: the checkpoints are not read again), entropy-codes them and
+//!    appends the records, while [`trace_norms`] estimates the nuclear norms beside it;
 //! 6. [`finish`] picks each model's gamma and writes the indexes; the outputs are complete,
 //!    still under temporary names, and [`StagedCompress::commit`] renames them into place
 //!    (the command line first prints its report, so a failure there leaves no output).
 //!
-//! Reads run ahead on their own thread in both passes ([`super::prefetch`]), and with a
+//! Reads run ahead on their own thread ([`super::prefetch`]), and with a
 //! host-side estimator the nuclear norms run on theirs ([`super::norm_worker`]).
 
 mod allocate;
 mod analyze;
 mod encode;
 mod finish;
+mod kept;
 mod model;
 mod open;
 mod pair;
@@ -34,7 +35,7 @@ use crate::algorithm::CompressParams;
 use crate::checkpoint::reader::Checkpoint;
 use crate::checkpoint::select::TensorSelector;
 use crate::checkpoint::side_files::SideFileOptions;
-use crate::engine::Engine;
+use crate::engine::{DeviceCounters, Engine};
 use crate::error::Result;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -74,8 +75,8 @@ pub struct StageTimes {
     /// Waiting for tensors to be read in pass 1 (reads run ahead on their own thread, so this
     /// is only the part the compute did not hide).
     pub read: f64,
-    /// The same in pass 2, which reads the compressed tensors again (most of them from the
-    /// page cache: it takes them in reverse order).
+    /// Pass 2 reading back the levels kept in the temporary file (no checkpoint is read
+    /// again: pass 2 selects from the levels pass 1 kept).
     pub read_pass2: f64,
     /// Comparing uncompressed tensors with the base.
     pub compare: f64,
@@ -89,8 +90,8 @@ pub struct StageTimes {
     pub write: f64,
     /// Recomputing on the CPU engine (`--verify`).
     pub verify: f64,
-    /// Nuclear-norm estimates. With the CPU engine they run on their own thread, beside the
-    /// other stages, and this is that thread's busy time.
+    /// Nuclear-norm estimates (on the host, from the kept entries, whatever the engine). They
+    /// run on their own thread, beside the other stages, and this is that thread's busy time.
     pub trace_norm: f64,
     /// Waiting, after the last tensor, for the nuclear norms still running on their thread.
     pub trace_norm_wait: f64,
@@ -104,6 +105,26 @@ fn timed<T>(slot: &mut f64, f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// What a run read, moved to and from the device and waited for: what `compress --json`
+/// reports under `run`, so that a run's I/O can be checked without a GPU.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RunCounters {
+    /// Bytes of tensor data read from the checkpoints' files (base and fine-tunes, both
+    /// passes, compared and stored-whole tensors included).
+    pub bytes_read: u64,
+    /// Tensors compressed (over all fine-tunes).
+    pub compressed_tensors: u64,
+    /// Bytes of the compressed tensors' inputs, each counted once: each base tensor that some
+    /// fine-tune compresses against, and each compressed fine-tuned tensor.
+    pub compressed_input_bytes: u64,
+    /// Bytes of kept levels that did not fit in [`kept::HOST_BUDGET`] and went through the
+    /// temporary file.
+    pub levels_spilled_bytes: u64,
+    /// Device traffic and blocking waits (zero on the CPU engine).
+    #[serde(flatten)]
+    pub device: DeviceCounters,
+}
+
 /// What a finished compression produced.
 #[derive(Debug, Clone)]
 pub struct CompressOutcome {
@@ -113,6 +134,8 @@ pub struct CompressOutcome {
     pub engine: String,
     /// Where the time went.
     pub times: StageTimes,
+    /// What was read, moved and waited for.
+    pub counters: RunCounters,
 }
 
 /// What every step after opening needs besides the models: the base, the options, the engine
@@ -123,6 +146,8 @@ struct Run<'a> {
     engine: &'a mut dyn Engine,
     /// Whether each model's trace norm is estimated.
     with_trace_norm: bool,
+    /// The levels pass 1 keeps for pass 2.
+    kept: kept::KeptStore,
     times: StageTimes,
 }
 
@@ -134,6 +159,8 @@ pub struct StagedCompress {
     pub engine: String,
     /// Where the time went.
     pub times: StageTimes,
+    /// What was read, moved and waited for.
+    pub counters: RunCounters,
 }
 
 impl StagedCompress {
@@ -149,7 +176,16 @@ impl StagedCompress {
             files: self.outputs.commit()?,
             engine: self.engine,
             times: self.times,
+            counters: self.counters,
         })
+    }
+}
+
+/// The directory that receives the temporary file of kept levels: the output's.
+fn scratch_dir(out: &Path) -> PathBuf {
+    match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 
@@ -177,6 +213,7 @@ pub fn compress_staged(
     opts: &CompressOptions,
     engine: &mut dyn Engine,
 ) -> Result<StagedCompress> {
+    let levels_budget = kept::host_budget()?;
     let inputs = open::open_inputs(base_path, finetuned, out, opts)?;
     let (outputs, mut models) = stage::stage_outputs(inputs.sources, &inputs.base, out, opts)?;
     let mut run = Run {
@@ -184,16 +221,24 @@ pub fn compress_staged(
         opts,
         engine,
         with_trace_norm: opts.trace_norm || models.len() > 1,
+        kept: kept::KeptStore::new(levels_budget, &scratch_dir(out)),
         times: StageTimes::default(),
     };
     let order = schedule::schedule(&models);
     run.analyze_all(&mut models, &order)?;
     allocate::allocate(&mut models, &run.base, &opts.selector, &opts.params);
     run.encode_all(&mut models, &order)?;
+    let counters = RunCounters {
+        bytes_read: run.base.bytes_read() + models.iter().map(|m| m.ckpt.bytes_read()).sum::<u64>(),
+        device: run.engine.counters(),
+        levels_spilled_bytes: run.kept.spilled,
+        ..schedule::compressed_inputs(&order, &run.base, &models)
+    };
     let outputs = run.finish(models, outputs)?;
     Ok(StagedCompress {
         outputs,
         engine: run.engine.name(),
         times: run.times,
+        counters,
     })
 }

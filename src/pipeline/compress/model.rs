@@ -1,6 +1,7 @@
 //! The state of one fine-tune as it goes through the steps: its tensors' kinds (step 1),
 //! plans (pass 1, completed by the allocation) and records (pass 2).
 
+use super::kept::Kept;
 use super::open::{Kind, Source};
 use crate::algorithm::{Allocation, TensorStats};
 use crate::checkpoint::reader::Checkpoint;
@@ -19,6 +20,10 @@ pub(super) struct Analysis {
     pub base_crc32: u32,
     /// Set by the allocation step.
     pub allocation: Option<Allocation>,
+    /// The levels pass 2 selects from (taken by pass 2).
+    pub kept: Option<Kept>,
+    /// The fine-tuned bytes beyond the shared elements (new rows, stored whole).
+    pub tail: Vec<u8>,
 }
 
 /// How one fine-tuned tensor will be stored, once pass 1 has seen it.

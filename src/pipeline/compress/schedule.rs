@@ -2,6 +2,7 @@
 
 use super::model::{Model, Plan};
 use super::open::Kind;
+use super::RunCounters;
 use crate::checkpoint::reader::Checkpoint;
 use std::sync::Arc;
 
@@ -43,6 +44,22 @@ pub(super) fn compress_reads(name: &str, base: &Arc<Checkpoint>, models: &[Model
         }
     }
     job
+}
+
+/// The number of compressed tensors and the bytes of their inputs, the base's counted once
+/// per tensor name (as [`compress_reads`] reads them).
+pub(super) fn compressed_inputs(
+    order: &[String],
+    base: &Arc<Checkpoint>,
+    models: &[Model],
+) -> RunCounters {
+    let mut c = RunCounters::default();
+    for name in order {
+        let reads = compress_reads(name, base, models);
+        c.compressed_tensors += reads.len().saturating_sub(1) as u64;
+        c.compressed_input_bytes += reads.iter().map(|r| r.tensor.len).sum::<u64>();
+    }
+    c
 }
 
 /// Bytes pass 1 reads (both sides of every compared or compressed pair), for its progress bar.

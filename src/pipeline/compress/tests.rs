@@ -9,7 +9,7 @@ use crate::algorithm::allocation::Group;
 use crate::algorithm::{QuantGrid, SelectionPlan, TensorStats};
 use crate::checkpoint::dtype::Dtype;
 use crate::checkpoint::writer::{SafetensorsWriter, TensorHeader};
-use crate::engine::{cpu::CpuEngine, DeltaInput, EngineError, KeptEntries};
+use crate::engine::{cpu::CpuEngine, DeltaInput, EngineError, KeptEntries, PackedLevels};
 use crate::error::Error;
 
 /// A compressed tensor (by the default selector), an unchanged norm, and a tensor only the
@@ -181,6 +181,8 @@ fn compressed_plan(n: u64, k: f32) -> Option<Plan> {
         stats,
         base_crc32: 0,
         allocation: None,
+        kept: None,
+        tail: Vec::new(),
     }))
 }
 
@@ -265,6 +267,18 @@ impl Engine for Skewed {
         }
         Ok(kept)
     }
+    fn select_levels(
+        &mut self,
+        levels: &PackedLevels,
+        stats: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError> {
+        let mut kept = CpuEngine.select_levels(levels, stats, plan)?;
+        if self.wrong_selection {
+            kept.levels[0] ^= 1;
+        }
+        Ok(kept)
+    }
 }
 
 #[test]
@@ -305,4 +319,55 @@ fn verify_passes_on_the_cpu_engine() {
         &mut CpuEngine,
     )
     .unwrap();
+}
+
+/// The CPU engine with device-like nuclear norms: each estimate off by one part in 10^6, as a
+/// GPU whose products fuse multiply and add could be.
+struct FusedNorms;
+
+impl Engine for FusedNorms {
+    fn name(&self) -> String {
+        "fused-norms-test-engine".into()
+    }
+    fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError> {
+        CpuEngine.analyze(input, bits)
+    }
+    fn select(
+        &mut self,
+        input: &DeltaInput,
+        stats: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError> {
+        CpuEngine.select(input, stats, plan)
+    }
+    fn nuclear_norm(
+        &mut self,
+        delta: &crate::tracenorm::SparseDelta,
+        opts: &crate::tracenorm::EstimatorOptions,
+    ) -> Result<f64, EngineError> {
+        Ok(crate::tracenorm::nuclear_norm(delta, opts) * (1.0 + 1e-6))
+    }
+    fn nuclear_norm_on_host(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn the_stored_trace_norm_does_not_depend_on_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ft) = checkpoints(dir.path(), "ft.safetensors", 8);
+    let opts = CompressOptions {
+        trace_norm: true,
+        ..options()
+    };
+    let norm_with = |engine: &mut dyn Engine, name: &str| {
+        let out = dir.path().join(name);
+        compress(&base, std::slice::from_ref(&ft), &out, &opts, engine).unwrap();
+        let index = crate::format::UdeltaReader::open(&out).unwrap().index;
+        index.model.trace_norm.expect("--trace-norm stores T_m")
+    };
+    let cpu = norm_with(&mut CpuEngine, "cpu.udelta");
+    let fused = norm_with(&mut FusedNorms, "fused.udelta");
+    assert!(cpu > 0.0);
+    assert_eq!(fused.to_bits(), cpu.to_bits(), "{fused} vs {cpu}");
 }

@@ -1,12 +1,15 @@
 //! Each model's trace norm `T_m`: the sum of the nuclear norms of its compressed 2-D deltas.
-//! With a host-side estimator they run on their own thread ([`NormWorker`]) beside the reads
-//! and the selection of the next tensors; else (or if the thread cannot start) inline.
-//! Either way each model's sum is taken in the order the matrices were submitted, so the
-//! result is the same number.
+//!
+//! The stored estimate is always the host estimator's ([`crate::tracenorm::nuclear_norm`]) on
+//! the kept entries, whatever the engine: a GPU's products may contract `acc += a * x` into a
+//! fused multiply-add where another device does not, and `T_m` sets gamma, which is stored in
+//! the file, so a device-dependent estimate would make the file depend on the driver. The
+//! estimates run on their own thread ([`NormWorker`]) beside the selection and coding of the
+//! next tensors; inline if the thread cannot start. Either way each model's sum is taken in
+//! the order the matrices were submitted, so the result is the same number.
 
 use super::model::Model;
 use super::StageTimes;
-use crate::engine::{Engine, EngineError};
 use crate::tracenorm::{DeltaValues, EstimatorOptions, SparseDelta};
 
 use super::super::norm_worker::NormWorker;
@@ -25,24 +28,17 @@ pub(super) struct KeptMatrix {
 }
 
 impl TraceNorms {
-    /// Starts the worker thread if `engine` estimates on the host and `wanted`.
-    pub fn start(wanted: bool, engine: &dyn Engine) -> TraceNorms {
-        let worker = (wanted && engine.nuclear_norm_on_host())
+    /// Starts the worker thread if `wanted`.
+    pub fn start(wanted: bool) -> TraceNorms {
+        let worker = wanted
             .then(|| NormWorker::start(EstimatorOptions::default()).ok())
             .flatten();
         TraceNorms { worker }
     }
 
     /// Adds the nuclear norm of `matrix` to model `mi`'s `T_m` (`model`): queued on the
-    /// worker, or estimated now with `engine`, timed into `clock`.
-    pub fn add(
-        &self,
-        mi: usize,
-        model: &mut Model,
-        matrix: KeptMatrix,
-        engine: &mut dyn Engine,
-        clock: &mut f64,
-    ) -> Result<(), EngineError> {
+    /// worker, or estimated now, timed into `clock`.
+    pub fn add(&self, mi: usize, model: &mut Model, matrix: KeptMatrix, clock: &mut f64) {
         if let Some(worker) = &self.worker {
             let KeptMatrix {
                 shape,
@@ -51,7 +47,7 @@ impl TraceNorms {
                 table,
             } = matrix;
             worker.submit(mi, shape, positions, codes, table);
-            return Ok(());
+            return;
         }
         let delta = SparseDelta {
             rows: matrix.shape.0,
@@ -63,9 +59,8 @@ impl TraceNorms {
             },
         };
         model.trace_norm += super::timed(clock, || {
-            engine.nuclear_norm(&delta, &EstimatorOptions::default())
-        })?;
-        Ok(())
+            crate::tracenorm::nuclear_norm(&delta, &EstimatorOptions::default())
+        });
     }
 
     /// Waits for the worker's last estimates and adds them to the models' trace norms.

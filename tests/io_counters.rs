@@ -1,0 +1,230 @@
+//! `compress --json` reports under `run` what the run read from disk, moved to and from the
+//! device and waited for. These counters are checked here against sums taken independently
+//! from the checkpoint files and the file's own report, on both engines (the GPU one on
+//! lavapipe; without a Vulkan adapter that part says loudly that it did not run).
+
+mod common;
+use common::*;
+use std::path::Path;
+
+/// How many times a run reads each compressed tensor's inputs.
+const READS_OF_EACH_INPUT: u64 = 1;
+
+/// A tiny LLaMA-shaped pair written by `synth` (f16; the fine-tune's tensors have the base's
+/// shapes): its directory.
+fn synth(dir: &Path, models: usize) -> (std::path::PathBuf, Vec<std::path::PathBuf>) {
+    ok(udelta(&[
+        "synth",
+        "--out",
+        s(dir),
+        "--preset",
+        "tiny",
+        "--layers",
+        "2",
+        "--models",
+        &models.to_string(),
+        "-q",
+    ]));
+    let fts = (1..=models).map(|i| dir.join(format!("ft-{i}"))).collect();
+    (dir.join("base"), fts)
+}
+
+/// `compress --json` with `adapter` (and `extra` arguments): the first file's report.
+fn compress_json(
+    dir: &Path,
+    base: &Path,
+    fts: &[std::path::PathBuf],
+    adapter: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let out = dir.join(format!("{adapter}.out"));
+    let mut args = vec!["compress", "--base", s(base)];
+    for f in fts {
+        args.extend(["--finetuned", s(f)]);
+    }
+    args.extend([
+        "-o",
+        s(&out),
+        "--adapter",
+        adapter,
+        "-q",
+        "--json",
+        "--force",
+    ]);
+    args.extend(extra);
+    let v: serde_json::Value = serde_json::from_str(&ok(udelta(&args))).unwrap();
+    match v {
+        serde_json::Value::Array(mut files) => files.remove(0),
+        one => one,
+    }
+}
+
+/// Bytes of the tensors of `kind` in a file's report (the fine-tune's bytes).
+fn bytes_of_kind(report: &serde_json::Value, kind: &str) -> u64 {
+    report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == kind)
+        .map(|t| t["bytes_tensor"].as_u64().unwrap())
+        .sum()
+}
+
+fn counter(report: &serde_json::Value, name: &str) -> u64 {
+    report["run"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("run.{name} missing in {}", report["run"]))
+}
+
+#[test]
+fn cpu_run_reads_each_compressed_input_once_and_touches_no_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, fts) = synth(dir.path(), 1);
+    let r = compress_json(dir.path(), &base, &fts, "cpu", &[]);
+    let compressed = bytes_of_kind(&r, "compressed");
+    let others: u64 = bytes_of_kind(&r, "coded") + bytes_of_kind(&r, "unchanged");
+    assert!(compressed > 0 && others > 0);
+    // The base tensors have the fine-tune's shapes and dtype: both sides, once each.
+    assert_eq!(counter(&r, "compressed_input_bytes"), 2 * compressed);
+    assert_eq!(counter(&r, "compressed_tensors"), 16);
+    // Compressed pairs are read READS_OF_EACH_INPUT times; the others at most twice
+    // (compared in pass 1, then coded against the base in pass 2).
+    let read = counter(&r, "bytes_read");
+    let pairs = READS_OF_EACH_INPUT * 2 * compressed;
+    assert!(read >= pairs + others, "{read}");
+    assert!(read <= pairs + 4 * others, "{read}");
+    for c in ["bytes_uploaded", "bytes_read_back", "blocking_waits"] {
+        assert_eq!(counter(&r, c), 0, "{c} on the CPU engine");
+    }
+    for stage in ["read", "analyze", "select", "encode", "write"] {
+        assert!(
+            r["run"]["seconds"][stage].as_f64().unwrap() >= 0.0,
+            "{stage}"
+        );
+    }
+}
+
+#[test]
+fn several_fine_tunes_read_the_base_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, fts) = synth(dir.path(), 2);
+    let r = compress_json(dir.path(), &base, &fts, "cpu", &[]);
+    let compressed = bytes_of_kind(&r, "compressed");
+    // One base tensor and two fine-tuned tensors per compressed name.
+    assert_eq!(counter(&r, "compressed_input_bytes"), 3 * compressed);
+    assert_eq!(counter(&r, "compressed_tensors"), 32);
+    let read = counter(&r, "bytes_read");
+    let inputs = READS_OF_EACH_INPUT * 3 * compressed;
+    assert!(read >= inputs && read < inputs + compressed / 4, "{read}");
+}
+
+#[test]
+fn gpu_run_counts_its_uploads_readbacks_and_waits() {
+    let out = udelta(&["adapters", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    if !list
+        .as_array()
+        .is_some_and(|l| l.iter().any(|a| a["backend"] == "Vulkan"))
+    {
+        report_missing_gpu("no Vulkan adapter");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (base, fts) = synth(dir.path(), 1);
+    let r = compress_json(dir.path(), &base, &fts, "vulkan", &[]);
+    let inputs = counter(&r, "compressed_input_bytes");
+    let tensors = counter(&r, "compressed_tensors");
+    let uploaded = counter(&r, "bytes_uploaded");
+    let waits = counter(&r, "blocking_waits");
+    eprintln!("uploaded {uploaded} for {inputs} input bytes, {waits} waits for {tensors} tensors");
+    assert!(uploaded >= inputs, "every input goes to the device");
+    // The tiny preset's tensors fit in one chunk: uploaded once, plus parameter words.
+    assert!(
+        uploaded as f64 <= 1.05 * inputs as f64,
+        "{uploaded} for {inputs}"
+    );
+    // Per tensor one map: min/max and the flags; the levels, their histogram and the selection
+    // are computed on the host (nothing else read back).
+    assert!(
+        waits >= tensors,
+        "at least one wait per tensor for its statistics"
+    );
+    assert!(waits <= 3 * tensors, "{waits} waits for {tensors} tensors");
+    let read_back = counter(&r, "bytes_read_back");
+    assert!(read_back > 0 && read_back <= tensors * 1024, "{read_back}");
+}
+
+#[test]
+fn levels_spilled_to_the_temporary_file_give_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, fts) = synth(dir.path(), 1);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let run = |name: &str, budget: &str| {
+        let file = out_dir.join(name);
+        let out = udelta_env(
+            &[
+                "compress",
+                "--base",
+                s(&base),
+                "--finetuned",
+                s(&fts[0]),
+                "-o",
+                s(&file),
+                "--adapter",
+                "cpu",
+                "-q",
+                "--json",
+            ],
+            &[("UDELTA_KEPT_LEVELS_BUDGET", budget)],
+        );
+        let r: serde_json::Value = serde_json::from_str(&ok(out)).unwrap();
+        (
+            std::fs::read(&file).unwrap(),
+            counter(&r, "levels_spilled_bytes"),
+            r,
+        )
+    };
+    let (in_memory, none, _) = run("memory.udelta", "1000000000");
+    let (spilled, bytes, r) = run("spilled.udelta", "0");
+    assert_eq!(none, 0);
+    // Every compressed parameter's 4-bit level, two per byte.
+    let params: u64 = r["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "compressed")
+        .map(|t| t["bytes_tensor"].as_u64().unwrap() / 2)
+        .sum();
+    assert_eq!(
+        bytes,
+        params.div_ceil(2),
+        "half a byte per compressed parameter"
+    );
+    assert!(in_memory == spilled, "the spilled run wrote other bytes");
+    // The temporary file was unnamed: only the two outputs are in the directory.
+    let names: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    fails(
+        udelta_env(
+            &[
+                "compress",
+                "--base",
+                s(&base),
+                "--finetuned",
+                s(&fts[0]),
+                "-o",
+                s(&out_dir.join("x.udelta")),
+                "--adapter",
+                "cpu",
+                "-q",
+            ],
+            &[("UDELTA_KEPT_LEVELS_BUDGET", "lots")],
+        ),
+        &["UDELTA_KEPT_LEVELS_BUDGET=lots"],
+    );
+    assert!(!out_dir.join("x.udelta").exists());
+}
