@@ -8,7 +8,9 @@ use crate::checkpoint::side_files::SideFileOptions;
 use crate::engine::{self, Engine};
 use crate::error::{Error, Result};
 use crate::format::UdeltaReader;
-use crate::pipeline::compress::{compress, CompressOptions};
+use crate::pipeline::compress::{
+    compress, dry_run, CompressOptions, DryRunReport, SizeTarget, TargetOutcome,
+};
 use crate::pipeline::decompress::{decompress, DecompressOptions};
 use crate::pipeline::verify::verify;
 use crate::report::InspectReport;
@@ -99,6 +101,19 @@ pub struct CompressArgs {
     /// Target sparsity s (fraction of delta entries pruned), in (0, 1).
     #[arg(long, default_value_t = 0.95)]
     pub sparsity: f64,
+    /// Choose the sparsity so that the file takes about this size (e.g. 25MB, 1GiB), from the
+    /// level histograms of pass 1; instead of --sparsity.
+    #[arg(long, value_parser = parse_size, conflicts_with_all = ["sparsity", "target_ratio"])]
+    pub target_size: Option<u64>,
+    /// Choose the sparsity so that the whole-file ratio (the fine-tune's tensor bytes over the
+    /// file's bytes, ratio_file) is about R; instead of --sparsity.
+    #[arg(long, value_name = "R", conflicts_with = "sparsity")]
+    pub target_ratio: Option<f64>,
+    /// Print the plan (what is compressed, stored, compared; parameter counts; the expected
+    /// file size and its error bound) from the headers and a small sample of the data, and
+    /// write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Quantization bits, 1..=8.
     #[arg(long, default_value_t = 4)]
     pub bits: u32,
@@ -192,6 +207,10 @@ pub struct InspectArgs {
     /// Totals only, no per-tensor table.
     #[arg(long)]
     pub totals: bool,
+    /// Also draw the pruning rate, delta std and bytes stored per block and matrix into this
+    /// SVG file (replaced if it exists).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 /// `synth` arguments.
@@ -309,8 +328,12 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Inspect(a) => {
-            let report = InspectReport::of(&UdeltaReader::open(&a.input)?);
-            print_report(&report, a.json, !a.totals)
+            let reader = UdeltaReader::open(&a.input)?;
+            if let Some(svg) = &a.plot {
+                crate::plot::write_plot(&reader, &a.input, svg)?;
+                eprintln!("wrote {}", svg.display());
+            }
+            print_report(&InspectReport::of(&reader), a.json, !a.totals)
         }
         Command::Synth(a) => {
             let out = a.out.clone();
@@ -383,7 +406,15 @@ fn run_compress(a: CompressArgs) -> Result<()> {
             omit: a.no_side_files,
             remote_code: a.with_remote_code,
         },
+        target: match (a.target_size, a.target_ratio) {
+            (Some(bytes), _) => Some(SizeTarget::Bytes(bytes)),
+            (None, Some(r)) => Some(SizeTarget::Ratio(r)),
+            (None, None) => None,
+        },
     };
+    if a.dry_run {
+        return print_dry_run(&dry_run(&a.base, &a.finetuned, &opts)?, a.json);
+    }
     let mut engine = engine::create(&a.adapter, a.gpu_mem)?;
     let t = Instant::now();
     let out = compress(&a.base, &a.finetuned, &a.output, &opts, engine.as_mut())?;
@@ -427,12 +458,54 @@ fn run_compress(a: CompressArgs) -> Result<()> {
         );
         return Ok(());
     }
+    if let (Some(target), [report]) = (out.target, reports.as_slice()) {
+        return print_target_report(report, target, a.json);
+    }
     for (r, (f, _)) in reports.iter().zip(&out.files) {
         if !a.json && reports.len() > 1 {
             out!("== {}", f.display());
         }
         print_report(r, a.json, false)?;
     }
+    Ok(())
+}
+
+/// The plan of `compress --dry-run`, as text or JSON.
+fn print_dry_run(report: &DryRunReport, json: bool) -> Result<()> {
+    if json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(report).map_err(|e| Error::Param(e.to_string()))?
+        );
+    } else {
+        out!("{}", report.to_text().trim_end_matches('\n'));
+    }
+    Ok(())
+}
+
+/// The report of a file compressed to a target size: what was asked, the sparsity chosen, and
+/// the size reached (JSON: the report with a `target` object).
+fn print_target_report(report: &InspectReport, target: TargetOutcome, json: bool) -> Result<()> {
+    let reached = report.file_bytes;
+    let off = 100.0 * (reached as f64 / target.target_bytes as f64 - 1.0);
+    if json {
+        let to_json = |e: serde_json::Error| Error::Param(e.to_string());
+        let mut v = serde_json::to_value(report).map_err(to_json)?;
+        v["target"] = serde_json::json!({
+            "target_bytes": target.target_bytes,
+            "sparsity": target.sparsity,
+            "estimated_bytes": target.estimated_bytes,
+            "file_bytes": reached,
+            "off_percent": off,
+        });
+        out!("{}", serde_json::to_string_pretty(&v).map_err(to_json)?);
+        return Ok(());
+    }
+    print_report(report, false, false)?;
+    out!(
+        "target {} bytes: sparsity {:.6} chosen (expected {} bytes); file {} bytes ({off:+.2} %), ratio_file {:.2}x",
+        target.target_bytes, target.sparsity, target.estimated_bytes, reached, report.ratio_file
+    );
     Ok(())
 }
 
@@ -531,6 +604,7 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         gamma: None,
         progress: false,
         side_files: Default::default(),
+        target: None,
     };
     let t = Instant::now();
     compress(

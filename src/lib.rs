@@ -17,6 +17,7 @@ pub mod error;
 pub mod format;
 pub mod fuzzing;
 pub mod pipeline;
+pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod restore;

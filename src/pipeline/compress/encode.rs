@@ -51,6 +51,7 @@ impl Run<'_> {
         for name in order {
             self.store_whole_tensors(models, name, &progress)?;
         }
+        self.plan_allocation(models)?;
         for name in compress_order {
             let loaded = timed(&mut self.times.read_pass2, || loads.next_job())?;
             self.encode_tensors(models, name, loaded, &norms, &progress, &loads)?;
