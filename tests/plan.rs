@@ -159,10 +159,12 @@ fn target_ratio_meets_the_ratio_on_a_small_preset() {
         let r = want.to_string();
         let report = compress(&base, &ft, &file, &["--target-ratio", &r, "--force"]);
         let ratio = report["ratio_file"].as_f64().unwrap();
-        // tiny's tensors hold 64 K to 262 K elements, so the kept counts of each level vary
-        // by a few percent around their expectation; 3 % is the acceptance bound at 7b.
+        // The size model's error: the coder's streams within 0.5 % of its expectation (random
+        // masks, `codec::estimate`'s test) and the index entries by constants, which weigh
+        // more in a 150 kB file than in 7b's 27 MB. Measured 0.01 % at 20x and 0.10 % at 50x
+        // (2026-12-06); 1 % leaves room and is a third of the acceptance bound at 7b (3 %).
         assert!(
-            (ratio / want - 1.0).abs() < 0.03,
+            (ratio / want - 1.0).abs() < 0.01,
             "ratio {ratio} for {want}"
         );
         let target = &report["target"];
@@ -193,7 +195,8 @@ fn target_size_in_bytes_and_the_dry_run_agree() {
     let file = dir.path().join("out.udelta");
     let report = compress(&base, &ft, &file, &["--target-size", "60KB"]);
     let bytes = report["file_bytes"].as_f64().unwrap();
-    assert!((bytes / 60_000.0 - 1.0).abs() < 0.03, "{bytes}");
+    // Measured +0.44 % (2026-12-06): at 70x the index is a larger share of the file.
+    assert!((bytes / 60_000.0 - 1.0).abs() < 0.02, "{bytes}");
     assert_eq!(report["target"]["target_bytes"], 60_000);
     let text_args = {
         let mut a = compress_args(&base, &ft, &file);
@@ -246,4 +249,39 @@ fn target_options_are_checked_before_any_output() {
     let mut args = compress_args(&base, &ft, dir.path());
     args.extend(["--finetuned", s(&ft), "--target-ratio", "20"]);
     fails(udelta(&args), &["single --finetuned"]);
+}
+
+#[test]
+fn dry_run_estimates_the_real_minilm_file_within_its_bound() {
+    let (base, ft) = minilm();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("minilm.udelta");
+    for extra in [&[][..], &["--embeddings", "lossless"][..]] {
+        let mut args = compress_args(&base, &ft, &file);
+        args.extend_from_slice(extra);
+        args.push("--dry-run");
+        let plan: Value = serde_json::from_str(&ok(udelta(&args))).unwrap();
+        let m = &plan["models"][0];
+        // 6 layers x 6 linears, and the word, position and token-type embeddings.
+        let compressed = m["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["action"] == "compress")
+            .count();
+        assert_eq!(compressed, if extra.is_empty() { 39 } else { 36 });
+        // The stored share passes 5 % only when the embeddings are stored.
+        assert_eq!(m["warning"].is_null(), extra.is_empty(), "{}", m["warning"]);
+        let mut extra_force = extra.to_vec();
+        extra_force.push("--force");
+        let real = compress(&base, &ft, &file, &extra_force)["file_bytes"]
+            .as_f64()
+            .unwrap();
+        let est = m["estimated_bytes"].as_f64().unwrap();
+        let bound = plan["estimate_bound"].as_f64().unwrap();
+        assert!(
+            (est / real - 1.0).abs() <= bound,
+            "{extra:?}: {est} vs {real}"
+        );
+    }
 }
