@@ -413,7 +413,7 @@ fn run_compress(a: CompressArgs) -> Result<()> {
         },
     };
     if a.dry_run {
-        return print_dry_run(&dry_run(&a.base, &a.finetuned, &opts)?, a.json);
+        return print_dry_run(&dry_run(&a.base, &a.finetuned, &a.output, &opts)?, a.json);
     }
     let mut engine = engine::create(&a.adapter, a.gpu_mem)?;
     let t = Instant::now();

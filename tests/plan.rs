@@ -145,6 +145,15 @@ fn dry_run_warns_naming_the_largest_stored_tensors() {
         assert!(norm > largest, "{warning}");
     }
     assert!(!file.exists());
+    assert!(!text.contains("the output exists"), "{text}");
+    std::fs::write(&file, b"x").unwrap();
+    let text = ok(udelta(&args));
+    assert!(
+        text.contains("note: the output exists: the run needs --force"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    std::fs::remove_file(&file).unwrap();
     // Without the option nothing is stored beyond the norms: no warning.
     args.truncate(args.len() - 2);
     assert!(!ok(udelta(&args)).contains("warning:"));

@@ -36,7 +36,7 @@ impl Run<'_> {
     fn choose_sparsity(&self, m: &Model, target: SizeTarget) -> Result<TargetOutcome> {
         let tensor_bytes: u64 = m.ckpt.tensors.iter().map(|t| t.len).sum();
         let bytes = target.bytes(tensor_bytes);
-        let mut fixed = m.writer.offset() as f64 + sizing::FRAME_BYTES;
+        let mut fixed = m.writer.offset() as f64 + sizing::FOOTER_BYTES;
         let mut sized = Vec::new();
         for (t, plan) in m.ckpt.tensors.iter().zip(&m.plans) {
             match plan {

@@ -109,6 +109,8 @@ pub struct DryRunReport {
     pub estimate_bound: f64,
     /// Bytes of tensor data read (the samples).
     pub sampled_bytes: u64,
+    /// Whether the output exists (and `--force` was not given): the run would refuse it.
+    pub output_exists: bool,
 }
 
 /// Plans the compression of each fine-tune in `finetuned` against `base_path` with `opts`,
@@ -116,9 +118,11 @@ pub struct DryRunReport {
 pub fn dry_run(
     base_path: &Path,
     finetuned: &[PathBuf],
+    out: &Path,
     opts: &CompressOptions,
 ) -> Result<DryRunReport> {
     open::validate_options(finetuned, opts)?;
+    let output_exists = out.exists() && !opts.force;
     let inputs = open::open_checkpoints(base_path, finetuned, opts)?;
     let mut sampled_bytes = 0;
     let models = inputs
@@ -130,6 +134,7 @@ pub fn dry_run(
         models,
         estimate_bound: ESTIMATE_BOUND,
         sampled_bytes,
+        output_exists,
     })
 }
 
@@ -345,6 +350,12 @@ impl DryRunReport {
         let mut s = String::new();
         for m in &self.models {
             m.write_text(&mut s, self.estimate_bound);
+        }
+        if self.output_exists {
+            let _ = writeln!(
+                s,
+                "note: the output exists: the run needs --force to replace it"
+            );
         }
         let _ = writeln!(
             s,

@@ -8,6 +8,12 @@ use crate::checkpoint::select::Pool;
 use crate::codec::block_count;
 use crate::codec::estimate::expected_payload_bytes;
 use crate::error::{Error, Result};
+use crate::format::{FOOTER_LEN, HEADER_LEN};
+
+/// Header and footer of a `.udelta` file.
+pub const FRAME_BYTES: f64 = (HEADER_LEN + FOOTER_LEN) as f64;
+/// The footer alone (the header is written when the file is created).
+pub const FOOTER_BYTES: f64 = FOOTER_LEN as f64;
 
 /// Index bytes (deflated JSON) of one compressed tensor's entry, besides its block table:
 /// `inspect --json` charges each tensor its share of the index (`bytes_meta`); on the files of
@@ -18,8 +24,6 @@ pub const INDEX_BYTES_COMPRESSED: f64 = 140.0;
 pub const INDEX_BYTES_PER_BLOCK: f64 = 10.0;
 /// Index bytes of the entry of a tensor stored whole (45 to 52 measured) or unchanged (24).
 pub const INDEX_BYTES_OTHER: f64 = 48.0;
-/// Header (16) and footer (40) of a `.udelta` file.
-pub const FRAME_BYTES: f64 = 56.0;
 
 /// The lowest and highest sparsity `--target-size` considers (the upper one is lowered to
 /// `1 - step` so that the low-variance group's rate stays at most 1).
