@@ -188,6 +188,7 @@ fn udelta_seeds(out: &Path, tmp: &Path) {
             trace_norm: false,
             gamma: None,
             side_files: Default::default(),
+            target: None,
         };
         compress(
             &base,

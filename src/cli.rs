@@ -8,7 +8,10 @@ use crate::checkpoint::side_files::SideFileOptions;
 use crate::engine::{self, Engine};
 use crate::error::{Error, Result};
 use crate::format::UdeltaReader;
-use crate::pipeline::compress::{compress, compress_staged, CompressOptions, StagedCompress};
+use crate::pipeline::compress::{
+    compress, compress_staged, dry_run, CompressOptions, DryRunReport, SizeTarget, StagedCompress,
+    TargetOutcome,
+};
 use crate::pipeline::decompress::{decompress, decompress_staged, DecompressOptions};
 use crate::pipeline::verify::verify;
 use crate::report::InspectReport;
@@ -122,6 +125,19 @@ pub struct CompressArgs {
     /// Target sparsity s (fraction of delta entries pruned), in (0, 1).
     #[arg(long, default_value_t = 0.95)]
     pub sparsity: f64,
+    /// Choose the sparsity so that the file takes about this size (e.g. 25MB, 1GiB), from the
+    /// level histograms of pass 1; instead of --sparsity.
+    #[arg(long, value_parser = parse_size, conflicts_with_all = ["sparsity", "target_ratio"])]
+    pub target_size: Option<u64>,
+    /// Choose the sparsity so that the whole-file ratio (the fine-tune's tensor bytes over the
+    /// file's bytes, ratio_file) is about R; instead of --sparsity.
+    #[arg(long, value_name = "R", conflicts_with = "sparsity")]
+    pub target_ratio: Option<f64>,
+    /// Print the plan (what is compressed, stored, compared; parameter counts; the expected
+    /// file size and its error bound) from the headers and a small sample of the data, and
+    /// write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Quantization bits, 1..=8.
     #[arg(long, default_value_t = 4)]
     pub bits: u32,
@@ -215,6 +231,10 @@ pub struct InspectArgs {
     /// Totals only, no per-tensor table.
     #[arg(long)]
     pub totals: bool,
+    /// Also draw the pruning rate, delta std and bytes stored per block and matrix into this
+    /// SVG file (replaced if it exists).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 /// `synth` arguments.
@@ -342,8 +362,12 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Inspect(a) => {
-            let report = InspectReport::of(&UdeltaReader::open(&a.input)?);
-            print_report(&report, a.json, !a.totals)
+            let reader = UdeltaReader::open(&a.input)?;
+            if let Some(svg) = &a.plot {
+                crate::plot::write_plot(&reader, &a.input, svg)?;
+                eprintln!("wrote {}", svg.display());
+            }
+            print_report(&InspectReport::of(&reader), a.json, !a.totals)
         }
         Command::Synth(a) => {
             let out = a.out.clone();
@@ -426,7 +450,15 @@ fn run_compress(a: CompressArgs) -> Result<()> {
             omit: a.no_side_files,
             remote_code: a.with_remote_code,
         },
+        target: match (a.target_size, a.target_ratio) {
+            (Some(bytes), _) => Some(SizeTarget::Bytes(bytes)),
+            (None, Some(r)) => Some(SizeTarget::Ratio(r)),
+            (None, None) => None,
+        },
     };
+    if a.dry_run {
+        return print_dry_run(&dry_run(&a.base, &a.finetuned, &a.output, &opts)?, a.json);
+    }
     let mut engine = engine::create(&a.adapter, a.gpu_mem)?;
     let t = Instant::now();
     let staged = compress_staged(&a.base, &a.finetuned, &a.output, &opts, engine.as_mut())?;
@@ -461,8 +493,12 @@ fn compress_report(
     json: bool,
     staged: &StagedCompress,
 ) -> Result<String> {
+    let target = staged.target.as_ref().filter(|_| reports.len() == 1);
     if json {
-        let reports = with_run_counters(reports, staged)?;
+        let mut reports = with_run_counters(reports, staged)?;
+        if let (Some(t), [v]) = (target, reports.as_mut_slice()) {
+            v["target"] = target_json(t, v["file_bytes"].as_u64().unwrap_or(0));
+        }
         let value = match reports.as_slice() {
             [one] => one,
             _ => &serde_json::Value::Array(reports.clone()),
@@ -477,6 +513,9 @@ fn compress_report(
         }
         text += &report_text(r, json, false)?;
         text.push('\n');
+    }
+    if let (Some(t), [r]) = (target, reports) {
+        text += &target_line(t, r);
     }
     Ok(text)
 }
@@ -531,6 +570,49 @@ fn with_run_counters(
             Ok(v)
         })
         .collect()
+}
+
+/// The dry run's plan, as text or JSON.
+fn print_dry_run(report: &DryRunReport, json: bool) -> Result<()> {
+    if json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(report).map_err(|e| Error::Param(e.to_string()))?
+        );
+    } else {
+        out!("{}", report.to_text().trim_end_matches('\n'));
+    }
+    Ok(())
+}
+
+/// What a target size chose and reached, for the JSON report (`target`).
+fn target_json(target: &TargetOutcome, reached: u64) -> serde_json::Value {
+    serde_json::json!({
+        "target_bytes": target.target_bytes,
+        "sparsity": target.sparsity,
+        "estimated_bytes": target.estimated_bytes,
+        "file_bytes": reached,
+        "off_percent": off_percent(target, reached),
+    })
+}
+
+/// The text report's last line for a file compressed to a target size.
+fn target_line(target: &TargetOutcome, report: &InspectReport) -> String {
+    let reached = report.file_bytes;
+    format!(
+        "target {} bytes: sparsity {:.6} chosen (expected {} bytes); file {} bytes ({:+.2} %), ratio_file {:.2}x\n",
+        target.target_bytes,
+        target.sparsity,
+        target.estimated_bytes,
+        reached,
+        off_percent(target, reached),
+        report.ratio_file
+    )
+}
+
+/// How far the file's size is from the target, in percent.
+fn off_percent(target: &TargetOutcome, reached: u64) -> f64 {
+    100.0 * (reached as f64 / target.target_bytes as f64 - 1.0)
 }
 
 fn parse_float_type(s: &str) -> Result<FloatType> {
@@ -630,6 +712,7 @@ fn run_demo(a: DemoArgs) -> Result<()> {
         gamma: None,
         progress: false,
         side_files: Default::default(),
+        target: None,
     };
     let t = Instant::now();
     compress(

@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod limits;
 pub mod no_replace;
 pub mod pipeline;
+pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod restore;

@@ -607,6 +607,7 @@ mod tests {
             trace_norm: false,
             gamma: None,
             side_files: Default::default(),
+            target: None,
         };
         let engine = &mut crate::engine::cpu::CpuEngine;
         compress(&made.base, &made.finetuned, &file, &opts, engine).unwrap();

@@ -301,6 +301,7 @@ fn compress_records_the_gpu_trace_norm() {
         trace_norm: true,
         gamma: None,
         side_files: Default::default(),
+        target: None,
     };
     let norm = |engine: &mut dyn Engine, name: &str| {
         let out = dir.path().join(name);

@@ -205,6 +205,7 @@ fn a_compress_that_loses_the_race_leaves_the_winner_alone() {
         trace_norm: false,
         gamma: None,
         side_files: Default::default(),
+        target: None,
     };
     let mut engine = udelta_gpu::engine::create("cpu", 1 << 30).unwrap();
     let staged = compress_staged(

@@ -130,6 +130,7 @@ fn compress(
                 omit: !side_files,
                 remote_code: with_remote_code,
             },
+            target: None,
         };
         let mut engine = udelta_gpu::engine::create(&adapter, gpu_mem)?;
         let out = udelta_gpu::pipeline::compress::compress(

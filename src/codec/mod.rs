@@ -29,6 +29,7 @@
 //! Encoding and decoding run the blocks in parallel (rayon); the output does not depend on the
 //! number of threads.
 
+pub mod estimate;
 pub mod golomb;
 pub mod lossless;
 pub mod prefixed;

@@ -11,6 +11,7 @@ use crate::checkpoint::side_files::{
 use crate::codec::prefixed;
 use crate::error::{Error, Result};
 use crate::format::index::crc32;
+use crate::format::index::RecordRef;
 use crate::format::side_files::{BaseFileRef, SideFileEntry};
 use crate::format::{UdeltaReader, UdeltaWriter};
 use std::path::Path;
@@ -24,6 +25,20 @@ pub fn carry(
     writer: &mut UdeltaWriter,
     opts: SideFileOptions,
     quiet: bool,
+) -> Result<Vec<SideFileEntry>> {
+    code_side_files(base_path, ft, opts, quiet, &mut |frame| {
+        writer.append(frame)
+    })
+}
+
+/// [`carry`] with the coded frames handed to `append` (which returns their record
+/// reference) instead of a writer: `compress --dry-run` counts them.
+pub fn code_side_files(
+    base_path: &Path,
+    ft: &Checkpoint,
+    opts: SideFileOptions,
+    quiet: bool,
+    append: &mut dyn FnMut(&[u8]) -> Result<RecordRef>,
 ) -> Result<Vec<SideFileEntry>> {
     if opts.omit {
         return Ok(Vec::new());
@@ -59,7 +74,7 @@ pub fn carry(
             }
         };
         let base = base_dir.and_then(|d| files::read_regular(&d.join(rel), MAX_SIDE_FILE_LEN).ok());
-        entries.push(code_one(rel, &bytes, base.as_deref(), writer, &path)?);
+        entries.push(code_one(rel, &bytes, base.as_deref(), append, &path)?);
     }
     Ok(entries)
 }
@@ -80,7 +95,7 @@ fn code_one(
     rel: &str,
     bytes: &[u8],
     base: Option<&[u8]>,
-    writer: &mut UdeltaWriter,
+    append: &mut dyn FnMut(&[u8]) -> Result<RecordRef>,
     path: &Path,
 ) -> Result<SideFileEntry> {
     let data = match base {
@@ -88,7 +103,7 @@ fn code_one(
         _ => {
             let frame = prefixed::encode(base.unwrap_or_default(), bytes)
                 .map_err(|e| Error::checkpoint(path, format!("side file not coded: {e}")))?;
-            Some(writer.append(&frame)?)
+            Some(append(&frame)?)
         }
     };
     Ok(SideFileEntry {

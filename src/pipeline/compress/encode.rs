@@ -40,6 +40,7 @@ impl Run<'_> {
         for name in order {
             self.store_whole_tensors(models, name, &progress)?;
         }
+        self.plan_allocation(models)?;
         // Reverse order: the levels spilled last are read back first.
         for name in order.iter().rev() {
             self.encode_tensors(models, name, &norms, &progress)?;

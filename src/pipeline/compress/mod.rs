@@ -19,13 +19,16 @@
 
 mod allocate;
 mod analyze;
+pub mod dry_run;
 mod encode;
 mod finish;
 mod kept;
 mod model;
 mod open;
 mod pair;
+mod sample;
 mod schedule;
+mod sizing;
 mod stage;
 #[cfg(test)]
 mod tests;
@@ -40,6 +43,7 @@ use crate::error::Result;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use dry_run::{dry_run, DryRunReport};
 pub use open::model_name_of;
 
 /// Bytes per read when comparing or copying tensors that are not compressed.
@@ -67,6 +71,38 @@ pub struct CompressOptions {
     pub gamma: Option<f64>,
     /// Which of the fine-tuned directory's other files (config, tokenizer) are carried.
     pub side_files: SideFileOptions,
+    /// Choose the sparsity so that the file has this size (`params.sparsity` is then ignored).
+    pub target: Option<SizeTarget>,
+}
+
+/// A file size asked for instead of a sparsity (`--target-size` / `--target-ratio`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SizeTarget {
+    /// The file's size in bytes.
+    Bytes(u64),
+    /// The fine-tune's tensor bytes over the file's size (`ratio_file` of the report).
+    Ratio(f64),
+}
+
+impl SizeTarget {
+    /// The file size asked for, for a fine-tune whose tensors take `tensor_bytes`.
+    pub fn bytes(self, tensor_bytes: u64) -> u64 {
+        match self {
+            SizeTarget::Bytes(b) => b,
+            SizeTarget::Ratio(r) => (tensor_bytes as f64 / r).round() as u64,
+        }
+    }
+}
+
+/// What a target size became.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct TargetOutcome {
+    /// The file size asked for.
+    pub target_bytes: u64,
+    /// The sparsity chosen.
+    pub sparsity: f64,
+    /// The size the model expected at that sparsity.
+    pub estimated_bytes: u64,
 }
 
 /// Wall time spent in each stage, in seconds (stages run one after another on this thread).
@@ -136,14 +172,19 @@ pub struct CompressOutcome {
     pub times: StageTimes,
     /// What was read, moved and waited for.
     pub counters: RunCounters,
+    /// The sparsity a target size chose, when one was asked for.
+    pub target: Option<TargetOutcome>,
 }
 
 /// What every step after opening needs besides the models: the base, the options, the engine
 /// and the clocks.
 struct Run<'a> {
     base: Arc<Checkpoint>,
-    opts: &'a CompressOptions,
+    /// The options (owned: a target size sets the sparsity after pass 1).
+    opts: CompressOptions,
     engine: &'a mut dyn Engine,
+    /// What the target size chose, once chosen.
+    target: Option<TargetOutcome>,
     /// Whether each model's trace norm is estimated.
     with_trace_norm: bool,
     /// The levels pass 1 keeps for pass 2.
@@ -161,6 +202,8 @@ pub struct StagedCompress {
     pub times: StageTimes,
     /// What was read, moved and waited for.
     pub counters: RunCounters,
+    /// The sparsity a target size chose, when one was asked for.
+    pub target: Option<TargetOutcome>,
 }
 
 impl StagedCompress {
@@ -177,6 +220,7 @@ impl StagedCompress {
             engine: self.engine,
             times: self.times,
             counters: self.counters,
+            target: self.target,
         })
     }
 }
@@ -218,15 +262,16 @@ pub fn compress_staged(
     let (outputs, mut models) = stage::stage_outputs(inputs.sources, &inputs.base, out, opts)?;
     let mut run = Run {
         base: inputs.base,
-        opts,
+        opts: opts.clone(),
         engine,
+        target: None,
         with_trace_norm: opts.trace_norm || models.len() > 1,
         kept: kept::KeptStore::new(levels_budget, &scratch_dir(out)),
         times: StageTimes::default(),
     };
     let order = schedule::schedule(&models);
     run.analyze_all(&mut models, &order)?;
-    allocate::allocate(&mut models, &run.base, &opts.selector, &opts.params);
+    // Pass 2 calls `plan_allocation` once the tensors stored whole are written.
     run.encode_all(&mut models, &order)?;
     let counters = RunCounters {
         bytes_read: run.base.bytes_read() + models.iter().map(|m| m.ckpt.bytes_read()).sum::<u64>(),
@@ -240,5 +285,6 @@ pub fn compress_staged(
         engine: run.engine.name(),
         times: run.times,
         counters,
+        target: run.target,
     })
 }

@@ -1,7 +1,7 @@
 //! Step 1: checks every option, opens the checkpoints and decides how each fine-tuned tensor
 //! will be handled, all before any output is staged.
 
-use super::CompressOptions;
+use super::{CompressOptions, SizeTarget};
 use crate::checkpoint::dtype::dtype_name;
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
 use crate::checkpoint::select::TensorSelector;
@@ -74,6 +74,9 @@ pub(super) fn validate_options(finetuned: &[PathBuf], opts: &CompressOptions) ->
             "--model-name applies to a single --finetuned checkpoint".into(),
         ));
     }
+    if let Some(target) = opts.target {
+        check_target(target, finetuned.len())?;
+    }
     if let Some(g) = opts.gamma {
         if !(g.is_finite() && g > 0.0) {
             return Err(Error::Param(format!(
@@ -88,6 +91,22 @@ pub(super) fn validate_options(finetuned: &[PathBuf], opts: &CompressOptions) ->
         }
     }
     Ok(())
+}
+
+/// A target size applies to one fine-tune and must be a positive size or ratio.
+fn check_target(target: SizeTarget, models: usize) -> Result<()> {
+    if models > 1 {
+        return Err(Error::Param(
+            "--target-size / --target-ratio apply to a single --finetuned checkpoint".into(),
+        ));
+    }
+    match target {
+        SizeTarget::Ratio(r) if !(r.is_finite() && r > 1.0) => Err(Error::Param(format!(
+            "--target-ratio {r} must be a finite number > 1"
+        ))),
+        SizeTarget::Bytes(0) => Err(Error::Param("--target-size must be > 0".into())),
+        _ => Ok(()),
+    }
 }
 
 /// Validates the options and the output path, opens the base and every fine-tune and
@@ -108,6 +127,15 @@ pub(super) fn open_inputs(
         .chain(finetuned.iter().map(PathBuf::as_path))
         .collect();
     check_output(out, kind, opts.force, &inputs)?;
+    open_checkpoints(base_path, finetuned, opts)
+}
+
+/// Opens the base and every fine-tune and classifies their tensors (options already checked).
+pub(super) fn open_checkpoints(
+    base_path: &Path,
+    finetuned: &[PathBuf],
+    opts: &CompressOptions,
+) -> Result<Inputs> {
     let base = Checkpoint::open(base_path)?;
     refuse_empty(&base)?;
     let stacks = views::stacks_to_split(&base, &opts.selector);

@@ -62,6 +62,7 @@ fn options() -> CompressOptions {
         trace_norm: false,
         gamma: None,
         side_files: Default::default(),
+        target: None,
     }
 }
 
