@@ -705,14 +705,8 @@ fn run_demo(a: DemoArgs) -> Result<()> {
     let copts = CompressOptions {
         params,
         selector: TensorSelector::new(None, None)?,
-        model_name: None,
         force: true,
-        verify: false,
-        trace_norm: false,
-        gamma: None,
-        progress: false,
-        side_files: Default::default(),
-        target: None,
+        ..Default::default()
     };
     let t = Instant::now();
     compress(

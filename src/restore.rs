@@ -585,7 +585,6 @@ impl Restorer {
 mod tests {
     use super::*;
     use crate::checkpoint::dtype::FloatType;
-    use crate::checkpoint::select::TensorSelector;
     use crate::pipeline::compress::{compress, CompressOptions};
     use crate::pipeline::decompress::{decompress, DecompressOptions};
     use crate::synth::{write_synthetic, Preset, SynthOptions};
@@ -597,18 +596,7 @@ mod tests {
         synth.vocab_growth = 3;
         let made = write_synthetic(dir, &synth, &|_, _| {}).unwrap();
         let file = dir.join("ft.udelta");
-        let opts = CompressOptions {
-            params: crate::algorithm::CompressParams::default(),
-            selector: TensorSelector::default(),
-            model_name: None,
-            force: false,
-            verify: false,
-            progress: false,
-            trace_norm: false,
-            gamma: None,
-            side_files: Default::default(),
-            target: None,
-        };
+        let opts = CompressOptions::default();
         let engine = &mut crate::engine::cpu::CpuEngine;
         compress(&made.base, &made.finetuned, &file, &opts, engine).unwrap();
         (made.base, file)

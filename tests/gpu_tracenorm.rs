@@ -6,8 +6,6 @@
 
 mod common;
 use common::*;
-use udelta_gpu::algorithm::CompressParams;
-use udelta_gpu::checkpoint::select::TensorSelector;
 use udelta_gpu::engine::cpu::CpuEngine;
 use udelta_gpu::engine::gpu::{AdapterChoice, GpuEngine, GpuOptions};
 use udelta_gpu::engine::{Engine, EngineError};
@@ -292,16 +290,9 @@ fn compress_records_the_gpu_trace_norm() {
     let base = write_checkpoint(&dir.path().join("base"), &base, 1);
     let ft = write_checkpoint(&dir.path().join("ft"), &ft, 1);
     let opts = CompressOptions {
-        params: CompressParams::default(),
-        selector: TensorSelector::new(None, None).unwrap(),
-        model_name: None,
         force: true,
-        verify: false,
-        progress: false,
         trace_norm: true,
-        gamma: None,
-        side_files: Default::default(),
-        target: None,
+        ..Default::default()
     };
     let norm = |engine: &mut dyn Engine, name: &str| {
         let out = dir.path().join(name);

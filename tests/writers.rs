@@ -195,18 +195,7 @@ fn a_compress_that_loses_the_race_leaves_the_winner_alone() {
     let dir = tempfile::tempdir().unwrap();
     let m = synth(dir.path(), "m", 1, 2, 0);
     let out = dir.path().join("out.udelta");
-    let opts = CompressOptions {
-        params: Default::default(),
-        selector: udelta_gpu::checkpoint::select::TensorSelector::new(None, None).unwrap(),
-        model_name: None,
-        force: false,
-        verify: false,
-        progress: false,
-        trace_norm: false,
-        gamma: None,
-        side_files: Default::default(),
-        target: None,
-    };
+    let opts = CompressOptions::default();
     let mut engine = udelta_gpu::engine::create("cpu", 1 << 30).unwrap();
     let staged = compress_staged(
         &m.join("base"),

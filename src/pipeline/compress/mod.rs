@@ -49,8 +49,9 @@ pub use open::model_name_of;
 /// Bytes per read when comparing or copying tensors that are not compressed.
 const COPY_CHUNK: u64 = 64 << 20;
 
-/// What the user asked for besides the two checkpoints.
-#[derive(Debug, Clone)]
+/// What the user asked for besides the two checkpoints. The default: the paper's parameters,
+/// the default selection, no progress bars, nothing replaced.
+#[derive(Debug, Clone, Default)]
 pub struct CompressOptions {
     /// UltraDelta parameters.
     pub params: CompressParams,

@@ -52,18 +52,7 @@ fn checkpoints(dir: &Path, ft_name: &str, rows: usize) -> (PathBuf, PathBuf) {
 }
 
 fn options() -> CompressOptions {
-    CompressOptions {
-        params: CompressParams::default(),
-        selector: TensorSelector::default(),
-        model_name: None,
-        force: false,
-        verify: false,
-        progress: false,
-        trace_norm: false,
-        gamma: None,
-        side_files: Default::default(),
-        target: None,
-    }
+    CompressOptions::default()
 }
 
 /// Names of the entries of `dir`, sorted.
