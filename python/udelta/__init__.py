@@ -655,7 +655,7 @@ def _apply_record(target: _Target, file: UdeltaFile, r, data, applied: Applied) 
         old = target.tensors[key] if key is not None else None
         device = old.device if old is not None else None
         if old is not None:
-            applied.replaced[name] = old
+            applied.replaced[name] = old.detach()  # its own storage: replace rebinds a Parameter's
         else:
             applied.added.append(name)
         target.replace(name, _tensor(data, r["dtype"], r["shape"], device))
@@ -664,7 +664,7 @@ def _apply_record(target: _Target, file: UdeltaFile, r, data, applied: Applied) 
     if not _scatters(r):
         base_dtype = r["base_dtype"] if kind == "compressed" else r["dtype"]
         restored = file._file.restore(name, _host_view(t).tobytes(), base_dtype)
-        applied.replaced[name] = t
+        applied.replaced[name] = t.detach()  # the base's storage, kept when the Parameter is rebound
         target.replace(name, _tensor(restored, r["dtype"], r["shape"], t.device))
         return
     positions, values = (torch.from_numpy(a).to(t.device) for a in data)
