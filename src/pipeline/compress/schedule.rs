@@ -46,6 +46,11 @@ pub(super) fn compress_reads(name: &str, base: &Arc<Checkpoint>, models: &[Model
     job
 }
 
+/// Bytes of tensor data one read job reads.
+pub(super) fn job_bytes(job: &ReadJob) -> u64 {
+    job.iter().map(|r| r.tensor.len).sum()
+}
+
 /// The number of compressed tensors and the bytes of their inputs, the base's counted once
 /// per tensor name (as [`compress_reads`] reads them).
 pub(super) fn compressed_inputs(
@@ -57,7 +62,7 @@ pub(super) fn compressed_inputs(
     for name in order {
         let reads = compress_reads(name, base, models);
         c.compressed_tensors += reads.len().saturating_sub(1) as u64;
-        c.compressed_input_bytes += reads.iter().map(|r| r.tensor.len).sum::<u64>();
+        c.compressed_input_bytes += job_bytes(&reads);
     }
     c
 }
