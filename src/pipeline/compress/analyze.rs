@@ -4,6 +4,7 @@
 //! base, so that unchanged ones are stored as a reference to it.
 
 use super::blocked::blocked_threshold;
+use super::memory::READ_AHEAD_BYTES;
 use super::model::{Analysis, Model, Plan};
 use super::open::Kind;
 use super::pair::Pair;
@@ -33,10 +34,11 @@ impl Run<'_> {
             .collect();
         let blocked: Vec<bool> = jobs.iter().map(|j| job_bytes(j) > threshold).collect();
         let read_ahead = jobs.into_iter().zip(&blocked);
-        let mut loads = Prefetch::start(
+        let mut loads = Prefetch::start_bounded(
             read_ahead
                 .map(|(j, &b)| if b { vec![] } else { j })
                 .collect(),
+            READ_AHEAD_BYTES,
         );
         let base = self.base.clone();
         for (name, &blocked) in order.iter().zip(&blocked) {

@@ -5,11 +5,12 @@
 //!   to a temporary file ([`super::kept`]);
 //! - a tensor name whose inputs (the base tensor and every fine-tuned tensor compressed against
 //!   it) exceed [`BLOCKED_INPUT_BYTES`] is not read whole: pass 1 analyses it in blocks of
-//!   elements ([`super::blocked`]), reading it twice, so the read-ahead ([`super::super::prefetch`],
-//!   at most three steps' inputs) holds only tensors below that size.
+//!   elements ([`super::blocked`]), reading it twice, so the read-ahead
+//!   ([`super::super::prefetch`]) holds only tensors below that size;
+//! - the read-ahead holds at most [`READ_AHEAD_BYTES`] (the step in hand included).
 //!
-//! At the defaults (2 GiB): 512 MiB of kept levels, read-ahead at most 3 x 256 MiB, and a huge
-//! tensor in flight as blocks of 2 x 32 MiB plus its own packed levels.
+//! At the defaults (2 GiB): 512 MiB of kept levels, 512 MiB of read-ahead, and a huge tensor in
+//! flight as blocks of 2 x 32 MiB plus its own packed levels.
 
 use crate::error::{Error, Result};
 
@@ -19,6 +20,9 @@ pub const MEMORY_BOUND: u64 = 2 << 30;
 
 /// Bytes of kept levels held in memory at most.
 pub const KEPT_LEVELS_BUDGET: u64 = MEMORY_BOUND / 4;
+
+/// Bytes of tensors pass 1 reads ahead at most (but always the next step's, however large).
+pub const READ_AHEAD_BYTES: u64 = MEMORY_BOUND / 4;
 
 /// A tensor name whose inputs take more bytes than this is analysed in blocks.
 pub const BLOCKED_INPUT_BYTES: u64 = MEMORY_BOUND / 8;
