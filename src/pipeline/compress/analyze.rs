@@ -8,7 +8,7 @@ use super::memory::READ_AHEAD_BYTES;
 use super::model::{Analysis, Model, Plan};
 use super::open::Kind;
 use super::pair::Pair;
-use super::schedule::{compress_reads, job_bytes, pass1_bytes};
+use super::schedule::{pass1_bytes, pass1_reads};
 use super::{timed, Run, COPY_CHUNK};
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
 use crate::engine::Engine;
@@ -28,18 +28,8 @@ impl Run<'_> {
             self.opts.progress,
         );
         let threshold = blocked_threshold()?;
-        let jobs: Vec<_> = order
-            .iter()
-            .map(|n| compress_reads(n, &self.base, models))
-            .collect();
-        let blocked: Vec<bool> = jobs.iter().map(|j| job_bytes(j) > threshold).collect();
-        let read_ahead = jobs.into_iter().zip(&blocked);
-        let mut loads = Prefetch::start_bounded(
-            read_ahead
-                .map(|(j, &b)| if b { vec![] } else { j })
-                .collect(),
-            READ_AHEAD_BYTES,
-        );
+        let (jobs, blocked) = pass1_reads(order, &self.base, models, threshold);
+        let mut loads = Prefetch::start_bounded(jobs, READ_AHEAD_BYTES);
         let base = self.base.clone();
         for (name, &blocked) in order.iter().zip(&blocked) {
             let mut loaded = timed(&mut self.times.read, || loads.next_job())?.into_iter();

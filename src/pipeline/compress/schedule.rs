@@ -46,8 +46,29 @@ pub(super) fn compress_reads(name: &str, base: &Arc<Checkpoint>, models: &[Model
     job
 }
 
+/// The reads of pass 1, one job per name in `order`, and whether each name is analysed in
+/// blocks: its inputs exceed `threshold` bytes, and its job, then empty, reads nothing.
+pub(super) fn pass1_reads(
+    order: &[String],
+    base: &Arc<Checkpoint>,
+    models: &[Model],
+    threshold: u64,
+) -> (Vec<ReadJob>, Vec<bool>) {
+    order
+        .iter()
+        .map(|n| {
+            let job = compress_reads(n, base, models);
+            if job_bytes(&job) > threshold {
+                (Vec::new(), true)
+            } else {
+                (job, false)
+            }
+        })
+        .unzip()
+}
+
 /// Bytes of tensor data one read job reads.
-pub(super) fn job_bytes(job: &ReadJob) -> u64 {
+fn job_bytes(job: &ReadJob) -> u64 {
     job.iter().map(|r| r.tensor.len).sum()
 }
 
