@@ -5,6 +5,7 @@
 
 mod common;
 use common::*;
+use safetensors::Dtype;
 use std::path::Path;
 
 /// How many times a run reads each compressed tensor's inputs.
@@ -227,4 +228,130 @@ fn levels_spilled_to_the_temporary_file_give_the_same_file() {
         &["UDELTA_KEPT_LEVELS_BUDGET=lots"],
     );
     assert!(!out_dir.join("x.udelta").exists());
+}
+
+/// Tensor names whose inputs take more bytes than this go through the blocked path in
+/// `blocked_analysis_gives_the_same_file_and_reads_those_tensors_twice`.
+const SMALL_BLOCKED_THRESHOLD: u64 = 20_000;
+
+/// Compresses `ft` against `base` on the CPU engine into `file`, with `UDELTA_BLOCKED_INPUT_BYTES`
+/// set to `threshold` when given.
+fn compress_blocked(
+    base: &Path,
+    ft: &Path,
+    file: &Path,
+    threshold: Option<&str>,
+) -> std::process::Output {
+    let args = [
+        "compress",
+        "--base",
+        s(base),
+        "--finetuned",
+        s(ft),
+        "-o",
+        s(file),
+        "--adapter",
+        "cpu",
+        "-q",
+        "--json",
+        "--force",
+    ];
+    let env: Vec<(&str, &str)> = threshold
+        .map(|t| ("UDELTA_BLOCKED_INPUT_BYTES", t))
+        .into_iter()
+        .collect();
+    udelta_env(&args, &env)
+}
+
+#[test]
+fn blocked_analysis_gives_the_same_file_and_reads_those_tensors_twice() {
+    for dtype in [Dtype::F16, Dtype::BF16, Dtype::F32] {
+        let dir = tempfile::tempdir().unwrap();
+        // Vocabulary growth: the embedding and head have new rows, read once as a tail.
+        let (b, f) = llama_pair(dtype, 3, 11);
+        let base = write_checkpoint(&dir.path().join("base"), &b, 1);
+        let ft = write_checkpoint(&dir.path().join("ft"), &f, 2);
+        let (whole_file, blocked_file) = (
+            dir.path().join("whole.udelta"),
+            dir.path().join("blocked.udelta"),
+        );
+        let whole: serde_json::Value =
+            serde_json::from_str(&ok(compress_blocked(&base, &ft, &whole_file, None))).unwrap();
+        let threshold = SMALL_BLOCKED_THRESHOLD.to_string();
+        let blocked: serde_json::Value = serde_json::from_str(&ok(compress_blocked(
+            &base,
+            &ft,
+            &blocked_file,
+            Some(&threshold),
+        )))
+        .unwrap();
+        assert!(
+            std::fs::read(&whole_file).unwrap() == std::fs::read(&blocked_file).unwrap(),
+            "{dtype:?}: the blocked run wrote other bytes"
+        );
+        // Each blocked pair's shared part (the base tensor and as many fine-tuned bytes, same
+        // dtype) is read a second time; small pairs and the new rows are read once.
+        let base_len = |name: &str| b.iter().find(|t| t.name == name).unwrap().data.len() as u64;
+        let extra: u64 = whole["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["kind"] == "compressed")
+            .map(|t| {
+                (
+                    base_len(t["name"].as_str().unwrap()),
+                    t["bytes_tensor"].as_u64().unwrap(),
+                )
+            })
+            .filter(|&(bl, fl)| bl + fl > SMALL_BLOCKED_THRESHOLD)
+            .map(|(bl, _)| 2 * bl)
+            .sum();
+        // Some pairs stay whole (f16 and bf16 attention matrices: 16,384 bytes), others are blocked.
+        assert!(
+            extra > 0
+                && (dtype == Dtype::F32 || extra < 2 * counter(&whole, "compressed_input_bytes")),
+            "{dtype:?}: {extra}"
+        );
+        assert_eq!(
+            counter(&blocked, "bytes_read"),
+            counter(&whole, "bytes_read") + extra,
+            "{dtype:?}"
+        );
+        assert_eq!(
+            counter(&blocked, "compressed_input_bytes"),
+            counter(&whole, "compressed_input_bytes")
+        );
+    }
+}
+
+#[test]
+fn blocked_analysis_names_the_same_non_finite_element() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, mut f) = llama_pair(Dtype::F32, 0, 12);
+    let gate = f
+        .iter_mut()
+        .find(|t| t.name == "model.layers.1.mlp.gate_proj.weight")
+        .unwrap();
+    // Blocks of 624 f32 elements (20,000 / 8 bytes per side): element 5,000 is in the ninth.
+    let mut v = gate.values();
+    v[5_000] = f32::NAN;
+    *gate = T::float(&gate.name.clone(), Dtype::F32, &gate.shape.clone(), &v);
+    let base = write_checkpoint(&dir.path().join("base"), &b, 1);
+    let ft = write_checkpoint(&dir.path().join("ft"), &f, 1);
+    let file = dir.path().join("x.udelta");
+    let threshold = SMALL_BLOCKED_THRESHOLD.to_string();
+    let whole = fails(
+        compress_blocked(&base, &ft, &file, None),
+        &["element 5000", "gate_proj"],
+    );
+    let blocked = fails(
+        compress_blocked(&base, &ft, &file, Some(&threshold)),
+        &["element 5000", "gate_proj"],
+    );
+    assert_eq!(whole, blocked);
+    assert!(!file.exists());
+    fails(
+        compress_blocked(&base, &ft, &file, Some("lots")),
+        &["UDELTA_BLOCKED_INPUT_BYTES=lots"],
+    );
 }

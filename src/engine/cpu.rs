@@ -206,7 +206,7 @@ multiversion! {
 
 /// The exact min and max of the delta (`-0.0` as `+0.0`; `[0, 0]` for an empty tensor), or
 /// the first non-finite delta.
-fn min_max(input: &DeltaInput) -> Result<(f32, f32), EngineError> {
+pub fn min_max(input: &DeltaInput) -> Result<(f32, f32), EngineError> {
     let parts = map_chunks(input, |start, sc| chunk_min_max(start, &sc.delta));
     if let Some(index) = parts.iter().find_map(|p| p.2) {
         return Err(EngineError::NonFinite {

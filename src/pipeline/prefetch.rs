@@ -3,14 +3,17 @@
 //!
 //! Jobs are read strictly in the order given, one job ahead of the consumer (a rendezvous
 //! channel): at most two jobs' buffers exist at once, plus the one being read, which keeps
-//! memory bounded by three times the largest job. Buffers handed back with
-//! [`Prefetch::recycle`] are reused, so steady state allocates nothing.
+//! memory bounded by three times the largest job. [`Prefetch::start_bounded`] bounds it by
+//! bytes too: a job is read only while the jobs read and not yet released (the consumer
+//! releases a job by asking for the next) fit in the budget with it, or when none is held
+//! (one job is always allowed). Buffers handed back with [`Prefetch::recycle`] are reused, so
+//! steady state allocates nothing.
 
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
 use crate::error::Result;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 /// One tensor to read whole.
@@ -24,9 +27,44 @@ pub struct TensorRead {
 /// The tensors of one step, read together and delivered together.
 pub type ReadJob = Vec<TensorRead>;
 
+/// Bytes of the jobs read (or being read) and not yet released by the consumer.
+#[derive(Default)]
+struct Held {
+    /// The bytes held, and whether the consumer is gone.
+    state: Mutex<(u64, bool)>,
+    released: Condvar,
+}
+
+impl Held {
+    /// Waits until `bytes` more fit in `budget` (or nothing is held), then holds them; false
+    /// when the consumer is gone.
+    fn reserve(&self, bytes: u64, budget: u64) -> bool {
+        let mut s = self.state.lock().expect("read-ahead lock");
+        while !s.1 && s.0 > 0 && s.0 + bytes > budget {
+            s = self.released.wait(s).expect("read-ahead lock");
+        }
+        s.0 += bytes;
+        !s.1
+    }
+
+    /// Releases `bytes`; with `close`, also wakes the reader for good.
+    fn release(&self, bytes: u64, close: bool) {
+        let mut s = self.state.lock().expect("read-ahead lock");
+        s.0 -= bytes.min(s.0);
+        s.1 |= close;
+        self.released.notify_all();
+    }
+}
+
+/// One job as the reader hands it over: its bytes and its buffers.
+type LoadedJob = Result<(u64, Vec<Vec<u8>>)>;
+
 /// A reader thread working through a list of [`ReadJob`]s.
 pub struct Prefetch {
-    loaded: Option<Receiver<Result<Vec<Vec<u8>>>>>,
+    loaded: Option<Receiver<LoadedJob>>,
+    held: Arc<Held>,
+    /// Bytes of the job the consumer has now (released when it asks for the next).
+    consumer_bytes: u64,
     spare: Sender<Vec<u8>>,
     /// Buffers waiting in `spare`, kept at most `spare_limit`.
     spare_count: Arc<AtomicUsize>,
@@ -37,7 +75,15 @@ pub struct Prefetch {
 impl Prefetch {
     /// Starts reading `jobs` in order.
     pub fn start(jobs: Vec<ReadJob>) -> Prefetch {
+        Self::start_bounded(jobs, u64::MAX)
+    }
+
+    /// Starts reading `jobs` in order, holding at most `budget` bytes of them at once (but
+    /// always one job, however large).
+    pub fn start_bounded(jobs: Vec<ReadJob>, budget: u64) -> Prefetch {
         let (loaded_tx, loaded_rx) = sync_channel(0);
+        let held = Arc::new(Held::default());
+        let reader_held = held.clone();
         let (spare_tx, spare_rx) = channel::<Vec<u8>>();
         let spare_count = Arc::new(AtomicUsize::new(0));
         let spare_limit = 2 * jobs.iter().map(Vec::len).max().unwrap_or(0);
@@ -46,6 +92,10 @@ impl Prefetch {
             .name("udelta-read".into())
             .spawn(move || {
                 for job in jobs {
+                    let bytes: u64 = job.iter().map(|r| r.tensor.len).sum();
+                    if !reader_held.reserve(bytes, budget) {
+                        return;
+                    }
                     let mut bufs = Vec::with_capacity(job.len());
                     let mut result = Ok(());
                     for r in &job {
@@ -63,7 +113,7 @@ impl Prefetch {
                         }
                     }
                     let failed = result.is_err();
-                    if loaded_tx.send(result.map(|()| bufs)).is_err() || failed {
+                    if loaded_tx.send(result.map(|()| (bytes, bufs))).is_err() || failed {
                         return;
                     }
                 }
@@ -71,6 +121,8 @@ impl Prefetch {
             .expect("spawning the reader thread");
         Prefetch {
             loaded: Some(loaded_rx),
+            held,
+            consumer_bytes: 0,
             spare: spare_tx,
             spare_count,
             spare_limit,
@@ -79,15 +131,21 @@ impl Prefetch {
     }
 
     /// The buffers of the next job, one per tensor in the job's order (blocks until read).
+    /// The consumer is then done with the previous job: its bytes no longer count.
     pub fn next_job(&mut self) -> Result<Vec<Vec<u8>>> {
-        self.loaded
+        self.held
+            .release(std::mem::take(&mut self.consumer_bytes), false);
+        let (bytes, bufs) = self
+            .loaded
             .as_ref()
             .and_then(|rx| rx.recv().ok())
             .unwrap_or_else(|| {
                 Err(crate::error::Error::Param(
                     "internal: the reader thread ended early".into(),
                 ))
-            })
+            })?;
+        self.consumer_bytes = bytes;
+        Ok(bufs)
     }
 
     /// Hands buffers back for reuse by later reads. The pool keeps at most two jobs' worth;
@@ -111,8 +169,9 @@ impl Prefetch {
 impl Drop for Prefetch {
     fn drop(&mut self) {
         // Closing the channel stops the reader at its next send; wait for it so no read
-        // outlives the pass that asked for it.
+        // outlives the pass that asked for it (waking it if it waits for room).
         self.loaded.take();
+        self.held.release(0, true);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -187,6 +246,32 @@ mod tests {
             "the reader allocated {} buffers for 40 reads",
             seen.len()
         );
+    }
+
+    #[test]
+    fn a_byte_budget_holds_the_reader_back_but_always_allows_one_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = checkpoint(dir.path(), 3);
+        let jobs: Vec<ReadJob> = (0..3)
+            .map(|i| {
+                vec![TensorRead {
+                    ckpt: ckpt.clone(),
+                    tensor: ckpt.get(&format!("t{i}")).unwrap().clone(),
+                }]
+            })
+            .collect();
+        // A budget below one job (4,000 bytes): nothing is read ahead of the consumer, yet
+        // every job comes.
+        let mut p = Prefetch::start_bounded(jobs, 1);
+        for i in 0..3u64 {
+            let bufs = p.next_job().unwrap();
+            assert!(bytemuck::cast_slice::<u8, f32>(&bufs[0])
+                .iter()
+                .all(|&v| v == i as f32));
+            // Unbounded, the reader would now read job i + 1 and wait to hand it over.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert_eq!(ckpt.bytes_read(), 4000 * (i + 1), "job {i}");
+        }
     }
 
     #[test]

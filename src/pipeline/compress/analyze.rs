@@ -3,10 +3,12 @@
 //! ([`Engine::analyze_levels`](crate::engine::Engine::analyze_levels)); the others are compared with the
 //! base, so that unchanged ones are stored as a reference to it.
 
+use super::blocked::blocked_threshold;
+use super::memory::READ_AHEAD_BYTES;
 use super::model::{Analysis, Model, Plan};
 use super::open::Kind;
 use super::pair::Pair;
-use super::schedule::{compress_reads, pass1_bytes};
+use super::schedule::{pass1_bytes, pass1_reads};
 use super::{timed, Run, COPY_CHUNK};
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
 use crate::engine::Engine;
@@ -17,23 +19,21 @@ use crate::progress::Progress;
 use super::super::prefetch::Prefetch;
 
 impl Run<'_> {
-    /// Pass 1 over the tensors named in `order`: fills every model's plans.
+    /// Pass 1 over the tensors named in `order`: fills every model's plans. Tensor names whose
+    /// inputs exceed the blocked threshold are not read ahead: they are analysed in blocks.
     pub(super) fn analyze_all(&mut self, models: &mut [Model], order: &[String]) -> Result<()> {
         let progress = Progress::new(
             "analyze",
             pass1_bytes(&self.base, models),
             self.opts.progress,
         );
-        let mut loads = Prefetch::start(
-            order
-                .iter()
-                .map(|n| compress_reads(n, &self.base, models))
-                .collect(),
-        );
+        let threshold = blocked_threshold()?;
+        let (jobs, blocked) = pass1_reads(order, &self.base, models, threshold);
+        let mut loads = Prefetch::start_bounded(jobs, READ_AHEAD_BYTES);
         let base = self.base.clone();
-        for name in order {
+        for (name, &blocked) in order.iter().zip(&blocked) {
             let mut loaded = timed(&mut self.times.read, || loads.next_job())?.into_iter();
-            // Empty when no model compresses this tensor.
+            // Empty when no model compresses this tensor, or when it is analysed in blocks.
             let base_buf = loaded.next().unwrap_or_default();
             // Once for every fine-tune compressed against it.
             let base_crc32 = crc32(&base_buf);
@@ -45,17 +45,22 @@ impl Run<'_> {
                     Kind::Raw => Plan::Raw,
                     Kind::Compare(bi) => self.compare_tensor(m, ti, bi, &progress)?,
                     Kind::Compress(bi, shared_numel) => {
-                        let ft_buf = loaded.next().expect("one read per compressing model");
                         let pair = Pair {
                             base: &base,
                             b: &base.tensors[bi],
                             ft: &m.ckpt,
                             t: &m.ckpt.tensors[ti],
                         };
-                        let bufs = (base_buf.as_slice(), base_crc32, ft_buf.as_slice());
-                        let analysis = self.analyze_tensor(&pair, bi, shared_numel, bufs)?;
+                        let analysis = if blocked {
+                            self.analyze_in_blocks(&pair, bi, shared_numel, threshold)?
+                        } else {
+                            let ft_buf = loaded.next().expect("one read per compressing model");
+                            let bufs = (base_buf.as_slice(), base_crc32, ft_buf.as_slice());
+                            let analysis = self.analyze_tensor(&pair, bi, shared_numel, bufs)?;
+                            loads.recycle([ft_buf]);
+                            analysis
+                        };
                         progress.inc(pair.b.len + pair.t.len);
-                        loads.recycle([ft_buf]);
                         Plan::Compress(analysis)
                     }
                 };

@@ -1,30 +1,23 @@
 //! What pass 1 keeps of each compressed tensor for pass 2, so that pass 2 reads neither
 //! checkpoint again: the packed levels ([`PackedLevels`], 0.5 byte per element at 4 bits) and
 //! the fine-tuned rows beyond the base's (stored whole). They stay in host memory up to
-//! [`HOST_BUDGET`] bytes; beyond it they go to an unnamed temporary file beside the output
+//! [`KEPT_LEVELS_BUDGET`] bytes (a share of [`super::memory::MEMORY_BOUND`]); beyond it they go to an unnamed temporary file beside the output
 //! (deleted by the system when closed, even after a crash), from which pass 2 reads them back.
 
+use super::memory::{bytes_from_env, KEPT_LEVELS_BUDGET};
 use crate::engine::PackedLevels;
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// Bytes of kept levels held in memory at most; the rest are spilled to the temporary file.
-pub const HOST_BUDGET: u64 = 1 << 30;
-
-/// The environment variable that replaces [`HOST_BUDGET`] (bytes; tests use 0 to send every
-/// tensor's levels through the temporary file).
+/// The environment variable that replaces [`KEPT_LEVELS_BUDGET`] (bytes; tests use 0 to send
+/// every tensor's levels through the temporary file).
 pub const BUDGET_ENV: &str = "UDELTA_KEPT_LEVELS_BUDGET";
 
-/// [`HOST_BUDGET`], or the number of bytes in `UDELTA_KEPT_LEVELS_BUDGET`.
+/// [`KEPT_LEVELS_BUDGET`], or the number of bytes in `UDELTA_KEPT_LEVELS_BUDGET`.
 pub fn host_budget() -> Result<u64> {
-    match std::env::var(BUDGET_ENV) {
-        Ok(v) => v
-            .parse()
-            .map_err(|_| Error::Param(format!("{BUDGET_ENV}={v}: expected a number of bytes"))),
-        Err(_) => Ok(HOST_BUDGET),
-    }
+    bytes_from_env(BUDGET_ENV, KEPT_LEVELS_BUDGET)
 }
 
 /// One compressed tensor's kept data, in memory or in the temporary file.

@@ -19,10 +19,12 @@
 
 mod allocate;
 mod analyze;
+mod blocked;
 pub mod dry_run;
 mod encode;
 mod finish;
 mod kept;
+mod memory;
 mod model;
 mod open;
 mod pair;
@@ -117,7 +119,7 @@ pub struct StageTimes {
     pub read_pass2: f64,
     /// Comparing uncompressed tensors with the base.
     pub compare: f64,
-    /// Engine pass 1 (min/max, histograms).
+    /// Engine pass 1 (min/max, histograms; for tensors analysed in blocks, their two reads too).
     pub analyze: f64,
     /// Engine pass 2 (levels, selection, compaction).
     pub select: f64,
@@ -154,7 +156,7 @@ pub struct RunCounters {
     /// Bytes of the compressed tensors' inputs, each counted once: each base tensor that some
     /// fine-tune compresses against, and each compressed fine-tuned tensor.
     pub compressed_input_bytes: u64,
-    /// Bytes of kept levels that did not fit in [`kept::HOST_BUDGET`] and went through the
+    /// Bytes of kept levels that did not fit in [`memory::KEPT_LEVELS_BUDGET`] and went through the
     /// temporary file.
     pub levels_spilled_bytes: u64,
     /// Device traffic and blocking waits (zero on the CPU engine).

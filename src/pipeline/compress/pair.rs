@@ -24,11 +24,16 @@ impl<'a> Pair<'a> {
     ) -> Result<DeltaInput<'d>> {
         Ok(DeltaInput::new(
             base_bytes,
-            float_type(self.base, self.b)?,
+            self.base_type()?,
             ft_bytes,
             self.ft_type()?,
             shared_numel,
         ))
+    }
+
+    /// The base tensor's float type.
+    pub fn base_type(&self) -> Result<FloatType> {
+        float_type(self.base, self.b)
     }
 
     /// The fine-tuned tensor's float type.

@@ -46,6 +46,32 @@ pub(super) fn compress_reads(name: &str, base: &Arc<Checkpoint>, models: &[Model
     job
 }
 
+/// The reads of pass 1, one job per name in `order`, and whether each name is analysed in
+/// blocks: its inputs exceed `threshold` bytes, and its job, then empty, reads nothing.
+pub(super) fn pass1_reads(
+    order: &[String],
+    base: &Arc<Checkpoint>,
+    models: &[Model],
+    threshold: u64,
+) -> (Vec<ReadJob>, Vec<bool>) {
+    order
+        .iter()
+        .map(|n| {
+            let job = compress_reads(n, base, models);
+            if job_bytes(&job) > threshold {
+                (Vec::new(), true)
+            } else {
+                (job, false)
+            }
+        })
+        .unzip()
+}
+
+/// Bytes of tensor data one read job reads.
+fn job_bytes(job: &ReadJob) -> u64 {
+    job.iter().map(|r| r.tensor.len).sum()
+}
+
 /// The number of compressed tensors and the bytes of their inputs, the base's counted once
 /// per tensor name (as [`compress_reads`] reads them).
 pub(super) fn compressed_inputs(
@@ -57,7 +83,7 @@ pub(super) fn compressed_inputs(
     for name in order {
         let reads = compress_reads(name, base, models);
         c.compressed_tensors += reads.len().saturating_sub(1) as u64;
-        c.compressed_input_bytes += reads.iter().map(|r| r.tensor.len).sum::<u64>();
+        c.compressed_input_bytes += job_bytes(&reads);
     }
     c
 }
