@@ -24,14 +24,10 @@ struct AnalyzeRun {
 }
 
 impl GpuEngine {
-    /// Pass 1 on the device; `None` when the tensor must go to the CPU engine.
-    pub(super) fn analyze_gpu(
-        &mut self,
-        input: &DeltaInput,
-        bits: u32,
-    ) -> Result<Option<TensorStats>, EngineError> {
+    /// The buffers and chunks of one tensor's analysis at `bits`.
+    fn analyze_run(&mut self, input: &DeltaInput, bits: u32) -> Result<AnalyzeRun, EngineError> {
         let layout = self.prepare(bits)?;
-        let run = AnalyzeRun {
+        Ok(AnalyzeRun {
             chunks: chunk_ranges(input.numel(), layout.chunk),
             a: self.buf(&layout, Slot::InA)?,
             b: self.buf(&layout, Slot::InB)?,
@@ -39,7 +35,16 @@ impl GpuEngine {
             hist: self.buf(&layout, Slot::BucketHist)?,
             uniform: self.buf(&layout, Slot::Params)?,
             readback: self.buf(&layout, Slot::Readback)?,
-        };
+        })
+    }
+
+    /// Pass 1 on the device; `None` when the tensor must go to the CPU engine.
+    pub(super) fn analyze_gpu(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<Option<TensorStats>, EngineError> {
+        let run = self.analyze_run(input, bits)?;
         let Some((lo, hi)) = self.min_max_pass(input, &run)? else {
             return Ok(None);
         };
@@ -60,16 +65,7 @@ impl GpuEngine {
         input: &DeltaInput,
         bits: u32,
     ) -> Result<Option<(f32, f32)>, EngineError> {
-        let layout = self.prepare(bits)?;
-        let run = AnalyzeRun {
-            chunks: chunk_ranges(input.numel(), layout.chunk),
-            a: self.buf(&layout, Slot::InA)?,
-            b: self.buf(&layout, Slot::InB)?,
-            stats: self.buf(&layout, Slot::Stats)?,
-            hist: self.buf(&layout, Slot::BucketHist)?,
-            uniform: self.buf(&layout, Slot::Params)?,
-            readback: self.buf(&layout, Slot::Readback)?,
-        };
+        let run = self.analyze_run(input, bits)?;
         self.min_max_pass(input, &run)
     }
 
