@@ -150,6 +150,32 @@ impl<'a> BitReader<'a> {
         }
     }
 
+    /// Loads as many whole bytes as fit into the buffer with one 8-byte read. Returns `false`
+    /// (loading nothing) when fewer than 8 unread bytes remain: the caller then takes the
+    /// byte-wise path ([`BitReader::read`], [`BitReader::read_unary`]).
+    #[inline(always)]
+    fn refill_fast(&mut self) -> bool {
+        let Some(chunk) = self.data.get(self.pos..self.pos + 8) else {
+            return false;
+        };
+        let bytes = (64 - self.avail) / 8;
+        if bytes > 0 {
+            let word = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
+            let loaded = word & (u64::MAX << (64 - 8 * bytes));
+            self.buf |= loaded >> self.avail;
+            self.avail += 8 * bytes;
+            self.pos += bytes as usize;
+        }
+        true
+    }
+
+    /// Drops `n <= avail` bits.
+    #[inline(always)]
+    fn consume(&mut self, n: u32) {
+        self.buf = shl(self.buf, n);
+        self.avail -= n;
+    }
+
     /// Reads `n <= 32` bits as an unsigned number; `None` if the data ends first.
     #[inline]
     pub fn read(&mut self, n: u32) -> Option<u64> {
@@ -266,6 +292,38 @@ impl GolombCode {
         }
     }
 
+    /// Decodes the codeword at the front of `r`'s buffer if all its bits are loaded (the
+    /// buffer was just refilled), returning the gap (unchecked) and consuming its bits; `None`
+    /// (consuming nothing) for a codeword longer than what is loaded, or for `m = 1`. No
+    /// division: the fast path of [`decode_block_positions`].
+    #[inline(always)]
+    fn get_loaded(&self, r: &mut BitReader<'_>) -> Option<u64> {
+        let q = r.buf.leading_ones();
+        if self.b == 0 || q + 1 + self.b > r.avail {
+            return None;
+        }
+        // The b bits after the unary zero; the remainder takes their first b - 1 bits, or all
+        // b of them (minus u) when those b - 1 bits are >= u.
+        let t = (r.buf << (q + 1)) >> (64 - self.b);
+        let short = t >> 1;
+        // Branch-free (the two cases are about equally likely): `long` is 1 when the
+        // remainder takes all b bits.
+        let long = u64::from(short >= u64::from(self.u));
+        let mask = long.wrapping_neg();
+        let rem = (short & !mask) | (t.wrapping_sub(u64::from(self.u)) & mask);
+        r.consume(q + self.b + long as u32);
+        Some(u64::from(q) * u64::from(self.m) + rem)
+    }
+
+    /// The error [`GolombCode::get`] reports for a decoded `gap > max_gap`.
+    fn overrun(&self, gap: u64, max_gap: u32) -> &'static str {
+        if gap / u64::from(self.m) > u64::from(max_gap / self.m) {
+            "quotient runs past the end of the block"
+        } else {
+            "gap runs past the end of the block"
+        }
+    }
+
     /// Reads one codeword; the decoded gap must be `<= max_gap`.
     #[inline]
     pub fn get(&self, r: &mut BitReader<'_>, max_gap: u32) -> Result<u32, &'static str> {
@@ -329,6 +387,100 @@ pub fn encode_block_positions(n: u32, offsets: &[u32]) -> Vec<u8> {
     }
 }
 
+/// Decodes a direct-mode block position stream (`0 < 2k <= n`) one kept position at a time,
+/// so that a caller can interleave it with the level stream of the same block. Every
+/// position is checked as in [`decode_block_positions`], which uses it.
+#[derive(Debug)]
+pub struct DirectPositions<'a> {
+    code: GolombCode,
+    r: BitReader<'a>,
+    /// Block length, kept count, first element of the block.
+    n: u32,
+    k: u32,
+    base: u32,
+    /// One past the previous kept offset.
+    next: u32,
+    /// Kept offsets decoded so far.
+    decoded: u32,
+}
+
+impl<'a> DirectPositions<'a> {
+    /// A decoder for `k` kept offsets among `n` elements, or `None` unless `0 < 2k <= n`
+    /// (direct mode).
+    pub fn new(n: u32, k: u32, base: u32, data: &'a [u8]) -> Option<Self> {
+        (k > 0 && 2 * u64::from(k) <= u64::from(n)).then(|| DirectPositions {
+            code: GolombCode::new(golomb_parameter(n, k)),
+            r: BitReader::new(data),
+            n,
+            k,
+            base,
+            next: 0,
+            decoded: 0,
+        })
+    }
+
+    /// The largest gap the next offset may have: it must leave room for the kept offsets
+    /// after it.
+    #[inline(always)]
+    fn max_gap(&self) -> u32 {
+        self.n - (self.k - self.decoded) - self.next
+    }
+
+    /// Records a checked gap; returns the absolute position.
+    #[inline(always)]
+    fn advance(&mut self, gap: u32) -> u32 {
+        let o = self.next + gap;
+        self.next = o + 1;
+        self.decoded += 1;
+        self.base + o
+    }
+
+    /// The fast path: the next position when at least 8 stream bytes remain unread and its
+    /// codeword lies in the loaded bits (no division), `None` otherwise (nothing consumed:
+    /// call [`DirectPositions::next_checked`]). The caller decodes at most `k` positions.
+    #[inline(always)]
+    pub fn next_loaded(&mut self) -> Option<Result<u32, &'static str>> {
+        if self.r.avail < 32 && !self.r.refill_fast() {
+            return None;
+        }
+        let gap = self.code.get_loaded(&mut self.r)?;
+        let max_gap = self.max_gap();
+        if gap > u64::from(max_gap) {
+            return Some(Err(self.code.overrun(gap, max_gap)));
+        }
+        Some(Ok(self.advance(gap as u32)))
+    }
+
+    /// The next position, read bit by bit with every check (any stream state).
+    pub fn next_checked(&mut self) -> Result<u32, &'static str> {
+        let max_gap = self.max_gap();
+        let gap = self.code.get(&mut self.r, max_gap)?;
+        Ok(self.advance(gap))
+    }
+
+    /// Decodes the next `out.len()` positions.
+    pub fn decode_into(&mut self, out: &mut [u32]) -> Result<(), &'static str> {
+        for slot in out {
+            *slot = match self.next_loaded() {
+                Some(p) => p?,
+                None => self.next_checked()?,
+            };
+        }
+        Ok(())
+    }
+
+    /// Checks that all `k` positions were decoded and the stream ends there (zero padding).
+    pub fn finish(self) -> Result<(), &'static str> {
+        if self.decoded != self.k {
+            return Err("fewer kept entries decoded than the block table says");
+        }
+        if !self.r.at_clean_end() {
+            return Err("stream has trailing bits or bytes after the last kept entry");
+        }
+        Ok(())
+    }
+}
+
 /// A capacity hint: quotient bits are about `n / m`, plus `1 + b` bits per item.
 fn estimate_bytes(n: u32, c: u32, code: GolombCode) -> usize {
     let bits = u64::from(n / code.m) + u64::from(c) * u64::from(code.b + 1);
@@ -358,41 +510,33 @@ pub fn decode_block_positions(
         }
         return Ok(());
     }
+    if let Some(mut direct) = DirectPositions::new(n, k, base, data) {
+        direct.decode_into(out)?;
+        return direct.finish();
+    }
+    // Complement mode: the stream codes the non-kept offsets.
     let mut r = BitReader::new(data);
-    if 2 * u64::from(k) <= u64::from(n) {
-        let code = GolombCode::new(golomb_parameter(n, k));
-        let mut next = 0u32;
-        for (i, slot) in out.iter_mut().enumerate() {
-            // This offset must leave room for the k - i - 1 kept offsets after it.
-            let last_allowed = n - (k - i as u32);
-            let gap = code.get(&mut r, last_allowed - next)?;
-            let o = next + gap;
-            *slot = base + o;
-            next = o + 1;
-        }
-    } else {
-        let c = n - k;
-        let code = GolombCode::new(golomb_parameter(n, c));
-        const OVERFLOW: &str = "more kept entries than the block table says";
-        let mut next = 0u32; // one past the previous non-kept offset
-        let mut slots = out.iter_mut();
-        for i in 0..c {
-            let last_allowed = n - (c - i);
-            let gap = code.get(&mut r, last_allowed - next)?;
-            let x = next + gap;
-            // Offsets next..x are kept: at most k in total because x <= n - (c - i), so the
-            // OVERFLOW errors cannot happen; they only make that visible without a panic path.
-            for o in next..x {
-                *slots.next().ok_or(OVERFLOW)? = base + o;
-            }
-            next = x + 1;
-        }
-        for o in next..n {
+    let c = n - k;
+    let code = GolombCode::new(golomb_parameter(n, c));
+    const OVERFLOW: &str = "more kept entries than the block table says";
+    let mut next = 0u32; // one past the previous non-kept offset
+    let mut slots = out.iter_mut();
+    for i in 0..c {
+        let last_allowed = n - (c - i);
+        let gap = code.get(&mut r, last_allowed - next)?;
+        let x = next + gap;
+        // Offsets next..x are kept: at most k in total because x <= n - (c - i), so the
+        // OVERFLOW errors cannot happen; they only make that visible without a panic path.
+        for o in next..x {
             *slots.next().ok_or(OVERFLOW)? = base + o;
         }
-        if slots.next().is_some() {
-            return Err("fewer kept entries than the block table says");
-        }
+        next = x + 1;
+    }
+    for o in next..n {
+        *slots.next().ok_or(OVERFLOW)? = base + o;
+    }
+    if slots.next().is_some() {
+        return Err("fewer kept entries than the block table says");
     }
     if !r.at_clean_end() {
         return Err("stream has trailing bits or bytes after the last kept entry");
@@ -553,5 +697,64 @@ mod tests {
         assert!(decode_block_positions(10, 0, &[0], &mut []).is_err());
         // More kept than elements.
         assert!(decode_block_positions(1, 0, &[], &mut [0, 0]).is_err());
+    }
+
+    /// A direct-mode stream decoded with the bit-by-bit path only (the reference for the fast
+    /// path): the positions, or the first error.
+    fn decode_checked_only(n: u32, k: u32, data: &[u8]) -> Result<Vec<u32>, &'static str> {
+        let mut d = DirectPositions::new(n, k, 7, data).expect("direct mode");
+        let out = (0..k)
+            .map(|_| d.next_checked())
+            .collect::<Result<Vec<_>, _>>()?;
+        d.finish().map(|()| out)
+    }
+
+    /// The same with the fast path where it applies (what `decode_block_positions` runs).
+    fn decode_fast(n: u32, k: u32, data: &[u8]) -> Result<Vec<u32>, &'static str> {
+        let mut d = DirectPositions::new(n, k, 7, data).expect("direct mode");
+        let mut out = vec![0; k as usize];
+        d.decode_into(&mut out)
+            .and_then(|()| d.finish())
+            .map(|()| out)
+    }
+
+    #[test]
+    fn codec_fast_position_path_decodes_exactly_as_the_checked_path() {
+        use crate::splitmix::mix64;
+        let (mut ok, mut refused) = (0, 0);
+        for seed in 0..400u64 {
+            let r = |i: u64| mix64(seed * 1000 + i);
+            let n = 2 + (r(0) % 20_000) as u32;
+            // Densities from very sparse (long unary runs) to one half.
+            let cap = u64::from(((n / 2) >> (r(2) % 8)).max(1));
+            let k = (1 + r(1) % cap).min(u64::from(n / 2)) as u32;
+            let mut chosen: Vec<u32> = (0..n)
+                .filter(|&o| r(10 + u64::from(o)) % u64::from(n) < u64::from(k))
+                .collect();
+            chosen.truncate(k as usize);
+            if chosen.is_empty() {
+                continue;
+            }
+            let k = chosen.len() as u32;
+            let mut data = encode_block_positions(n, &chosen);
+            let want: Vec<u32> = chosen.iter().map(|o| o + 7).collect();
+            assert_eq!(decode_fast(n, k, &data), Ok(want.clone()), "seed {seed}");
+            // Corruptions: a flipped bit, a truncation or an extra byte.
+            let at = (r(4) % data.len() as u64) as usize;
+            match r(3) % 3 {
+                0 => data[at] ^= 1 << (r(5) % 8),
+                1 => data.truncate(at),
+                _ => data.push(r(4) as u8),
+            }
+            let (fast, checked) = (decode_fast(n, k, &data), decode_checked_only(n, k, &data));
+            assert_eq!(fast, checked, "seed {seed}");
+            if fast.is_ok() {
+                ok += 1
+            } else {
+                refused += 1
+            }
+        }
+        // Both outcomes were exercised.
+        assert!(ok > 10 && refused > 100, "{ok} accepted, {refused} refused");
     }
 }

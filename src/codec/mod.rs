@@ -400,10 +400,20 @@ impl BlockCodec {
             ));
         }
         // start + len <= numel <= 2^32, so every absolute position fits in u32.
-        golomb::decode_block_positions(len, start as u32, positions, out_positions)
-            .map_err(|m| corrupt(Stream::Positions, m))?;
-        rans::decode(&self.table, levels, out_levels).map_err(|m| corrupt(Stream::Levels, m))?;
-        Ok(())
+        let start = start as u32;
+        let levels_coded = self.table.single_symbol().is_none();
+        let (positions_ok, levels_ok) = match (
+            golomb::DirectPositions::new(len, info.kept, start, positions),
+            levels_coded.then(|| rans::Decoder::new(&self.table, levels).ok()),
+        ) {
+            (Some(p), Some(Some(l))) => decode_interleaved(p, l, out_positions, out_levels),
+            _ => (
+                golomb::decode_block_positions(len, start, positions, out_positions),
+                rans::decode(&self.table, levels, out_levels),
+            ),
+        };
+        positions_ok.map_err(|m| corrupt(Stream::Positions, m))?;
+        levels_ok.map_err(|m| corrupt(Stream::Levels, m))
     }
 
     /// Compares a histogram of decoded levels with the stored one.
@@ -432,6 +442,45 @@ impl BlockCodec {
         }
         Ok(())
     }
+}
+
+/// Decodes a block's positions and levels in one loop: the two decoders' dependency chains are
+/// independent, so the CPU overlaps them. Returns each stream's outcome (the caller reports a
+/// position error first, as when the streams are decoded one after the other).
+fn decode_interleaved(
+    mut p: golomb::DirectPositions<'_>,
+    mut l: rans::Decoder<'_>,
+    out_positions: &mut [u32],
+    out_levels: &mut [u8],
+) -> (Result<(), &'static str>, Result<(), &'static str>) {
+    let mut level_error = None;
+    let mut i = 0;
+    while i < out_positions.len() {
+        match p.next_loaded() {
+            None => break,
+            Some(Err(e)) => return (Err(e), Ok(())),
+            Some(Ok(position)) => out_positions[i] = position,
+        }
+        i += 1;
+        match l.next_symbol() {
+            Ok(level) => out_levels[i - 1] = level,
+            Err(e) => {
+                level_error = Some(e);
+                break;
+            }
+        }
+    }
+    let positions = p
+        .decode_into(&mut out_positions[i..])
+        .and_then(|()| p.finish());
+    let levels = match level_error {
+        Some(e) => Err(e),
+        None => out_levels[i..]
+            .iter_mut()
+            .try_for_each(|o| l.next_symbol().map(|s| *o = s))
+            .and_then(|()| l.finish()),
+    };
+    (positions, levels)
 }
 
 fn to_u32(n: usize, block: usize) -> Result<u32, CodecError> {

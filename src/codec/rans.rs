@@ -214,35 +214,83 @@ pub fn decode(table: &FreqTable, data: &[u8], out: &mut [u8]) -> Result<(), &'st
             Err("stream must be empty when a single level has all the mass")
         };
     }
-    if table.slot_symbol.len() != PROB_SCALE as usize {
-        return Err("the level histogram is empty");
-    }
-    let Some((head, rest)) = data.split_first_chunk::<4>() else {
-        return Err("stream shorter than the 4-byte rANS state");
-    };
-    let mut x = u32::from_le_bytes(*head);
-    let mut bytes = rest.iter();
+    let mut decoder = Decoder::new(table, data)?;
     for o in out.iter_mut() {
-        let slot = x & (PROB_SCALE - 1);
-        let s = table.slot_symbol[slot as usize];
-        let f = table.freq[usize::from(s)];
+        *o = decoder.next_symbol()?;
+    }
+    decoder.finish()
+}
+
+/// Decodes one (non-empty, multi-symbol) rANS stream symbol by symbol, so that a caller can
+/// interleave it with the position stream of the same block; [`decode`] uses it.
+#[derive(Debug)]
+pub struct Decoder<'a> {
+    slot_symbol: &'a [u8; PROB_SCALE as usize],
+    /// Each symbol's frequency and cumulative frequency in one fixed-size table: indexing it
+    /// with a `u8` needs no bounds check.
+    model: [(u32, u32); 256],
+    /// The renormalization bytes, and how many were read.
+    bytes: &'a [u8],
+    pos: usize,
+    x: u32,
+}
+
+impl<'a> Decoder<'a> {
+    /// A decoder of `data` under `table`, which must have at least two symbols.
+    pub fn new(table: &'a FreqTable, data: &'a [u8]) -> Result<Self, &'static str> {
+        let Ok(slot_symbol) = <&[u8; PROB_SCALE as usize]>::try_from(table.slot_symbol.as_slice())
+        else {
+            return Err("the level histogram is empty");
+        };
+        let mut model = [(0u32, 0u32); 256];
+        for (m, (&f, &c)) in model.iter_mut().zip(table.freq.iter().zip(&table.cum)) {
+            *m = (f, c);
+        }
+        let Some((head, bytes)) = data.split_first_chunk::<4>() else {
+            return Err("stream shorter than the 4-byte rANS state");
+        };
+        let x = u32::from_le_bytes(*head);
+        if x < RANS_L {
+            // No encoder state is below RANS_L.
+            return Err("initial rANS state below RANS_L (corrupt stream)");
+        }
+        Ok(Decoder {
+            slot_symbol,
+            model,
+            bytes,
+            pos: 0,
+            x,
+        })
+    }
+
+    /// Decodes the next symbol.
+    #[inline(always)]
+    pub fn next_symbol(&mut self) -> Result<u8, &'static str> {
+        let slot = self.x & (PROB_SCALE - 1);
+        let s = self.slot_symbol[slot as usize];
+        let (f, cum) = self.model[usize::from(s)];
         // f * (x >> 15) + (slot - cum) <= f * ((x >> 15) + 1) - 1 <= 2^15 * 2^17 - 1: no overflow.
-        x = f * (x >> PROB_BITS) + slot - table.cum[usize::from(s)];
-        while x < RANS_L {
-            let Some(&b) = bytes.next() else {
+        self.x = f * (self.x >> PROB_BITS) + slot - cum;
+        while self.x < RANS_L {
+            let Some(&b) = self.bytes.get(self.pos) else {
                 return Err("stream truncated");
             };
-            x = (x << 8) | u32::from(b);
+            self.x = (self.x << 8) | u32::from(b);
+            self.pos += 1;
         }
-        *o = s;
+        Ok(s)
     }
-    if bytes.next().is_some() {
-        return Err("stream has trailing bytes");
+
+    /// Checks that the stream was consumed exactly and ended in the initial state.
+    pub fn finish(self) -> Result<(), &'static str> {
+        if self.pos != self.bytes.len() {
+            return Err("stream has trailing bytes");
+        }
+        if self.x != RANS_L {
+            return Err("final rANS state is wrong (corrupt stream)");
+        }
+        Ok(())
     }
-    if x != RANS_L {
-        return Err("final rANS state is wrong (corrupt stream)");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -563,3 +563,77 @@ fn codec_streaming_block_api() {
     assert!(codec.check_histogram(&hist).is_err());
     assert_eq!(spans.last().unwrap().element_len, 17);
 }
+
+/// One block decoded the way `decode_block` did before it interleaved the streams: all
+/// positions, then all levels, the position error first.
+fn decode_block_one_stream_after_the_other(
+    codec: &BlockCodec,
+    block: usize,
+    info: &BlockInfo,
+    positions: &[u8],
+    levels: &[u8],
+) -> Result<(Vec<u32>, Vec<u8>), String> {
+    let (start, len) = codec.block_range(block);
+    let kept = info.kept as usize;
+    let (mut p, mut l) = (vec![0u32; kept], vec![0u8; kept]);
+    golomb::decode_block_positions(len, start as u32, positions, &mut p)
+        .map_err(|m| format!("block {block}: position stream: {m}"))?;
+    rans::decode(codec.table(), levels, &mut l)
+        .map_err(|m| format!("block {block}: level stream: {m}"))?;
+    Ok((p, l))
+}
+
+#[test]
+fn codec_interleaved_block_decode_equals_one_stream_after_the_other() {
+    let c = gen(21, 3 * BLOCK_ELEMENTS / 2, 0.055, 4);
+    let enc = encode_tensor(c.numel, &c.positions, &c.levels, &c.counts).unwrap();
+    let codec = BlockCodec::new(c.numel, &c.counts).unwrap();
+    let spans = codec
+        .layout(
+            &enc.blocks,
+            enc.positions.len() as u64,
+            enc.levels.len() as u64,
+        )
+        .unwrap();
+    let span = spans[0];
+    let block_bytes =
+        |all: &[u8], start: u64, len: u32| all[start as usize..][..len as usize].to_vec();
+    let pos = block_bytes(
+        &enc.positions,
+        span.position_start,
+        span.info.position_bytes,
+    );
+    let lev = block_bytes(&enc.levels, span.level_start, span.info.level_bytes);
+    let mut rng = Rng::new(5);
+    let (mut accepted, mut level_errors, mut position_errors) = (0, 0, 0);
+    for trial in 0..300 {
+        // Corrupt one stream, the other, or both (bit flips; same lengths, so the block table
+        // still fits), and compare the outcomes, errors included.
+        let (mut p, mut l) = (pos.clone(), lev.clone());
+        if trial % 3 != 1 {
+            let i = rng.below(p.len() as u64) as usize;
+            p[i] ^= 1 << rng.below(8);
+        }
+        if trial % 3 != 0 {
+            let i = rng.below(l.len() as u64) as usize;
+            l[i] ^= 1 << rng.below(8);
+        }
+        let kept = span.info.kept as usize;
+        let (mut out_p, mut out_l) = (vec![0u32; kept], vec![0u8; kept]);
+        let interleaved = codec
+            .decode_block(0, &span.info, &p, &l, &mut out_p, &mut out_l)
+            .map(|()| (out_p, out_l))
+            .map_err(|e| e.to_string());
+        let reference = decode_block_one_stream_after_the_other(&codec, 0, &span.info, &p, &l);
+        assert_eq!(interleaved, reference, "trial {trial}");
+        match &reference {
+            Ok(_) => accepted += 1,
+            Err(e) if e.contains("level") => level_errors += 1,
+            Err(_) => position_errors += 1,
+        }
+    }
+    assert!(
+        accepted > 0 && level_errors > 50 && position_errors > 50,
+        "{accepted} accepted, {level_errors} level and {position_errors} position errors"
+    );
+}
