@@ -361,37 +361,14 @@ impl BlockCodec {
         out_positions: &mut [u32],
         out_levels: &mut [u8],
     ) -> Result<(), CodecError> {
-        let corrupt = |stream, msg: &str| CodecError::Corrupt {
-            block,
-            stream,
-            msg: msg.to_string(),
-        };
-        if block >= self.block_count() {
-            return Err(CodecError::BlockTable(format!(
-                "block {block} does not exist ({} blocks)",
-                self.block_count()
-            )));
-        }
-        let (start, len) = self.block_range(block);
-        if info.kept > len {
-            return Err(CodecError::BlockTable(format!(
-                "block {block}: {} kept entries in a block of {len} elements",
-                info.kept
-            )));
-        }
-        let kept = info.kept as usize;
-        if out_positions.len() != kept || out_levels.len() != kept {
+        let corrupt = |stream, msg: &str| corrupt(block, stream, msg);
+        let (start, len) = self.check_block(block, info, out_positions.len(), positions)?;
+        if out_levels.len() != out_positions.len() {
             return Err(CodecError::Input(format!(
-                "block {block}: output buffers hold {} positions and {} levels, the block {kept}",
+                "block {block}: output buffers hold {} positions and {} levels",
                 out_positions.len(),
                 out_levels.len()
             )));
-        }
-        if positions.len() as u64 != u64::from(info.position_bytes) {
-            return Err(corrupt(
-                Stream::Positions,
-                "length differs from the block table",
-            ));
         }
         if levels.len() as u64 != u64::from(info.level_bytes) {
             return Err(corrupt(
@@ -399,8 +376,6 @@ impl BlockCodec {
                 "length differs from the block table",
             ));
         }
-        // start + len <= numel <= 2^32, so every absolute position fits in u32.
-        let start = start as u32;
         let levels_coded = self.table.single_symbol().is_none();
         let (positions_ok, levels_ok) = match (
             golomb::DirectPositions::new(len, info.kept, start, positions),
@@ -414,6 +389,60 @@ impl BlockCodec {
         };
         positions_ok.map_err(|m| corrupt(Stream::Positions, m))?;
         levels_ok.map_err(|m| corrupt(Stream::Levels, m))
+    }
+
+    /// Decodes only the positions of block `block` (whose [`BlockInfo`] is `info`) from
+    /// exactly its own position bytes into `out_positions` (of length `info.kept`), with the
+    /// checks of [`BlockCodec::decode_block`] on that stream.
+    pub fn decode_block_positions(
+        &self,
+        block: usize,
+        info: &BlockInfo,
+        positions: &[u8],
+        out_positions: &mut [u32],
+    ) -> Result<(), CodecError> {
+        let (start, len) = self.check_block(block, info, out_positions.len(), positions)?;
+        golomb::decode_block_positions(len, start, positions, out_positions)
+            .map_err(|m| corrupt(block, Stream::Positions, m))
+    }
+
+    /// Checks a block's index and info against the tensor, the output length and the
+    /// position stream's length. Returns the block's first element and length (`start + len
+    /// <= numel <= 2^32`, so every absolute position fits in `u32`).
+    fn check_block(
+        &self,
+        block: usize,
+        info: &BlockInfo,
+        out_len: usize,
+        positions: &[u8],
+    ) -> Result<(u32, u32), CodecError> {
+        if block >= self.block_count() {
+            return Err(CodecError::BlockTable(format!(
+                "block {block} does not exist ({} blocks)",
+                self.block_count()
+            )));
+        }
+        let (start, len) = self.block_range(block);
+        if info.kept > len {
+            return Err(CodecError::BlockTable(format!(
+                "block {block}: {} kept entries in a block of {len} elements",
+                info.kept
+            )));
+        }
+        if out_len != info.kept as usize {
+            return Err(CodecError::Input(format!(
+                "block {block}: output buffers hold {out_len} entries, the block {}",
+                info.kept
+            )));
+        }
+        if positions.len() as u64 != u64::from(info.position_bytes) {
+            return Err(corrupt(
+                block,
+                Stream::Positions,
+                "length differs from the block table",
+            ));
+        }
+        Ok((start as u32, len))
     }
 
     /// Compares a histogram of decoded levels with the stored one.
@@ -481,6 +510,15 @@ fn decode_interleaved(
             .and_then(|()| l.finish()),
     };
     (positions, levels)
+}
+
+/// A block's stream that does not decode.
+fn corrupt(block: usize, stream: Stream, msg: &str) -> CodecError {
+    CodecError::Corrupt {
+        block,
+        stream,
+        msg: msg.to_string(),
+    }
 }
 
 fn to_u32(n: usize, block: usize) -> Result<u32, CodecError> {

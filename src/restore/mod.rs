@@ -8,7 +8,8 @@
 //! - [`restore`] / [`restore_unchecked`]: the fine-tuned bytes of one tensor from its record
 //!   and the base's bytes (f32 add, rounded to the fine-tune's dtype).
 //! - [`apply_kept_in_place`] / [`undo_kept_in_place`]: the same add on base values already in
-//!   memory (the Python package's `apply_` and `swap_`), keeping the overwritten values.
+//!   memory (the Python package's `apply_` and `swap_`), keeping the overwritten values; both,
+//!   and `decompress`, scatter block by block in parallel ([`in_place`]).
 //! - [`Restorer`]: every tensor of a file in order, reading the base one tensor at a time.
 
 use crate::checkpoint::dtype::{dtype_from_name, dtype_name, Dtype, FloatType};
@@ -23,10 +24,13 @@ use crate::format::{CompressedTensor, TensorKind, TensorRecord, UdeltaReader};
 use crate::pipeline::lossless::restore_coded;
 use crate::pipeline::prefetch::{Prefetch, ReadJob, TensorRead};
 use crate::progress::Progress;
+use in_place::{KeptStreams, ScatterError};
 use std::path::Path;
 #[cfg(test)]
 use std::path::PathBuf;
 use std::sync::Arc;
+
+pub mod in_place;
 
 /// Parses a dtype name as written in the index.
 fn parse_dtype(reader: &UdeltaReader, tensor: &str, name: &str) -> Result<Dtype> {
@@ -239,7 +243,7 @@ pub fn reconstruct(
 ) -> Result<Vec<u8>> {
     let mut out = if base_type == out_type {
         let mut out = base_bytes;
-        add_kept(reader, r, c, &mut out, out_type, None)?;
+        add_kept(reader, r, c, &mut out, out_type)?;
         out
     } else {
         convert_and_add_kept(reader, r, c, &base_bytes, base_type, out_type)?
@@ -278,67 +282,62 @@ fn convert_and_add_kept(
     Ok(out)
 }
 
+/// Runs `f` on a compressed tensor's streams read from the file (checksums checked; the level
+/// stream only `with_levels`), turning its errors into the file's errors naming the tensor.
+fn with_streams<T>(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+    with_levels: bool,
+    f: impl FnOnce(&KeptStreams) -> std::result::Result<T, ScatterError>,
+) -> Result<T> {
+    let what = |s: &str| format!("tensor '{}': {s}", r.name);
+    let positions = reader.read_record(&c.positions, &what("position stream"))?;
+    let levels = match with_levels {
+        true => Some(reader.read_record(&c.levels, &what("level stream"))?),
+        false => None,
+    };
+    let streams = KeptStreams::new(
+        c.shared_numel,
+        &c.kept_counts,
+        &c.blocks,
+        &positions,
+        levels.as_deref(),
+    );
+    streams
+        .map_err(ScatterError::from)
+        .and_then(|s| f(&s))
+        .map_err(|e| match e {
+            ScatterError::Codec(e) => {
+                Error::format(reader.path(), what(&format!("undecodable: {e}")))
+            }
+            ScatterError::Overflow {
+                position,
+                base,
+                delta,
+            } => overflow_error(reader, r, position, base, delta),
+            ScatterError::Size(msg) => Error::format(reader.path(), what(&msg)),
+        })
+}
+
 /// Adds a compressed tensor's kept deltas to the base values `bytes` (of type `ty`, at least
-/// the elements shared with the base) in place, as restoring does (f32 add, rounded to `ty`).
-/// With `overwritten`, the base values replaced are appended to it (in `ty`, kept order). A
-/// value `ty` cannot hold is an error; with `overwritten`, the buffer is then as it was.
+/// the elements shared with the base) in place, as restoring does (f32 add, rounded to `ty`),
+/// block by block. A value `ty` cannot hold is an error.
 fn add_kept(
     reader: &UdeltaReader,
     r: &TensorRecord,
     c: &CompressedTensor,
     bytes: &mut [u8],
     ty: FloatType,
-    mut overwritten: Option<&mut Vec<u8>>,
 ) -> Result<()> {
-    let (positions, levels) = decode_kept(reader, r, c)?;
-    check_span(reader, r, c, &positions, bytes.len(), ty)?;
     let deltas = c.grid().scaled_values(reader.index.model.scale);
-    let size = ty.size();
-    for (i, (&p, &level)) in positions.iter().zip(&levels).enumerate() {
-        let (base, delta) = (ty.load(bytes, p as usize), deltas[level as usize]);
-        let restored = base + delta;
-        if !ty.holds(restored) {
-            if let Some(old) = overwritten.as_deref() {
-                put_back(bytes, &positions[..i], old, size);
-            }
-            return Err(overflow_error(reader, r, p, base, delta));
-        }
-        if let Some(old) = overwritten.as_deref_mut() {
-            let p = p as usize;
-            old.extend_from_slice(&bytes[p * size..(p + 1) * size]);
-        }
-        ty.store(bytes, p as usize, restored);
-    }
-    Ok(())
-}
-
-/// Refuses a buffer of `len` bytes that does not hold the `c.shared_numel` elements (of
-/// `ty`) that the kept `positions` index.
-fn check_span(
-    reader: &UdeltaReader,
-    r: &TensorRecord,
-    c: &CompressedTensor,
-    positions: &[u32],
-    len: usize,
-    ty: FloatType,
-) -> Result<()> {
-    let numel = (len / ty.size()) as u64;
-    let beyond = positions.last().is_some_and(|&p| u64::from(p) >= numel);
-    if numel < c.shared_numel || beyond {
-        return Err(Error::format(
-            reader.path(),
-            format!(
-                "tensor '{}': the tensor given holds {numel} elements, the file's kept entries need {}",
-                r.name, c.shared_numel
-            ),
-        ));
-    }
-    Ok(())
+    with_streams(reader, r, c, true, |s| s.apply(&deltas, bytes, ty, None))
 }
 
 /// Applies a compressed tensor in place to its base values `bytes` (of type `ty`): the kept
 /// entries become `ty(f32(base) + delta)`, exactly as restoring computes them. Returns the
-/// base values it overwrote (in `ty`, kept order), which [`undo_kept_in_place`] puts back.
+/// base values it overwrote (in `ty`, kept order), which [`undo_kept_in_place`] puts back. On
+/// error `bytes` is as it was.
 pub fn apply_kept_in_place(
     reader: &UdeltaReader,
     r: &TensorRecord,
@@ -346,13 +345,17 @@ pub fn apply_kept_in_place(
     bytes: &mut [u8],
     ty: FloatType,
 ) -> Result<Vec<u8>> {
-    let mut overwritten = Vec::new();
-    add_kept(reader, r, c, bytes, ty, Some(&mut overwritten))?;
-    Ok(overwritten)
+    let deltas = c.grid().scaled_values(reader.index.model.scale);
+    with_streams(reader, r, c, true, |s| {
+        let mut old = vec![0u8; s.kept() as usize * ty.size()];
+        s.apply(&deltas, bytes, ty, Some(&mut old))?;
+        Ok(old)
+    })
 }
 
 /// Puts back at a compressed tensor's kept positions the base values `old` that
-/// [`apply_kept_in_place`] returned for the same tensor and type.
+/// [`apply_kept_in_place`] returned for the same tensor and type (decoding the positions
+/// only).
 pub fn undo_kept_in_place(
     reader: &UdeltaReader,
     r: &TensorRecord,
@@ -361,31 +364,7 @@ pub fn undo_kept_in_place(
     ty: FloatType,
     old: &[u8],
 ) -> Result<()> {
-    let (positions, _) = decode_kept(reader, r, c)?;
-    check_span(reader, r, c, &positions, bytes.len(), ty)?;
-    let size = ty.size();
-    if old.len() != positions.len() * size {
-        return Err(Error::format(
-            reader.path(),
-            format!(
-                "tensor '{}': {} bytes of old values given, its {} kept entries need {}",
-                r.name,
-                old.len(),
-                positions.len(),
-                positions.len() * size
-            ),
-        ));
-    }
-    put_back(bytes, &positions, old, size);
-    Ok(())
-}
-
-/// Writes the values `old` (`size` bytes each) back at `positions`, in order.
-fn put_back(bytes: &mut [u8], positions: &[u32], old: &[u8], size: usize) {
-    for (&p, value) in positions.iter().zip(old.chunks_exact(size)) {
-        let p = p as usize;
-        bytes[p * size..(p + 1) * size].copy_from_slice(value);
-    }
+    with_streams(reader, r, c, false, |s| s.undo(bytes, old, ty))
 }
 
 /// The refusal of a restored value (`base + delta` at element `p`) that its dtype cannot hold.

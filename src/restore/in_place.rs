@@ -1,0 +1,503 @@
+//! Adding a compressed tensor's kept deltas into the tensor's own bytes, block by block, and
+//! putting the overwritten values back: what `decompress` computes for each kept entry
+//! (`dtype(f32(base) + delta)`), without materializing the tensor's kept entries.
+//!
+//! The codec's blocks ([`codec::BLOCK_ELEMENTS`] elements each) are independent: each is
+//! decoded into small per-thread buffers and scattered into its own slice of the tensor (which
+//! stays in cache meanwhile), in parallel over blocks. Undoing decodes only the position
+//! stream. An apply that fails (an undecodable block, a value the dtype cannot hold, a level
+//! histogram that differs from the stored one) leaves the bytes as they were when it records
+//! the overwritten values.
+
+use crate::checkpoint::dtype::FloatType;
+use crate::codec::{self, BlockCodec, BlockSpan, CodecError};
+use rayon::prelude::*;
+
+/// A compressed tensor's two streams with their checked block layout.
+pub struct KeptStreams<'a> {
+    codec: BlockCodec,
+    spans: Vec<BlockSpan>,
+    positions: &'a [u8],
+    /// `None` when only undoing (the level stream is not read).
+    levels: Option<&'a [u8]>,
+}
+
+/// Why a block-wise apply or undo failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScatterError {
+    /// The streams do not decode (or their histogram differs from the stored one).
+    Codec(CodecError),
+    /// `f32(base) + delta` at element `position` is beyond the dtype's range.
+    Overflow {
+        /// The element (flattened index into the tensor).
+        position: u32,
+        /// Its base value.
+        base: f32,
+        /// The delta added.
+        delta: f32,
+    },
+    /// The buffers do not fit the tensor.
+    Size(String),
+}
+
+impl From<CodecError> for ScatterError {
+    fn from(e: CodecError) -> Self {
+        ScatterError::Codec(e)
+    }
+}
+
+/// Per-thread decode buffers, reused block after block.
+#[derive(Default)]
+struct Scratch {
+    positions: Vec<u32>,
+    levels: Vec<u8>,
+}
+
+impl<'a> KeptStreams<'a> {
+    /// Checks the block table of a tensor of `numel` elements against its histogram and the
+    /// stream lengths (`levels` may be left out to undo only).
+    pub fn new(
+        numel: u64,
+        kept_counts: &[u64],
+        blocks: &[codec::BlockInfo],
+        positions: &'a [u8],
+        levels: Option<&'a [u8]>,
+    ) -> Result<Self, CodecError> {
+        let codec = BlockCodec::new(numel, kept_counts)?;
+        let levels_len = match levels {
+            Some(l) => l.len() as u64,
+            None => blocks.iter().map(|b| u64::from(b.level_bytes)).sum(),
+        };
+        let spans = codec.layout(blocks, positions.len() as u64, levels_len)?;
+        Ok(KeptStreams {
+            codec,
+            spans,
+            positions,
+            levels,
+        })
+    }
+
+    /// All kept entries of the tensor.
+    pub fn kept(&self) -> u64 {
+        self.codec.total_kept()
+    }
+
+    fn stream(all: &[u8], start: u64, len: u32) -> &[u8] {
+        &all[start as usize..][..len as usize]
+    }
+
+    /// Decodes block `i`'s positions and levels (of the stream `levels`) into `s`.
+    fn decode_entries(&self, i: usize, levels: &[u8], s: &mut Scratch) -> Result<(), CodecError> {
+        let span = &self.spans[i];
+        let kept = span.info.kept as usize;
+        s.positions.resize(kept, 0);
+        s.levels.resize(kept, 0);
+        self.codec.decode_block(
+            i,
+            &span.info,
+            Self::stream(
+                self.positions,
+                span.position_start,
+                span.info.position_bytes,
+            ),
+            Self::stream(levels, span.level_start, span.info.level_bytes),
+            &mut s.positions,
+            &mut s.levels,
+        )
+    }
+
+    /// Decodes block `i`'s positions only into `s`.
+    fn decode_positions(&self, i: usize, s: &mut Scratch) -> Result<(), CodecError> {
+        let span = &self.spans[i];
+        s.positions.resize(span.info.kept as usize, 0);
+        self.codec.decode_block_positions(
+            i,
+            &span.info,
+            Self::stream(
+                self.positions,
+                span.position_start,
+                span.info.position_bytes,
+            ),
+            &mut s.positions,
+        )
+    }
+
+    /// The part of a buffer of `size` bytes per kept entry that belongs to block `i`.
+    fn entry_range(&self, i: usize, size: usize) -> std::ops::Range<usize> {
+        let span = &self.spans[i];
+        let start = span.kept_start as usize * size;
+        start..start + span.info.kept as usize * size
+    }
+
+    /// The tensor's `bytes` (elements of `size` bytes) cut into its blocks, with each block's
+    /// index.
+    fn blocks_of<'b>(&self, bytes: &'b mut [u8], size: usize) -> Vec<(usize, &'b mut [u8])> {
+        let shared = self.codec.numel() as usize * size;
+        bytes[..shared]
+            .chunks_mut(codec::BLOCK_ELEMENTS as usize * size)
+            .enumerate()
+            .collect()
+    }
+
+    /// Checks that `bytes` holds the tensor's elements (of `size` bytes) and that `old_len`,
+    /// when given, is one value per kept entry.
+    fn check_sizes(
+        &self,
+        bytes: &[u8],
+        old_len: Option<usize>,
+        size: usize,
+    ) -> Result<(), ScatterError> {
+        let numel = (bytes.len() / size) as u64;
+        if numel < self.codec.numel() {
+            return Err(ScatterError::Size(format!(
+                "the tensor given holds {numel} elements, the file's kept entries need {}",
+                self.codec.numel()
+            )));
+        }
+        let want = self.kept() * size as u64;
+        match old_len {
+            Some(len) if len as u64 != want => Err(ScatterError::Size(format!(
+                "{len} bytes of old values given, its {} kept entries need {want}",
+                self.kept()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds the kept deltas (`deltas[level]`) to the elements of `bytes` (of type `ty`, at
+    /// least the tensor's elements), rounding once to `ty`. With `old` (one value of `ty` per
+    /// kept entry), the values overwritten are written there in kept order, and a failure
+    /// leaves `bytes` as it was; without, a failure leaves `bytes` partly changed (the caller
+    /// discards it).
+    pub fn apply(
+        &self,
+        deltas: &[f32],
+        bytes: &mut [u8],
+        ty: FloatType,
+        mut old: Option<&mut [u8]>,
+    ) -> Result<(), ScatterError> {
+        let size = ty.size();
+        let levels = self
+            .levels
+            .ok_or_else(|| ScatterError::Size("the level stream was not read".into()))?;
+        self.check_sizes(bytes, old.as_deref().map(|o| o.len()), size)?;
+        let mut old_parts: Vec<Option<&mut [u8]>> = match old.as_deref_mut() {
+            Some(o) => self.split_entries(o, size).into_iter().map(Some).collect(),
+            None => self.spans.iter().map(|_| None).collect(),
+        };
+        let outcomes: Vec<Result<[u64; 256], ScatterError>> = self
+            .blocks_of(bytes, size)
+            .into_par_iter()
+            .zip(old_parts.par_drain(..))
+            .map_init(Scratch::default, |s, ((i, chunk), old)| {
+                self.decode_entries(i, levels, s)?;
+                let first = self.spans[i].element_start as u32;
+                add_block(chunk, first, &s.positions, &s.levels, deltas, ty, old)?;
+                Ok(histogram(&s.levels))
+            })
+            .collect();
+        let Some(failure) = first_failure(&outcomes).or_else(|| self.histogram_failure(&outcomes))
+        else {
+            return Ok(());
+        };
+        if let Some(old) = old {
+            // Blocks that failed put themselves back; these decoded once already, so decoding
+            // their positions again cannot fail.
+            let applied: Vec<bool> = outcomes.iter().map(Result::is_ok).collect();
+            let _ = self.put_back(bytes, old, ty, |i| applied[i]);
+        }
+        Err(failure)
+    }
+
+    /// `old` cut into the blocks' parts (`size` bytes per kept entry), in block order.
+    fn split_entries<'o>(&self, old: &'o mut [u8], size: usize) -> Vec<&'o mut [u8]> {
+        let mut rest = old;
+        self.spans
+            .iter()
+            .map(|span| {
+                let (mine, tail) =
+                    std::mem::take(&mut rest).split_at_mut(span.info.kept as usize * size);
+                rest = tail;
+                mine
+            })
+            .collect()
+    }
+
+    /// The stored-histogram check over the blocks' level histograms.
+    fn histogram_failure(
+        &self,
+        outcomes: &[Result<[u64; 256], ScatterError>],
+    ) -> Option<ScatterError> {
+        let mut total = [0u64; 256];
+        for h in outcomes.iter().flatten() {
+            total.iter_mut().zip(h).for_each(|(t, c)| *t += c);
+        }
+        self.codec
+            .check_histogram(&total)
+            .err()
+            .map(ScatterError::from)
+    }
+
+    /// Writes the values `old` (what [`KeptStreams::apply`] recorded, `ty`) back at the kept
+    /// positions, decoding only the position stream.
+    pub fn undo(&self, bytes: &mut [u8], old: &[u8], ty: FloatType) -> Result<(), ScatterError> {
+        self.check_sizes(bytes, Some(old.len()), ty.size())?;
+        self.put_back(bytes, old, ty, |_| true)
+    }
+
+    /// Puts back the old values of the blocks `which` selects, in parallel; the first
+    /// undecodable block is the error (the blocks before and after it are put back).
+    fn put_back(
+        &self,
+        bytes: &mut [u8],
+        old: &[u8],
+        ty: FloatType,
+        which: impl Fn(usize) -> bool + Sync,
+    ) -> Result<(), ScatterError> {
+        let size = ty.size();
+        let outcomes: Vec<Result<(), ScatterError>> = self
+            .blocks_of(bytes, size)
+            .into_par_iter()
+            .filter(|(i, _)| which(*i))
+            .map_init(Scratch::default, |s, (i, chunk)| {
+                self.decode_positions(i, s)?;
+                let first = self.spans[i].element_start as usize;
+                put_back_block(
+                    chunk,
+                    first,
+                    &s.positions,
+                    &old[self.entry_range(i, size)],
+                    size,
+                );
+                Ok(())
+            })
+            .collect();
+        outcomes
+            .into_iter()
+            .find_map(Result::err)
+            .map_or(Ok(()), Err)
+    }
+}
+
+/// The first failure among the blocks' outcomes, in block order.
+fn first_failure<T>(outcomes: &[Result<T, ScatterError>]) -> Option<ScatterError> {
+    outcomes.iter().find_map(|o| o.as_ref().err().cloned())
+}
+
+/// The histogram of a block's levels.
+fn histogram(levels: &[u8]) -> [u64; 256] {
+    let mut h = [0u64; 256];
+    for &l in levels {
+        h[usize::from(l)] += 1;
+    }
+    h
+}
+
+/// Adds the deltas of one block's kept entries (`positions` absolute, `first` the block's
+/// first element) to its elements `chunk`, recording the overwritten values in `old` if given.
+/// On overflow the block is put back as it was (when recorded) and the error names the entry.
+fn add_block(
+    chunk: &mut [u8],
+    first: u32,
+    positions: &[u32],
+    levels: &[u8],
+    deltas: &[f32],
+    ty: FloatType,
+    mut old: Option<&mut [u8]>,
+) -> Result<(), ScatterError> {
+    let size = ty.size();
+    let mut table = [0f32; 256];
+    table[..deltas.len()].copy_from_slice(deltas);
+    for (k, (&p, &level)) in positions.iter().zip(levels).enumerate() {
+        let at = (p - first) as usize;
+        let (base, delta) = (ty.load(chunk, at), table[usize::from(level)]);
+        let restored = base + delta;
+        if !ty.holds(restored) {
+            if let Some(old) = old {
+                put_back_block(
+                    chunk,
+                    first as usize,
+                    &positions[..k],
+                    &old[..k * size],
+                    size,
+                );
+            }
+            return Err(ScatterError::Overflow {
+                position: p,
+                base,
+                delta,
+            });
+        }
+        if let Some(old) = old.as_deref_mut() {
+            old[k * size..(k + 1) * size].copy_from_slice(&chunk[at * size..(at + 1) * size]);
+        }
+        ty.store(chunk, at, restored);
+    }
+    Ok(())
+}
+
+/// Writes the values `old` (`size` bytes each) back at `positions` (absolute; `first` is the
+/// block's first element) in the block's elements `chunk`.
+fn put_back_block(chunk: &mut [u8], first: usize, positions: &[u32], old: &[u8], size: usize) {
+    for (&p, value) in positions.iter().zip(old.chunks_exact(size)) {
+        let at = p as usize - first;
+        chunk[at * size..(at + 1) * size].copy_from_slice(value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::splitmix::mix64;
+
+    /// A tensor of 3.5 blocks with ~5 % kept entries and 16 levels: its base bytes (`ty`),
+    /// kept positions, levels, histogram and encoded streams.
+    struct Case {
+        numel: u64,
+        base: Vec<u8>,
+        positions: Vec<u32>,
+        levels: Vec<u8>,
+        counts: Vec<u64>,
+        enc: codec::EncodedTensor,
+        deltas: Vec<f32>,
+    }
+
+    fn case(ty: FloatType) -> Case {
+        let numel = 7 * codec::BLOCK_ELEMENTS / 2;
+        let values: Vec<f32> = (0..numel)
+            .map(|i| ((mix64(i) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1)
+            .collect();
+        let mut base = Vec::new();
+        ty.encode_into(&values, &mut base);
+        let positions: Vec<u32> = (0..numel as u32)
+            .filter(|&i| mix64(u64::from(i) ^ 0xABCD) % 20 == 0)
+            .collect();
+        let levels: Vec<u8> = positions
+            .iter()
+            .map(|&p| (mix64(u64::from(p) ^ 7) % 16) as u8)
+            .collect();
+        let mut counts = vec![0u64; 16];
+        levels.iter().for_each(|&l| counts[usize::from(l)] += 1);
+        let enc = codec::encode_tensor(numel, &positions, &levels, &counts).unwrap();
+        let deltas = (0..16).map(|l| (l as f32 - 7.5) * 1e-3).collect();
+        Case {
+            numel,
+            base,
+            positions,
+            levels,
+            counts,
+            enc,
+            deltas,
+        }
+    }
+
+    impl Case {
+        fn streams(&self) -> KeptStreams<'_> {
+            let e = &self.enc;
+            KeptStreams::new(
+                self.numel,
+                &self.counts,
+                &e.blocks,
+                &e.positions,
+                Some(&e.levels),
+            )
+            .unwrap()
+        }
+
+        /// The applied bytes computed entry by entry, and the values overwritten.
+        fn by_hand(&self, ty: FloatType) -> (Vec<u8>, Vec<u8>) {
+            let (mut want, mut old) = (self.base.clone(), Vec::new());
+            let size = ty.size();
+            for (&p, &l) in self.positions.iter().zip(&self.levels) {
+                let p = p as usize;
+                old.extend_from_slice(&self.base[p * size..(p + 1) * size]);
+                let v = ty.load(&self.base, p) + self.deltas[usize::from(l)];
+                ty.store(&mut want, p, v);
+            }
+            (want, old)
+        }
+    }
+
+    #[test]
+    fn a_multi_block_apply_equals_the_entry_by_entry_add_and_undo_restores_the_base() {
+        for ty in [FloatType::BF16, FloatType::F16, FloatType::F32] {
+            let c = case(ty);
+            let (want, want_old) = c.by_hand(ty);
+            let s = c.streams();
+            let mut bytes = c.base.clone();
+            let mut old = vec![0u8; c.positions.len() * ty.size()];
+            s.apply(&c.deltas, &mut bytes, ty, Some(&mut old)).unwrap();
+            assert!(bytes == want, "{ty:?}: applied bytes differ");
+            assert!(old == want_old, "{ty:?}: recorded old values differ");
+            s.undo(&mut bytes, &old, ty).unwrap();
+            assert!(bytes == c.base, "{ty:?}: undo differs from the base");
+            let mut unrecorded = c.base.clone();
+            s.apply(&c.deltas, &mut unrecorded, ty, None).unwrap();
+            assert!(unrecorded == want, "{ty:?}: apply without a record differs");
+        }
+    }
+
+    #[test]
+    fn an_overflow_in_the_last_block_leaves_every_block_as_it_was() {
+        let ty = FloatType::BF16;
+        let mut c = case(ty);
+        let (&last, &level) = c.positions.iter().zip(&c.levels).next_back().unwrap();
+        let delta = c.deltas[usize::from(level)];
+        ty.store(&mut c.base, last as usize, ty.max_finite().copysign(delta));
+        // Deltas of 5e36..7.5e37: every other entry fits bf16, the last overflows.
+        c.deltas
+            .iter_mut()
+            .for_each(|d| *d = (f64::from(*d) * 1e40) as f32);
+        let s = c.streams();
+        let mut bytes = c.base.clone();
+        let mut old = vec![0u8; c.positions.len() * 2];
+        let err = s
+            .apply(&c.deltas, &mut bytes, ty, Some(&mut old))
+            .unwrap_err();
+        assert!(
+            matches!(err, ScatterError::Overflow { position, .. } if position == last),
+            "{err:?}"
+        );
+        assert!(bytes == c.base, "a failed apply changed the tensor");
+    }
+
+    #[test]
+    fn a_corrupt_level_stream_in_the_last_block_leaves_every_block_as_it_was() {
+        let ty = FloatType::BF16;
+        let mut c = case(ty);
+        // Flip bits in the last block's level stream (the histogram check or the stream's own
+        // checks refuse it, after the first blocks were applied).
+        let last_start = c.enc.levels.len() - c.enc.blocks.last().unwrap().level_bytes as usize;
+        for at in [last_start + 9, last_start + 40] {
+            c.enc.levels[at] ^= 0x10;
+        }
+        let s = c.streams();
+        let mut bytes = c.base.clone();
+        let mut old = vec![0u8; c.positions.len() * 2];
+        let err = s
+            .apply(&c.deltas, &mut bytes, ty, Some(&mut old))
+            .unwrap_err();
+        assert!(matches!(err, ScatterError::Codec(_)), "{err:?}");
+        assert!(bytes == c.base, "a failed apply changed the tensor");
+    }
+
+    #[test]
+    fn wrong_sizes_are_refused_before_anything_changes() {
+        let ty = FloatType::BF16;
+        let c = case(ty);
+        let s = c.streams();
+        let mut short = c.base[..c.base.len() - 2].to_vec();
+        let err = s.apply(&c.deltas, &mut short, ty, None).unwrap_err();
+        assert!(
+            matches!(&err, ScatterError::Size(m) if m.contains("elements")),
+            "{err:?}"
+        );
+        let mut bytes = c.base.clone();
+        let err = s.undo(&mut bytes, &[0u8; 6], ty).unwrap_err();
+        assert!(
+            matches!(&err, ScatterError::Size(m) if m.contains("old values")),
+            "{err:?}"
+        );
+        assert!(bytes == c.base);
+    }
+}
