@@ -279,6 +279,157 @@ impl<'a> KeptStreams<'a> {
     }
 }
 
+/// Which file of a swap an error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The fine-tune the tensor holds.
+    From,
+    /// The fine-tune it is switched to.
+    To,
+}
+
+/// A swap's error, with the file it is about.
+pub type SwapError = (Side, ScatterError);
+
+/// One block's swap: where it ended, and its level histogram or error.
+type BlockSwap = (BlockState, Result<[u64; 256], SwapError>);
+
+/// Where one block stands during a swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockState {
+    /// Still the old fine-tune's values.
+    From,
+    /// The base's values.
+    Base,
+    /// The new fine-tune's values.
+    To,
+}
+
+/// The old fine-tune's side of a swap: its streams, the deltas it added and the base values
+/// it overwrote (what [`KeptStreams::apply`] recorded).
+pub struct Applied<'s, 'a> {
+    /// Its streams (levels read: a failed swap applies them again).
+    pub streams: &'s KeptStreams<'a>,
+    /// Its deltas, one per level.
+    pub deltas: &'s [f32],
+    /// The base values it overwrote.
+    pub old: &'s [u8],
+}
+
+impl KeptStreams<'_> {
+    /// Switches `bytes`, which hold `from`'s fine-tune of the same tensor, to this one's, block
+    /// by block: `from`'s old values are put back, then this tensor's deltas are added while
+    /// the block is in cache (one pass over memory instead of two), the overwritten base values
+    /// going to `old` (one value of `ty` per kept entry). The result equals
+    /// [`KeptStreams::undo`] of `from` followed by [`KeptStreams::apply`]. On failure `bytes`
+    /// hold `from`'s fine-tune again.
+    pub fn swap(
+        &self,
+        from: &Applied<'_, '_>,
+        deltas: &[f32],
+        bytes: &mut [u8],
+        ty: FloatType,
+        old: &mut [u8],
+    ) -> Result<(), SwapError> {
+        let size = ty.size();
+        let (levels, from_levels) = match (self.levels, from.streams.levels) {
+            (Some(l), Some(f)) => (l, f),
+            _ => {
+                return Err((
+                    Side::To,
+                    ScatterError::Size("the level streams were not read".into()),
+                ))
+            }
+        };
+        if from.streams.codec.numel() != self.codec.numel() {
+            return Err((
+                Side::From,
+                ScatterError::Size(format!(
+                    "{} elements, the file it is swapped to has {}",
+                    from.streams.codec.numel(),
+                    self.codec.numel()
+                )),
+            ));
+        }
+        from.streams
+            .check_sizes(bytes, Some(from.old.len()), size)
+            .map_err(|e| (Side::From, e))?;
+        self.check_sizes(bytes, Some(old.len()), size)
+            .map_err(|e| (Side::To, e))?;
+        let outcomes: Vec<BlockSwap> = self
+            .blocks_of(bytes, size)
+            .into_par_iter()
+            .zip(self.split_entries(old, size))
+            .map_init(Scratch::default, |s, ((i, chunk), old)| {
+                let first = self.spans[i].element_start;
+                if let Err(e) = from.streams.decode_positions(i, s) {
+                    return (BlockState::From, Err((Side::From, e.into())));
+                }
+                let from_old = &from.old[from.streams.entry_range(i, size)];
+                put_back_block(chunk, first as usize, &s.positions, from_old, size);
+                if let Err(e) = self.decode_entries(i, levels, s) {
+                    return (BlockState::Base, Err((Side::To, e.into())));
+                }
+                match add_block(
+                    chunk,
+                    first as u32,
+                    &s.positions,
+                    &s.levels,
+                    deltas,
+                    ty,
+                    Some(old),
+                ) {
+                    Ok(()) => (BlockState::To, Ok(histogram(&s.levels))),
+                    Err(e) => (BlockState::Base, Err((Side::To, e))),
+                }
+            })
+            .collect();
+        let results: Vec<_> = outcomes.iter().map(|(_, r)| r.clone()).collect();
+        let failure = results
+            .iter()
+            .find_map(|r| r.as_ref().err().cloned())
+            .or_else(|| {
+                let ok: Vec<_> = results
+                    .iter()
+                    .map(|r| r.clone().map_err(|(_, e)| e))
+                    .collect();
+                self.histogram_failure(&ok).map(|e| (Side::To, e))
+            });
+        let Some(failure) = failure else {
+            return Ok(());
+        };
+        let states: Vec<BlockState> = outcomes.iter().map(|(state, _)| *state).collect();
+        self.back_to(from, from_levels, &states, bytes, ty, old);
+        Err(failure)
+    }
+
+    /// After a failed swap, brings every block back to `from`'s fine-tune: blocks at this
+    /// tensor's values get the base back, then blocks at the base get `from`'s deltas again
+    /// (the same values as before: `from` was applied to this base already).
+    fn back_to(
+        &self,
+        from: &Applied<'_, '_>,
+        from_levels: &[u8],
+        states: &[BlockState],
+        bytes: &mut [u8],
+        ty: FloatType,
+        old: &[u8],
+    ) {
+        let size = ty.size();
+        // Every block below decoded once already: decoding it again cannot fail.
+        let _ = self.put_back(bytes, old, ty, |i| states[i] == BlockState::To);
+        self.blocks_of(bytes, size)
+            .into_par_iter()
+            .filter(|(i, _)| states[*i] != BlockState::From)
+            .for_each_init(Scratch::default, |s, (i, chunk)| {
+                if from.streams.decode_entries(i, from_levels, s).is_ok() {
+                    let first = from.streams.spans[i].element_start as u32;
+                    let _ = add_block(chunk, first, &s.positions, &s.levels, from.deltas, ty, None);
+                }
+            });
+    }
+}
+
 /// The first failure among the blocks' outcomes, in block order.
 fn first_failure<T>(outcomes: &[Result<T, ScatterError>]) -> Option<ScatterError> {
     outcomes.iter().find_map(|o| o.as_ref().err().cloned())
@@ -309,6 +460,9 @@ fn add_block(
     let mut table = [0f32; 256];
     table[..deltas.len()].copy_from_slice(deltas);
     for (k, (&p, &level)) in positions.iter().zip(levels).enumerate() {
+        if let Some(&ahead) = positions.get(k + PREFETCH_AHEAD) {
+            prefetch(chunk, (ahead - first) as usize * size);
+        }
         let at = (p - first) as usize;
         let (base, delta) = (ty.load(chunk, at), table[usize::from(level)]);
         let restored = base + delta;
@@ -334,6 +488,28 @@ fn add_block(
         ty.store(chunk, at, restored);
     }
     Ok(())
+}
+
+/// How many kept entries ahead of the one being added its element is prefetched: the kept
+/// entries are a few dozen bytes apart, too sparse for the hardware prefetcher, and each
+/// element load would otherwise wait for memory.
+const PREFETCH_AHEAD: usize = 16;
+
+/// Asks the CPU to bring the cache line of `bytes[at]` in (a hint: no effect on results).
+#[inline(always)]
+fn prefetch(bytes: &[u8], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(b) = bytes.get(at) {
+        // SAFETY: a prefetch reads nothing architecturally visible and cannot fault; the
+        // address is in bounds anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (b as *const u8).cast(),
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bytes, at);
 }
 
 /// Writes the values `old` (`size` bytes each) back at `positions` (absolute; `first` is the
@@ -363,6 +539,11 @@ mod tests {
     }
 
     fn case(ty: FloatType) -> Case {
+        fine_tune(ty, 0xABCD)
+    }
+
+    /// A fine-tune of the same base as [`case`]'s, its kept entries drawn with `seed`.
+    fn fine_tune(ty: FloatType, seed: u64) -> Case {
         let numel = 7 * codec::BLOCK_ELEMENTS / 2;
         let values: Vec<f32> = (0..numel)
             .map(|i| ((mix64(i) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1)
@@ -370,11 +551,11 @@ mod tests {
         let mut base = Vec::new();
         ty.encode_into(&values, &mut base);
         let positions: Vec<u32> = (0..numel as u32)
-            .filter(|&i| mix64(u64::from(i) ^ 0xABCD) % 20 == 0)
+            .filter(|&i| mix64(u64::from(i) ^ seed) % 20 == 0)
             .collect();
         let levels: Vec<u8> = positions
             .iter()
-            .map(|&p| (mix64(u64::from(p) ^ 7) % 16) as u8)
+            .map(|&p| (mix64(u64::from(p) ^ seed ^ 7) % 16) as u8)
             .collect();
         let mut counts = vec![0u64; 16];
         levels.iter().for_each(|&l| counts[usize::from(l)] += 1);
@@ -499,5 +680,82 @@ mod tests {
             "{err:?}"
         );
         assert!(bytes == c.base);
+    }
+
+    /// `a` applied to the base, then swapped to `b`: the bytes and the record of the swap (or
+    /// its error), and `a`'s applied bytes.
+    fn swap_case(a: &Case, b: &Case) -> (Vec<u8>, Result<Vec<u8>, SwapError>, Vec<u8>) {
+        let ty = FloatType::BF16;
+        let (sa, sb) = (a.streams(), b.streams());
+        let mut bytes = a.base.clone();
+        let mut a_old = vec![0u8; a.positions.len() * 2];
+        sa.apply(&a.deltas, &mut bytes, ty, Some(&mut a_old))
+            .unwrap();
+        let a_applied = bytes.clone();
+        let from = Applied {
+            streams: &sa,
+            deltas: &a.deltas,
+            old: &a_old,
+        };
+        let mut b_old = vec![0u8; b.positions.len() * 2];
+        let r = sb.swap(&from, &b.deltas, &mut bytes, ty, &mut b_old);
+        (bytes, r.map(|()| b_old), a_applied)
+    }
+
+    #[test]
+    fn a_swap_gives_the_second_fine_tune_and_its_record() {
+        let ty = FloatType::BF16;
+        let (a, b) = (fine_tune(ty, 1), fine_tune(ty, 2));
+        let (bytes, record, _) = swap_case(&a, &b);
+        let (want, want_old) = b.by_hand(ty);
+        assert!(
+            bytes == want,
+            "swapped bytes differ from b applied to the base"
+        );
+        assert!(
+            record.unwrap() == want_old,
+            "the record differs from b's base values"
+        );
+    }
+
+    #[test]
+    fn a_swap_that_fails_in_the_last_block_leaves_the_first_fine_tune() {
+        let ty = FloatType::BF16;
+        let a = fine_tune(ty, 1);
+        // b overflows at its last entry (a's base there is made the largest finite value).
+        let mut b = fine_tune(ty, 2);
+        let (&last, &level) = b.positions.iter().zip(&b.levels).next_back().unwrap();
+        let sign = b.deltas[usize::from(level)];
+        b.deltas
+            .iter_mut()
+            .for_each(|d| *d = (f64::from(*d) * 1e40) as f32);
+        let mut a = a;
+        // (a does not keep that element, so a applies fine.)
+        assert!(a.positions.binary_search(&last).is_err());
+        ty.store(&mut a.base, last as usize, ty.max_finite().copysign(sign));
+        b.base = a.base.clone();
+        let (bytes, record, a_applied) = swap_case(&a, &b);
+        assert!(
+            matches!(record, Err((Side::To, ScatterError::Overflow { position, .. })) if position == last)
+        );
+        assert!(
+            bytes == a_applied,
+            "a failed swap did not leave a's fine-tune"
+        );
+        // b's level stream corrupt in its last block.
+        let mut b = fine_tune(ty, 2);
+        let last_start = b.enc.levels.len() - b.enc.blocks.last().unwrap().level_bytes as usize;
+        for at in [last_start + 9, last_start + 40] {
+            b.enc.levels[at] ^= 0x10;
+        }
+        let (bytes, record, a_applied) = swap_case(&fine_tune(ty, 1), &b);
+        assert!(
+            matches!(record, Err((Side::To, ScatterError::Codec(_)))),
+            "{record:?}"
+        );
+        assert!(
+            bytes == a_applied,
+            "a failed swap did not leave a's fine-tune"
+        );
     }
 }

@@ -282,8 +282,56 @@ fn convert_and_add_kept(
     Ok(out)
 }
 
-/// Runs `f` on a compressed tensor's streams read from the file (checksums checked; the level
-/// stream only `with_levels`), turning its errors into the file's errors naming the tensor.
+/// A compressed tensor's streams read from the file (checksums checked): positions, and
+/// levels if `with_levels`.
+fn read_streams(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+    with_levels: bool,
+) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
+    let what = |s: &str| format!("tensor '{}': {s}", r.name);
+    let positions = reader.read_record(&c.positions, &what("position stream"))?;
+    let levels = match with_levels {
+        true => Some(reader.read_record(&c.levels, &what("level stream"))?),
+        false => None,
+    };
+    Ok((positions, levels))
+}
+
+/// A block-wise scatter's error as an error of the file, naming the tensor.
+fn scatter_error(reader: &UdeltaReader, r: &TensorRecord, e: ScatterError) -> Error {
+    let what = |s: &str| format!("tensor '{}': {s}", r.name);
+    match e {
+        ScatterError::Codec(e) => Error::format(reader.path(), what(&format!("undecodable: {e}"))),
+        ScatterError::Overflow {
+            position,
+            base,
+            delta,
+        } => overflow_error(reader, r, position, base, delta),
+        ScatterError::Size(msg) => Error::format(reader.path(), what(&msg)),
+    }
+}
+
+/// The checked block layout of a compressed tensor's streams `(positions, levels)`.
+fn kept_streams<'a>(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+    (positions, levels): &'a (Vec<u8>, Option<Vec<u8>>),
+) -> Result<KeptStreams<'a>> {
+    KeptStreams::new(
+        c.shared_numel,
+        &c.kept_counts,
+        &c.blocks,
+        positions,
+        levels.as_deref(),
+    )
+    .map_err(|e| scatter_error(reader, r, e.into()))
+}
+
+/// Runs `f` on a compressed tensor's streams read from the file (the level stream only
+/// `with_levels`), turning its errors into the file's errors naming the tensor.
 fn with_streams<T>(
     reader: &UdeltaReader,
     r: &TensorRecord,
@@ -291,33 +339,8 @@ fn with_streams<T>(
     with_levels: bool,
     f: impl FnOnce(&KeptStreams) -> std::result::Result<T, ScatterError>,
 ) -> Result<T> {
-    let what = |s: &str| format!("tensor '{}': {s}", r.name);
-    let positions = reader.read_record(&c.positions, &what("position stream"))?;
-    let levels = match with_levels {
-        true => Some(reader.read_record(&c.levels, &what("level stream"))?),
-        false => None,
-    };
-    let streams = KeptStreams::new(
-        c.shared_numel,
-        &c.kept_counts,
-        &c.blocks,
-        &positions,
-        levels.as_deref(),
-    );
-    streams
-        .map_err(ScatterError::from)
-        .and_then(|s| f(&s))
-        .map_err(|e| match e {
-            ScatterError::Codec(e) => {
-                Error::format(reader.path(), what(&format!("undecodable: {e}")))
-            }
-            ScatterError::Overflow {
-                position,
-                base,
-                delta,
-            } => overflow_error(reader, r, position, base, delta),
-            ScatterError::Size(msg) => Error::format(reader.path(), what(&msg)),
-        })
+    let streams = read_streams(reader, r, c, with_levels)?;
+    f(&kept_streams(reader, r, c, &streams)?).map_err(|e| scatter_error(reader, r, e))
 }
 
 /// Adds a compressed tensor's kept deltas to the base values `bytes` (of type `ty`, at least
@@ -365,6 +388,44 @@ pub fn undo_kept_in_place(
     old: &[u8],
 ) -> Result<()> {
     with_streams(reader, r, c, false, |s| s.undo(bytes, old, ty))
+}
+
+/// One fine-tune's compressed tensor: its file, record and payload.
+pub type Compressed<'a> = (&'a UdeltaReader, &'a TensorRecord, &'a CompressedTensor);
+
+/// Switches the base tensor `bytes` (of type `ty`) in place from the fine-tune `from` (applied
+/// with [`apply_kept_in_place`], which returned `from_old`) to `to`, made against the same
+/// base: the result equals [`undo_kept_in_place`] of `from` then [`apply_kept_in_place`] of
+/// `to`, in one pass over the tensor. Returns the base values `to` overwrote. On error the
+/// tensor holds `from`'s fine-tune again.
+pub fn swap_kept_in_place(
+    from: Compressed<'_>,
+    from_old: &[u8],
+    to: Compressed<'_>,
+    bytes: &mut [u8],
+    ty: FloatType,
+) -> Result<Vec<u8>> {
+    let (from_reader, from_r, from_c) = from;
+    let (to_reader, to_r, to_c) = to;
+    let from_streams = read_streams(from_reader, from_r, from_c, true)?;
+    let from_streams = kept_streams(from_reader, from_r, from_c, &from_streams)?;
+    let to_streams = read_streams(to_reader, to_r, to_c, true)?;
+    let to_streams = kept_streams(to_reader, to_r, to_c, &to_streams)?;
+    let from_deltas = from_c.grid().scaled_values(from_reader.index.model.scale);
+    let applied = in_place::Applied {
+        streams: &from_streams,
+        deltas: &from_deltas,
+        old: from_old,
+    };
+    let deltas = to_c.grid().scaled_values(to_reader.index.model.scale);
+    let mut old = vec![0u8; to_streams.kept() as usize * ty.size()];
+    to_streams
+        .swap(&applied, &deltas, bytes, ty, &mut old)
+        .map_err(|(side, e)| match side {
+            in_place::Side::From => scatter_error(from_reader, from_r, e),
+            in_place::Side::To => scatter_error(to_reader, to_r, e),
+        })?;
+    Ok(old)
 }
 
 /// The refusal of a restored value (`base + delta` at element `p`) that its dtype cannot hold.
