@@ -20,7 +20,7 @@ use udelta_gpu::checkpoint::select::Embeddings;
 use udelta_gpu::checkpoint::select::TensorSelector;
 use udelta_gpu::checkpoint::side_files::SideFileOptions;
 use udelta_gpu::error::{Error, Result};
-use udelta_gpu::format::{TensorKind, TensorRecord, UdeltaReader};
+use udelta_gpu::format::{CompressedTensor, TensorKind, TensorRecord, UdeltaReader};
 use udelta_gpu::pipeline::compress::CompressOptions;
 use udelta_gpu::pipeline::decompress::DecompressOptions;
 use udelta_gpu::report::InspectReport;
@@ -244,6 +244,21 @@ impl File {
             })
     }
 
+    /// Runs `f` on the compressed tensor `name` with the GIL released; `not` says why
+    /// another kind of record is refused.
+    fn with_compressed<T: Send>(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        not: &str,
+        f: impl FnOnce(&UdeltaReader, &TensorRecord, &CompressedTensor) -> Result<T> + Send,
+    ) -> PyResult<T> {
+        self.with_record(py, name, |reader, r| match &r.kind {
+            TensorKind::Compressed(c) => f(reader, r, c),
+            _ => Err(self.not_kind(name, not)),
+        })
+    }
+
     fn not_kind(&self, name: &str, what: &str) -> Error {
         Error::format(self.reader.path(), format!("tensor '{name}': {what}"))
     }
@@ -385,18 +400,23 @@ impl File {
     ) -> PyResult<Bound<'py, PyByteArray>> {
         let ty = float_type_of(name, dtype)?;
         let bytes = host_bytes(addr, nbytes)?;
-        let old = self.with_record(py, name, |reader, r| match &r.kind {
-            // SAFETY: see `host_bytes`; this call is the buffer's only user meanwhile.
-            TensorKind::Compressed(c) => {
-                restore::apply_kept_in_place(reader, r, c, unsafe { bytes.get() }, ty)
-            }
-            _ => Err(self.not_kind(name, "not a compressed tensor: nothing to apply in place")),
+        const NOT: &str = "not a compressed tensor: nothing to apply in place";
+        let len = self.with_compressed(py, name, NOT, |reader, r, c| {
+            restore::overwritten_len(reader, r, c, ty)
         })?;
-        Ok(bytes_of(py, &old))
+        // The record is written straight into the new bytearray (no copy), which nothing else
+        // references until it is returned.
+        PyByteArray::new_with(py, len, |old| {
+            self.with_compressed(py, name, NOT, |reader, r, c| {
+                // SAFETY: see `host_bytes`; this call is the buffer's only user meanwhile.
+                restore::apply_kept_in_place(reader, r, c, unsafe { bytes.get() }, ty, old)
+            })
+        })
     }
 
     /// Puts back in the buffer at `addr` (as for `apply_at`) the base values `apply_at`
     /// returned for `name`, given as the `old_len` bytes at `old_addr`.
+    #[allow(clippy::too_many_arguments)]
     fn undo_at(
         &self,
         py: Python<'_>,
@@ -410,12 +430,61 @@ impl File {
         let ty = float_type_of(name, dtype)?;
         let bytes = host_bytes(addr, nbytes)?;
         let old = host_bytes(old_addr, old_len)?;
-        self.with_record(py, name, |reader, r| match &r.kind {
+        const NOT: &str = "not a compressed tensor: nothing to undo in place";
+        self.with_compressed(py, name, NOT, |reader, r, c| {
             // SAFETY: see `host_bytes`; the two buffers are distinct and used only here.
-            TensorKind::Compressed(c) => unsafe {
-                restore::undo_kept_in_place(reader, r, c, bytes.get(), ty, old.get())
-            },
-            _ => Err(self.not_kind(name, "not a compressed tensor: nothing to undo in place")),
+            unsafe { restore::undo_kept_in_place(reader, r, c, bytes.get(), ty, old.get()) }
+        })
+    }
+
+    /// Switches compressed tensor `name` in the buffer at `addr` (as for `apply_at`), which
+    /// holds the fine-tune of `from_file` (applied with `apply_at`, which returned the
+    /// `old_len` bytes at `old_addr`), to this file's fine-tune in one pass over the tensor:
+    /// the same bytes as `from_file.undo_at` then `apply_at`. Returns the base values this
+    /// file overwrote. On error the buffer holds `from_file`'s fine-tune again.
+    #[allow(clippy::too_many_arguments)]
+    fn swap_at<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        addr: usize,
+        nbytes: usize,
+        dtype: &str,
+        from_file: PyRef<'_, File>,
+        old_addr: usize,
+        old_len: usize,
+    ) -> PyResult<Bound<'py, PyByteArray>> {
+        let ty = float_type_of(name, dtype)?;
+        let bytes = host_bytes(addr, nbytes)?;
+        let from_old = host_bytes(old_addr, old_len)?;
+        let from = &*from_file;
+        let both = || {
+            let (from_r, to_r) = (from.record(name)?, self.record(name)?);
+            match (&from_r.kind, &to_r.kind) {
+                (TensorKind::Compressed(f), TensorKind::Compressed(t)) => Ok((from_r, f, to_r, t)),
+                _ => Err(self.not_kind(name, "not compressed in both files: no swap in place")),
+            }
+        };
+        let len = guarded(py, || {
+            let (_, _, to_r, to_c) = both()?;
+            restore::overwritten_len(&self.reader, to_r, to_c, ty)
+        })?;
+        // As in `apply_at`: the record is written straight into the new bytearray.
+        PyByteArray::new_with(py, len, |old| {
+            guarded(py, || {
+                let (from_r, from_c, to_r, to_c) = both()?;
+                // SAFETY: see `host_bytes`; the three buffers are distinct and used only here.
+                unsafe {
+                    restore::swap_kept_in_place(
+                        (&from.reader, from_r, from_c),
+                        from_old.get(),
+                        (&self.reader, to_r, to_c),
+                        bytes.get(),
+                        ty,
+                        old,
+                    )
+                }
+            })
         })
     }
 

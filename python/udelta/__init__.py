@@ -513,14 +513,15 @@ def _dtype_name(t) -> str:
         raise UdeltaError(f"tensor of dtype {t.dtype}: not a safetensors dtype") from None
 
 
-def _check_all(file: UdeltaFile, target: _Target, records, checksums: bool, force: bool) -> None:
+def _check_all(file: UdeltaFile, target: _Target, records, checksum, force: bool) -> None:
     """Refuses a wrong base before anything is changed: dtype and shape of every tensor the
-    file needs from the base, and (``checksums``, unless ``force``) the CRC-32 of its bytes."""
+    file needs from the base, and (for the names ``checksum(name)`` accepts, unless ``force``)
+    the CRC-32 of its bytes."""
     for r in records:
         if _stored_alone(r):
             continue
         t = target.get(r["name"])
-        crc = _crc32(t) if checksums and not force else None
+        crc = _crc32(t) if checksum(r["name"]) and not force else None
         file._file.check_base(r["name"], target.origin, _dtype_name(t), list(t.shape), crc)
 
 
@@ -538,18 +539,18 @@ def _base_crcs(records) -> Dict[str, int]:
 def _check_same_base(to_file: UdeltaFile, applied: Applied) -> bool:
     """Refuses ``to_file`` if it was made against another base than the file ``applied``
     records (another fingerprint of the same kind, or another CRC-32 for a base tensor both
-    need). Returns whether it needs base tensors that apply_ did not check."""
+    need). Returns the base tensors it needs that apply_ did not check."""
     base = to_file.index["base"]
     if base.get("identity") == applied.identity and base["fingerprint"] != applied.fingerprint:
         raise UdeltaError(
             f"{to_file.path}: made against another base (fingerprint {base['fingerprint']}, "
             f"the model's base has {applied.fingerprint}): wrong base"
         )
-    unchecked = False
+    unchecked = set()
     for name, crc in _base_crcs(to_file.index["tensors"]).items():
         have = applied.base_crcs.get(name)
         if have is None:
-            unchecked = True
+            unchecked.add(name)
         elif have != crc:
             raise UdeltaError(
                 f"{to_file.path}: tensor '{name}': made against another base (base CRC-32 "
@@ -632,6 +633,43 @@ def _undo_in_place(target: _Target, file: UdeltaFile, names: List[str], applied:
             del applied.scattered[name]
 
 
+def _swap_in_place(
+    target: _Target, from_file: UdeltaFile, to_file: UdeltaFile, names: List[str], old: Applied, new: Applied
+) -> None:
+    """Switches the tensors ``names`` (contiguous CPU tensors holding ``from_file``'s
+    fine-tune, applied in place) to ``to_file``'s in one pass over each, several at a time:
+    ``old``'s record of each is consumed, ``new``'s filled."""
+
+    def one(name):
+        t = target.get(name)
+        was = np.frombuffer(old.scattered[name], dtype=np.uint8)
+        record = to_file._file.swap_at(
+            name, t.data_ptr(), _nbytes(t), _dtype_name(t), from_file._file, was.ctypes.data, was.nbytes
+        )
+        return name, record
+
+    with _workers() as pool:
+        for name, record in pool.map(one, names):
+            del old.scattered[name]
+            new.scattered[name] = record
+
+
+def _swappable(target: _Target, from_file: UdeltaFile, to_file: UdeltaFile, applied: Applied) -> List[str]:
+    """The tensors both files scatter into, applied in place by ``from_file``: they are
+    switched in one pass (the views of both files registered on ``target``)."""
+    target.add_views(from_file.path, from_file.index["tensors"])
+    target.add_views(to_file.path, to_file.index["tensors"])
+    from_records = {r["name"]: r for r in from_file.index["tensors"]}
+    return [
+        r["name"]
+        for r in to_file.index["tensors"]
+        if _scatters(r)
+        and isinstance(applied.scattered.get(r["name"]), bytearray)
+        and _scatters(from_records.get(r["name"], {"kind": None}))
+        and _in_place(target.get(r["name"]))
+    ]
+
+
 def _update_flat(t, update):
     """``update(flat)`` on a flat view of ``t``'s elements; for a strided ``t``, on a flat
     copy that is then written back. Returns what ``update`` returns."""
@@ -694,7 +732,7 @@ def apply_(model_or_state_dict, path: PathLike, *, force: bool = False) -> Appli
     weights untouched; ``force=True`` skips the CRC-32 check. Returns an :class:`Applied`
     record (also kept on a module as ``module._udelta_applied``) that :func:`swap_` uses.
     """
-    return _apply(model_or_state_dict, open(path), checksums=True, force=force)
+    return _apply(model_or_state_dict, open(path), checksum=lambda name: True, force=force)
 
 
 def _drop_extra(target: _Target, file: UdeltaFile, applied: Applied) -> None:
@@ -705,17 +743,22 @@ def _drop_extra(target: _Target, file: UdeltaFile, applied: Applied) -> None:
         applied.dropped[key] = target.tensors.pop(key)
 
 
-def _apply(target_obj, file: UdeltaFile, checksums: bool, force: bool) -> Applied:
+def _apply(target_obj, file: UdeltaFile, checksum, force: bool, swapping=None) -> Applied:
+    """Applies ``file`` to the target. ``swapping = (from_file, from_applied, names)``: the
+    tensors ``names`` still hold ``from_file``'s fine-tune and are switched in one pass."""
     torch = _torch()
     target = _Target(target_obj)
     records = file.index["tensors"]
     target.add_views(file.path, records)
-    _check_all(file, target, records, checksums, force)
+    _check_all(file, target, records, checksum, force)
     applied = Applied(file.path, file.index["base"], _base_crcs(records))
     in_place = [r["name"] for r in records if _scatters(r) and _in_place(target.get(r["name"]))]
+    swapped = set(swapping[2]) if swapping else set()
     rest = [r for r in records if r["name"] not in set(in_place)]
     with torch.no_grad():
-        _apply_in_place(target, file, in_place, applied)
+        if swapping:
+            _swap_in_place(target, swapping[0], file, swapping[2], swapping[1], applied)
+        _apply_in_place(target, file, [n for n in in_place if n not in swapped], applied)
         for r, data in _ahead(lambda r: _fetch(file, r), rest):
             _apply_record(target, file, r, data, applied)
     if target.module is None:
@@ -725,16 +768,19 @@ def _apply(target_obj, file: UdeltaFile, checksums: bool, force: bool) -> Applie
     return applied
 
 
-def _undo(target: _Target, applied: Applied) -> None:
+def _undo(target: _Target, applied: Applied, keep=()) -> None:
     """Puts back the base values ``applied`` recorded, emptying it as it goes (so that its
-    memory is free before the next file is applied)."""
+    memory is free before the next file is applied), except for the tensors ``keep`` (which a
+    swap switches in one pass)."""
     torch = _torch()
     file = open(applied.path)
     target.add_views(file.path, file.index["tensors"])
-    host = [n for n, old in applied.scattered.items() if isinstance(old, bytearray)]
+    keep = set(keep)
+    host = [n for n, old in applied.scattered.items() if isinstance(old, bytearray) and n not in keep]
     with torch.no_grad():
         _undo_in_place(target, file, host, applied)
-        for name, (positions, _) in _ahead(file.kept, list(applied.scattered)):
+        on_device = [n for n in applied.scattered if n not in keep]
+        for name, (positions, _) in _ahead(file.kept, on_device):
             old = applied.scattered.pop(name)
             t = target.get(name)
             at = torch.from_numpy(positions).to(t.device)
@@ -777,5 +823,7 @@ def swap_(
     to_file = open(to_path)
     unchecked = _check_same_base(to_file, applied)
     target = _Target(model)
-    _undo(target, applied)
-    return _apply(model, to_file, checksums=unchecked, force=False)
+    from_file = open(applied.path)
+    both = _swappable(target, from_file, to_file, applied)
+    _undo(target, applied, keep=both)
+    return _apply(model, to_file, checksum=unchecked.__contains__, force=False, swapping=(from_file, applied, both))

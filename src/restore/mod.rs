@@ -357,22 +357,43 @@ fn add_kept(
     with_streams(reader, r, c, true, |s| s.apply(&deltas, bytes, ty, None))
 }
 
+/// The length of the record of base values that [`apply_kept_in_place`] (or
+/// [`swap_kept_in_place`] to `c`) overwrites in a tensor of type `ty`: one value per kept
+/// entry. Refuses a histogram with more kept entries than elements.
+pub fn overwritten_len(
+    reader: &UdeltaReader,
+    r: &TensorRecord,
+    c: &CompressedTensor,
+    ty: FloatType,
+) -> Result<usize> {
+    let kept = c
+        .kept_counts
+        .iter()
+        .try_fold(0u64, |a, &k| a.checked_add(k));
+    match kept.filter(|&k| k <= c.shared_numel) {
+        Some(k) => Ok(k as usize * ty.size()),
+        None => Err(Error::format(
+            reader.path(),
+            format!("tensor '{}': more kept entries than elements", r.name),
+        )),
+    }
+}
+
 /// Applies a compressed tensor in place to its base values `bytes` (of type `ty`): the kept
-/// entries become `ty(f32(base) + delta)`, exactly as restoring computes them. Returns the
-/// base values it overwrote (in `ty`, kept order), which [`undo_kept_in_place`] puts back. On
-/// error `bytes` is as it was.
+/// entries become `ty(f32(base) + delta)`, exactly as restoring computes them. The base values
+/// it overwrites go to `old` (of [`overwritten_len`], in kept order), which
+/// [`undo_kept_in_place`] puts back. On error `bytes` is as it was.
 pub fn apply_kept_in_place(
     reader: &UdeltaReader,
     r: &TensorRecord,
     c: &CompressedTensor,
     bytes: &mut [u8],
     ty: FloatType,
-) -> Result<Vec<u8>> {
+    old: &mut [u8],
+) -> Result<()> {
     let deltas = c.grid().scaled_values(reader.index.model.scale);
     with_streams(reader, r, c, true, |s| {
-        let mut old = vec![0u8; s.kept() as usize * ty.size()];
-        s.apply(&deltas, bytes, ty, Some(&mut old))?;
-        Ok(old)
+        s.apply(&deltas, bytes, ty, Some(old))
     })
 }
 
@@ -396,15 +417,16 @@ pub type Compressed<'a> = (&'a UdeltaReader, &'a TensorRecord, &'a CompressedTen
 /// Switches the base tensor `bytes` (of type `ty`) in place from the fine-tune `from` (applied
 /// with [`apply_kept_in_place`], which returned `from_old`) to `to`, made against the same
 /// base: the result equals [`undo_kept_in_place`] of `from` then [`apply_kept_in_place`] of
-/// `to`, in one pass over the tensor. Returns the base values `to` overwrote. On error the
-/// tensor holds `from`'s fine-tune again.
+/// `to`, in one pass over the tensor. The base values `to` overwrites go to `old` (of
+/// [`overwritten_len`] for `to`). On error the tensor holds `from`'s fine-tune again.
 pub fn swap_kept_in_place(
     from: Compressed<'_>,
     from_old: &[u8],
     to: Compressed<'_>,
     bytes: &mut [u8],
     ty: FloatType,
-) -> Result<Vec<u8>> {
+    old: &mut [u8],
+) -> Result<()> {
     let (from_reader, from_r, from_c) = from;
     let (to_reader, to_r, to_c) = to;
     let from_streams = read_streams(from_reader, from_r, from_c, true)?;
@@ -418,14 +440,12 @@ pub fn swap_kept_in_place(
         old: from_old,
     };
     let deltas = to_c.grid().scaled_values(to_reader.index.model.scale);
-    let mut old = vec![0u8; to_streams.kept() as usize * ty.size()];
     to_streams
-        .swap(&applied, &deltas, bytes, ty, &mut old)
+        .swap(&applied, &deltas, bytes, ty, old)
         .map_err(|(side, e)| match side {
             in_place::Side::From => scatter_error(from_reader, from_r, e),
             in_place::Side::To => scatter_error(to_reader, to_r, e),
-        })?;
-    Ok(old)
+        })
 }
 
 /// The refusal of a restored value (`base + delta` at element `p`) that its dtype cannot hold.
@@ -725,13 +745,14 @@ mod tests {
                 ty.store(&mut want, p, ty.load(&original, p) + v);
             }
             let mut bytes = original.clone();
-            let old = apply_kept_in_place(&reader, r, c, &mut bytes, ty).unwrap();
+            let mut old = vec![0u8; overwritten_len(&reader, r, c, ty).unwrap()];
+            apply_kept_in_place(&reader, r, c, &mut bytes, ty, &mut old).unwrap();
             assert!(bytes == want, "{}: applied bytes differ", r.name);
             assert_eq!(old.len(), positions.len() * ty.size());
             undo_kept_in_place(&reader, r, c, &mut bytes, ty, &old).unwrap();
             assert!(bytes == original, "{}: undo differs from the base", r.name);
             let short = &mut original[..ty.size()];
-            let err = apply_kept_in_place(&reader, r, c, short, ty).unwrap_err();
+            let err = apply_kept_in_place(&reader, r, c, short, ty, &mut old).unwrap_err();
             assert!(err.to_string().contains(&r.name), "{err}");
             let err = undo_kept_in_place(&reader, r, c, &mut bytes, ty, &old[1..]).unwrap_err();
             assert!(err.to_string().contains("old values"), "{err}");
@@ -770,7 +791,8 @@ mod tests {
             ty.max_finite().copysign(delta),
         );
         let mut bytes = original.clone();
-        let Err(err) = apply_kept_in_place(&reader, r, c, &mut bytes, ty) else {
+        let mut old = vec![0u8; overwritten_len(&reader, r, c, ty).unwrap()];
+        let Err(err) = apply_kept_in_place(&reader, r, c, &mut bytes, ty, &mut old) else {
             panic!("{}: an overflowing apply succeeded", r.name);
         };
         assert!(
