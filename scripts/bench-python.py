@@ -90,15 +90,20 @@ def main(work, cli):
     reset_peak()
     out["model_gib"] = sum(v.numel() * v.element_size() for v in state.values()) / 2**30
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     applied = udelta.apply_(state, a)
     out["apply_s"] = time.perf_counter() - t
+    out["apply_cpu_s"] = time.process_time() - cpu
     out["apply_extra_peak_gib"] = rss_peak_gib() - loaded
     out["undo_record_gib"] = applied.nbytes() / 2**30
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     udelta.swap_(state, a, b, applied=applied)
     out["swap_s"] = time.perf_counter() - t
+    # CPU seconds of all threads: with the machine shared, wall time / CPU time shows the
+    # cores the process actually got.
+    out["swap_cpu_s"] = time.process_time() - cpu
+    out["load_average_1min"] = os.getloadavg()[0]
     out["extra_peak_after_swap_gib"] = rss_peak_gib() - loaded
     out["apply_over_decompress_and_load"] = out["apply_s"] / (out["decompress_s"] + out["load_restored_s"])
 
