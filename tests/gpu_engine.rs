@@ -645,6 +645,8 @@ fn streamed_uploads_and_waits_are_counted_exactly() {
         n * stats_init
     );
     assert_eq!(after.blocking_waits - before.blocking_waits, n);
+    // Every tensor but the first went to the device before the one before it was read.
+    assert_eq!(after.overlapped_tensors - before.overlapped_tensors, n - 1);
 }
 
 /// A small `--gpu-mem` streams a large tensor in many chunks through the upload ring; the

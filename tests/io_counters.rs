@@ -94,7 +94,12 @@ fn cpu_run_reads_each_compressed_input_once_and_touches_no_device() {
     let pairs = READS_OF_EACH_INPUT * 2 * compressed;
     assert!(read >= pairs + others, "{read}");
     assert!(read <= pairs + 4 * others, "{read}");
-    for c in ["bytes_uploaded", "bytes_read_back", "blocking_waits"] {
+    for c in [
+        "bytes_uploaded",
+        "bytes_read_back",
+        "blocking_waits",
+        "overlapped_tensors",
+    ] {
         assert_eq!(counter(&r, c), 0, "{c} on the CPU engine");
     }
     for stage in ["read", "analyze", "select", "encode", "write"] {
@@ -153,6 +158,9 @@ fn gpu_run_counts_its_uploads_readbacks_and_waits() {
     assert!(waits <= 3 * tensors, "{waits} waits for {tensors} tensors");
     let read_back = counter(&r, "bytes_read_back");
     assert!(read_back > 0 && read_back <= tensors * 1024, "{read_back}");
+    // Pass 1 keeps one tensor in flight: each tensor but the first is submitted before the
+    // host reads the one before it back.
+    assert_eq!(counter(&r, "overlapped_tensors"), tensors - 1);
 }
 
 #[test]

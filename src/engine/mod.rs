@@ -129,6 +129,9 @@ pub struct DeviceCounters {
     pub bytes_read_back: u64,
     /// Times the host waited for the device.
     pub blocking_waits: u64,
+    /// Tensors submitted while an earlier tensor's results were still on the device, unread
+    /// (pass 1 of `compress`: the next tensor goes to the device before the host waits).
+    pub overlapped_tensors: u64,
 }
 
 /// A pass-1 analysis begun by [`Engine::start_analysis`].

@@ -215,6 +215,7 @@ struct Counters {
     uploaded: AtomicU64,
     read_back: AtomicU64,
     waits: AtomicU64,
+    overlapped: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -303,7 +304,13 @@ impl Gpu {
             bytes_uploaded: c.uploaded.load(Ordering::Relaxed),
             bytes_read_back: c.read_back.load(Ordering::Relaxed),
             blocking_waits: c.waits.load(Ordering::Relaxed),
+            overlapped_tensors: c.overlapped.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts a tensor submitted while an earlier one's results are unread.
+    pub fn count_overlap(&self) {
+        bump(&self.counters.overlapped, 1);
     }
 
     /// Writes `bytes` at `offset` of `buffer` (queued; counted as uploaded).

@@ -445,6 +445,7 @@ impl Engine for GpuEngine {
 
     /// The estimator on the host with its products on the device ([`GpuSparseOperator`]);
     /// matrices whose operator would exceed `--gpu-mem` or one storage binding go to the CPU.
+    /// The pool's buffers are released first when they and the operator would exceed it.
     fn nuclear_norm(
         &mut self,
         delta: &SparseDelta,
@@ -453,6 +454,10 @@ impl Engine for GpuEngine {
         self.gpu.errors.check()?;
         if delta.positions.is_empty() || delta.rows == 0 || delta.cols == 0 {
             return Ok(0.0);
+        }
+        // The operator's buffers are not pooled: the pool's give way when both would not fit.
+        if spmm::planned_bytes(delta) + self.pool.live() > self.options.gpu_mem {
+            self.release_buffers();
         }
         let too_big = spmm::planned_bytes(delta) > self.options.gpu_mem
             || spmm::io_bytes(delta) > self.gpu.max_binding;

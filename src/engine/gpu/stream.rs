@@ -204,6 +204,9 @@ impl GpuEngine {
             let index = self.submit(enc);
             s.ring.release(entry, index.clone());
             if last {
+                if s.in_flight.iter().any(Option::is_some) {
+                    self.gpu.count_overlap();
+                }
                 s.in_flight[r] = Some((ticket, index));
             }
         }
