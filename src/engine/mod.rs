@@ -129,6 +129,8 @@ pub struct DeviceCounters {
     pub bytes_read_back: u64,
     /// Times the host waited for the device.
     pub blocking_waits: u64,
+    /// Microseconds the host spent in those waits (the device's work it did not hide).
+    pub blocking_wait_us: u64,
     /// Tensors submitted while an earlier tensor's results were still on the device, unread
     /// (pass 1 of `compress`: the next tensor goes to the device before the host waits).
     pub overlapped_tensors: u64,

@@ -215,6 +215,7 @@ struct Counters {
     uploaded: AtomicU64,
     read_back: AtomicU64,
     waits: AtomicU64,
+    wait_us: AtomicU64,
     overlapped: AtomicU64,
 }
 
@@ -304,6 +305,7 @@ impl Gpu {
             bytes_uploaded: c.uploaded.load(Ordering::Relaxed),
             bytes_read_back: c.read_back.load(Ordering::Relaxed),
             blocking_waits: c.waits.load(Ordering::Relaxed),
+            blocking_wait_us: c.wait_us.load(Ordering::Relaxed),
             overlapped_tensors: c.overlapped.load(Ordering::Relaxed),
         }
     }
@@ -326,22 +328,24 @@ impl Gpu {
 
     /// Waits for all submitted work; `Err` on a poll failure or any reported wgpu error.
     pub fn wait(&self) -> Result<(), EngineError> {
-        bump(&self.counters.waits, 1);
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
-        self.errors.check()
+        self.blocking_poll(wgpu::PollType::wait_indefinitely())
     }
 
     /// Waits for one submission (and everything before it).
     pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<(), EngineError> {
+        self.blocking_poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        })
+    }
+
+    /// One counted, timed blocking poll.
+    fn blocking_poll(&self, poll: wgpu::PollType) -> Result<(), EngineError> {
         bump(&self.counters.waits, 1);
-        self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
-                timeout: None,
-            })
-            .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
+        let started = std::time::Instant::now();
+        let r = self.device.poll(poll);
+        bump(&self.counters.wait_us, started.elapsed().as_micros() as u64);
+        r.map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
         self.errors.check()
     }
 
