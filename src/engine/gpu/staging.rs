@@ -28,12 +28,24 @@ pub struct UploadRing {
     next: usize,
 }
 
+/// Bytes one task copies into a staging buffer.
+const COPY_PIECE: usize = 64 << 10;
+
 /// Copies `bytes` into `view` at `offset` and zero-fills up to the next multiple of 4 (copies
-/// between buffers move whole words); returns the padded length.
+/// between buffers move whole words); returns the padded length. The copy runs on all cores
+/// (rayon), in pieces of [`COPY_PIECE`] bytes.
 pub fn write_padded(view: &mut wgpu::BufferViewMut, offset: usize, bytes: &[u8]) -> usize {
+    use rayon::prelude::*;
     let padded = bytes.len().next_multiple_of(4);
-    let (mut data, mut pad) = view.slice(offset..offset + padded).split_at(bytes.len());
-    data.copy_from_slice(bytes);
+    let (data, mut pad) = view.slice(offset..offset + padded).split_at(bytes.len());
+    let (pieces, mut rest) = data.into_chunks::<COPY_PIECE>();
+    let (whole, tail) = bytes.split_at(bytes.len() / COPY_PIECE * COPY_PIECE);
+    let pieces: Vec<_> = pieces.into_iter().collect();
+    pieces
+        .into_par_iter()
+        .zip(whole.par_chunks_exact(COPY_PIECE))
+        .for_each(|(piece, src)| wgpu::WriteOnly::<[u8]>::from(piece).copy_from_slice(src));
+    rest.copy_from_slice(tail);
     pad.fill(0);
     padded
 }
