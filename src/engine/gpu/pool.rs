@@ -1,6 +1,8 @@
-//! Bounded device memory: a layout of buffer sizes planned from `--gpu-mem`, and a pool that
-//! creates those buffers lazily, reuses them tensor after tensor, and accounts for every byte
-//! of live device buffers (creating one past the budget is refused).
+//! Bounded device memory: a layout of buffer sizes planned from `--gpu-mem` (this one for the
+//! library's `analyze` and `select`; `compress`'s pass 1 plans its own, `stream.rs`), and a
+//! pool that creates those buffers lazily, reuses them tensor after tensor, and accounts for
+//! every byte of live device buffers, upload staging included (creating one past the budget is
+//! refused).
 
 use super::constants::{stat, Params, BUCKETS, TABLE_WORDS, TILE_ELEMENTS};
 use crate::engine::EngineError;
@@ -135,6 +137,7 @@ impl Layout {
             Slot::Params => PARAMS_BYTES,
             Slot::Stats => STATS_BYTES,
             Slot::Readback => self.readback,
+            // The stream's own slots (`stream.rs` sizes them): not part of this layout.
             Slot::Staging(_) | Slot::StatsReadback(_) => 0,
         }
     }
