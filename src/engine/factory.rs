@@ -152,7 +152,7 @@ impl Engine for Fallback {
         if ticket.is_ready() {
             return cpu::CpuEngine.finish_analysis(ticket, input);
         }
-        let bits = ticket.bits;
+        let bits = ticket.bits();
         self.run(
             |g| g.finish_analysis(ticket, input),
             |c| c.analyze_levels(input, bits),

@@ -160,9 +160,30 @@ impl AnalysisTicket {
         }
     }
 
+    /// A ticket for work an engine has submitted and numbered `id`.
+    pub(crate) fn in_flight(id: u64, bits: u32) -> Self {
+        AnalysisTicket {
+            bits,
+            state: TicketState::InFlight(id),
+        }
+    }
+
+    /// The number of a ticket in flight (`None` when ready).
+    pub(crate) fn in_flight_id(&self) -> Option<u64> {
+        match self.state {
+            TicketState::InFlight(id) => Some(id),
+            TicketState::Ready(..) => None,
+        }
+    }
+
     /// True when the result is known (finishing the ticket does not wait for a device).
     pub fn is_ready(&self) -> bool {
         matches!(self.state, TicketState::Ready(..))
+    }
+
+    /// The bit width the analysis was started at.
+    pub fn bits(&self) -> u32 {
+        self.bits
     }
 }
 

@@ -50,7 +50,6 @@ pub use spmm::GpuSparseOperator;
 use super::cpu::CpuEngine;
 use super::{
     check_kept, AnalysisTicket, DeltaInput, Engine, EngineError, KeptEntries, PackedLevels,
-    TicketState,
 };
 use crate::algorithm::quantize::QuantGrid;
 use crate::algorithm::{SelectionPlan, TensorStats};
@@ -526,11 +525,7 @@ impl Engine for GpuEngine {
             self.cpu_fallbacks += u64::from(n > 0);
             return CpuEngine.start_analysis(input, bits);
         }
-        let id = self.submit_min_max(input)?;
-        Ok(AnalysisTicket {
-            bits,
-            state: TicketState::InFlight(id),
-        })
+        Ok(AnalysisTicket::in_flight(self.submit_min_max(input)?, bits))
     }
 
     /// Reads the min/max back (one map); the levels (kept for `select_levels`) and their
@@ -540,10 +535,10 @@ impl Engine for GpuEngine {
         ticket: AnalysisTicket,
         input: &DeltaInput,
     ) -> Result<(TensorStats, PackedLevels), EngineError> {
-        let bits = ticket.bits;
-        let id = match ticket.state {
-            TicketState::Ready(stats, levels) => return Ok((stats, levels)),
-            TicketState::InFlight(id) => id,
+        let bits = ticket.bits();
+        let Some(id) = ticket.in_flight_id() else {
+            // Ready: the CPU engine took it at the start.
+            return CpuEngine.finish_analysis(ticket, input);
         };
         self.gpu.errors.check()?;
         let words = match self.streamed_stats(id)? {
