@@ -560,3 +560,119 @@ fn adapters_and_create() {
         );
     }
 }
+
+/// `compress`'s pass 1 on the device (`start_analysis` / `finish_analysis`): the statistics and
+/// every packed level equal the CPU engine's, with the next tensor started before the previous
+/// one is finished, across chunk boundaries, for every dtype pair in turn (a change of element
+/// sizes replans the stream's buffers while one tensor is in flight).
+#[test]
+fn streamed_analyses_in_flight_equal_the_cpu_engine() {
+    for chunk in [None, Some(4096)] {
+        let Some(mut g) = gpu(opts(64 << 20, chunk)) else {
+            return;
+        };
+        let pairs: Vec<Pair> = PAIRS
+            .iter()
+            .chain(&PAIRS[..2])
+            .enumerate()
+            .map(|(i, &(bt, ftt))| Pair::random([10_001, 3, 70_001][i % 3], bt, ftt, 40 + i as u64))
+            .collect();
+        let mut earlier = None;
+        for (i, p) in pairs.iter().enumerate() {
+            let ticket = g.start_analysis(&p.input(), 4).unwrap();
+            assert!(!ticket.is_ready(), "pair {i} did not go to the device");
+            if let Some((j, t)) = earlier.replace((i, ticket)) {
+                let q: &Pair = &pairs[j];
+                let got = g.finish_analysis(t, &q.input()).unwrap();
+                let want = CpuEngine.analyze_levels(&q.input(), 4).unwrap();
+                assert_same_stats(&got.0, &want.0, &format!("pair {j}, chunk {chunk:?}"));
+                assert!(got.1 == want.1, "pair {j}, chunk {chunk:?}: levels differ");
+            }
+        }
+        let (j, t) = earlier.unwrap();
+        let last = g.finish_analysis(t, &pairs[j].input()).unwrap();
+        assert!(last == CpuEngine.analyze_levels(&pairs[j].input(), 4).unwrap());
+        assert_eq!(g.cpu_fallbacks(), 0);
+        assert!(g.peak_allocated_bytes() <= g.gpu_mem());
+    }
+}
+
+/// Bytes `len` input bytes occupy in a copy between buffers (whole words).
+fn padded(len: usize) -> u64 {
+    len.next_multiple_of(4) as u64
+}
+
+/// Uploads of the stream are each input at its own element size (odd f16 tensors padded to a
+/// word), the statistics' initial words and one uniform block per chunk; one map of 32 bytes
+/// and one blocking wait per one-chunk tensor, with tensors in flight two at a time.
+#[test]
+fn streamed_uploads_and_waits_are_counted_exactly() {
+    use udelta_gpu::engine::gpu::constants::{stat, Params};
+    let Some(mut g) = gpu(opts(64 << 20, None)) else {
+        return;
+    };
+    let params = std::mem::size_of::<Params>() as u64;
+    let stats_init = (stat::WORDS * 4) as u64;
+    let pairs: Vec<Pair> = [(F16, F16), (BF16, BF16), (F16, F16), (BF16, BF16)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(bt, ftt))| Pair::random(10_001 + 2 * i, bt, ftt, 60 + i as u64))
+        .collect();
+    let before = g.counters();
+    let mut earlier: Option<(usize, udelta_gpu::engine::AnalysisTicket)> = None;
+    for (i, p) in pairs.iter().enumerate() {
+        let ticket = g.start_analysis(&p.input(), 4).unwrap();
+        if let Some((j, t)) = earlier.replace((i, ticket)) {
+            g.finish_analysis(t, &pairs[j].input()).unwrap();
+        }
+    }
+    let (j, t) = earlier.unwrap();
+    g.finish_analysis(t, &pairs[j].input()).unwrap();
+    let after = g.counters();
+    // 10,001 two-byte elements: 20,002 bytes, copied as 20,004.
+    let inputs: u64 = pairs
+        .iter()
+        .map(|p| padded(p.base.len()) + padded(p.ft.len()))
+        .sum();
+    assert_eq!(padded(pairs[0].base.len()), 20_004);
+    let n = pairs.len() as u64;
+    assert_eq!(
+        after.bytes_uploaded - before.bytes_uploaded,
+        inputs + n * (stats_init + params)
+    );
+    assert_eq!(
+        after.bytes_read_back - before.bytes_read_back,
+        n * stats_init
+    );
+    assert_eq!(after.blocking_waits - before.blocking_waits, n);
+    // Every tensor but the first went to the device before the one before it was read.
+    assert_eq!(after.overlapped_tensors - before.overlapped_tensors, n - 1);
+}
+
+/// A small `--gpu-mem` streams a large tensor in many chunks through the upload ring; the
+/// budget holds, and a non-finite delta in a later chunk is named by its tensor index.
+#[test]
+fn streamed_analysis_under_a_small_cap() {
+    let cap = 1 << 20;
+    let Some(mut g) = gpu(opts(cap, None)) else {
+        return;
+    };
+    let p = Pair::random(600_001, BF16, F16, 70);
+    let got = g.analyze_levels(&p.input(), 4).unwrap();
+    assert!(got == CpuEngine.analyze_levels(&p.input(), 4).unwrap());
+    assert!(
+        g.peak_allocated_bytes() <= cap,
+        "{}",
+        g.peak_allocated_bytes()
+    );
+    // More than one chunk: (2 + 2) bytes per element, three copies, fit 1 MiB below 100,000.
+    assert!(g.counters().blocking_waits > 1);
+    let mut base: Vec<f32> = (0..400_000).map(|i| (i % 13) as f32 * 0.01).collect();
+    let ft: Vec<f32> = base.iter().map(|&b| b + 0.001).collect();
+    base[345_678] = f32::INFINITY;
+    let bad = Pair::from_values(&base, F16, &ft, F16);
+    let e = g.analyze_levels(&bad.input(), 4).unwrap_err();
+    let cpu = CpuEngine.analyze_levels(&bad.input(), 4).unwrap_err();
+    assert_eq!(e.to_string(), cpu.to_string());
+    assert!(e.to_string().contains("element 345678"), "{e}");
+}

@@ -4,7 +4,9 @@
 
 use super::cpu;
 use super::gpu::{self, AdapterChoice, GpuEngine, GpuFault, GpuOptions};
-use super::{DeltaInput, DeviceCounters, Engine, EngineError, KeptEntries, PackedLevels};
+use super::{
+    AnalysisTicket, DeltaInput, DeviceCounters, Engine, EngineError, KeptEntries, PackedLevels,
+};
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::tracenorm::{EstimatorOptions, SparseDelta};
 
@@ -126,6 +128,33 @@ impl Engine for Fallback {
     ) -> Result<(TensorStats, PackedLevels), EngineError> {
         self.run(
             |g| g.analyze_levels(input, bits),
+            |c| c.analyze_levels(input, bits),
+        )
+    }
+
+    fn start_analysis(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<AnalysisTicket, EngineError> {
+        self.run(
+            |g| g.start_analysis(input, bits),
+            |c| c.start_analysis(input, bits),
+        )
+    }
+
+    /// A ticket the failed GPU engine started is analysed again on the CPU engine.
+    fn finish_analysis(
+        &mut self,
+        ticket: AnalysisTicket,
+        input: &DeltaInput,
+    ) -> Result<(TensorStats, PackedLevels), EngineError> {
+        if ticket.is_ready() {
+            return cpu::CpuEngine.finish_analysis(ticket, input);
+        }
+        let bits = ticket.bits();
+        self.run(
+            |g| g.finish_analysis(ticket, input),
             |c| c.analyze_levels(input, bits),
         )
     }

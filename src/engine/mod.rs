@@ -129,6 +129,62 @@ pub struct DeviceCounters {
     pub bytes_read_back: u64,
     /// Times the host waited for the device.
     pub blocking_waits: u64,
+    /// Microseconds the host spent in those waits (the device's work it did not hide).
+    pub blocking_wait_us: u64,
+    /// Tensors submitted while an earlier tensor's results were still on the device, unread
+    /// (pass 1 of `compress`: the next tensor goes to the device before the host waits).
+    pub overlapped_tensors: u64,
+}
+
+/// A pass-1 analysis begun by [`Engine::start_analysis`].
+#[derive(Debug)]
+pub struct AnalysisTicket {
+    bits: u32,
+    state: TicketState,
+}
+
+#[derive(Debug)]
+enum TicketState {
+    /// Computed already.
+    Ready(TensorStats, PackedLevels),
+    /// Submitted to a device: the engine's number for it.
+    InFlight(u64),
+}
+
+impl AnalysisTicket {
+    /// A ticket whose result is known.
+    fn ready(stats: TensorStats, levels: PackedLevels, bits: u32) -> Self {
+        AnalysisTicket {
+            bits,
+            state: TicketState::Ready(stats, levels),
+        }
+    }
+
+    /// A ticket for work an engine has submitted and numbered `id`.
+    pub(crate) fn in_flight(id: u64, bits: u32) -> Self {
+        AnalysisTicket {
+            bits,
+            state: TicketState::InFlight(id),
+        }
+    }
+
+    /// The number of a ticket in flight (`None` when ready).
+    pub(crate) fn in_flight_id(&self) -> Option<u64> {
+        match self.state {
+            TicketState::InFlight(id) => Some(id),
+            TicketState::Ready(..) => None,
+        }
+    }
+
+    /// True when the result is known (finishing the ticket does not wait for a device).
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, TicketState::Ready(..))
+    }
+
+    /// The bit width the analysis was started at.
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
 }
 
 /// A compute engine (CPU reference or GPU).
@@ -150,6 +206,32 @@ pub trait Engine: Send {
     ) -> Result<(TensorStats, PackedLevels), EngineError> {
         let stats = self.analyze(input, bits)?;
         Ok((stats.clone(), cpu::levels_of(input, &stats)))
+    }
+
+    /// [`analyze_levels`](Self::analyze_levels) in two steps, so that a device can work on
+    /// the next tensor while the host waits for this one: start the next tensor before
+    /// finishing this one. The default computes everything here and returns a ready ticket.
+    fn start_analysis(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<AnalysisTicket, EngineError> {
+        let (stats, levels) = self.analyze_levels(input, bits)?;
+        Ok(AnalysisTicket::ready(stats, levels, bits))
+    }
+
+    /// The result of a [`start_analysis`](Self::start_analysis) ticket; `input` must be the
+    /// input the ticket was started on. The default returns a ready ticket's result and
+    /// analyses `input` again for a ticket it did not start (the same result).
+    fn finish_analysis(
+        &mut self,
+        ticket: AnalysisTicket,
+        input: &DeltaInput,
+    ) -> Result<(TensorStats, PackedLevels), EngineError> {
+        match ticket.state {
+            TicketState::Ready(stats, levels) => Ok((stats, levels)),
+            TicketState::InFlight(_) => self.analyze_levels(input, ticket.bits),
+        }
     }
 
     /// Pass 2: the kept entries under `plan` (exactly `plan.kept_counts()` per level).

@@ -1,4 +1,4 @@
-//! `analyze` on the device, in two passes over the tensor's chunks:
+//! `analyze` (the library call) on the device, in two passes over the tensor's chunks:
 //! [`GpuEngine::min_max_pass`] ([`Kernel::MinMax`]: exact min/max as order-preserving u32
 //! keys, the lowest non-finite index, flags), then [`GpuEngine::histogram_pass`]
 //! ([`Kernel::Histogram`]: the level histogram of the grid the host derives from min/max).
@@ -57,18 +57,6 @@ impl GpuEngine {
             .map(|histogram| TensorStats { grid, histogram }))
     }
 
-    /// The exact min and max on the device (what `analyze_levels` needs of it: the levels and
-    /// the histogram are computed on the host, which keeps the levels for `select_levels`);
-    /// `None` when the tensor must go to the CPU engine.
-    pub(super) fn min_max_gpu(
-        &mut self,
-        input: &DeltaInput,
-        bits: u32,
-    ) -> Result<Option<(f32, f32)>, EngineError> {
-        let run = self.analyze_run(input, bits)?;
-        self.min_max_pass(input, &run)
-    }
-
     /// The exact min and max of the delta; `None` when an element needs the CPU engine, an
     /// error at the first non-finite delta.
     fn min_max_pass(
@@ -99,22 +87,7 @@ impl GpuEngine {
             );
             self.submit_chunk(enc, &mut in_flight)?;
         }
-        let s = self.read_stats(&run.stats, &run.readback)?;
-        if s[stat::BAD] != u32::MAX {
-            let index = s[stat::BAD] as usize;
-            return Err(EngineError::NonFinite {
-                index: index as u64,
-                base: input.base_type.load(input.base, index),
-                finetuned: input.finetuned_type.load(input.finetuned, index),
-            });
-        }
-        if s[stat::FLAGS] & stat::FLAG_TINY != 0 {
-            return Ok(None);
-        }
-        Ok(Some((
-            canonical_zero(from_order_key(s[stat::MIN])),
-            canonical_zero(from_order_key(s[stat::MAX])),
-        )))
+        range_of_stats(&self.read_stats(&run.stats, &run.readback)?, input)
     }
 
     /// The level histogram under `grid`, going backwards over the chunks (the last one is
@@ -157,6 +130,29 @@ impl GpuEngine {
         }
         Ok(Some(h.into_iter().map(u64::from).collect()))
     }
+}
+
+/// The exact min and max in the statistics words `s` of [`Kernel::MinMax`] over `input`;
+/// `None` when an element needs the CPU engine, an error at the first non-finite delta.
+pub(super) fn range_of_stats(
+    s: &[u32],
+    input: &DeltaInput,
+) -> Result<Option<(f32, f32)>, EngineError> {
+    if s[stat::BAD] != u32::MAX {
+        let index = s[stat::BAD] as usize;
+        return Err(EngineError::NonFinite {
+            index: index as u64,
+            base: input.base_type.load(input.base, index),
+            finetuned: input.finetuned_type.load(input.finetuned, index),
+        });
+    }
+    if s[stat::FLAGS] & stat::FLAG_TINY != 0 {
+        return Ok(None);
+    }
+    Ok(Some((
+        canonical_zero(from_order_key(s[stat::MIN])),
+        canonical_zero(from_order_key(s[stat::MAX])),
+    )))
 }
 
 #[cfg(test)]

@@ -215,6 +215,8 @@ struct Counters {
     uploaded: AtomicU64,
     read_back: AtomicU64,
     waits: AtomicU64,
+    wait_us: AtomicU64,
+    overlapped: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -303,33 +305,47 @@ impl Gpu {
             bytes_uploaded: c.uploaded.load(Ordering::Relaxed),
             bytes_read_back: c.read_back.load(Ordering::Relaxed),
             blocking_waits: c.waits.load(Ordering::Relaxed),
+            blocking_wait_us: c.wait_us.load(Ordering::Relaxed),
+            overlapped_tensors: c.overlapped.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts a tensor submitted while an earlier one's results are unread.
+    pub fn count_overlap(&self) {
+        bump(&self.counters.overlapped, 1);
     }
 
     /// Writes `bytes` at `offset` of `buffer` (queued; counted as uploaded).
     pub fn write(&self, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
-        bump(&self.counters.uploaded, bytes.len() as u64);
+        self.count_upload(bytes.len() as u64);
         self.queue.write_buffer(buffer, offset, bytes);
+    }
+
+    /// Counts `bytes` written into mapped staging memory for the device (the upload ring).
+    pub fn count_upload(&self, bytes: u64) {
+        bump(&self.counters.uploaded, bytes);
     }
 
     /// Waits for all submitted work; `Err` on a poll failure or any reported wgpu error.
     pub fn wait(&self) -> Result<(), EngineError> {
-        bump(&self.counters.waits, 1);
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
-        self.errors.check()
+        self.blocking_poll(wgpu::PollType::wait_indefinitely())
     }
 
     /// Waits for one submission (and everything before it).
     pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<(), EngineError> {
+        self.blocking_poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        })
+    }
+
+    /// One counted, timed blocking poll.
+    fn blocking_poll(&self, poll: wgpu::PollType) -> Result<(), EngineError> {
         bump(&self.counters.waits, 1);
-        self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
-                timeout: None,
-            })
-            .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
+        let started = std::time::Instant::now();
+        let r = self.device.poll(poll);
+        bump(&self.counters.wait_us, started.elapsed().as_micros() as u64);
+        r.map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
         self.errors.check()
     }
 
@@ -351,7 +367,7 @@ impl Gpu {
             let mut enc = self.device.create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(src, offset + pos, staging, 0, padded);
             self.queue.submit([enc.finish()]);
-            out.extend_from_slice(&self.map_read(staging, padded)?[..piece as usize]);
+            out.extend_from_slice(&self.map_read(staging, padded, None)?[..piece as usize]);
             pos += piece;
         }
         Ok(out)
@@ -378,7 +394,7 @@ impl Gpu {
             at += words as u64 * 4;
         }
         self.queue.submit([enc.finish()]);
-        let bytes = self.map_read(staging, total)?;
+        let bytes = self.map_read(staging, total, None)?;
         let mut words = bytes
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
@@ -388,15 +404,24 @@ impl Gpu {
             .collect())
     }
 
-    /// Maps the first `len` bytes (a multiple of 4) of `staging` once the queue is done, and
-    /// copies them out.
-    fn map_read(&self, staging: &wgpu::Buffer, len: u64) -> Result<Vec<u8>, EngineError> {
+    /// Maps the first `len` bytes (a multiple of 4) of `staging` once submission `after` is
+    /// done (`None`: the whole queue), and copies them out: one blocking wait. Work submitted
+    /// after `after` goes on meanwhile.
+    pub fn map_read(
+        &self,
+        staging: &wgpu::Buffer,
+        len: u64,
+        after: Option<wgpu::SubmissionIndex>,
+    ) -> Result<Vec<u8>, EngineError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let slice = staging.slice(..len);
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.wait()?;
+        match after {
+            Some(index) => self.wait_for(index)?,
+            None => self.wait()?,
+        }
         match rx.try_recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(EngineError::Gpu(format!("mapping a readback buffer: {e}"))),
@@ -421,10 +446,19 @@ impl Gpu {
         words: usize,
         staging: &wgpu::Buffer,
     ) -> Result<Vec<u32>, EngineError> {
-        let bytes = self.read(src, offset, words as u64 * 4, staging)?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(le_words(&self.read(
+            src,
+            offset,
+            words as u64 * 4,
+            staging,
+        )?))
     }
+}
+
+/// Little-endian u32 words of `bytes` (a multiple of 4 long).
+pub fn le_words(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }

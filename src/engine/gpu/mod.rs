@@ -9,11 +9,13 @@
 //!   ([`Kernel::TileCount`], [`Kernel::Scan`], [`Kernel::Scatter`]).
 //! - `nuclear_norm`: the host estimator over [`GpuSparseOperator`] ([`Kernel::Spmm`]).
 //!
-//! `compress`, which reads its inputs once, calls `analyze_levels` and `select_levels`: this
-//! engine computes min/max on the device, then the levels, their histogram and the selection
-//! on the host (rayon), so the device histogram, `select` and `nuclear_norm` serve the library
-//! API and the tests. Keeping the levels in device memory and selecting there is the open next step
-//! (`docs/BENCHMARKS.md`, performance model).
+//! `compress`, which reads its inputs once, calls `start_analysis` / `finish_analysis` and
+//! `select_levels`: this engine computes min/max on the device (`stream.rs`: uploads through
+//! the ring of mapped staging buffers of `staging.rs`, at the inputs' element sizes, the next
+//! tensor submitted before the host waits for this one), then the levels, their histogram and
+//! the selection on the host (rayon), so the device histogram, `select` and `nuclear_norm`
+//! serve the library API and the tests. Keeping the levels in device memory and selecting there
+//! is the open next step (`docs/BENCHMARKS.md`, performance model).
 //!
 //! Every value the kernels share with the host is defined once, in [`constants`], and reaches
 //! the WGSL as a generated prelude ([`constants::wgsl_prelude`]).
@@ -37,6 +39,8 @@ mod kernels;
 mod pool;
 mod select;
 mod spmm;
+mod staging;
+mod stream;
 
 pub use device::{list_adapters, AdapterReport};
 
@@ -44,7 +48,9 @@ pub use kernels::{compose as compose_shader, shader_modules, Kernel, SHADER_FILE
 pub use spmm::GpuSparseOperator;
 
 use super::cpu::CpuEngine;
-use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries, PackedLevels};
+use super::{
+    check_kept, AnalysisTicket, DeltaInput, Engine, EngineError, KeptEntries, PackedLevels,
+};
 use crate::algorithm::quantize::QuantGrid;
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::tracenorm::{estimate_nuclear_norm, EstimatorOptions, SparseDelta};
@@ -134,7 +140,12 @@ pub struct GpuEngine {
     gpu: Gpu,
     kernels: Kernels,
     pool: Pool,
+    /// The layout of the pool's buffers for `analyze` and `select` (the library calls).
     layout: Option<Layout>,
+    /// The pool's buffers for `compress`'s pass 1 (`stream.rs`), while it holds those.
+    stream: Option<stream::Stream>,
+    /// Number of the next streamed analysis (`stream.rs`).
+    tickets: u64,
     options: GpuOptions,
     cpu_fallbacks: u64,
     /// Unit tests only: fewer candidate slots than InA holds, to exercise batching.
@@ -194,6 +205,8 @@ impl GpuEngine {
             kernels,
             pool,
             layout: None,
+            stream: None,
+            tickets: 0,
             options,
             cpu_fallbacks: 0,
             candidate_capacity: None,
@@ -281,14 +294,22 @@ impl GpuEngine {
         )
         .map_err(EngineError::Gpu)?;
         if self.layout != Some(layout) {
-            self.pool.clear();
+            self.release_buffers();
             self.layout = Some(layout);
         }
         Ok(layout)
     }
 
+    /// Destroys every pool buffer (before other buffers are planned); analyses still in flight
+    /// are then computed again when they are finished.
+    fn release_buffers(&mut self) {
+        self.pool.clear();
+        self.layout = None;
+        self.stream = None;
+    }
+
     fn buf(&mut self, layout: &Layout, slot: Slot) -> Result<wgpu::Buffer, EngineError> {
-        self.pool.get(layout, slot)
+        self.pool.get(slot, layout.size(slot))
     }
 
     /// Writes `bytes` at offset 0 of `buffer`, zero-padding the last word.
@@ -423,6 +444,7 @@ impl Engine for GpuEngine {
 
     /// The estimator on the host with its products on the device ([`GpuSparseOperator`]);
     /// matrices whose operator would exceed `--gpu-mem` or one storage binding go to the CPU.
+    /// The pool's buffers are released first when they and the operator would exceed it.
     fn nuclear_norm(
         &mut self,
         delta: &SparseDelta,
@@ -431,6 +453,10 @@ impl Engine for GpuEngine {
         self.gpu.errors.check()?;
         if delta.positions.is_empty() || delta.rows == 0 || delta.cols == 0 {
             return Ok(0.0);
+        }
+        // The operator's buffers are not pooled: the pool's give way when both would not fit.
+        if spmm::planned_bytes(delta) + self.pool.live() > self.options.gpu_mem {
+            self.release_buffers();
         }
         let too_big = spmm::planned_bytes(delta) > self.options.gpu_mem
             || spmm::io_bytes(delta) > self.gpu.max_binding;
@@ -474,24 +500,59 @@ impl Engine for GpuEngine {
         }
     }
 
-    /// Min/max on the device; the levels (kept for `select_levels`) and their histogram on the
-    /// host, in one pass: the host computes the levels anyway, and a device histogram pass
-    /// would upload every chunk of a large tensor but the last a second time.
+    /// [`start_analysis`](Engine::start_analysis), then
+    /// [`finish_analysis`](Engine::finish_analysis).
     fn analyze_levels(
         &mut self,
         input: &DeltaInput,
         bits: u32,
     ) -> Result<(TensorStats, PackedLevels), EngineError> {
+        let ticket = self.start_analysis(input, bits)?;
+        self.finish_analysis(ticket, input)
+    }
+
+    /// Uploads the tensor and submits its min/max (`stream.rs`) without waiting for it; the
+    /// CPU engine takes tensors the kernels cannot (then the ticket is ready).
+    fn start_analysis(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<AnalysisTicket, EngineError> {
         self.start_tensor();
         self.gpu.errors.check()?;
         let n = input.numel();
-        let range = if n > 0 && Self::gpu_can(n, bits) {
-            self.min_max_gpu(input, bits)?
-        } else {
-            None
-        };
-        let Some((lo, hi)) = range else {
+        if n == 0 || !Self::gpu_can(n, bits) {
             self.cpu_fallbacks += u64::from(n > 0);
+            return CpuEngine.start_analysis(input, bits);
+        }
+        Ok(AnalysisTicket::in_flight(self.submit_min_max(input)?, bits))
+    }
+
+    /// Reads the min/max back (one map); the levels (kept for `select_levels`) and their
+    /// histogram are computed on the host, in one pass: the host computes the levels anyway.
+    fn finish_analysis(
+        &mut self,
+        ticket: AnalysisTicket,
+        input: &DeltaInput,
+    ) -> Result<(TensorStats, PackedLevels), EngineError> {
+        let bits = ticket.bits();
+        let Some(id) = ticket.in_flight_id() else {
+            // Ready: the CPU engine took it at the start.
+            return CpuEngine.finish_analysis(ticket, input);
+        };
+        self.gpu.errors.check()?;
+        let words = match self.streamed_stats(id)? {
+            Some(words) => words,
+            // Its buffers were released in between: submit it again.
+            None => {
+                let id = self.submit_min_max(input)?;
+                self.streamed_stats(id)?.ok_or_else(|| {
+                    EngineError::Inconsistent("a resubmitted analysis was lost".into())
+                })?
+            }
+        };
+        let Some((lo, hi)) = analyze::range_of_stats(&words, input)? else {
+            self.cpu_fallbacks += 1;
             return CpuEngine.analyze_levels(input, bits);
         };
         let (stats, levels) = super::cpu::quantize(input, QuantGrid { lo, hi, bits }, true);

@@ -1,15 +1,17 @@
-//! Bounded device memory: a layout of buffer sizes planned from `--gpu-mem`, and a pool that
-//! creates those buffers lazily, reuses them tensor after tensor, and accounts for every byte
-//! of live device buffers (creating one past the budget is refused).
+//! Bounded device memory: a layout of buffer sizes planned from `--gpu-mem` (this one for the
+//! library's `analyze` and `select`; `compress`'s pass 1 plans its own, `stream.rs`), and a
+//! pool that creates those buffers lazily, reuses them tensor after tensor, and accounts for
+//! every byte of live device buffers, upload staging included (creating one past the budget is
+//! refused).
 
 use super::constants::{stat, Params, BUCKETS, TABLE_WORDS, TILE_ELEMENTS};
 use crate::engine::EngineError;
 use std::collections::HashMap;
 
 /// Size of the uniform buffer (`Params`, rounded up to 256 bytes).
-const PARAMS_BYTES: u64 = std::mem::size_of::<Params>().next_multiple_of(256) as u64;
+pub const PARAMS_BYTES: u64 = std::mem::size_of::<Params>().next_multiple_of(256) as u64;
 /// Size of the stats buffer.
-const STATS_BYTES: u64 = (stat::WORDS * 4) as u64;
+pub const STATS_BYTES: u64 = (stat::WORDS * 4) as u64;
 /// Size of the table buffer.
 const TABLE_BYTES: u64 = (TABLE_WORDS * 4) as u64;
 /// Smallest and largest readback (map-read staging) buffer.
@@ -37,6 +39,10 @@ pub enum Slot {
     Stats,
     /// Map-read staging for every readback.
     Readback,
+    /// Upload ring entry `i` (`staging.rs`): mapped, written by the host, copied to InA/InB.
+    Staging(usize),
+    /// Map-read buffer `i` of the streamed statistics (`stream.rs`), one per tensor in flight.
+    StatsReadback(usize),
 }
 
 impl Slot {
@@ -44,7 +50,8 @@ impl Slot {
         use wgpu::BufferUsages as U;
         match self {
             Slot::Params => U::UNIFORM | U::COPY_DST,
-            Slot::Readback => U::MAP_READ | U::COPY_DST,
+            Slot::Readback | Slot::StatsReadback(_) => U::MAP_READ | U::COPY_DST,
+            Slot::Staging(_) => U::MAP_WRITE | U::COPY_SRC,
             Slot::Tiles => U::STORAGE,
             _ => U::STORAGE | U::COPY_DST | U::COPY_SRC,
         }
@@ -130,6 +137,8 @@ impl Layout {
             Slot::Params => PARAMS_BYTES,
             Slot::Stats => STATS_BYTES,
             Slot::Readback => self.readback,
+            // The stream's own slots (`stream.rs` sizes them): not part of this layout.
+            Slot::Staging(_) | Slot::StatsReadback(_) => 0,
         }
     }
 
@@ -202,9 +211,9 @@ impl Pool {
         self.live = 0;
     }
 
-    /// The buffer of `slot` with `layout`'s size, created if missing.
-    pub fn get(&mut self, layout: &Layout, slot: Slot) -> Result<wgpu::Buffer, EngineError> {
-        let size = layout.size(slot);
+    /// The buffer of `slot` with `size` bytes, created if missing (a staging buffer is created
+    /// mapped).
+    pub fn get(&mut self, slot: Slot, size: u64) -> Result<wgpu::Buffer, EngineError> {
         if let Some(b) = self.buffers.get(&slot) {
             if b.size() == size {
                 return Ok(b.clone());
@@ -225,7 +234,7 @@ impl Pool {
             label: Some("udelta pool"),
             size,
             usage: slot.usage(),
-            mapped_at_creation: false,
+            mapped_at_creation: matches!(slot, Slot::Staging(_)),
         });
         let error = pollster::block_on(scope.pop())
             .map(|e| e.to_string())

@@ -11,16 +11,53 @@ use super::pair::Pair;
 use super::schedule::{pass1_bytes, pass1_reads};
 use super::{timed, Run, COPY_CHUNK};
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
-use crate::engine::Engine;
+use crate::engine::{AnalysisTicket, Engine};
 use crate::error::Result;
 use crate::format::index::crc32;
 use crate::progress::Progress;
+use std::rc::Rc;
 
 use super::super::prefetch::Prefetch;
+
+/// A compressed pair whose analysis the engine has started and not finished: where it goes,
+/// its input bytes (held until then) and the engine's ticket.
+struct InFlight {
+    model: usize,
+    ti: usize,
+    bi: usize,
+    shared_numel: usize,
+    base: Rc<Vec<u8>>,
+    base_crc32: u32,
+    ft: Vec<u8>,
+    ticket: AnalysisTicket,
+}
+
+/// The pair of fine-tuned tensor `ti` of `m` and base tensor `bi`.
+fn pair_of<'a>(base: &'a Checkpoint, m: &'a Model, bi: usize, ti: usize) -> Pair<'a> {
+    Pair {
+        base,
+        b: &base.tensors[bi],
+        ft: &m.ckpt,
+        t: &m.ckpt.tensors[ti],
+    }
+}
+
+/// Hands `buf` back to the reader when nothing else holds it.
+fn recycle_shared(loads: &Prefetch, buf: Rc<Vec<u8>>) {
+    if let Ok(b) = Rc::try_unwrap(buf) {
+        loads.recycle([b]);
+    }
+}
 
 impl Run<'_> {
     /// Pass 1 over the tensors named in `order`: fills every model's plans. Tensor names whose
     /// inputs exceed the blocked threshold are not read ahead: they are analysed in blocks.
+    ///
+    /// One compressed pair stays in flight: the engine starts the next pair (a GPU uploads it
+    /// and submits its kernels) before the host waits for the previous one's result, so that
+    /// the device works while the host reads back, quantizes and reads. Its buffers are held
+    /// meanwhile, beyond the read-ahead budget (at most one tensor name's, which is below the
+    /// blocked threshold). Results are finished in the order started.
     pub(super) fn analyze_all(&mut self, models: &mut [Model], order: &[String]) -> Result<()> {
         let progress = Progress::new(
             "analyze",
@@ -30,47 +67,77 @@ impl Run<'_> {
         let threshold = blocked_threshold()?;
         let (jobs, blocked) = pass1_reads(order, &self.base, models, threshold);
         let mut loads = Prefetch::start_bounded(jobs, READ_AHEAD_BYTES);
-        let base = self.base.clone();
+        let mut in_flight: Option<InFlight> = None;
         for (name, &blocked) in order.iter().zip(&blocked) {
             let mut loaded = timed(&mut self.times.read, || loads.next_job())?.into_iter();
             // Empty when no model compresses this tensor, or when it is analysed in blocks.
-            let base_buf = loaded.next().unwrap_or_default();
+            let base_buf = Rc::new(loaded.next().unwrap_or_default());
             // Once for every fine-tune compressed against it.
             let base_crc32 = crc32(&base_buf);
-            for m in models.iter_mut() {
+            for mi in 0..models.len() {
+                let m = &models[mi];
                 let Some(ti) = m.ckpt.index_of(name) else {
                     continue;
                 };
-                let plan = match m.kinds[ti] {
-                    Kind::Raw => Plan::Raw,
-                    Kind::Compare(bi) => self.compare_tensor(m, ti, bi, &progress)?,
-                    Kind::Compress(bi, shared_numel) => {
-                        let pair = Pair {
-                            base: &base,
-                            b: &base.tensors[bi],
-                            ft: &m.ckpt,
-                            t: &m.ckpt.tensors[ti],
-                        };
-                        let analysis = if blocked {
-                            self.analyze_in_blocks(&pair, bi, shared_numel, threshold)?
-                        } else {
-                            let ft_buf = loaded.next().expect("one read per compressing model");
-                            let bufs = (base_buf.as_slice(), base_crc32, ft_buf.as_slice());
-                            let analysis = self.analyze_tensor(&pair, bi, shared_numel, bufs)?;
-                            loads.recycle([ft_buf]);
-                            analysis
-                        };
-                        progress.inc(pair.b.len + pair.t.len);
-                        Plan::Compress(analysis)
+                let (bi, shared_numel) = match m.kinds[ti] {
+                    Kind::Compress(bi, shared_numel) if !blocked => (bi, shared_numel),
+                    _ => {
+                        let plan = self.plan_on_host(m, ti, threshold, &progress)?;
+                        models[mi].plans[ti] = Some(plan);
+                        continue;
                     }
                 };
-                m.plans[ti] = Some(plan);
+                let ft = loaded.next().expect("one read per compressing model");
+                let ticket = self.start_analysis(m, (bi, ti), shared_numel, (&base_buf, &ft))?;
+                let job = InFlight {
+                    model: mi,
+                    ti,
+                    bi,
+                    shared_numel,
+                    base: base_buf.clone(),
+                    base_crc32,
+                    ft,
+                    ticket,
+                };
+                if let Some(earlier) = in_flight.take() {
+                    self.finish_analysis(models, earlier, &loads, &progress)?;
+                }
+                if job.ticket.is_ready() {
+                    self.finish_analysis(models, job, &loads, &progress)?;
+                } else {
+                    in_flight = Some(job);
+                }
             }
-            loads.recycle([base_buf]);
+            recycle_shared(&loads, base_buf);
+        }
+        if let Some(last) = in_flight.take() {
+            self.finish_analysis(models, last, &loads, &progress)?;
         }
         drop(loads);
         progress.finish();
         Ok(())
+    }
+
+    /// The plan of tensor `ti` of `m` made on the host alone: raw, compared with the base, or
+    /// analysed in blocks (a compressed pair above the blocked threshold).
+    fn plan_on_host(
+        &mut self,
+        m: &Model,
+        ti: usize,
+        threshold: u64,
+        progress: &Progress,
+    ) -> Result<Plan> {
+        Ok(match m.kinds[ti] {
+            Kind::Raw => Plan::Raw,
+            Kind::Compare(bi) => self.compare_tensor(m, ti, bi, progress)?,
+            Kind::Compress(bi, shared_numel) => {
+                let base = self.base.clone();
+                let pair = pair_of(&base, m, bi, ti);
+                let analysis = self.analyze_in_blocks(&pair, bi, shared_numel, threshold)?;
+                progress.inc(pair.b.len + pair.t.len);
+                Plan::Compress(analysis)
+            }
+        })
     }
 
     /// The plan of an uncompressed tensor `ti` of `m`: unchanged when equal to base tensor `bi`.
@@ -91,20 +158,53 @@ impl Run<'_> {
         })
     }
 
-    /// The statistics of one compressed pair, with its levels and new rows kept for pass 2
-    /// (checked against the CPU engine with `--verify`).
-    fn analyze_tensor(
+    /// Starts the analysis of the pair (`bi`, `ti`) of `m` on the engine.
+    fn start_analysis(
         &mut self,
-        pair: &Pair,
-        bi: usize,
+        m: &Model,
+        (bi, ti): (usize, usize),
         shared_numel: usize,
-        (base_buf, base_crc32, ft_buf): (&[u8], u32, &[u8]),
-    ) -> Result<Analysis> {
+        (base_buf, ft_buf): (&[u8], &[u8]),
+    ) -> Result<AnalysisTicket> {
+        let pair = pair_of(&self.base, m, bi, ti);
         let input = pair.input(base_buf, ft_buf, shared_numel)?;
         let bits = self.opts.params.bits;
         let engine: &mut dyn Engine = self.engine;
+        let started = std::time::Instant::now();
+        let ticket = engine.start_analysis(&input, bits);
+        let seconds = started.elapsed().as_secs_f64();
+        self.times.analyze += seconds;
+        self.times.analyze_start += seconds;
+        ticket.map_err(|e| pair.engine_error(e))
+    }
+
+    /// Finishes `job`: the statistics of its pair, with its levels and new rows kept for pass
+    /// 2 (checked against the CPU engine with `--verify`), into its model's plans; its buffers
+    /// go back to the reader.
+    fn finish_analysis(
+        &mut self,
+        models: &mut [Model],
+        job: InFlight,
+        loads: &Prefetch,
+        progress: &Progress,
+    ) -> Result<()> {
+        let InFlight {
+            model,
+            ti,
+            bi,
+            shared_numel,
+            base: base_buf,
+            base_crc32,
+            ft: ft_buf,
+            ticket,
+        } = job;
+        let base = self.base.clone();
+        let pair = pair_of(&base, &models[model], bi, ti);
+        let input = pair.input(&base_buf, &ft_buf, shared_numel)?;
+        let bits = self.opts.params.bits;
+        let engine: &mut dyn Engine = self.engine;
         let result = timed(&mut self.times.analyze, || {
-            engine.analyze_levels(&input, bits)
+            engine.finish_analysis(ticket, &input)
         })
         .map_err(|e| pair.engine_error(e))?;
         if self.opts.verify {
@@ -118,7 +218,8 @@ impl Run<'_> {
         }
         let (stats, levels) = result;
         let tail_start = (shared_numel * pair.ft_type()?.size()).min(ft_buf.len());
-        Ok(Analysis {
+        progress.inc(pair.b.len + pair.t.len);
+        let analysis = Analysis {
             base: bi,
             shared_numel,
             stats,
@@ -126,7 +227,11 @@ impl Run<'_> {
             allocation: None,
             kept: Some(self.kept.keep(levels, bits)?),
             tail: ft_buf[tail_start..].to_vec(),
-        })
+        };
+        models[model].plans[ti] = Some(Plan::Compress(analysis));
+        loads.recycle([ft_buf]);
+        recycle_shared(loads, base_buf);
+        Ok(())
     }
 }
 

@@ -7,7 +7,9 @@
 //!   it) exceed [`BLOCKED_INPUT_BYTES`] is not read whole: pass 1 analyses it in blocks of
 //!   elements ([`super::blocked`]), reading it twice, so the read-ahead
 //!   ([`super::super::prefetch`]) holds only tensors below that size;
-//! - the read-ahead holds at most [`READ_AHEAD_BYTES`] (the step in hand included).
+//! - the read-ahead holds at most [`READ_AHEAD_BYTES`] (the step in hand included); on an
+//!   engine that analyses on a device, the pair in flight (one tensor name's inputs, below
+//!   [`BLOCKED_INPUT_BYTES`]) is held beside it until the next one has been submitted.
 //!
 //! At the defaults (2 GiB): 512 MiB of kept levels, 512 MiB of read-ahead, and a huge tensor in
 //! flight as blocks of 2 x 32 MiB plus its own packed levels.

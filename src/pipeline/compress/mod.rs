@@ -121,6 +121,10 @@ pub struct StageTimes {
     pub compare: f64,
     /// Engine pass 1 (min/max, histograms; for tensors analysed in blocks, their two reads too).
     pub analyze: f64,
+    /// Of `analyze`, starting the analyses on the engine: on a GPU, copying the inputs into
+    /// the upload ring and submitting (the rest is waiting for the results and the host's
+    /// levels); on the CPU engine, all of its pass 1 but the blocked tensors.
+    pub analyze_start: f64,
     /// Engine pass 2 (levels, selection, compaction).
     pub select: f64,
     /// Entropy coding.

@@ -9,7 +9,9 @@ use crate::algorithm::allocation::Group;
 use crate::algorithm::{QuantGrid, SelectionPlan, TensorStats};
 use crate::checkpoint::dtype::Dtype;
 use crate::checkpoint::writer::{SafetensorsWriter, TensorHeader};
-use crate::engine::{cpu::CpuEngine, DeltaInput, EngineError, KeptEntries, PackedLevels};
+use crate::engine::{
+    cpu::CpuEngine, AnalysisTicket, DeltaInput, EngineError, KeptEntries, PackedLevels,
+};
 use crate::error::Error;
 
 /// A compressed tensor (by the default selector), an unchanged norm, and a tensor only the
@@ -360,4 +362,131 @@ fn the_stored_trace_norm_does_not_depend_on_the_engine() {
     let fused = norm_with(&mut FusedNorms, "fused.udelta");
     assert!(cpu > 0.0);
     assert_eq!(fused.to_bits(), cpu.to_bits(), "{fused} vs {cpu}");
+}
+
+/// The CPU engine with its pass 1 deferred as a device's is: `start_analysis` only records the
+/// input's checksum and returns a ticket in flight; `finish_analysis` fails unless tickets are
+/// finished in the order started, on the input they were started on.
+#[derive(Default)]
+struct Deferred {
+    /// Tickets started and not finished: number and input checksum.
+    started: std::collections::VecDeque<(u64, u32)>,
+    next: u64,
+    most_in_flight: usize,
+    finished: u64,
+}
+
+fn checksum(input: &DeltaInput) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(input.base);
+    h.update(input.finetuned);
+    h.finalize()
+}
+
+impl Engine for Deferred {
+    /// The CPU engine's name, so that the files can be compared whole.
+    fn name(&self) -> String {
+        CpuEngine.name()
+    }
+    fn analyze(&mut self, input: &DeltaInput, bits: u32) -> Result<TensorStats, EngineError> {
+        CpuEngine.analyze(input, bits)
+    }
+    fn select(
+        &mut self,
+        input: &DeltaInput,
+        stats: &TensorStats,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError> {
+        CpuEngine.select(input, stats, plan)
+    }
+    fn start_analysis(
+        &mut self,
+        input: &DeltaInput,
+        bits: u32,
+    ) -> Result<AnalysisTicket, EngineError> {
+        self.started.push_back((self.next, checksum(input)));
+        self.most_in_flight = self.most_in_flight.max(self.started.len());
+        self.next += 1;
+        Ok(AnalysisTicket::in_flight(self.next - 1, bits))
+    }
+    fn finish_analysis(
+        &mut self,
+        ticket: AnalysisTicket,
+        input: &DeltaInput,
+    ) -> Result<(TensorStats, PackedLevels), EngineError> {
+        let expected = self.started.pop_front();
+        if expected != ticket.in_flight_id().map(|id| (id, checksum(input))) {
+            return Err(EngineError::Inconsistent(format!(
+                "finished {:?} on another input or out of order (expected {expected:?})",
+                ticket.in_flight_id()
+            )));
+        }
+        self.finished += 1;
+        CpuEngine.analyze_levels(input, ticket.bits())
+    }
+}
+
+#[test]
+fn pass_1_keeps_one_analysis_in_flight_and_finishes_each_on_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two layers of four compressed matrices each, and an unchanged norm between them.
+    let names = ["q_proj", "k_proj", "up_proj", "down_proj"];
+    let tensors = |shift: f32| -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut t = Vec::new();
+        for layer in 0..2 {
+            for (i, name) in names.iter().enumerate() {
+                let key = (layer * 4 + i) as f32;
+                let values = (0..96)
+                    .map(|j| (j as f32 * 0.37 + key).sin() + shift * (j as f32 * (1.3 + key)).cos())
+                    .collect();
+                let mlp = if name.ends_with("_proj") && i >= 2 {
+                    "mlp"
+                } else {
+                    "self_attn"
+                };
+                t.push((
+                    format!("model.layers.{layer}.{mlp}.{name}.weight"),
+                    vec![8, 12],
+                    values,
+                ));
+            }
+            t.push((
+                format!("model.layers.{layer}.input_layernorm.weight"),
+                vec![12],
+                vec![1.0; 12],
+            ));
+        }
+        t
+    };
+    let write = |name: &str, shift: f32| {
+        let path = dir.path().join(name);
+        let t = tensors(shift);
+        let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t
+            .iter()
+            .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
+            .collect();
+        write_f32(&path, &refs);
+        path
+    };
+    let base = write("base.safetensors", 0.0);
+    let fts = [
+        write("ft-1.safetensors", 0.01),
+        write("ft-2.safetensors", 0.02),
+    ];
+    let run = |engine: &mut dyn Engine, out: &str| {
+        let out = dir.path().join(out);
+        compress(&base, &fts, &out, &options(), engine).unwrap();
+        let files: Vec<Vec<u8>> = ["ft-1.udelta", "ft-2.udelta"]
+            .iter()
+            .map(|f| std::fs::read(out.join(f)).unwrap())
+            .collect();
+        files
+    };
+    let mut deferred = Deferred::default();
+    let got = run(&mut deferred, "deferred");
+    assert!(got == run(&mut CpuEngine, "cpu"), "the files differ");
+    // 8 compressed pairs per fine-tune, each started before the previous was finished.
+    assert_eq!(deferred.finished, 16);
+    assert_eq!(deferred.most_in_flight, 2);
+    assert!(deferred.started.is_empty());
 }
