@@ -79,6 +79,30 @@ pub struct EncodedBlock {
     pub levels: Vec<u8>,
 }
 
+/// One block's two streams and its info, as [`BlockCodec::decode_block_beside`] takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockIn<'a> {
+    /// The block's stored info.
+    pub info: &'a BlockInfo,
+    /// Its position stream.
+    pub positions: &'a [u8],
+    /// Its level stream.
+    pub levels: &'a [u8],
+}
+
+/// Another tensor's block whose positions [`BlockCodec::decode_block_beside`] decodes.
+#[derive(Debug)]
+pub struct OtherPositions<'a> {
+    /// That tensor's codec.
+    pub codec: &'a BlockCodec,
+    /// The block's stored info.
+    pub info: &'a BlockInfo,
+    /// Its position stream.
+    pub positions: &'a [u8],
+    /// Where its `info.kept` positions go.
+    pub out: &'a mut [u32],
+}
+
 /// Which of a block's two streams an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
@@ -361,6 +385,79 @@ impl BlockCodec {
         out_positions: &mut [u32],
         out_levels: &mut [u8],
     ) -> Result<(), CodecError> {
+        let this = BlockIn {
+            info,
+            positions,
+            levels,
+        };
+        self.decode_block_with(block, this, out_positions, out_levels, None)
+    }
+
+    /// [`BlockCodec::decode_block`] of this tensor's block `block`, and in the same loop
+    /// [`BlockCodec::decode_block_positions`] of block `block` of `other` (another tensor of
+    /// as many elements: the fine-tune a swap leaves), so that the CPU overlaps the three
+    /// streams. Returns `other`'s outcome, then this block's.
+    pub fn decode_block_beside(
+        &self,
+        block: usize,
+        this: BlockIn<'_>,
+        out_positions: &mut [u32],
+        out_levels: &mut [u8],
+        other: OtherPositions<'_>,
+    ) -> (Result<(), CodecError>, Result<(), CodecError>) {
+        let decoder =
+            match other
+                .codec
+                .check_block(block, other.info, other.out.len(), other.positions)
+            {
+                Err(e) => {
+                    return (
+                        Err(e),
+                        self.decode_block_with(block, this, out_positions, out_levels, None),
+                    )
+                }
+                Ok((start, len)) => {
+                    golomb::DirectPositions::new(len, other.info.kept, start, other.positions)
+                }
+            };
+        let Some(decoder) = decoder else {
+            let (start, len) = other.codec.block_range(block);
+            let other_ok =
+                golomb::decode_block_positions(len, start as u32, other.positions, other.out)
+                    .map_err(|m| corrupt(block, Stream::Positions, m));
+            return (
+                other_ok,
+                self.decode_block_with(block, this, out_positions, out_levels, None),
+            );
+        };
+        let mut beside = Beside {
+            decoder,
+            out: other.out,
+            done: 0,
+            error: None,
+        };
+        let this_ok =
+            self.decode_block_with(block, this, out_positions, out_levels, Some(&mut beside));
+        let other_ok = beside
+            .finish()
+            .map_err(|m| corrupt(block, Stream::Positions, m));
+        (other_ok, this_ok)
+    }
+
+    /// [`BlockCodec::decode_block`], stepping `beside` in the same loop when both streams of
+    /// the block take the interleaved path.
+    fn decode_block_with(
+        &self,
+        block: usize,
+        BlockIn {
+            info,
+            positions,
+            levels,
+        }: BlockIn<'_>,
+        out_positions: &mut [u32],
+        out_levels: &mut [u8],
+        beside: Option<&mut Beside<'_, '_>>,
+    ) -> Result<(), CodecError> {
         let corrupt = |stream, msg: &str| corrupt(block, stream, msg);
         let (start, len) = self.check_block(block, info, out_positions.len(), positions)?;
         if out_levels.len() != out_positions.len() {
@@ -381,7 +478,7 @@ impl BlockCodec {
             golomb::DirectPositions::new(len, info.kept, start, positions),
             levels_coded.then(|| rans::Decoder::new(&self.table, levels).ok()),
         ) {
-            (Some(p), Some(Some(l))) => decode_interleaved(p, l, out_positions, out_levels),
+            (Some(p), Some(Some(l))) => decode_interleaved(p, l, out_positions, out_levels, beside),
             _ => (
                 golomb::decode_block_positions(len, start, positions, out_positions),
                 rans::decode(&self.table, levels, out_levels),
@@ -473,18 +570,66 @@ impl BlockCodec {
     }
 }
 
-/// Decodes a block's positions and levels in one loop: the two decoders' dependency chains are
-/// independent, so the CPU overlaps them. Returns each stream's outcome (the caller reports a
-/// position error first, as when the streams are decoded one after the other).
+/// Another tensor's block positions decoded in the same loop as a block's entries (see
+/// [`BlockCodec::decode_block_beside`]): its decoder, output and outcome.
+struct Beside<'d, 'o> {
+    decoder: golomb::DirectPositions<'d>,
+    out: &'o mut [u32],
+    done: usize,
+    error: Option<&'static str>,
+}
+
+impl Beside<'_, '_> {
+    /// Decodes the next position if the fast path allows; false when it stops (done, no
+    /// fast path, or an error, kept).
+    #[inline(always)]
+    fn step(&mut self) -> bool {
+        if self.done == self.out.len() {
+            return false;
+        }
+        match self.decoder.next_loaded() {
+            None => false,
+            Some(Err(e)) => {
+                self.error = Some(e);
+                false
+            }
+            Some(Ok(position)) => {
+                self.out[self.done] = position;
+                self.done += 1;
+                true
+            }
+        }
+    }
+
+    /// Decodes the rest and checks the stream's end.
+    fn finish(mut self) -> Result<(), &'static str> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        self.decoder.decode_into(&mut self.out[self.done..])?;
+        self.decoder.finish()
+    }
+}
+
+/// Decodes a block's positions and levels in one loop (and, `beside`, another tensor's block
+/// positions): the decoders' dependency chains are independent, so the CPU overlaps them.
+/// Returns each stream's outcome (the caller reports a position error first, as when the
+/// streams are decoded one after the other).
 fn decode_interleaved(
     mut p: golomb::DirectPositions<'_>,
     mut l: rans::Decoder<'_>,
     out_positions: &mut [u32],
     out_levels: &mut [u8],
+    mut beside: Option<&mut Beside<'_, '_>>,
 ) -> (Result<(), &'static str>, Result<(), &'static str>) {
     let mut level_error = None;
     let mut i = 0;
     while i < out_positions.len() {
+        if let Some(other) = beside.as_deref_mut() {
+            if !other.step() {
+                beside = None;
+            }
+        }
         match p.next_loaded() {
             None => break,
             Some(Err(e)) => return (Err(e), Ok(())),

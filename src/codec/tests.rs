@@ -637,3 +637,73 @@ fn codec_interleaved_block_decode_equals_one_stream_after_the_other() {
         "{accepted} accepted, {level_errors} level and {position_errors} position errors"
     );
 }
+
+#[test]
+fn codec_block_beside_another_decodes_as_each_alone() {
+    // Two tensors of one element count (two fine-tunes), densities 5.5 % and 3 %.
+    let (a, b) = (
+        gen(31, BLOCK_ELEMENTS, 0.055, 4),
+        gen(32, BLOCK_ELEMENTS, 0.03, 4),
+    );
+    let (ea, eb) = (
+        encode_tensor(a.numel, &a.positions, &a.levels, &a.counts).unwrap(),
+        encode_tensor(b.numel, &b.positions, &b.levels, &b.counts).unwrap(),
+    );
+    let (ca, cb) = (
+        BlockCodec::new(a.numel, &a.counts).unwrap(),
+        BlockCodec::new(b.numel, &b.counts).unwrap(),
+    );
+    let (ka, kb) = (ea.blocks[0].kept as usize, eb.blocks[0].kept as usize);
+    let mut rng = Rng::new(8);
+    let (mut accepted, mut refused) = (0, 0);
+    for trial in 0..200 {
+        // Flip a bit in a's positions, b's positions, b's levels, or none.
+        let (mut ap, mut bp, mut bl) = (
+            ea.positions.clone(),
+            eb.positions.clone(),
+            eb.levels.clone(),
+        );
+        let stream = match trial % 4 {
+            0 => Some(&mut ap),
+            1 => Some(&mut bp),
+            2 => Some(&mut bl),
+            _ => None,
+        };
+        if let Some(s) = stream {
+            let i = rng.below(s.len() as u64) as usize;
+            s[i] ^= 1 << rng.below(8);
+        }
+        let (mut out_a, mut out_p, mut out_l) = (vec![0u32; ka], vec![0u32; kb], vec![0u8; kb]);
+        let this = BlockIn {
+            info: &eb.blocks[0],
+            positions: &bp,
+            levels: &bl,
+        };
+        let other = OtherPositions {
+            codec: &ca,
+            info: &ea.blocks[0],
+            positions: &ap,
+            out: &mut out_a,
+        };
+        let (ra, rb) = cb.decode_block_beside(0, this, &mut out_p, &mut out_l, other);
+        let (mut want_a, mut want_p, mut want_l) = (vec![0u32; ka], vec![0u32; kb], vec![0u8; kb]);
+        let wa = ca.decode_block_positions(0, &ea.blocks[0], &ap, &mut want_a);
+        let wb = cb.decode_block(0, &eb.blocks[0], &bp, &bl, &mut want_p, &mut want_l);
+        assert_eq!((&ra, &rb), (&wa, &wb), "trial {trial}");
+        if wa.is_ok() {
+            assert_eq!(out_a, want_a, "trial {trial}");
+        }
+        if wb.is_ok() {
+            assert_eq!((&out_p, &out_l), (&want_p, &want_l), "trial {trial}");
+        }
+        if wa.is_ok() && wb.is_ok() {
+            accepted += 1
+        } else {
+            refused += 1
+        }
+    }
+    assert!(
+        accepted >= 50 && refused >= 50,
+        "{accepted} accepted, {refused} refused"
+    );
+}

@@ -51,6 +51,8 @@ impl From<CodecError> for ScatterError {
 struct Scratch {
     positions: Vec<u32>,
     levels: Vec<u8>,
+    /// The positions of the fine-tune a swap leaves.
+    from_positions: Vec<u32>,
 }
 
 impl<'a> KeptStreams<'a> {
@@ -104,6 +106,43 @@ impl<'a> KeptStreams<'a> {
             &mut s.positions,
             &mut s.levels,
         )
+    }
+
+    /// Decodes block `i`'s positions and levels (of the stream `levels`) into `s`, and in the
+    /// same loop the positions of `from`'s block `i` into `s.from_positions`. Returns
+    /// `from`'s outcome, then this block's.
+    fn decode_entries_beside(
+        &self,
+        i: usize,
+        levels: &[u8],
+        from: &KeptStreams<'_>,
+        s: &mut Scratch,
+    ) -> (Result<(), CodecError>, Result<(), CodecError>) {
+        let (span, from_span) = (&self.spans[i], &from.spans[i]);
+        s.positions.resize(span.info.kept as usize, 0);
+        s.levels.resize(span.info.kept as usize, 0);
+        s.from_positions.resize(from_span.info.kept as usize, 0);
+        let this = codec::BlockIn {
+            info: &span.info,
+            positions: Self::stream(
+                self.positions,
+                span.position_start,
+                span.info.position_bytes,
+            ),
+            levels: Self::stream(levels, span.level_start, span.info.level_bytes),
+        };
+        let other = codec::OtherPositions {
+            codec: &from.codec,
+            info: &from_span.info,
+            positions: Self::stream(
+                from.positions,
+                from_span.position_start,
+                from_span.info.position_bytes,
+            ),
+            out: &mut s.from_positions,
+        };
+        self.codec
+            .decode_block_beside(i, this, &mut s.positions, &mut s.levels, other)
     }
 
     /// Decodes block `i`'s positions only into `s`.
@@ -362,12 +401,13 @@ impl KeptStreams<'_> {
             .zip(self.split_entries(old, size))
             .map_init(Scratch::default, |s, ((i, chunk), old)| {
                 let first = self.spans[i].element_start;
-                if let Err(e) = from.streams.decode_positions(i, s) {
+                let (from_ok, to_ok) = self.decode_entries_beside(i, levels, from.streams, s);
+                if let Err(e) = from_ok {
                     return (BlockState::From, Err((Side::From, e.into())));
                 }
                 let from_old = &from.old[from.streams.entry_range(i, size)];
-                put_back_block(chunk, first as usize, &s.positions, from_old, size);
-                if let Err(e) = self.decode_entries(i, levels, s) {
+                put_back_block(chunk, first as usize, &s.from_positions, from_old, size);
+                if let Err(e) = to_ok {
                     return (BlockState::Base, Err((Side::To, e.into())));
                 }
                 match add_block(
