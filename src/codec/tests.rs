@@ -520,19 +520,20 @@ fn codec_corruption_random_bytes() {
     }
 }
 
+/// A case encoded, with its codec and checked block layout.
+fn encoded_layout(c: &Case) -> (EncodedTensor, BlockCodec, Vec<BlockSpan>) {
+    let enc = encode_tensor(c.numel, &c.positions, &c.levels, &c.counts).unwrap();
+    let codec = BlockCodec::new(c.numel, &c.counts).unwrap();
+    let (p, l) = (enc.positions.len() as u64, enc.levels.len() as u64);
+    let spans = codec.layout(&enc.blocks, p, l).unwrap();
+    (enc, codec, spans)
+}
+
 #[test]
 fn codec_streaming_block_api() {
     // Decoding block by block with BlockCodec gives the same as decode_tensor.
     let c = gen(12, 3 * BLOCK_ELEMENTS + 17, 0.02, 4);
-    let enc = encode_tensor(c.numel, &c.positions, &c.levels, &c.counts).unwrap();
-    let codec = BlockCodec::new(c.numel, &c.counts).unwrap();
-    let spans = codec
-        .layout(
-            &enc.blocks,
-            enc.positions.len() as u64,
-            enc.levels.len() as u64,
-        )
-        .unwrap();
+    let (enc, codec, spans) = encoded_layout(&c);
     let mut hist = vec![0u64; 256];
     let mut all_pos = Vec::new();
     for (i, s) in spans.iter().enumerate() {
@@ -586,15 +587,7 @@ fn decode_block_one_stream_after_the_other(
 #[test]
 fn codec_interleaved_block_decode_equals_one_stream_after_the_other() {
     let c = gen(21, 3 * BLOCK_ELEMENTS / 2, 0.055, 4);
-    let enc = encode_tensor(c.numel, &c.positions, &c.levels, &c.counts).unwrap();
-    let codec = BlockCodec::new(c.numel, &c.counts).unwrap();
-    let spans = codec
-        .layout(
-            &enc.blocks,
-            enc.positions.len() as u64,
-            enc.levels.len() as u64,
-        )
-        .unwrap();
+    let (enc, codec, spans) = encoded_layout(&c);
     let span = spans[0];
     let block_bytes =
         |all: &[u8], start: u64, len: u32| all[start as usize..][..len as usize].to_vec();

@@ -672,6 +672,19 @@ mod tests {
         }
     }
 
+    /// Applies `c` recording the old values; the apply must fail and leave the base as it
+    /// was. Returns the error.
+    fn failed_apply(c: &Case, ty: FloatType) -> ScatterError {
+        let mut bytes = c.base.clone();
+        let mut old = vec![0u8; c.positions.len() * ty.size()];
+        let err = c
+            .streams()
+            .apply(&c.deltas, &mut bytes, ty, Some(&mut old))
+            .unwrap_err();
+        assert!(bytes == c.base, "a failed apply changed the tensor");
+        err
+    }
+
     #[test]
     fn an_overflow_in_the_last_block_leaves_every_block_as_it_was() {
         let ty = FloatType::BF16;
@@ -683,17 +696,11 @@ mod tests {
         c.deltas
             .iter_mut()
             .for_each(|d| *d = (f64::from(*d) * 1e40) as f32);
-        let s = c.streams();
-        let mut bytes = c.base.clone();
-        let mut old = vec![0u8; c.positions.len() * 2];
-        let err = s
-            .apply(&c.deltas, &mut bytes, ty, Some(&mut old))
-            .unwrap_err();
+        let err = failed_apply(&c, ty);
         assert!(
             matches!(err, ScatterError::Overflow { position, .. } if position == last),
             "{err:?}"
         );
-        assert!(bytes == c.base, "a failed apply changed the tensor");
     }
 
     #[test]
@@ -706,14 +713,8 @@ mod tests {
         for at in [last_start + 9, last_start + 40] {
             c.enc.levels[at] ^= 0x10;
         }
-        let s = c.streams();
-        let mut bytes = c.base.clone();
-        let mut old = vec![0u8; c.positions.len() * 2];
-        let err = s
-            .apply(&c.deltas, &mut bytes, ty, Some(&mut old))
-            .unwrap_err();
+        let err = failed_apply(&c, ty);
         assert!(matches!(err, ScatterError::Codec(_)), "{err:?}");
-        assert!(bytes == c.base, "a failed apply changed the tensor");
     }
 
     #[test]
