@@ -811,7 +811,8 @@ def swap_(
     every tensor again, the two files must have been made against the same base (same base
     fingerprint, same CRC-32 for every base tensor both need): the undo restores exactly the
     base that :func:`apply_` checked. Base tensors ``to_path`` needs that ``from_path`` did not
-    are checksummed.
+    are checksummed. Contiguous CPU tensors that both files compress are switched in one pass
+    over their memory (the same bytes as undoing, then applying).
     """
     applied = applied if applied is not None else getattr(model, "_udelta_applied", None)
     if applied is None:
