@@ -3,6 +3,8 @@
 //! With the levels kept, pass 2 needs neither checkpoint again: the selection key of an element
 //! is a hash of its index ([`crate::algorithm::selection::element_key`]).
 
+use crate::simd::multiversion;
+
 /// The levels of one tensor.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PackedLevels {
@@ -40,15 +42,28 @@ impl PackedLevels {
     /// Appends the packing of `levels` to `out` (an even number of levels, but for the last
     /// piece of a tensor, keeps pieces packed apart equal to the whole packed at once).
     pub fn pack_into(levels: &[u8], bits: u32, out: &mut Vec<u8>) {
-        if !nibbles(bits) {
-            out.extend_from_slice(levels);
-            return;
-        }
-        out.extend(
-            levels
-                .chunks(2)
-                .map(|p| p[0] | p.get(1).map_or(0, |h| h << 4)),
+        let start = out.len();
+        out.resize(start + Self::packed_len(levels.len(), bits), 0);
+        Self::pack_to(levels, bits, &mut out[start..]);
+    }
+
+    /// Writes the packing of `levels` to `out`, which must take exactly
+    /// [`packed_len`](Self::packed_len) bytes (the same pieces as
+    /// [`pack_into`](Self::pack_into)).
+    ///
+    /// # Panics
+    /// If `out` has another length.
+    pub fn pack_to(levels: &[u8], bits: u32, out: &mut [u8]) {
+        assert_eq!(
+            out.len(),
+            Self::packed_len(levels.len(), bits),
+            "packed length"
         );
+        if nibbles(bits) {
+            pack_nibbles(levels, out);
+        } else {
+            out.copy_from_slice(levels);
+        }
     }
 
     /// Levels of `numel` elements of `bits` bits from their packed bytes (as
@@ -71,21 +86,45 @@ impl PackedLevels {
         &self.data
     }
 
-    /// Writes the levels of elements `start .. start + len` into `out` (`start` even).
+    /// Writes the levels of elements `start .. start + len` into `out` (resized to `len`;
+    /// only its growth is zero-filled) (`start` even).
     pub fn unpack_into(&self, start: usize, len: usize, out: &mut Vec<u8>) {
         debug_assert!(start % 2 == 0 && start + len <= self.numel);
-        out.clear();
-        if !self.nibbles {
-            out.extend_from_slice(&self.data[start..start + len]);
-            return;
-        }
-        let bytes = &self.data[start / 2..(start + len).div_ceil(2)];
-        out.reserve(2 * bytes.len());
-        for &b in bytes {
-            out.push(b & 15);
-            out.push(b >> 4);
-        }
         out.truncate(len);
+        out.resize(len, 0);
+        if self.nibbles {
+            unpack_nibbles(&self.data[start / 2..(start + len).div_ceil(2)], out);
+        } else {
+            out.copy_from_slice(&self.data[start..start + len]);
+        }
+    }
+}
+
+multiversion! {
+    /// `out[i] = levels[2i] | levels[2i + 1] << 4` (an odd last level alone in its byte).
+    fn pack_nibbles(levels: &[u8], out: &mut [u8]) {
+        let pairs = levels.chunks_exact(2);
+        if let [last] = pairs.remainder() {
+            out[levels.len() / 2] = *last;
+        }
+        for (o, p) in out.iter_mut().zip(pairs) {
+            *o = p[0] | p[1] << 4;
+        }
+    }
+}
+
+multiversion! {
+    /// The inverse of [`pack_nibbles`] for `out.len()` levels (`bytes` holds
+    /// `out.len().div_ceil(2)`).
+    fn unpack_nibbles(bytes: &[u8], out: &mut [u8]) {
+        let mut pairs = out.chunks_exact_mut(2);
+        for (p, &b) in (&mut pairs).zip(bytes) {
+            p[0] = b & 15;
+            p[1] = b >> 4;
+        }
+        if let [last] = pairs.into_remainder() {
+            *last = bytes[bytes.len() - 1] & 15;
+        }
     }
 }
 

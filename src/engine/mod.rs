@@ -15,6 +15,7 @@
 pub mod cpu;
 pub mod factory;
 pub mod gpu;
+mod kernels;
 pub mod levels;
 
 pub use factory::{create, Fallback};
@@ -59,8 +60,10 @@ impl<'a> DeltaInput<'a> {
         self.base.len() / self.base_type.size()
     }
 
-    /// Writes the deltas of elements `start .. start + out.len()` (f32 subtraction) into `out`,
-    /// using `scratch` for the base values.
+    /// Writes the deltas of elements `start .. start + len` (f32 subtraction) into `out`
+    /// (resized to `len`), using `scratch` for the base values when the two element types
+    /// differ. Pairs of one type are widened and subtracted in one vectorized pass, and only
+    /// the growth of `out` is zero-filled, so that a reused buffer costs no memset.
     pub fn delta_range(
         &self,
         start: usize,
@@ -69,25 +72,32 @@ impl<'a> DeltaInput<'a> {
         len: usize,
     ) {
         let range = |t: FloatType| start * t.size()..(start + len) * t.size();
-        if (self.finetuned_type, self.base_type) == (FloatType::F16, FloatType::F16) {
-            // No memset: every element is overwritten.
+        let (ft, base) = (
+            &self.finetuned[range(self.finetuned_type)],
+            &self.base[range(self.base_type)],
+        );
+        let same_type_delta = match (self.finetuned_type, self.base_type) {
+            (FloatType::F16, FloatType::F16) => Some(crate::simd::f16_delta_into as DeltaFn),
+            (FloatType::BF16, FloatType::BF16) => Some(crate::simd::bf16_delta_into as DeltaFn),
+            (FloatType::F32, FloatType::F32) => Some(crate::simd::f32_delta_into as DeltaFn),
+            _ => None,
+        };
+        if let Some(delta) = same_type_delta {
+            out.truncate(len);
             out.resize(len, 0.0);
-            crate::simd::f16_delta_into(
-                &self.finetuned[range(FloatType::F16)],
-                &self.base[range(FloatType::F16)],
-                out,
-            );
+            delta(ft, base, out);
             return;
         }
-        self.finetuned_type
-            .decode_into(&self.finetuned[range(self.finetuned_type)], out);
-        self.base_type
-            .decode_into(&self.base[range(self.base_type)], scratch);
+        self.finetuned_type.decode_into(ft, out);
+        self.base_type.decode_into(base, scratch);
         out.iter_mut()
             .zip(scratch.iter())
             .for_each(|(f, b)| *f -= b);
     }
 }
+
+/// A same-type delta kernel: `out[i] = finetuned[i] - base[i]` from little-endian bytes.
+type DeltaFn = fn(&[u8], &[u8], &mut [f32]);
 
 /// The surviving entries of one tensor: positions ascending, with their levels.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
