@@ -263,15 +263,34 @@ pub fn quantize(
 fn packed_levels(input: &DeltaInput, rule: &LevelRule, bits: u32) -> (Vec<Vec<u64>>, PackedLevels) {
     let n = input.numel();
     let mut packed = vec![0u8; PackedLevels::packed_len(n, bits)];
+    let histograms = pack_levels_to(input, rule, bits, &mut packed);
+    let levels = PackedLevels::from_bytes(n, bits, packed).expect("one packed level per element");
+    (histograms, levels)
+}
+
+/// Writes every element's level under `rule`, packed, to `out`
+/// ([`PackedLevels::packed_len`] bytes); returns the per-chunk histograms.
+fn pack_levels_to(
+    input: &DeltaInput,
+    rule: &LevelRule,
+    bits: u32,
+    out: &mut [u8],
+) -> Vec<Vec<u64>> {
     let per_chunk = PackedLevels::packed_len(CHUNK, bits);
-    let histograms = for_chunks_into(n, &mut packed, per_chunk, |start, len, out, sc| {
+    for_chunks_into(input.numel(), out, per_chunk, |start, len, out, sc| {
         input.delta_range(start, &mut sc.delta, &mut sc.base, len);
         sc.levels(rule);
         PackedLevels::pack_to(&sc.levels, bits, out);
         level_histogram(&sc.levels, rule.levels)
-    });
-    let levels = PackedLevels::from_bytes(n, bits, packed).expect("one packed level per element");
-    (histograms, levels)
+    })
+}
+
+/// The level histogram of `input` under `grid` (the whole tensor's exact min and max), its
+/// levels packed into `out` ([`PackedLevels::packed_len`] bytes): [`quantize`] for a piece
+/// of a tensor (an even number of elements but for the last piece), written in place.
+pub fn quantize_to(input: &DeltaInput, grid: QuantGrid, out: &mut [u8]) -> Vec<u64> {
+    let histograms = pack_levels_to(input, &grid.level_rule(), grid.bits, out);
+    sum_histograms(histograms, grid.levels())
 }
 
 /// The sum of per-chunk histograms of `n_levels` levels.
@@ -439,19 +458,29 @@ fn select_with_margin(
             *keys.select_nth_unstable((k_v - b - 1) as usize).1 as u64 + 1
         });
     }
+    let pieces: Vec<KeptEntries> = parts
+        .par_iter()
+        .map(|p| {
+            let m = &p.maybe_kept;
+            let mut piece = KeptEntries::default();
+            for ((&i, &l), &kk) in m.positions.iter().zip(&m.levels).zip(&p.keys) {
+                if kk as u64 >= thresholds[l as usize] {
+                    piece.positions.push(i);
+                    piece.levels.push(l);
+                }
+            }
+            piece
+        })
+        .collect();
+    drop(parts);
     let total_kept = plan.kept() as usize;
     let mut kept = KeptEntries {
         positions: Vec::with_capacity(total_kept),
         levels: Vec::with_capacity(total_kept),
     };
-    for p in parts {
-        let m = &p.maybe_kept;
-        for ((&i, &l), &kk) in m.positions.iter().zip(&m.levels).zip(&p.keys) {
-            if kk as u64 >= thresholds[l as usize] {
-                kept.positions.push(i);
-                kept.levels.push(l);
-            }
-        }
+    for piece in pieces {
+        kept.positions.extend_from_slice(&piece.positions);
+        kept.levels.extend_from_slice(&piece.levels);
     }
     check_kept(&kept, plan)?;
     Ok(kept)

@@ -205,25 +205,109 @@ pub trait Engine: Send {
     }
 }
 
-/// Checks an engine's kept entries against the plan's per-level counts.
+/// Checks an engine's kept entries against the plan's per-level counts (in parallel, in
+/// pieces of [`CHECK_PIECE`] entries).
 pub fn check_kept(kept: &KeptEntries, plan: &SelectionPlan) -> Result<(), EngineError> {
-    let mut counts = vec![0u64; plan.histogram.len()];
-    for &l in &kept.levels {
-        match counts.get_mut(l as usize) {
-            Some(c) => *c += 1,
-            None => return Err(EngineError::Inconsistent(format!("level {l} out of range"))),
-        }
-    }
-    if counts != plan.kept_counts() || kept.positions.len() != kept.levels.len() {
+    use rayon::prelude::*;
+    if kept.positions.len() != kept.levels.len() {
         return Err(EngineError::Inconsistent(format!(
-            "kept per level {counts:?}, plan {:?}",
+            "{} kept positions, {} levels",
+            kept.positions.len(),
+            kept.levels.len()
+        )));
+    }
+    let counts = kept
+        .levels
+        .par_chunks(CHECK_PIECE)
+        .map(|piece| {
+            let mut counts = [0u64; 256];
+            piece.iter().for_each(|&l| counts[l as usize] += 1);
+            counts
+        })
+        .reduce(
+            || [0u64; 256],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    let n_levels = plan.histogram.len();
+    if let Some(l) = (n_levels..256).find(|&l| counts[l] != 0) {
+        return Err(EngineError::Inconsistent(format!("level {l} out of range")));
+    }
+    if counts[..n_levels] != plan.kept_counts()[..] {
+        return Err(EngineError::Inconsistent(format!(
+            "kept per level {:?}, plan {:?}",
+            &counts[..n_levels],
             plan.kept_counts()
         )));
     }
-    if kept.positions.windows(2).any(|w| w[0] >= w[1]) {
+    // Each piece overlaps the next by one entry, so every adjacent pair is compared.
+    let increasing = |w: &[u32]| w.windows(2).all(|p| p[0] < p[1]);
+    let pieces = kept.positions.len().div_ceil(CHECK_PIECE);
+    let sorted = (0..pieces).into_par_iter().all(|i| {
+        let end = ((i + 1) * CHECK_PIECE + 1).min(kept.positions.len());
+        increasing(&kept.positions[i * CHECK_PIECE..end])
+    });
+    if !sorted {
         return Err(EngineError::Inconsistent(
             "kept positions not strictly increasing".into(),
         ));
     }
     Ok(())
+}
+
+/// Entries per parallel piece of [`check_kept`].
+const CHECK_PIECE: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algorithm::quantize::QuantGrid;
+    use crate::algorithm::{TensorKey, TensorStats};
+
+    /// A plan over 2 levels keeping `kept` entries of each (nothing pruned).
+    fn plan(kept: [u64; 2]) -> SelectionPlan {
+        let stats = TensorStats {
+            grid: QuantGrid {
+                lo: 0.0,
+                hi: 1.0,
+                bits: 1,
+            },
+            histogram: kept.to_vec(),
+        };
+        SelectionPlan::new(TensorKey::new(0, "m", "t"), &stats, 0.0)
+    }
+
+    #[test]
+    fn check_kept_accepts_the_plan_and_names_each_inconsistency() {
+        // More than one parallel piece, so that the boundary between pieces is checked too.
+        let n = CHECK_PIECE + 10;
+        let good = KeptEntries {
+            positions: (0..n as u32).map(|i| 2 * i).collect(),
+            levels: (0..n).map(|i| (i % 2) as u8).collect(),
+        };
+        let counts = [n.div_ceil(2) as u64, (n / 2) as u64];
+        assert_eq!(plan(counts).kept_counts(), counts.to_vec());
+        check_kept(&good, &plan(counts)).unwrap();
+        let fails = |k: &KeptEntries, want: &str| {
+            let e = check_kept(k, &plan(counts)).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        };
+        let mut k = good.clone();
+        k.positions.swap(CHECK_PIECE - 1, CHECK_PIECE);
+        fails(&k, "not strictly increasing");
+        let mut k = good.clone();
+        k.positions[CHECK_PIECE] = k.positions[CHECK_PIECE - 1];
+        fails(&k, "not strictly increasing");
+        let mut k = good.clone();
+        k.levels[7] = 2;
+        fails(&k, "level 2 out of range");
+        let mut k = good.clone();
+        k.levels[7] = 0;
+        fails(&k, "kept per level");
+        let mut k = good;
+        k.levels.pop();
+        fails(&k, "kept positions");
+    }
 }
