@@ -159,17 +159,22 @@ fn chunk_min_max(start: usize, d: &[f32]) -> (f32, f32, Option<usize>) {
 }
 
 /// Histogram of levels. Up to 16 levels (4 bits or fewer) they are counted by comparison,
-/// 16 byte counters per lane ([`count_levels_16`]); beyond, into four interleaved tables so
-/// that runs of equal levels (most entries share a few levels) do not serialize on one
-/// counter.
+/// 16 byte counters per lane ([`count_levels_16`]); beyond, by [`byte_histogram`].
 fn level_histogram(levels: &[u8], n_levels: usize) -> Vec<u64> {
     if n_levels <= 16 {
         let mut counts = [0u64; 16];
         count_levels_16(levels, &mut counts);
         return counts[..n_levels].to_vec();
     }
+    byte_histogram(levels)[..n_levels].to_vec()
+}
+
+/// The count of every byte value in `bytes` (fewer than 2^32 of them), into four interleaved
+/// tables so that runs of equal values (most entries share a few levels) do not serialize on
+/// one counter.
+pub(crate) fn byte_histogram(bytes: &[u8]) -> [u64; 256] {
     let mut tables = [[0u32; 256]; 4];
-    let mut quads = levels.chunks_exact(4);
+    let mut quads = bytes.chunks_exact(4);
     for c in &mut quads {
         for (t, &l) in tables.iter_mut().zip(c) {
             t[l as usize] += 1;
@@ -178,9 +183,7 @@ fn level_histogram(levels: &[u8], n_levels: usize) -> Vec<u64> {
     for &l in quads.remainder() {
         tables[0][l as usize] += 1;
     }
-    (0..n_levels)
-        .map(|l| tables.iter().map(|t| t[l] as u64).sum())
-        .collect()
+    std::array::from_fn(|l| tables.iter().map(|t| t[l] as u64).sum())
 }
 
 multiversion! {
@@ -262,7 +265,7 @@ pub fn quantize(
 /// The per-chunk histograms and every element's level under `rule`, packed in place.
 fn packed_levels(input: &DeltaInput, rule: &LevelRule, bits: u32) -> (Vec<Vec<u64>>, PackedLevels) {
     let n = input.numel();
-    let mut packed = vec![0u8; PackedLevels::packed_len(n, bits)];
+    let mut packed = PackedLevels::buffer(PackedLevels::packed_len(n, bits));
     let histograms = pack_levels_to(input, rule, bits, &mut packed);
     let levels = PackedLevels::from_bytes(n, bits, packed).expect("one packed level per element");
     (histograms, levels)

@@ -4,6 +4,22 @@
 //! is a hash of its index ([`crate::algorithm::selection::element_key`]).
 
 use crate::simd::multiversion;
+use std::sync::Mutex;
+
+/// Buffers of levels no longer needed (spilled to the temporary file, or selected from), for
+/// the next tensor's ([`PackedLevels::buffer`]). Memory fresh from the system costs a page
+/// fault per 4 KiB page on its first touch (on the 2-vCPU test machine about 0.5 ms per MB,
+/// twice that with both threads faulting at once), and a large model's levels go through
+/// pass 1 and pass 2 one tensor after another: reused, they are faulted in once.
+static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// Bytes of buffers [`SPARE`] holds at most (the largest are kept).
+const SPARE_BYTES: usize = 256 << 20;
+
+/// The spare buffers, whatever a thread that panicked while holding them left (buffers only).
+fn spare() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
+    SPARE.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The levels of one tensor.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -74,6 +90,40 @@ impl PackedLevels {
             nibbles: nibbles(bits),
             data,
         })
+    }
+
+    /// A buffer of `len` bytes for packed levels: the smallest recycled one
+    /// ([`recycle`](Self::recycle)) that holds them, else a fresh one. Its contents are
+    /// unspecified: the caller overwrites every byte.
+    pub fn buffer(len: usize) -> Vec<u8> {
+        let reused = {
+            let mut spare = spare();
+            let fit = (0..spare.len())
+                .filter(|&i| spare[i].capacity() >= len)
+                .min_by_key(|&i| spare[i].capacity());
+            fit.map(|i| spare.swap_remove(i))
+        };
+        match reused {
+            Some(mut buf) => {
+                buf.truncate(len);
+                buf.resize(len, 0);
+                buf
+            }
+            None => vec![0u8; len],
+        }
+    }
+
+    /// Hands this tensor's buffer over to the next [`buffer`](Self::buffer) (the largest
+    /// spare buffers are kept, [`SPARE_BYTES`] in all).
+    pub fn recycle(self) {
+        let mut spare = spare();
+        spare.push(self.data);
+        spare.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+        let mut total = 0;
+        spare.retain(|b| {
+            total += b.capacity();
+            total <= SPARE_BYTES
+        });
     }
 
     /// Number of elements.
@@ -149,6 +199,12 @@ mod tests {
                 let again = PackedLevels::from_bytes(n, bits, p.bytes().to_vec()).unwrap();
                 assert_eq!(again, p);
             }
+        }
+        // Recycled buffers come back at the length asked for (other tests may take them
+        // too, so only the lengths are certain).
+        PackedLevels::pack(&[3; 1000], 4).recycle();
+        for len in [0, 100, 500, 2000] {
+            assert_eq!(PackedLevels::buffer(len).len(), len);
         }
         // Hand-packed: elements 0..3 = 1, 2, 15 -> bytes 0x21, 0x0f.
         assert_eq!(PackedLevels::pack(&[1, 2, 15], 4).bytes(), &[0x21, 0x0f]);

@@ -219,11 +219,7 @@ pub fn check_kept(kept: &KeptEntries, plan: &SelectionPlan) -> Result<(), Engine
     let counts = kept
         .levels
         .par_chunks(CHECK_PIECE)
-        .map(|piece| {
-            let mut counts = [0u64; 256];
-            piece.iter().for_each(|&l| counts[l as usize] += 1);
-            counts
-        })
+        .map(cpu::byte_histogram)
         .reduce(
             || [0u64; 256],
             |mut a, b| {

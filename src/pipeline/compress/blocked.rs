@@ -37,14 +37,24 @@ struct BlockReader<'p, 'a> {
     numel: usize,
     /// Elements per block (even, so that packed levels of blocks concatenate).
     block: usize,
-    /// Buffer pairs of finished blocks, for the next ones (at most one per thread).
-    spare: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// Buffer pairs of finished blocks, for the next ones.
+    spare: &'p BlockBuffers,
 }
+
+/// Buffer pairs (base, fine-tuned) of blocks, kept from one blocked pair to the next (at most
+/// one pair per thread): fresh memory would be faulted in again for every pair.
+#[derive(Default)]
+pub(super) struct BlockBuffers(Mutex<Vec<(Vec<u8>, Vec<u8>)>>);
 
 impl<'p, 'a> BlockReader<'p, 'a> {
     /// The blocks of `pair`'s first `numel` elements: all threads' blocks in flight together
     /// take `threshold / BLOCK_FRACTION` bytes per side at most.
-    fn new(pair: &'p Pair<'a>, numel: usize, threshold: u64) -> Result<Self> {
+    fn new(
+        pair: &'p Pair<'a>,
+        numel: usize,
+        threshold: u64,
+        spare: &'p BlockBuffers,
+    ) -> Result<Self> {
         let types = (pair.base_type()?, pair.ft_type()?);
         let widest = types.0.size().max(types.1.size()) as u64;
         let threads = rayon::current_num_threads().max(1) as u64;
@@ -54,7 +64,7 @@ impl<'p, 'a> BlockReader<'p, 'a> {
             types,
             numel,
             block,
-            spare: Mutex::default(),
+            spare,
         })
     }
 
@@ -76,7 +86,7 @@ impl<'p, 'a> BlockReader<'p, 'a> {
     ) -> Result<T> {
         let n = self.len_from(start);
         let (bt, ft) = self.types;
-        let mut bufs = self.spare.lock().expect("block buffers").pop();
+        let mut bufs = self.spare.0.lock().expect("block buffers").pop();
         let (b, t) = bufs.get_or_insert_with(Default::default);
         // Only growth is zero-filled: the reads overwrite every byte.
         for (buf, ty) in [(&mut *b, bt), (&mut *t, ft)] {
@@ -88,7 +98,7 @@ impl<'p, 'a> BlockReader<'p, 'a> {
         p.ft.read_range(p.t, (start * ft.size()) as u64, t)?;
         let input = DeltaInput::new(b, bt, t, ft, n);
         let result = f(&input, b).map_err(|e| p.engine_error(shifted(e, start)));
-        self.spare.lock().expect("block buffers").extend(bufs);
+        self.spare.0.lock().expect("block buffers").extend(bufs);
         result
     }
 
@@ -120,7 +130,7 @@ impl<'p, 'a> BlockReader<'p, 'a> {
     /// [`quantize`](crate::engine::cpu::quantize) on the whole), each
     /// block's levels packed in place.
     fn levels(&self, grid: QuantGrid) -> Result<(TensorStats, PackedLevels)> {
-        let mut packed = vec![0u8; PackedLevels::packed_len(self.numel, grid.bits)];
+        let mut packed = PackedLevels::buffer(PackedLevels::packed_len(self.numel, grid.bits));
         let per_block = PackedLevels::packed_len(self.block, grid.bits);
         let parts: Vec<Result<Vec<u64>>> = packed
             .par_chunks_mut(per_block)
@@ -166,13 +176,12 @@ impl Run<'_> {
         threshold: u64,
     ) -> Result<Analysis> {
         let bits = self.opts.params.bits;
-        let reader = BlockReader::new(pair, shared_numel, threshold)?;
+        let reader = BlockReader::new(pair, shared_numel, threshold, &self.block_buffers)?;
         let (stats, levels, base_crc32) = timed(&mut self.times.analyze, || {
             let ((lo, hi), crc) = reader.min_max_and_crc()?;
             let (stats, levels) = reader.levels(QuantGrid { lo, hi, bits })?;
             Ok::<_, crate::error::Error>((stats, levels, crc))
         })?;
-        drop(reader);
         let tail_start = (shared_numel * pair.ft_type()?.size()) as u64;
         let mut tail = vec![0u8; (pair.t.len.max(tail_start) - tail_start) as usize];
         pair.ft.read_range(pair.t, tail_start, &mut tail)?;

@@ -70,8 +70,10 @@ impl KeptStore {
             .map_err(|e| self.error(e))?;
         self.file_len += len as u64;
         self.spilled += len as u64;
+        let numel = levels.numel();
+        levels.recycle();
         Ok(Kept::Spilled {
-            numel: levels.numel(),
+            numel,
             bits,
             offset,
             len,
@@ -91,7 +93,7 @@ impl KeptStore {
                 offset,
                 len,
             } => {
-                let mut data = vec![0u8; len];
+                let mut data = PackedLevels::buffer(len);
                 let file = self.file.as_ref().expect("a spilled tensor has a file");
                 file.read_exact_at(&mut data, offset)
                     .map_err(|e| self.error(e))?;
