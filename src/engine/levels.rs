@@ -14,7 +14,7 @@ use std::sync::Mutex;
 static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// Bytes of buffers [`SPARE`] holds at most (the largest are kept).
-const SPARE_BYTES: usize = 256 << 20;
+const SPARE_BYTES: usize = 128 << 20;
 
 /// The spare buffers, whatever a thread that panicked while holding them left (buffers only).
 fn spare() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
