@@ -1,6 +1,7 @@
 //! The CPU reference engine: multi-threaded with rayon, chunk by chunk, results independent of
 //! the thread count (chunks are combined in order; all results are exact).
 
+use super::levels::LevelSlice;
 use super::{check_kept, kernels, DeltaInput, Engine, EngineError, KeptEntries, PackedLevels};
 use crate::algorithm::quantize::{LevelRule, QuantGrid};
 use crate::algorithm::selection::element_key;
@@ -107,6 +108,24 @@ fn map_level_chunks<T: Send>(
         LevelSource::Packed(p) => for_chunks(p.numel(), |start, len, sc| {
             p.unpack_into(start, len, &mut sc.levels);
             f(start, sc)
+        }),
+    }
+}
+
+/// Runs `f(first_index, levels, candidates)` on every chunk with the chunk's levels where
+/// they lie (kept levels are read packed, as stored; levels of an input are computed into the
+/// scratch buffer).
+fn map_selection_chunks<T: Send>(
+    src: LevelSource,
+    f: impl Fn(usize, LevelSlice, &mut kernels::Candidates) -> T + Sync,
+) -> Vec<T> {
+    match src {
+        LevelSource::Input(input, rule) => map_chunks(input, |start, sc| {
+            sc.levels(rule);
+            f(start, LevelSlice::Bytes(&sc.levels), &mut sc.candidates)
+        }),
+        LevelSource::Packed(p) => for_chunks(p.numel(), |start, len, sc| {
+            f(start, p.slice(start, len), &mut sc.candidates)
         }),
     }
 }
@@ -410,9 +429,8 @@ fn select_with_margin(
     for (m, &(w_lo, _)) in min_key.iter_mut().zip(&windows) {
         *m = w_lo.min(u32::MAX as u64) as u32;
     }
-    let parts = map_level_chunks(src, |start, sc| {
-        let c = &mut sc.candidates;
-        kernels::candidates_into(&sc.levels, key, start as u32, &min_key, n_levels, c);
+    let parts = map_selection_chunks(src, |start, levels, c| {
+        kernels::candidates_into(levels, key, start as u32, &min_key, n_levels, c);
         let mut part = ChunkSelection {
             per_level: vec![0; n_levels],
             ..Default::default()
@@ -422,7 +440,7 @@ fn select_with_margin(
         m.levels.reserve(c.offsets.len());
         part.keys.reserve(c.offsets.len());
         for (&j, &kk) in c.offsets.iter().zip(&c.keys) {
-            let l = sc.levels[j as usize];
+            let l = levels.get(j as usize);
             let (w_lo, w_hi) = window_of[l as usize];
             if (kk as u64) < w_lo {
                 continue;

@@ -12,6 +12,7 @@
 
 use crate::algorithm::quantize::LevelRule;
 use crate::algorithm::selection::{element_key, TensorKey};
+use crate::engine::levels::LevelSlice;
 use crate::simd::multiversion;
 
 /// Most levels the AVX2 kernels handle: their per-level constants fill two 8-lane registers.
@@ -54,9 +55,9 @@ pub struct Candidates {
 }
 
 /// Finds the elements `first + j` of a chunk with `element_key(key, first + j) >=
-/// min_key[levels[j]]`, for levels below `n_levels`.
+/// min_key[levels[j]]`, for levels below `n_levels` (packed levels are read as they are).
 pub fn candidates_into(
-    levels: &[u8],
+    levels: LevelSlice,
     key: TensorKey,
     first: u32,
     min_key: &[u32; 256],
@@ -73,7 +74,16 @@ pub fn candidates_into(
     if n_levels <= REGISTER_LEVELS && std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above); both outputs hold
         // `levels.len() + 8` values.
-        (from, count) = unsafe { x86::candidates16(levels, key, first, min_key, out) };
+        (from, count) = unsafe {
+            match levels {
+                LevelSlice::Bytes(b) => {
+                    x86::candidates16::<false>(b, b.len(), key, first, min_key, out)
+                }
+                LevelSlice::Nibbles { bytes, len } => {
+                    x86::candidates16::<true>(bytes, len, key, first, min_key, out)
+                }
+            }
+        };
     }
     count = candidates_portable(levels, key, first, min_key, (from, count), out);
     out.offsets.truncate(count);
@@ -84,18 +94,18 @@ pub fn candidates_into(
 /// being found before them; returns the number of candidates. Branch-free: every element is
 /// written at the end, and counted when it passes.
 fn candidates_portable(
-    levels: &[u8],
+    levels: LevelSlice,
     key: TensorKey,
     first: u32,
     min_key: &[u32; 256],
     (from, mut count): (usize, usize),
     out: &mut Candidates,
 ) -> usize {
-    for (j, &l) in levels.iter().enumerate().skip(from) {
+    for j in from..levels.len() {
         let k = element_key(key, first.wrapping_add(j as u32));
         out.offsets[count] = j as u32;
         out.keys[count] = k;
-        count += (k >= min_key[l as usize]) as usize;
+        count += (k >= min_key[levels.get(j) as usize]) as usize;
     }
     count
 }
@@ -197,23 +207,51 @@ mod x86 {
         _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
     }
 
-    /// [`super::candidates_into`] for levels below 16 (a level of 16 or more would read the
-    /// minimum of its value modulo 8), eight elements per step: the keys are computed in the
-    /// lanes, and the passing lanes are packed to the front (`vpermd` by [`LEFT_PACK`]) and
-    /// stored whole, the count advancing by their number. Returns the elements done (a
-    /// multiple of 8) and the candidates found among them.
+    /// Eight levels from element `j` on as `i32` lanes: one per byte, or (`NIBBLES`) two per
+    /// byte, element `2i` in the low nibble of byte `i`.
     ///
     /// # Safety
-    /// The CPU must have AVX2; both outputs hold `levels.len() + 8` values.
+    /// The CPU must have AVX2; `bytes` holds the eight levels (4 bytes from `j / 2`, `j`
+    /// even, or 8 bytes from `j`).
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn candidates16(
+    unsafe fn load_levels8<const NIBBLES: bool>(bytes: &[u8], j: usize) -> __m256i {
+        // SAFETY: the caller's bounds.
+        unsafe {
+            if NIBBLES {
+                let packed = _mm_cvtsi32_si128(i32::from_le_bytes(
+                    bytes[j / 2..j / 2 + 4].try_into().expect("4 bytes"),
+                ));
+                let low = _mm_and_si128(packed, _mm_set1_epi8(15));
+                let high = _mm_and_si128(_mm_srli_epi16::<4>(packed), _mm_set1_epi8(15));
+                _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(low, high))
+            } else {
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.as_ptr().add(j) as *const __m128i))
+            }
+        }
+    }
+
+    /// [`super::candidates_into`] for `len` levels below 16 in `levels` (one per byte, or two
+    /// with `NIBBLES`; a level of 16 or more would read the minimum of its value modulo 8),
+    /// eight elements per step: the keys are computed in the lanes, and the passing lanes are
+    /// packed to the front (`vpermd` by [`LEFT_PACK`]) and stored whole, the count advancing
+    /// by their number. Returns the elements done (a multiple of 8) and the candidates found
+    /// among them.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `levels` holds `len` levels (`len.div_ceil(2)` bytes with
+    /// `NIBBLES`, else `len`); both outputs hold `len + 8` values.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn candidates16<const NIBBLES: bool>(
         levels: &[u8],
+        len: usize,
         key: TensorKey,
         first: u32,
         min_key: &[u32; 256],
         out: &mut Candidates,
     ) -> (usize, usize) {
-        debug_assert!(out.offsets.len() >= levels.len() + 8 && out.keys.len() >= levels.len() + 8);
+        debug_assert!(out.offsets.len() >= len + 8 && out.keys.len() >= len + 8);
+        debug_assert_eq!(levels.len(), if NIBBLES { len.div_ceil(2) } else { len });
         // SAFETY: `min_key` holds 256 values.
         let (min_low, min_high) = unsafe {
             (
@@ -227,17 +265,15 @@ mod x86 {
             _mm256_set1_epi32(key.k1 as i32),
         );
         let (offsets, keys) = (out.offsets.as_mut_ptr(), out.keys.as_mut_ptr());
-        let full = levels.len() / 8 * 8;
+        let full = len / 8 * 8;
         let mut count = 0;
         for j in (0..full).step_by(8) {
             let offset = _mm256_add_epi32(_mm256_set1_epi32(j as i32), lanes);
             let index = _mm256_add_epi32(offset, _mm256_set1_epi32(first as i32));
             // `element_key`: mix32(mix32(index ^ k0) + k1).
             let k = mix32x8(_mm256_add_epi32(mix32x8(_mm256_xor_si256(index, k0)), k1));
-            // SAFETY: j + 8 <= levels.len().
-            let l = unsafe {
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64(levels.as_ptr().add(j) as *const __m128i))
-            };
+            // SAFETY: j + 8 <= len, j even.
+            let l = unsafe { load_levels8::<NIBBLES>(levels, j) };
             let high = _mm256_cmpgt_epi32(l, _mm256_set1_epi32(7));
             let m = _mm256_blendv_epi8(
                 _mm256_permutevar8x32_epi32(min_low, l),
@@ -248,7 +284,7 @@ mod x86 {
             let reached = _mm256_cmpeq_epi32(_mm256_max_epu32(k, m), k);
             let mask = _mm256_movemask_ps(_mm256_castsi256_ps(reached)) as usize;
             // SAFETY: `mask < 256`; count <= j, so 8 values from `count` lie within the
-            // outputs' `levels.len() + 8`.
+            // outputs' `len + 8`.
             unsafe {
                 let order = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
                     LEFT_PACK[mask].as_ptr() as *const __m128i
@@ -337,6 +373,8 @@ mod tests {
             let levels: Vec<u8> = (0..n as u32)
                 .map(|i| (mix32(i) % n_levels as u32) as u8)
                 .collect();
+            let packed =
+                crate::engine::PackedLevels::pack(&levels, if n_levels <= 16 { 4 } else { 8 });
             // Indices near the top of the u32 range wrap around within the chunk.
             for first in [0u32, 12_345, u32::MAX - 500] {
                 let keys: Vec<u32> = (0..n as u32)
@@ -352,26 +390,28 @@ mod tests {
                         _ => mix32(l as u32 + 7),
                     };
                 }
-                let mut got = Candidates::default();
-                candidates_into(&levels, key, first, &min_key, n_levels, &mut got);
-                let mut portable = Candidates {
-                    offsets: vec![0; n + 8],
-                    keys: vec![0; n + 8],
-                };
-                let count =
-                    candidates_portable(&levels, key, first, &min_key, (0, 0), &mut portable);
-                portable.offsets.truncate(count);
-                portable.keys.truncate(count);
-                assert_eq!(portable.offsets, got.offsets);
-                assert_eq!(portable.keys, got.keys);
                 let want: Vec<u32> = (0..n)
                     .filter(|&j| keys[j] >= min_key[levels[j] as usize])
                     .map(|j| j as u32)
                     .collect();
                 assert!(!want.is_empty() && want.len() < n);
-                assert_eq!(got.offsets, want, "{n_levels} levels from {first}");
                 let want_keys: Vec<u32> = want.iter().map(|&j| keys[j as usize]).collect();
-                assert_eq!(got.keys, want_keys);
+                // One level per byte, packed as stored, and the portable loop.
+                for slice in [LevelSlice::Bytes(&levels), packed.slice(0, n)] {
+                    let mut got = Candidates::default();
+                    candidates_into(slice, key, first, &min_key, n_levels, &mut got);
+                    let case = format!("{n_levels} levels from {first}, {slice:?}");
+                    assert_eq!(got.offsets, want, "{case}");
+                    assert_eq!(got.keys, want_keys, "{case}");
+                    let mut portable = Candidates {
+                        offsets: vec![0; n + 8],
+                        keys: vec![0; n + 8],
+                    };
+                    let count =
+                        candidates_portable(slice, key, first, &min_key, (0, 0), &mut portable);
+                    assert_eq!(portable.offsets[..count], want[..], "{case}");
+                    assert_eq!(portable.keys[..count], want_keys[..], "{case}");
+                }
             }
         }
     }

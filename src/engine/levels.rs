@@ -136,6 +136,19 @@ impl PackedLevels {
         &self.data
     }
 
+    /// The levels of elements `start .. start + len` where they lie (`start` even).
+    pub fn slice(&self, start: usize, len: usize) -> LevelSlice<'_> {
+        debug_assert!(start % 2 == 0 && start + len <= self.numel);
+        if self.nibbles {
+            LevelSlice::Nibbles {
+                bytes: &self.data[start / 2..(start + len).div_ceil(2)],
+                len,
+            }
+        } else {
+            LevelSlice::Bytes(&self.data[start..start + len])
+        }
+    }
+
     /// Writes the levels of elements `start .. start + len` into `out` (resized to `len`;
     /// only its growth is zero-filled) (`start` even).
     pub fn unpack_into(&self, start: usize, len: usize, out: &mut Vec<u8>) {
@@ -146,6 +159,44 @@ impl PackedLevels {
             unpack_nibbles(&self.data[start / 2..(start + len).div_ceil(2)], out);
         } else {
             out.copy_from_slice(&self.data[start..start + len]);
+        }
+    }
+}
+
+/// A run of levels as they are stored: one per byte, or packed two per byte.
+#[derive(Debug, Clone, Copy)]
+pub enum LevelSlice<'a> {
+    /// One level per byte.
+    Bytes(&'a [u8]),
+    /// `len` levels two per byte, element `2i` in the low nibble of byte `i`.
+    Nibbles {
+        /// `len.div_ceil(2)` bytes.
+        bytes: &'a [u8],
+        /// Number of levels.
+        len: usize,
+    },
+}
+
+impl LevelSlice<'_> {
+    /// Number of levels.
+    pub fn len(&self) -> usize {
+        match *self {
+            LevelSlice::Bytes(b) => b.len(),
+            LevelSlice::Nibbles { len, .. } => len,
+        }
+    }
+
+    /// Whether there is no level.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Level `j`.
+    #[inline(always)]
+    pub fn get(&self, j: usize) -> u8 {
+        match *self {
+            LevelSlice::Bytes(b) => b[j],
+            LevelSlice::Nibbles { bytes, .. } => (bytes[j / 2] >> (4 * (j & 1))) & 15,
         }
     }
 }
@@ -196,6 +247,9 @@ mod tests {
                     p.unpack_into(2, 3, &mut out);
                     assert_eq!(out, &levels[2..5]);
                 }
+                let slice = p.slice(0, n);
+                assert_eq!(slice.len(), n);
+                assert!((0..n).all(|j| slice.get(j) == levels[j]));
                 let again = PackedLevels::from_bytes(n, bits, p.bytes().to_vec()).unwrap();
                 assert_eq!(again, p);
             }
