@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Full-scale run: synth a LLaMA-2 7B or 13B pair, then time, each from a cold page cache where
-# the script may drop it (root), `cat` of both inputs, compress (peak RSS by /usr/bin/time -v),
+# Full-scale run: synth a LLaMA-2 7B or 13B pair, then time, each from a cold page cache (all
+# of it dropped as root, else the inputs' pages evicted by scripts/evict-cache.py), `cat` of
+# both inputs, compress (peak RSS by /usr/bin/time -v),
 # compress with --trace-norm, decompress, and `cp -r` + sync of the base for comparison.
 #   scripts/bench-scale.sh [PRESET] [WORKDIR] [ADAPTER]
 # PRESET 7b (default; needs ~57 GB free) or 13b (needs ~80 GB free, or ~54 GB with
@@ -12,12 +13,18 @@ work="${2:-target/bench-scale}"
 adapter="${3:-cpu}"
 cargo build --release -q
 bin="$(pwd)/target/release/udelta-gpu"
+evict="$(pwd)/scripts/evict-cache.py"
 mkdir -p "$work"
 cd "$work"
 
 cold() {
   sync
-  if [ -w /proc/sys/vm/drop_caches ]; then echo 3 > /proc/sys/vm/drop_caches; else echo "(page cache not dropped: not root)"; fi
+  if [ -w /proc/sys/vm/drop_caches ]; then
+    echo 3 > /proc/sys/vm/drop_caches
+  else
+    echo "(not root: only the inputs' pages evicted)"
+    python3 "$evict" s
+  fi
 }
 # Runs a command under /usr/bin/time -v; prints its summary lines and the peak RSS.
 rss() {

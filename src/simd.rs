@@ -47,6 +47,44 @@ pub fn f16_delta_into(finetuned: &[u8], base: &[u8], out: &mut [f32]) {
     f16_delta_scalar(finetuned, base, out);
 }
 
+multiversion! {
+    /// `out[i] = f32(finetuned[i]) - f32(base[i])` for little-endian bf16 bytes (`2 *
+    /// out.len()` bytes each): the widening (a shift) and the subtraction in one pass.
+    ///
+    /// # Panics
+    /// If either byte slice is shorter than `2 * out.len()`.
+    pub fn bf16_delta_into(finetuned: &[u8], base: &[u8], out: &mut [f32]) {
+        let n = out.len();
+        let load = |b: &[u8]| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+        for ((o, f), b) in out
+            .iter_mut()
+            .zip(finetuned[..2 * n].chunks_exact(2))
+            .zip(base[..2 * n].chunks_exact(2))
+        {
+            *o = load(f) - load(b);
+        }
+    }
+}
+
+multiversion! {
+    /// `out[i] = finetuned[i] - base[i]` for little-endian f32 bytes (`4 * out.len()` bytes
+    /// each).
+    ///
+    /// # Panics
+    /// If either byte slice is shorter than `4 * out.len()`.
+    pub fn f32_delta_into(finetuned: &[u8], base: &[u8], out: &mut [f32]) {
+        let n = out.len();
+        let load = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        for ((o, f), b) in out
+            .iter_mut()
+            .zip(finetuned[..4 * n].chunks_exact(4))
+            .zip(base[..4 * n].chunks_exact(4))
+        {
+            *o = load(f) - load(b);
+        }
+    }
+}
+
 /// Portable [`f16_delta_into`] for elements from the start of the slices.
 fn f16_delta_scalar(finetuned: &[u8], base: &[u8], out: &mut [f32]) {
     let load = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();

@@ -105,11 +105,12 @@ impl FloatType {
         }
     }
 
-    /// Decodes all of little-endian `bytes` into `out` (cleared first). Uses the vectorized
-    /// slice conversions (F16C where the CPU has it) when `bytes` is aligned.
+    /// Decodes all of little-endian `bytes` into `out` (resized to the element count; only
+    /// its growth is zero-filled, every element is overwritten). Uses the vectorized slice
+    /// conversions (F16C where the CPU has it) when `bytes` is aligned.
     pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
         let n = bytes.len() / self.size();
-        out.clear();
+        out.truncate(n);
         out.resize(n, 0.0);
         match self {
             FloatType::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {

@@ -1,9 +1,10 @@
 //! The CPU reference engine: multi-threaded with rayon, chunk by chunk, results independent of
 //! the thread count (chunks are combined in order; all results are exact).
 
-use super::{check_kept, DeltaInput, Engine, EngineError, KeptEntries, PackedLevels};
+use super::levels::LevelSlice;
+use super::{check_kept, kernels, DeltaInput, Engine, EngineError, KeptEntries, PackedLevels};
 use crate::algorithm::quantize::{LevelRule, QuantGrid};
-use crate::algorithm::selection::{element_key, TensorKey};
+use crate::algorithm::selection::element_key;
 use crate::algorithm::{SelectionPlan, TensorStats};
 use crate::simd::multiversion;
 use rayon::prelude::*;
@@ -21,15 +22,18 @@ struct Scratch {
     delta: Vec<f32>,
     base: Vec<f32>,
     levels: Vec<u8>,
-    keys: Vec<u32>,
+    /// The selection's candidates in the chunk.
+    candidates: kernels::Candidates,
 }
 
 impl Scratch {
     /// Fills `levels` with the levels of `delta`.
     fn levels(&mut self, rule: &LevelRule) {
+        // Every level is overwritten: only growth is zero-filled.
+        self.levels.truncate(self.delta.len());
         self.levels.resize(self.delta.len(), 0);
         if rule.by_multiplier {
-            levels_into(&self.delta, rule, &mut self.levels);
+            kernels::levels_into(&self.delta, rule, &mut self.levels);
         } else {
             for (o, &x) in self.levels.iter_mut().zip(&self.delta) {
                 *o = rule.level_by_search(x);
@@ -38,37 +42,38 @@ impl Scratch {
     }
 }
 
-multiversion! {
-    /// `out[i] = rule.level(d[i])`.
-    fn levels_into(d: &[f32], rule: &LevelRule, out: &mut [u8]) {
-        for (o, &x) in out.iter_mut().zip(d) {
-            *o = rule.level(x);
-        }
-    }
-}
-
-multiversion! {
-    /// `out[j] = element_key(key, start + j)`.
-    fn keys_into(key: TensorKey, start: u32, out: &mut [u32]) {
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = element_key(key, start.wrapping_add(j as u32));
-        }
-    }
-}
-
 /// Runs `f(first_index, len, scratch)` on every chunk of `n` elements in parallel; results
 /// in chunk order.
 ///
-/// Each thread keeps its scratch buffers for the life of the process (about 850 KB): rayon
+/// Each thread keeps its scratch buffers for the life of the process (about 1.1 MB): rayon
 /// calls a `map_init` initializer once per split job, and fresh buffers of that size come
 /// from `mmap`, so their pages would be faulted in and zeroed again and again.
 fn for_chunks<T: Send>(n: usize, f: impl Fn(usize, usize, &mut Scratch) -> T + Sync) -> Vec<T> {
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
-    }
     (0..n.div_ceil(CHUNK))
         .into_par_iter()
         .map(|c| SCRATCH.with_borrow_mut(|sc| f(c * CHUNK, CHUNK.min(n - c * CHUNK), sc)))
+        .collect()
+}
+
+thread_local! {
+    /// The calling thread's chunk buffers ([`for_chunks`]).
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// [`for_chunks`] where chunk `c` also writes `out[c * per_chunk ..][.. per_chunk]` (the last
+/// piece may be shorter): `f(first_index, len, out_piece, scratch)`.
+fn for_chunks_into<T: Send>(
+    n: usize,
+    out: &mut [u8],
+    per_chunk: usize,
+    f: impl Fn(usize, usize, &mut [u8], &mut Scratch) -> T + Sync,
+) -> Vec<T> {
+    debug_assert_eq!(out.len().div_ceil(per_chunk), n.div_ceil(CHUNK));
+    out.par_chunks_mut(per_chunk)
+        .enumerate()
+        .map(|(c, piece)| {
+            SCRATCH.with_borrow_mut(|sc| f(c * CHUNK, CHUNK.min(n - c * CHUNK), piece, sc))
+        })
         .collect()
 }
 
@@ -103,6 +108,24 @@ fn map_level_chunks<T: Send>(
         LevelSource::Packed(p) => for_chunks(p.numel(), |start, len, sc| {
             p.unpack_into(start, len, &mut sc.levels);
             f(start, sc)
+        }),
+    }
+}
+
+/// Runs `f(first_index, levels, candidates)` on every chunk with the chunk's levels where
+/// they lie (kept levels are read packed, as stored; levels of an input are computed into the
+/// scratch buffer).
+fn map_selection_chunks<T: Send>(
+    src: LevelSource,
+    f: impl Fn(usize, LevelSlice, &mut kernels::Candidates) -> T + Sync,
+) -> Vec<T> {
+    match src {
+        LevelSource::Input(input, rule) => map_chunks(input, |start, sc| {
+            sc.levels(rule);
+            f(start, LevelSlice::Bytes(&sc.levels), &mut sc.candidates)
+        }),
+        LevelSource::Packed(p) => for_chunks(p.numel(), |start, len, sc| {
+            f(start, p.slice(start, len), &mut sc.candidates)
         }),
     }
 }
@@ -155,17 +178,22 @@ fn chunk_min_max(start: usize, d: &[f32]) -> (f32, f32, Option<usize>) {
 }
 
 /// Histogram of levels. Up to 16 levels (4 bits or fewer) they are counted by comparison,
-/// 16 byte counters per lane ([`count_levels_16`]); beyond, into four interleaved tables so
-/// that runs of equal levels (most entries share a few levels) do not serialize on one
-/// counter.
+/// 16 byte counters per lane ([`count_levels_16`]); beyond, by [`byte_histogram`].
 fn level_histogram(levels: &[u8], n_levels: usize) -> Vec<u64> {
     if n_levels <= 16 {
         let mut counts = [0u64; 16];
         count_levels_16(levels, &mut counts);
         return counts[..n_levels].to_vec();
     }
+    byte_histogram(levels)[..n_levels].to_vec()
+}
+
+/// The count of every byte value in `bytes` (fewer than 2^32 of them), into four interleaved
+/// tables so that runs of equal values (most entries share a few levels) do not serialize on
+/// one counter.
+pub(crate) fn byte_histogram(bytes: &[u8]) -> [u64; 256] {
     let mut tables = [[0u32; 256]; 4];
-    let mut quads = levels.chunks_exact(4);
+    let mut quads = bytes.chunks_exact(4);
     for c in &mut quads {
         for (t, &l) in tables.iter_mut().zip(c) {
             t[l as usize] += 1;
@@ -174,9 +202,7 @@ fn level_histogram(levels: &[u8], n_levels: usize) -> Vec<u64> {
     for &l in quads.remainder() {
         tables[0][l as usize] += 1;
     }
-    (0..n_levels)
-        .map(|l| tables.iter().map(|t| t[l] as u64).sum())
-        .collect()
+    std::array::from_fn(|l| tables.iter().map(|t| t[l] as u64).sum())
 }
 
 multiversion! {
@@ -240,44 +266,68 @@ pub fn quantize(
     grid: QuantGrid,
     keep: bool,
 ) -> (TensorStats, Option<PackedLevels>) {
-    let bits = grid.bits;
     let rule = grid.level_rule();
-    let parts = map_chunks(input, |_, sc| {
-        sc.levels(&rule);
-        let mut packed = Vec::new();
-        if keep {
-            PackedLevels::pack_into(&sc.levels, bits, &mut packed);
-        }
-        (level_histogram(&sc.levels, grid.levels()), packed)
-    });
-    let mut histogram = vec![0u64; grid.levels()];
-    let mut packed = Vec::with_capacity(if keep {
-        PackedLevels::packed_len(input.numel(), bits)
-    } else {
-        0
-    });
-    for (h, p) in parts {
-        histogram.iter_mut().zip(h).for_each(|(a, b)| *a += b);
-        packed.extend_from_slice(&p);
+    let n_levels = grid.levels();
+    if keep {
+        let (histograms, levels) = packed_levels(input, &rule, grid.bits);
+        let histogram = sum_histograms(histograms, n_levels);
+        return (TensorStats { grid, histogram }, Some(levels));
     }
-    let levels = keep.then(|| {
-        PackedLevels::from_bytes(input.numel(), bits, packed).expect("one packed level per element")
+    let histograms = map_chunks(input, |_, sc| {
+        sc.levels(&rule);
+        level_histogram(&sc.levels, n_levels)
     });
-    (TensorStats { grid, histogram }, levels)
+    let histogram = sum_histograms(histograms, n_levels);
+    (TensorStats { grid, histogram }, None)
+}
+
+/// The per-chunk histograms and every element's level under `rule`, packed in place.
+fn packed_levels(input: &DeltaInput, rule: &LevelRule, bits: u32) -> (Vec<Vec<u64>>, PackedLevels) {
+    let n = input.numel();
+    let mut packed = PackedLevels::buffer(PackedLevels::packed_len(n, bits));
+    let histograms = pack_levels_to(input, rule, bits, &mut packed);
+    let levels = PackedLevels::from_bytes(n, bits, packed).expect("one packed level per element");
+    (histograms, levels)
+}
+
+/// Writes every element's level under `rule`, packed, to `out`
+/// ([`PackedLevels::packed_len`] bytes); returns the per-chunk histograms.
+fn pack_levels_to(
+    input: &DeltaInput,
+    rule: &LevelRule,
+    bits: u32,
+    out: &mut [u8],
+) -> Vec<Vec<u64>> {
+    let per_chunk = PackedLevels::packed_len(CHUNK, bits);
+    for_chunks_into(input.numel(), out, per_chunk, |start, len, out, sc| {
+        input.delta_range(start, &mut sc.delta, &mut sc.base, len);
+        sc.levels(rule);
+        PackedLevels::pack_to(&sc.levels, bits, out);
+        level_histogram(&sc.levels, rule.levels)
+    })
+}
+
+/// The level histogram of `input` under `grid` (the whole tensor's exact min and max), its
+/// levels packed into `out` ([`PackedLevels::packed_len`] bytes): [`quantize`] for a piece
+/// of a tensor (an even number of elements but for the last piece), written in place.
+pub fn quantize_to(input: &DeltaInput, grid: QuantGrid, out: &mut [u8]) -> Vec<u64> {
+    let histograms = pack_levels_to(input, &grid.level_rule(), grid.bits, out);
+    sum_histograms(histograms, grid.levels())
+}
+
+/// The sum of per-chunk histograms of `n_levels` levels.
+fn sum_histograms(parts: Vec<Vec<u64>>, n_levels: usize) -> Vec<u64> {
+    let mut histogram = vec![0u64; n_levels];
+    for h in parts {
+        histogram.iter_mut().zip(h).for_each(|(a, b)| *a += b);
+    }
+    histogram
 }
 
 /// Every element's level under `stats`' grid, packed (for engines whose pass 1 keeps no
 /// levels of its own).
 pub fn levels_of(input: &DeltaInput, stats: &TensorStats) -> PackedLevels {
-    let rule = stats.grid.level_rule();
-    let bits = stats.grid.bits;
-    let parts = map_chunks(input, |_, sc| {
-        sc.levels(&rule);
-        let mut packed = Vec::new();
-        PackedLevels::pack_into(&sc.levels, bits, &mut packed);
-        packed
-    });
-    PackedLevels::from_bytes(input.numel(), bits, parts.concat()).expect("one level per element")
+    packed_levels(input, &stats.grid.level_rule(), stats.grid.bits).1
 }
 
 impl Engine for CpuEngine {
@@ -345,11 +395,16 @@ fn key_windows(plan: &SelectionPlan, sigmas: f64) -> Vec<(u64, u64)> {
 }
 
 /// What one chunk contributes: the keys inside each level's window, and the entries at or
-/// above the window's start (kept unless their key is below the cut).
+/// above the window's start (kept unless their key is below the cut), with their keys and
+/// their count per level.
 #[derive(Default)]
 struct ChunkSelection {
     window: Vec<(u8, u32)>,
     maybe_kept: KeptEntries,
+    /// The key of each entry of `maybe_kept`.
+    keys: Vec<u32>,
+    /// Entries of `maybe_kept` per level.
+    per_level: Vec<u64>,
 }
 
 /// Selection in one pass over the elements: entries below their level's key window are
@@ -364,14 +419,28 @@ fn select_with_margin(
 ) -> Result<KeptEntries, EngineError> {
     let key = plan.key;
     let windows = key_windows(plan, sigmas);
+    let n_levels = windows.len();
     // Indexed by a u8 level: no bounds check, and a copy the loop can keep in registers.
     let mut window_of = [(0u64, 0u64); 256];
-    window_of[..windows.len()].copy_from_slice(&windows);
-    let parts = map_level_chunks(src, |start, sc| {
-        sc.keys.resize(sc.levels.len(), 0);
-        keys_into(key, start as u32, &mut sc.keys);
-        let mut part = ChunkSelection::default();
-        for (j, (&l, &kk)) in sc.levels.iter().zip(&sc.keys).enumerate() {
+    window_of[..n_levels].copy_from_slice(&windows);
+    // The vector prefilter's minimum key per level: each window's start, where that fits a
+    // u32 (a start of 2^32 lets the largest key through, and the test below drops it).
+    let mut min_key = [u32::MAX; 256];
+    for (m, &(w_lo, _)) in min_key.iter_mut().zip(&windows) {
+        *m = w_lo.min(u32::MAX as u64) as u32;
+    }
+    let parts = map_selection_chunks(src, |start, levels, c| {
+        kernels::candidates_into(levels, key, start as u32, &min_key, n_levels, c);
+        let mut part = ChunkSelection {
+            per_level: vec![0; n_levels],
+            ..Default::default()
+        };
+        let m = &mut part.maybe_kept;
+        m.positions.reserve(c.offsets.len());
+        m.levels.reserve(c.offsets.len());
+        part.keys.reserve(c.offsets.len());
+        for (&j, &kk) in c.offsets.iter().zip(&c.keys) {
+            let l = levels.get(j as usize);
             let (w_lo, w_hi) = window_of[l as usize];
             if (kk as u64) < w_lo {
                 continue;
@@ -379,24 +448,26 @@ fn select_with_margin(
             if (kk as u64) < w_hi {
                 part.window.push((l, kk));
             }
-            part.maybe_kept.positions.push((start + j) as u32);
-            part.maybe_kept.levels.push(l);
+            m.positions.push(start as u32 + j);
+            m.levels.push(l);
+            part.keys.push(kk);
+            part.per_level[l as usize] += 1;
         }
         part
     });
     // Entries below a window are the level's entries not passed on.
     let mut below = plan.histogram.clone();
-    let mut window_keys = vec![Vec::new(); windows.len()];
+    let mut window_keys = vec![Vec::new(); n_levels];
     for p in &parts {
-        p.maybe_kept
-            .levels
-            .iter()
-            .for_each(|&l| below[l as usize] -= 1);
+        below
+            .iter_mut()
+            .zip(&p.per_level)
+            .for_each(|(b, &n)| *b -= n);
         p.window
             .iter()
             .for_each(|&(l, kk)| window_keys[l as usize].push(kk));
     }
-    let mut thresholds = Vec::with_capacity(windows.len());
+    let mut thresholds = Vec::with_capacity(n_levels);
     for (l, (&k_v, keys)) in plan.pruned.iter().zip(window_keys.iter_mut()).enumerate() {
         let (b, (w_lo, _)) = (below[l], windows[l]);
         if b > k_v || b + (keys.len() as u64) < k_v {
@@ -408,18 +479,29 @@ fn select_with_margin(
             *keys.select_nth_unstable((k_v - b - 1) as usize).1 as u64 + 1
         });
     }
+    let pieces: Vec<KeptEntries> = parts
+        .par_iter()
+        .map(|p| {
+            let m = &p.maybe_kept;
+            let mut piece = KeptEntries::default();
+            for ((&i, &l), &kk) in m.positions.iter().zip(&m.levels).zip(&p.keys) {
+                if kk as u64 >= thresholds[l as usize] {
+                    piece.positions.push(i);
+                    piece.levels.push(l);
+                }
+            }
+            piece
+        })
+        .collect();
+    drop(parts);
     let total_kept = plan.kept() as usize;
     let mut kept = KeptEntries {
         positions: Vec::with_capacity(total_kept),
         levels: Vec::with_capacity(total_kept),
     };
-    for p in parts {
-        for (&i, &l) in p.maybe_kept.positions.iter().zip(&p.maybe_kept.levels) {
-            if element_key(key, i) as u64 >= thresholds[l as usize] {
-                kept.positions.push(i);
-                kept.levels.push(l);
-            }
-        }
+    for piece in pieces {
+        kept.positions.extend_from_slice(&piece.positions);
+        kept.levels.extend_from_slice(&piece.levels);
     }
     check_kept(&kept, plan)?;
     Ok(kept)

@@ -3,6 +3,24 @@
 //! With the levels kept, pass 2 needs neither checkpoint again: the selection key of an element
 //! is a hash of its index ([`crate::algorithm::selection::element_key`]).
 
+use crate::simd::multiversion;
+use std::sync::Mutex;
+
+/// Buffers of levels no longer needed (spilled to the temporary file, or selected from), for
+/// the next tensor's ([`PackedLevels::buffer`]). Memory fresh from the system costs a page
+/// fault per 4 KiB page on its first touch (on the 2-vCPU test machine about 0.5 ms per MB,
+/// twice that with both threads faulting at once), and a large model's levels go through
+/// pass 1 and pass 2 one tensor after another: reused, they are faulted in once.
+static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// Bytes of buffers [`SPARE`] holds at most (the largest are kept).
+const SPARE_BYTES: usize = 128 << 20;
+
+/// The spare buffers, whatever a thread that panicked while holding them left (buffers only).
+fn spare() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
+    SPARE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The levels of one tensor.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PackedLevels {
@@ -40,15 +58,28 @@ impl PackedLevels {
     /// Appends the packing of `levels` to `out` (an even number of levels, but for the last
     /// piece of a tensor, keeps pieces packed apart equal to the whole packed at once).
     pub fn pack_into(levels: &[u8], bits: u32, out: &mut Vec<u8>) {
-        if !nibbles(bits) {
-            out.extend_from_slice(levels);
-            return;
-        }
-        out.extend(
-            levels
-                .chunks(2)
-                .map(|p| p[0] | p.get(1).map_or(0, |h| h << 4)),
+        let start = out.len();
+        out.resize(start + Self::packed_len(levels.len(), bits), 0);
+        Self::pack_to(levels, bits, &mut out[start..]);
+    }
+
+    /// Writes the packing of `levels` to `out`, which must take exactly
+    /// [`packed_len`](Self::packed_len) bytes (the same pieces as
+    /// [`pack_into`](Self::pack_into)).
+    ///
+    /// # Panics
+    /// If `out` has another length.
+    pub fn pack_to(levels: &[u8], bits: u32, out: &mut [u8]) {
+        assert_eq!(
+            out.len(),
+            Self::packed_len(levels.len(), bits),
+            "packed length"
         );
+        if nibbles(bits) {
+            pack_nibbles(levels, out);
+        } else {
+            out.copy_from_slice(levels);
+        }
     }
 
     /// Levels of `numel` elements of `bits` bits from their packed bytes (as
@@ -61,6 +92,40 @@ impl PackedLevels {
         })
     }
 
+    /// A buffer of `len` bytes for packed levels: the smallest recycled one
+    /// ([`recycle`](Self::recycle)) that holds them, else a fresh one. Its contents are
+    /// unspecified: the caller overwrites every byte.
+    pub fn buffer(len: usize) -> Vec<u8> {
+        let reused = {
+            let mut spare = spare();
+            let fit = (0..spare.len())
+                .filter(|&i| spare[i].capacity() >= len)
+                .min_by_key(|&i| spare[i].capacity());
+            fit.map(|i| spare.swap_remove(i))
+        };
+        match reused {
+            Some(mut buf) => {
+                buf.truncate(len);
+                buf.resize(len, 0);
+                buf
+            }
+            None => vec![0u8; len],
+        }
+    }
+
+    /// Hands this tensor's buffer over to the next [`buffer`](Self::buffer) (the largest
+    /// spare buffers are kept, [`SPARE_BYTES`] in all).
+    pub fn recycle(self) {
+        let mut spare = spare();
+        spare.push(self.data);
+        spare.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+        let mut total = 0;
+        spare.retain(|b| {
+            total += b.capacity();
+            total <= SPARE_BYTES
+        });
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.numel
@@ -71,21 +136,96 @@ impl PackedLevels {
         &self.data
     }
 
-    /// Writes the levels of elements `start .. start + len` into `out` (`start` even).
+    /// The levels of elements `start .. start + len` where they lie (`start` even).
+    pub fn slice(&self, start: usize, len: usize) -> LevelSlice<'_> {
+        debug_assert!(start % 2 == 0 && start + len <= self.numel);
+        if self.nibbles {
+            LevelSlice::Nibbles {
+                bytes: &self.data[start / 2..(start + len).div_ceil(2)],
+                len,
+            }
+        } else {
+            LevelSlice::Bytes(&self.data[start..start + len])
+        }
+    }
+
+    /// Writes the levels of elements `start .. start + len` into `out` (resized to `len`;
+    /// only its growth is zero-filled) (`start` even).
     pub fn unpack_into(&self, start: usize, len: usize, out: &mut Vec<u8>) {
         debug_assert!(start % 2 == 0 && start + len <= self.numel);
-        out.clear();
-        if !self.nibbles {
-            out.extend_from_slice(&self.data[start..start + len]);
-            return;
-        }
-        let bytes = &self.data[start / 2..(start + len).div_ceil(2)];
-        out.reserve(2 * bytes.len());
-        for &b in bytes {
-            out.push(b & 15);
-            out.push(b >> 4);
-        }
         out.truncate(len);
+        out.resize(len, 0);
+        if self.nibbles {
+            unpack_nibbles(&self.data[start / 2..(start + len).div_ceil(2)], out);
+        } else {
+            out.copy_from_slice(&self.data[start..start + len]);
+        }
+    }
+}
+
+/// A run of levels as they are stored: one per byte, or packed two per byte.
+#[derive(Debug, Clone, Copy)]
+pub enum LevelSlice<'a> {
+    /// One level per byte.
+    Bytes(&'a [u8]),
+    /// `len` levels two per byte, element `2i` in the low nibble of byte `i`.
+    Nibbles {
+        /// `len.div_ceil(2)` bytes.
+        bytes: &'a [u8],
+        /// Number of levels.
+        len: usize,
+    },
+}
+
+impl LevelSlice<'_> {
+    /// Number of levels.
+    pub fn len(&self) -> usize {
+        match *self {
+            LevelSlice::Bytes(b) => b.len(),
+            LevelSlice::Nibbles { len, .. } => len,
+        }
+    }
+
+    /// Whether there is no level.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Level `j`.
+    #[inline(always)]
+    pub fn get(&self, j: usize) -> u8 {
+        match *self {
+            LevelSlice::Bytes(b) => b[j],
+            LevelSlice::Nibbles { bytes, .. } => (bytes[j / 2] >> (4 * (j & 1))) & 15,
+        }
+    }
+}
+
+multiversion! {
+    /// `out[i] = levels[2i] | levels[2i + 1] << 4` (an odd last level alone in its byte).
+    fn pack_nibbles(levels: &[u8], out: &mut [u8]) {
+        let pairs = levels.chunks_exact(2);
+        if let [last] = pairs.remainder() {
+            out[levels.len() / 2] = *last;
+        }
+        for (o, p) in out.iter_mut().zip(pairs) {
+            *o = p[0] | p[1] << 4;
+        }
+    }
+}
+
+multiversion! {
+    /// The inverse of [`pack_nibbles`] for `out.len()` levels (`bytes` holds
+    /// `out.len().div_ceil(2)`).
+    fn unpack_nibbles(bytes: &[u8], out: &mut [u8]) {
+        let mut pairs = out.chunks_exact_mut(2);
+        for (p, &b) in (&mut pairs).zip(bytes) {
+            p[0] = b & 15;
+            p[1] = b >> 4;
+        }
+        if let [last] = pairs.into_remainder() {
+            *last = bytes[bytes.len() - 1] & 15;
+        }
     }
 }
 
@@ -107,9 +247,18 @@ mod tests {
                     p.unpack_into(2, 3, &mut out);
                     assert_eq!(out, &levels[2..5]);
                 }
+                let slice = p.slice(0, n);
+                assert_eq!(slice.len(), n);
+                assert!((0..n).all(|j| slice.get(j) == levels[j]));
                 let again = PackedLevels::from_bytes(n, bits, p.bytes().to_vec()).unwrap();
                 assert_eq!(again, p);
             }
+        }
+        // Recycled buffers come back at the length asked for (other tests may take them
+        // too, so only the lengths are certain).
+        PackedLevels::pack(&[3; 1000], 4).recycle();
+        for len in [0, 100, 500, 2000] {
+            assert_eq!(PackedLevels::buffer(len).len(), len);
         }
         // Hand-packed: elements 0..3 = 1, 2, 15 -> bytes 0x21, 0x0f.
         assert_eq!(PackedLevels::pack(&[1, 2, 15], 4).bytes(), &[0x21, 0x0f]);

@@ -15,6 +15,7 @@
 pub mod cpu;
 pub mod factory;
 pub mod gpu;
+mod kernels;
 pub mod levels;
 
 pub use factory::{create, Fallback};
@@ -59,8 +60,10 @@ impl<'a> DeltaInput<'a> {
         self.base.len() / self.base_type.size()
     }
 
-    /// Writes the deltas of elements `start .. start + out.len()` (f32 subtraction) into `out`,
-    /// using `scratch` for the base values.
+    /// Writes the deltas of elements `start .. start + len` (f32 subtraction) into `out`
+    /// (resized to `len`), using `scratch` for the base values when the two element types
+    /// differ. Pairs of one type are widened and subtracted in one vectorized pass, and only
+    /// the growth of `out` is zero-filled, so that a reused buffer costs no memset.
     pub fn delta_range(
         &self,
         start: usize,
@@ -69,25 +72,32 @@ impl<'a> DeltaInput<'a> {
         len: usize,
     ) {
         let range = |t: FloatType| start * t.size()..(start + len) * t.size();
-        if (self.finetuned_type, self.base_type) == (FloatType::F16, FloatType::F16) {
-            // No memset: every element is overwritten.
+        let (ft, base) = (
+            &self.finetuned[range(self.finetuned_type)],
+            &self.base[range(self.base_type)],
+        );
+        let same_type_delta = match (self.finetuned_type, self.base_type) {
+            (FloatType::F16, FloatType::F16) => Some(crate::simd::f16_delta_into as DeltaFn),
+            (FloatType::BF16, FloatType::BF16) => Some(crate::simd::bf16_delta_into as DeltaFn),
+            (FloatType::F32, FloatType::F32) => Some(crate::simd::f32_delta_into as DeltaFn),
+            _ => None,
+        };
+        if let Some(delta) = same_type_delta {
+            out.truncate(len);
             out.resize(len, 0.0);
-            crate::simd::f16_delta_into(
-                &self.finetuned[range(FloatType::F16)],
-                &self.base[range(FloatType::F16)],
-                out,
-            );
+            delta(ft, base, out);
             return;
         }
-        self.finetuned_type
-            .decode_into(&self.finetuned[range(self.finetuned_type)], out);
-        self.base_type
-            .decode_into(&self.base[range(self.base_type)], scratch);
+        self.finetuned_type.decode_into(ft, out);
+        self.base_type.decode_into(base, scratch);
         out.iter_mut()
             .zip(scratch.iter())
             .for_each(|(f, b)| *f -= b);
     }
 }
+
+/// A same-type delta kernel: `out[i] = finetuned[i] - base[i]` from little-endian bytes.
+type DeltaFn = fn(&[u8], &[u8], &mut [f32]);
 
 /// The surviving entries of one tensor: positions ascending, with their levels.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -277,25 +287,105 @@ pub trait Engine: Send {
     }
 }
 
-/// Checks an engine's kept entries against the plan's per-level counts.
+/// Checks an engine's kept entries against the plan's per-level counts (in parallel, in
+/// pieces of [`CHECK_PIECE`] entries).
 pub fn check_kept(kept: &KeptEntries, plan: &SelectionPlan) -> Result<(), EngineError> {
-    let mut counts = vec![0u64; plan.histogram.len()];
-    for &l in &kept.levels {
-        match counts.get_mut(l as usize) {
-            Some(c) => *c += 1,
-            None => return Err(EngineError::Inconsistent(format!("level {l} out of range"))),
-        }
-    }
-    if counts != plan.kept_counts() || kept.positions.len() != kept.levels.len() {
+    use rayon::prelude::*;
+    if kept.positions.len() != kept.levels.len() {
         return Err(EngineError::Inconsistent(format!(
-            "kept per level {counts:?}, plan {:?}",
+            "{} kept positions, {} levels",
+            kept.positions.len(),
+            kept.levels.len()
+        )));
+    }
+    let counts = kept
+        .levels
+        .par_chunks(CHECK_PIECE)
+        .map(cpu::byte_histogram)
+        .reduce(
+            || [0u64; 256],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    let n_levels = plan.histogram.len();
+    if let Some(l) = (n_levels..256).find(|&l| counts[l] != 0) {
+        return Err(EngineError::Inconsistent(format!("level {l} out of range")));
+    }
+    if counts[..n_levels] != plan.kept_counts()[..] {
+        return Err(EngineError::Inconsistent(format!(
+            "kept per level {:?}, plan {:?}",
+            &counts[..n_levels],
             plan.kept_counts()
         )));
     }
-    if kept.positions.windows(2).any(|w| w[0] >= w[1]) {
+    // Each piece overlaps the next by one entry, so every adjacent pair is compared.
+    let increasing = |w: &[u32]| w.windows(2).all(|p| p[0] < p[1]);
+    let pieces = kept.positions.len().div_ceil(CHECK_PIECE);
+    let sorted = (0..pieces).into_par_iter().all(|i| {
+        let end = ((i + 1) * CHECK_PIECE + 1).min(kept.positions.len());
+        increasing(&kept.positions[i * CHECK_PIECE..end])
+    });
+    if !sorted {
         return Err(EngineError::Inconsistent(
             "kept positions not strictly increasing".into(),
         ));
     }
     Ok(())
+}
+
+/// Entries per parallel piece of [`check_kept`].
+const CHECK_PIECE: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algorithm::quantize::QuantGrid;
+    use crate::algorithm::{TensorKey, TensorStats};
+
+    /// A plan over 2 levels keeping `kept` entries of each (nothing pruned).
+    fn plan(kept: [u64; 2]) -> SelectionPlan {
+        let stats = TensorStats {
+            grid: QuantGrid {
+                lo: 0.0,
+                hi: 1.0,
+                bits: 1,
+            },
+            histogram: kept.to_vec(),
+        };
+        SelectionPlan::new(TensorKey::new(0, "m", "t"), &stats, 0.0)
+    }
+
+    #[test]
+    fn check_kept_accepts_the_plan_and_names_each_inconsistency() {
+        // More than one parallel piece, so that the boundary between pieces is checked too.
+        let n = CHECK_PIECE + 10;
+        let good = KeptEntries {
+            positions: (0..n as u32).map(|i| 2 * i).collect(),
+            levels: (0..n).map(|i| (i % 2) as u8).collect(),
+        };
+        let counts = [n.div_ceil(2) as u64, (n / 2) as u64];
+        assert_eq!(plan(counts).kept_counts(), counts.to_vec());
+        check_kept(&good, &plan(counts)).unwrap();
+        let fails = |k: &KeptEntries, want: &str| {
+            let e = check_kept(k, &plan(counts)).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        };
+        let mut k = good.clone();
+        k.positions.swap(CHECK_PIECE - 1, CHECK_PIECE);
+        fails(&k, "not strictly increasing");
+        let mut k = good.clone();
+        k.positions[CHECK_PIECE] = k.positions[CHECK_PIECE - 1];
+        fails(&k, "not strictly increasing");
+        let mut k = good.clone();
+        k.levels[7] = 2;
+        fails(&k, "level 2 out of range");
+        let mut k = good.clone();
+        k.levels[7] = 0;
+        fails(&k, "kept per level");
+        let mut k = good;
+        k.levels.pop();
+        fails(&k, "kept positions");
+    }
 }

@@ -231,7 +231,45 @@ pub struct FileIndex {
     pub side_files: Vec<SideFileEntry>,
 }
 
-/// CRC-32 of `bytes`.
+/// Bytes per piece when [`crc32`] checksums a large buffer on several threads.
+const CRC_PIECE: usize = 4 << 20;
+
+/// CRC-32 of `bytes`. Buffers of more than two pieces ([`CRC_PIECE`]) are checksummed piece by
+/// piece in parallel and the pieces' CRCs combined in order (the same value).
 pub fn crc32(bytes: &[u8]) -> u32 {
-    crc32fast::hash(bytes)
+    use rayon::prelude::*;
+    if bytes.len() <= 2 * CRC_PIECE {
+        return crc32fast::hash(bytes);
+    }
+    let pieces: Vec<crc32fast::Hasher> = bytes
+        .par_chunks(CRC_PIECE)
+        .map(|piece| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(piece);
+            h
+        })
+        .collect();
+    let mut whole = crc32fast::Hasher::new();
+    pieces.iter().for_each(|h| whole.combine(h));
+    whole.finalize()
+}
+
+#[cfg(test)]
+mod crc_tests {
+    use super::*;
+
+    #[test]
+    fn crc32_in_pieces_equals_the_sequential_crc() {
+        // The check value of CRC-32 (ISO-HDLC).
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        // Several pieces and a short last one.
+        let bytes: Vec<u8> = (0..3 * CRC_PIECE + 12_345)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8)
+            .collect();
+        let mut sequential = crc32fast::Hasher::new();
+        for chunk in bytes.chunks(1000) {
+            sequential.update(chunk);
+        }
+        assert_eq!(crc32(&bytes), sequential.finalize());
+    }
 }

@@ -131,7 +131,7 @@ impl Run<'_> {
             allocation.rate,
         );
         let kept = self.select(&pair, &levels, &analysis.stats, &selection)?;
-        drop(levels);
+        levels.recycle();
         let kept_counts = selection.kept_counts();
         let enc = self.entropy_code(&pair, analysis.shared_numel, &kept, &kept_counts)?;
         // After encoding, so that the worker can take the positions over.

@@ -12,7 +12,7 @@
 //!   [`BLOCKED_INPUT_BYTES`]) is held beside it until the next one has been submitted.
 //!
 //! At the defaults (2 GiB): 512 MiB of kept levels, 512 MiB of read-ahead, and a huge tensor in
-//! flight as blocks of 2 x 32 MiB plus its own packed levels.
+//! flight as blocks of 2 x 32 MiB (shared out among the threads) plus its own packed levels.
 
 use crate::error::{Error, Result};
 
@@ -33,7 +33,8 @@ pub const BLOCKED_INPUT_BYTES: u64 = MEMORY_BOUND / 8;
 /// small tensors through the blocked path).
 pub const BLOCKED_ENV: &str = "UDELTA_BLOCKED_INPUT_BYTES";
 
-/// Bytes of one side (base or fine-tuned) of one block, per byte of the blocked threshold.
+/// Bytes of one side (base or fine-tuned) of the blocks in flight (all threads' together), per
+/// byte of the blocked threshold.
 pub const BLOCK_FRACTION: u64 = 8;
 
 /// A number of bytes from the environment variable `var`, or `default` when it is unset.

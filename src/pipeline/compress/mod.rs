@@ -196,6 +196,8 @@ struct Run<'a> {
     with_trace_norm: bool,
     /// The levels pass 1 keeps for pass 2.
     kept: kept::KeptStore,
+    /// The buffers of pairs analysed in blocks, from one pair to the next.
+    block_buffers: blocked::BlockBuffers,
     times: StageTimes,
 }
 
@@ -274,10 +276,13 @@ pub fn compress_staged(
         target: None,
         with_trace_norm: opts.trace_norm || models.len() > 1,
         kept: kept::KeptStore::new(levels_budget, &scratch_dir(out)),
+        block_buffers: Default::default(),
         times: StageTimes::default(),
     };
     let order = schedule::schedule(&models);
     run.analyze_all(&mut models, &order)?;
+    // Pass 2 reads no block: their memory goes back.
+    run.block_buffers = Default::default();
     // Pass 2 calls `plan_allocation` once the tensors stored whole are written.
     run.encode_all(&mut models, &order)?;
     let counters = RunCounters {
