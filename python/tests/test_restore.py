@@ -119,6 +119,49 @@ def test_swap_on_state_dict_with_record(two_models):
     assert_same_as_decompress(state, read_safetensors(two_models.restored[1]), torch_bytes)
 
 
+class _FailingSwap:
+    """A file handle whose ``swap_at`` fails for one tensor (as an overflow or a corrupt
+    stream would), delegating everything else."""
+
+    def __init__(self, inner, name):
+        self._inner, self._name = inner, name
+
+    def __getattr__(self, attr):
+        return getattr(self._inner, attr)
+
+    def swap_at(self, name, *args):
+        if name == self._name:
+            raise udelta.UdeltaError(f"tensor '{name}': injected failure")
+        return self._inner.swap_at(name, *args)
+
+
+def test_a_swap_failing_midway_leaves_each_tensor_at_the_base_or_the_second_fine_tune(two_models, monkeypatch):
+    a, b = two_models.udelta
+    base = base_state_dict(two_models)
+    state = {k: v.clone() for k, v in base.items()}
+    applied = udelta.apply_(state, a)
+    switched_in_one_pass = [n for n, old in applied.scattered.items() if isinstance(old, bytearray)]
+    victim = switched_in_one_pass[len(switched_in_one_pass) // 2]
+    real_open = udelta.open
+
+    def open_failing(path):
+        f = real_open(path)
+        if str(path) == str(b):
+            f._file = _FailingSwap(f._file, victim)
+        return f
+
+    monkeypatch.setattr(udelta, "open", open_failing)
+    with pytest.raises(udelta.UdeltaError, match="injected failure"):
+        udelta.swap_(state, a, b, applied=applied)
+    fresh_b = read_safetensors(two_models.restored[1])
+    assert torch_bytes(state[victim]) == torch_bytes(base[victim]), "the failed tensor is not the base"
+    for name, t in state.items():
+        at_base = name in base and torch_bytes(t) == torch_bytes(base[name])
+        at_b = name in fresh_b and torch_bytes(t) == fresh_b[name][2]
+        assert at_base or at_b, f"{name}: neither the base nor the second fine-tune"
+    assert not applied.scattered, "the first file's record still holds entries"
+
+
 def non_contiguous(t):
     """The same values as ``t`` in a strided (non-contiguous) layout."""
     if t.dim() < 2 or min(t.shape[-2:]) < 2:

@@ -605,17 +605,34 @@ def _workers():
     return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
 
 
+def _in_order(call, names):
+    """Runs ``call(name)`` for every name on the worker pool and yields ``(name, result)`` in
+    order as the results come (so the caller can free what each one replaces). A failure is
+    raised only after every call has finished and every success was yielded: the caller's
+    record then matches what was changed."""
+    failure = None
+    with _workers() as pool:
+        for name, future in [(n, pool.submit(call, n)) for n in names]:
+            try:
+                result = future.result()
+            except Exception as e:  # re-raised below, once the others are recorded
+                failure = failure or e
+                continue
+            yield name, result
+    if failure is not None:
+        raise failure
+
+
 def _apply_in_place(target: _Target, file: UdeltaFile, names: List[str], applied: Applied) -> None:
     """Applies the compressed tensors ``names`` (contiguous CPU tensors of the target) in
     their memory, several at a time, recording the overwritten base values."""
 
     def one(name):
         t = target.get(name)
-        return name, file._file.apply_at(name, t.data_ptr(), _nbytes(t), _dtype_name(t))
+        return file._file.apply_at(name, t.data_ptr(), _nbytes(t), _dtype_name(t))
 
-    with _workers() as pool:
-        for name, old in pool.map(one, names):
-            applied.scattered[name] = old
+    for name, old in _in_order(one, names):
+        applied.scattered[name] = old
 
 
 def _undo_in_place(target: _Target, file: UdeltaFile, names: List[str], applied: Applied) -> None:
@@ -626,11 +643,9 @@ def _undo_in_place(target: _Target, file: UdeltaFile, names: List[str], applied:
         t = target.get(name)
         old = np.frombuffer(applied.scattered[name], dtype=np.uint8)
         file._file.undo_at(name, t.data_ptr(), _nbytes(t), _dtype_name(t), old.ctypes.data, old.nbytes)
-        return name
 
-    with _workers() as pool:
-        for name in pool.map(one, names):
-            del applied.scattered[name]
+    for name, _ in _in_order(one, names):
+        del applied.scattered[name]
 
 
 def _swap_in_place(
@@ -643,15 +658,13 @@ def _swap_in_place(
     def one(name):
         t = target.get(name)
         was = np.frombuffer(old.scattered[name], dtype=np.uint8)
-        record = to_file._file.swap_at(
+        return to_file._file.swap_at(
             name, t.data_ptr(), _nbytes(t), _dtype_name(t), from_file._file, was.ctypes.data, was.nbytes
         )
-        return name, record
 
-    with _workers() as pool:
-        for name, record in pool.map(one, names):
-            del old.scattered[name]
-            new.scattered[name] = record
+    for name, record in _in_order(one, names):
+        del old.scattered[name]
+        new.scattered[name] = record
 
 
 def _swappable(target: _Target, from_file: UdeltaFile, to_file: UdeltaFile, applied: Applied) -> List[str]:
@@ -827,4 +840,10 @@ def swap_(
     from_file = open(applied.path)
     both = _swappable(target, from_file, to_file, applied)
     _undo(target, applied, keep=both)
-    return _apply(model, to_file, checksum=unchecked.__contains__, force=False, swapping=(from_file, applied, both))
+    try:
+        return _apply(model, to_file, checksum=unchecked.__contains__, force=False, swapping=(from_file, applied, both))
+    except UdeltaError:
+        # Tensors not switched yet still hold the first fine-tune: put the base back there
+        # too, as for every other tensor the undo reached.
+        _undo(target, applied)
+        raise
