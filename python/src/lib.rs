@@ -21,7 +21,7 @@ use udelta_gpu::checkpoint::select::TensorSelector;
 use udelta_gpu::checkpoint::side_files::SideFileOptions;
 use udelta_gpu::error::{Error, Result};
 use udelta_gpu::format::{CompressedTensor, TensorKind, TensorRecord, UdeltaReader};
-use udelta_gpu::pipeline::compress::CompressOptions;
+use udelta_gpu::pipeline::compress::{CompressOptions, SizeTarget};
 use udelta_gpu::pipeline::decompress::DecompressOptions;
 use udelta_gpu::report::InspectReport;
 use udelta_gpu::restore;
@@ -79,7 +79,7 @@ fn inspect_json(py: Python<'_>, path: PathBuf) -> PyResult<String> {
 #[pyfunction]
 #[pyo3(signature = (base, finetuned, output, sparsity, bits, step, factor, seed, adapter,
     gpu_mem, include, exclude, embeddings, side_files, with_remote_code, model_name, verify,
-    trace_norm, gamma, force, progress))]
+    trace_norm, gamma, force, progress, target_size=None, target_ratio=None, dry_run=false))]
 #[allow(clippy::too_many_arguments)]
 fn compress(
     py: Python<'_>,
@@ -104,7 +104,10 @@ fn compress(
     gamma: Option<f64>,
     force: bool,
     progress: bool,
-) -> PyResult<Vec<PathBuf>> {
+    target_size: Option<String>,
+    target_ratio: Option<f64>,
+    dry_run: bool,
+) -> PyResult<(Vec<PathBuf>, Option<String>)> {
     let params = CompressParams {
         sparsity,
         bits,
@@ -112,9 +115,22 @@ fn compress(
         factor,
         seed,
     };
-    let run = || -> Result<Vec<PathBuf>> {
-        let gpu_mem = udelta_gpu::cli::parse_size(&gpu_mem)
-            .map_err(|e| Error::Param(format!("gpu_mem {gpu_mem}: {e}")))?;
+    let run = || -> Result<(Vec<PathBuf>, Option<String>)> {
+        let size = |what: &str, text: &str| {
+            udelta_gpu::cli::parse_size(text)
+                .map_err(|e| Error::Param(format!("{what} {text}: {e}")))
+        };
+        let gpu_mem = size("gpu_mem", &gpu_mem)?;
+        let target = match (target_size.as_deref(), target_ratio) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Param(
+                    "give target_size or target_ratio, not both".into(),
+                ))
+            }
+            (Some(text), None) => Some(SizeTarget::Bytes(size("target_size", text)?)),
+            (None, Some(r)) => Some(SizeTarget::Ratio(r)),
+            (None, None) => None,
+        };
         params.validate()?;
         let opts = CompressOptions {
             params,
@@ -130,8 +146,15 @@ fn compress(
                 omit: !side_files,
                 remote_code: with_remote_code,
             },
-            target: None,
+            target,
         };
+        if dry_run {
+            let plan = udelta_gpu::pipeline::compress::dry_run(&base, &finetuned, &output, &opts)?;
+            return Ok((
+                Vec::new(),
+                Some(serde_json::to_string(&plan).map_err(json_error)?),
+            ));
+        }
         let mut engine = udelta_gpu::engine::create(&adapter, gpu_mem)?;
         let out = udelta_gpu::pipeline::compress::compress(
             &base,
@@ -140,7 +163,7 @@ fn compress(
             &opts,
             engine.as_mut(),
         )?;
-        Ok(out.files.into_iter().map(|(f, _)| f).collect())
+        Ok((out.files.into_iter().map(|(f, _)| f).collect(), None))
     };
     guarded(py, || run().map_err(|e| e.for_output(&output)))
 }

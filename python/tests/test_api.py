@@ -73,6 +73,33 @@ def test_compress_and_decompress_mirror_the_cli(tmp_path, two_models):
         udelta.compress(two_models.base, two_models.fts[0], tmp_path / "x.udelta", sparsity=1.5)
 
 
+def test_target_ratio_and_plan_mirror_the_cli(tmp_path, two_models):
+    import json
+
+    base, ft = two_models.base, two_models.fts[0]
+    out, by_cli = tmp_path / "py.udelta", tmp_path / "cli.udelta"
+    udelta.compress(base, ft, out, target_ratio=20, adapter="cpu", progress=False)
+    cli("compress", "--base", base, "--finetuned", ft, "-o", by_cli, "--target-ratio", "20",
+        "--adapter", "cpu", "-q")
+    assert out.read_bytes() == by_cli.read_bytes()
+    sized = tmp_path / "sized.udelta"
+    udelta.compress(base, ft, sized, target_size="30KB", adapter="cpu", progress=False)
+    cli("compress", "--base", base, "--finetuned", ft, "-o", by_cli, "--target-size", "30KB",
+        "--adapter", "cpu", "-q", "--force")
+    assert sized.read_bytes() == by_cli.read_bytes()
+    plan = udelta.plan(base, ft, tmp_path / "never.udelta", embeddings="lossless")
+    want = json.loads(cli("compress", "--base", base, "--finetuned", ft, "-o", tmp_path / "never.udelta",
+                          "--embeddings", "lossless", "--dry-run", "--json"))
+    assert plan == want
+    assert not (tmp_path / "never.udelta").exists()
+    with pytest.raises(udelta.UdeltaError, match="not both"):
+        udelta.compress(base, ft, tmp_path / "x.udelta", sparsity=0.9, target_ratio=20)
+    with pytest.raises(udelta.UdeltaError, match="not both"):
+        udelta.compress(base, ft, tmp_path / "x.udelta", target_size=1000, target_ratio=20)
+    with pytest.raises(TypeError, match="unexpected"):
+        udelta.plan(base, ft, tmp_path / "x.udelta", sparsityy=0.9)
+
+
 def test_cluster_flow_matches_joint_compression(tmp_path, two_models):
     """scripts/compress-many.sh: one process per fine-tune with --trace-norm, then rescale."""
     import subprocess

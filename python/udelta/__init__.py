@@ -38,6 +38,7 @@ __all__ = [
     "apply_",
     "swap_",
     "compress",
+    "plan",
     "decompress",
     "rescale",
 ]
@@ -139,7 +140,9 @@ def compress(
     finetuned: Union[PathLike, Sequence[PathLike]],
     output: PathLike,
     *,
-    sparsity: float = 0.95,
+    sparsity: Optional[float] = None,
+    target_size: Optional[Union[int, str]] = None,
+    target_ratio: Optional[float] = None,
     bits: int = 4,
     step: float = 0.01,
     factor: float = 1.0,
@@ -160,18 +163,47 @@ def compress(
 ) -> List[str]:
     """``udelta-gpu compress``: writes the ``.udelta`` file(s); returns their paths.
 
-    The options are the CLI's (``--sparsity``, ``--bits``, ``--embeddings lossy|lossless|separate``,
-    ...); ``side_files=False`` is ``--no-side-files``, ``with_remote_code=True`` is
-    ``--with-remote-code``. With several fine-tunes, ``output`` is a directory receiving
-    ``NAME.udelta`` each.
+    The options are the CLI's (``--sparsity``, default 0.95, ``--bits``, ``--embeddings
+    lossy|lossless|separate``, ...); ``side_files=False`` is ``--no-side-files``,
+    ``with_remote_code=True`` is ``--with-remote-code``; ``target_size`` (bytes, or a size
+    such as ``"25MB"``) or ``target_ratio`` (the whole-file ratio) choose the sparsity instead
+    of ``sparsity``. With several fine-tunes, ``output`` is a directory receiving
+    ``NAME.udelta`` each. :func:`plan` is the same call as a dry run.
     """
+    files, _ = _compress(base, finetuned, output, locals(), dry_run=False)
+    return [os.fspath(f) for f in files]
+
+
+def plan(base: PathLike, finetuned: Union[PathLike, Sequence[PathLike]], output: PathLike, **options) -> Dict[str, Any]:
+    """``udelta-gpu compress --dry-run --json``: what :func:`compress` with the same arguments
+    would compress, store and compare, the parameter counts and the expected file size with
+    its error bound, from the headers and a small sample of the data; writes nothing."""
+    known = dict(compress.__kwdefaults__)
+    unknown = set(options) - set(known)
+    if unknown:
+        raise TypeError(f"plan() got unexpected keyword arguments: {sorted(unknown)}")
+    known.update(options)
+    _, report = _compress(base, finetuned, output, known, dry_run=True)
+    return json.loads(report)
+
+
+def _compress(base, finetuned, output, o, dry_run: bool):
+    """Calls the library's compress with the options ``o`` (the keyword arguments of
+    :func:`compress`)."""
     if isinstance(finetuned, (str, bytes, os.PathLike)):
         finetuned = [finetuned]
-    files = _udelta.compress(
+    if o["sparsity"] is not None and (o["target_size"] is not None or o["target_ratio"] is not None):
+        raise UdeltaError("give sparsity or a target size/ratio, not both")
+    sparsity, bits, step, factor, seed = (o[k] for k in ("sparsity", "bits", "step", "factor", "seed"))
+    adapter, gpu_mem, include, exclude, embeddings = (o[k] for k in ("adapter", "gpu_mem", "include", "exclude", "embeddings"))
+    side_files, with_remote_code, model_name, verify = (o[k] for k in ("side_files", "with_remote_code", "model_name", "verify"))
+    trace_norm, gamma, force, progress = (o[k] for k in ("trace_norm", "gamma", "force", "progress"))
+    target_size, target_ratio = o["target_size"], o["target_ratio"]
+    return _udelta.compress(
         os.fspath(base),
         [os.fspath(f) for f in finetuned],
         os.fspath(output),
-        float(sparsity),
+        0.95 if sparsity is None else float(sparsity),
         int(bits),
         float(step),
         float(factor),
@@ -189,8 +221,10 @@ def compress(
         None if gamma is None else float(gamma),
         bool(force),
         bool(progress),
+        None if target_size is None else str(target_size),
+        None if target_ratio is None else float(target_ratio),
+        dry_run,
     )
-    return [os.fspath(f) for f in files]
 
 
 def decompress(
