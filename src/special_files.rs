@@ -58,6 +58,19 @@ pub fn open_regular(path: &Path) -> Result<File> {
     Ok(file)
 }
 
+/// Reads the open regular file `file`, `len` bytes long by its metadata, whole, refusing more
+/// than `limit` bytes: `Ok(None)` when it is larger or grows past the limit while read (at
+/// most `limit + 1` bytes are read).
+pub fn read_capped(file: File, len: u64, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    if len > limit {
+        return Ok(None);
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
+}
+
 /// Whether `path`, or the path it resolves to, lies under `/dev/`: outputs are never written
 /// there (device nodes, and `/dev/stdout`-like links to whatever the process holds open).
 pub fn under_dev(path: &Path) -> bool {

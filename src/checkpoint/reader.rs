@@ -538,37 +538,16 @@ fn read_index(path: &Path) -> Result<(Option<Value>, BTreeMap<String, String>)> 
 /// while read) or not a regular file (opened non-blocking, so a FIFO cannot hang the run).
 /// `what` names the file in the error.
 pub fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::checkpoint(
-            path,
-            format!("{what} is not a regular file"),
-        ));
-    }
-    let too_large = || {
-        Error::checkpoint(
-            path,
-            format!("{what} is larger than the limit of {limit} bytes"),
-        )
-    };
-    if meta.len() > limit {
-        return Err(too_large());
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io(path, e))?;
-    if bytes.len() as u64 > limit {
-        return Err(too_large());
-    }
-    Ok(bytes)
+    let file = crate::special_files::open_regular(path)?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    crate::special_files::read_capped(file, len, limit)
+        .map_err(|e| Error::io(path, e))?
+        .ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!("{what} is larger than the limit of {limit} bytes"),
+            )
+        })
 }
 
 /// Parses the bytes of a shard index (`model.safetensors.index.json`; `path` names it in

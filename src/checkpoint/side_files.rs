@@ -10,7 +10,6 @@
 //! file is read, so no path can leave the directory it is written into.
 
 use crate::error::{Error, Result};
-use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -242,16 +241,11 @@ pub fn read_regular(path: &Path, limit: u64) -> std::result::Result<Vec<u8>, Rea
             meta.len()
         )));
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(ReadRefusal::Io)?;
-    if bytes.len() as u64 > limit {
-        return Err(ReadRefusal::Unsafe(format!(
-            "grew past the limit of {limit} bytes while read"
-        )));
-    }
-    Ok(bytes)
+    crate::special_files::read_capped(file, meta.len(), limit)
+        .map_err(ReadRefusal::Io)?
+        .ok_or_else(|| {
+            ReadRefusal::Unsafe(format!("grew past the limit of {limit} bytes while read"))
+        })
 }
 
 /// Writes `bytes` as `dir/rel` (a new file; its folders are created), after checking `rel`
