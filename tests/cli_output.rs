@@ -8,28 +8,7 @@ use std::process::{Command, Stdio};
 #[test]
 fn a_closed_stdout_ends_quietly() {
     let dir = tempfile::tempdir().unwrap();
-    let synth = dir.path().join("m");
-    ok(udelta(&[
-        "synth",
-        "--out",
-        s(&synth),
-        "--preset",
-        "tiny",
-        "-q",
-    ]));
-    let file = dir.path().join("ft.udelta");
-    ok(udelta(&[
-        "compress",
-        "--base",
-        s(&synth.join("base")),
-        "--finetuned",
-        s(&synth.join("ft-1")),
-        "-o",
-        s(&file),
-        "--adapter",
-        "cpu",
-        "-q",
-    ]));
+    let file = tiny_file(dir.path(), &[]);
     for args in [
         vec!["inspect", s(&file)],
         vec!["inspect", s(&file), "--json"],

@@ -26,30 +26,7 @@ fn record_bytes(t: &Value) -> u64 {
 #[test]
 fn plot_shows_the_three_series_for_every_block() {
     let dir = tempfile::tempdir().unwrap();
-    let synth = dir.path().join("m");
-    ok(udelta(&[
-        "synth",
-        "--out",
-        s(&synth),
-        "--preset",
-        "tiny",
-        "--layers",
-        "3",
-        "-q",
-    ]));
-    let file = dir.path().join("ft.udelta");
-    ok(udelta(&[
-        "compress",
-        "--base",
-        s(&synth.join("base")),
-        "--finetuned",
-        s(&synth.join("ft-1")),
-        "-o",
-        s(&file),
-        "--adapter",
-        "cpu",
-        "-q",
-    ]));
+    let file = tiny_file(dir.path(), &["--layers", "3"]);
     let svg_path = dir.path().join("plot.svg");
     ok(udelta(&[
         "inspect",
@@ -113,28 +90,7 @@ fn plot_shows_the_three_series_for_every_block() {
 #[test]
 fn plot_of_a_bad_path_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let synth = dir.path().join("m");
-    ok(udelta(&[
-        "synth",
-        "--out",
-        s(&synth),
-        "--preset",
-        "tiny",
-        "-q",
-    ]));
-    let file = dir.path().join("ft.udelta");
-    ok(udelta(&[
-        "compress",
-        "--base",
-        s(&synth.join("base")),
-        "--finetuned",
-        s(&synth.join("ft-1")),
-        "-o",
-        s(&file),
-        "--adapter",
-        "cpu",
-        "-q",
-    ]));
+    let file = tiny_file(dir.path(), &[]);
     let bad = dir.path().join("no/such/dir/plot.svg");
     fails(
         udelta(&["inspect", s(&file), "--plot", s(&bad)]),

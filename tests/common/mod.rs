@@ -265,6 +265,30 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `synth --preset tiny` (with `extra` synth arguments) into `dir/m`, its fine-tune compressed
+/// with the CPU engine to `dir/ft.udelta`; returns the file.
+pub fn tiny_file(dir: &Path, extra: &[&str]) -> PathBuf {
+    let synth = dir.join("m");
+    let mut args = vec!["synth", "--out", s(&synth), "--preset", "tiny", "-q"];
+    args.extend_from_slice(extra);
+    ok(udelta(&args));
+    let file = dir.join("ft.udelta");
+    let (base, ft) = (synth.join("base"), synth.join("ft-1"));
+    ok(udelta(&[
+        "compress",
+        "--base",
+        s(&base),
+        "--finetuned",
+        s(&ft),
+        "-o",
+        s(&file),
+        "--adapter",
+        "cpu",
+        "-q",
+    ]));
+    file
+}
+
 /// Reads the JSON index of a .udelta file straight from its footer (format v1, docs/FORMAT.md).
 pub fn read_index(path: &Path) -> serde_json::Value {
     let bytes = std::fs::read(path).unwrap();
