@@ -26,14 +26,17 @@ static BLOCK_REGEX: LazyLock<Regex> =
 /// - position tables and biases: any component containing `position`, `pos_embed...`,
 ///   `rel_pos...`, T5's `relative_attention_bias`;
 /// - rotary buffers: any component containing `rotary` (`rotary_emb.inv_freq`, cached
-///   cos/sin tables).
+///   cos/sin tables);
+/// - state-space parameters: `A_log` (Mamba's `[D, N]` log state matrix, exponentiated in the
+///   recurrence), `dt_bias`.
 pub const DENY_PATTERN: &str = concat!(
     r"(?:^|\.)(?:gate|router|shared_expert_gate|e_score_correction_bias",
     r"|(?i-u:[a-z0-9_]*norm[a-z0-9_]*)|ln_[a-z0-9]+",
     r"|(?i-u:[a-z0-9_]*conv[a-z0-9_]*)",
     r"|[a-z0-9_]*position[a-z0-9_]*|pos_embed[a-z0-9_]*|rel_pos[a-z0-9_]*",
     r"|relative_attention_bias",
-    r"|[a-z0-9_]*rotary[a-z0-9_]*)(?:\.|$)"
+    r"|[a-z0-9_]*rotary[a-z0-9_]*",
+    r"|A_log|dt_bias)(?:\.|$)"
 );
 
 static DENY_REGEX: LazyLock<Regex> =
@@ -363,7 +366,7 @@ mod tests {
     }
 
     #[test]
-    fn default_denies_routers_norms_convolutions_positions_rotary() {
+    fn default_denies_routers_norms_convolutions_positions_rotary_state_space() {
         for name in [
             "model.layers.3.block_sparse_moe.gate.weight",
             "model.layers.1.mlp.gate.weight",
@@ -384,6 +387,8 @@ mod tests {
             "blocks.1.pos_embed",
             "model.layers.0.self_attn.rotary_emb.inv_freq",
             "model.layers.0.self_attn.rotary_emb.cos_cached",
+            "backbone.layers.0.mixer.A_log",
+            "model.layers.3.mamba.dt_bias",
         ] {
             assert!(!default_selects(name), "{name}");
             assert!(
@@ -396,6 +401,8 @@ mod tests {
             "model.layers.0.mlp.gate_proj.weight",
             "model.layers.0.mlp.experts.gate_up_proj",
             "model.layers.0.mlp.gated.weight",
+            "backbone.layers.0.mixer.dt_proj.weight",
+            "backbone.layers.0.mixer.x_proj.weight",
         ] {
             assert!(default_selects(name), "{name}");
         }
