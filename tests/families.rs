@@ -417,19 +417,9 @@ fn each_expert_is_its_own_matrix_in_the_trace_norm() {
     let dir = tempfile::tempdir().unwrap();
     let (base, ft) = synth(dir.path(), "qwen3-moe", 1, 64);
     let file = dir.path().join("ft.udelta");
-    ok(udelta(&[
-        "compress",
-        "--base",
-        s(&base),
-        "--finetuned",
-        s(&ft),
-        "-o",
-        s(&file),
-        "--adapter",
-        "cpu",
-        "--trace-norm",
-        "-q",
-    ]));
+    let mut args = compress_args(&base, &ft, &file);
+    args.push("--trace-norm");
+    ok(udelta(&args));
     let t_m = read_index(&file)["model"]["trace_norm"].as_f64().unwrap();
     let out = dir.path().join("deltas");
     ok(udelta(&[

@@ -30,19 +30,9 @@ fn minilm_round_trip_follows_the_algorithm() {
     let (base, ft) = minilm();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("minilm.udelta");
-    let out = ok(udelta(&[
-        "compress",
-        "--base",
-        s(&base),
-        "--finetuned",
-        s(&ft),
-        "-o",
-        s(&file),
-        "--adapter",
-        "cpu",
-        "-q",
-        "--json",
-    ]));
+    let mut args = compress_args(&base, &ft, &file);
+    args.push("--json");
+    let out = ok(udelta(&args));
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     // 6 layers x (query, key, value, attention.output.dense, intermediate.dense, output.dense),
     // and the word, position and token-type embeddings

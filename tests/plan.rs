@@ -22,25 +22,16 @@ fn synth(dir: &Path, preset: &str, layers: &str) -> (PathBuf, PathBuf) {
     (out.join("base"), out.join("ft-1"))
 }
 
-fn compress_args<'a>(base: &'a Path, ft: &'a Path, out: &'a Path) -> Vec<&'a str> {
-    vec![
-        "compress",
-        "--base",
-        s(base),
-        "--finetuned",
-        s(ft),
-        "-o",
-        s(out),
-        "--adapter",
-        "cpu",
-        "-q",
-        "--json",
-    ]
+/// The common `compress` arguments (`tests/common`) with `--json`.
+fn json_args<'a>(base: &'a Path, ft: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    let mut args = compress_args(base, ft, out);
+    args.push("--json");
+    args
 }
 
 /// Runs `compress` with `extra` arguments and returns its JSON report.
 fn compress(base: &Path, ft: &Path, out: &Path, extra: &[&str]) -> Value {
-    let mut args = compress_args(base, ft, out);
+    let mut args = json_args(base, ft, out);
     args.extend_from_slice(extra);
     serde_json::from_str(&ok(udelta(&args))).unwrap()
 }
@@ -75,7 +66,7 @@ fn dry_run_plans_the_tiny_preset_writes_nothing_and_estimates_the_file() {
     let (base, ft) = synth(dir.path(), "tiny", "2");
     let file = dir.path().join("out.udelta");
     let before = snapshot(dir.path());
-    let mut args = compress_args(&base, &ft, &file);
+    let mut args = json_args(&base, &ft, &file);
     args.push("--dry-run");
     let plan: Value = serde_json::from_str(&ok(udelta(&args))).unwrap();
     assert_eq!(snapshot(dir.path()), before, "the dry run wrote something");
@@ -125,7 +116,7 @@ fn dry_run_warns_naming_the_largest_stored_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let (base, ft) = synth(dir.path(), "tiny", "1");
     let file = dir.path().join("out.udelta");
-    let mut args = compress_args(&base, &ft, &file);
+    let mut args = json_args(&base, &ft, &file);
     args.retain(|a| *a != "--json");
     // The embeddings stored whole with the two layer norms: 2 x 1024 x 256 + 2 x 256 =
     // 524,800 of 1,315,648 parameters (linears 4 x 256^2 + 3 x 256 x 688, embeddings, three
@@ -208,7 +199,7 @@ fn target_size_in_bytes_and_the_dry_run_agree() {
     assert!((bytes / 60_000.0 - 1.0).abs() < 0.02, "{bytes}");
     assert_eq!(report["target"]["target_bytes"], 60_000);
     let text_args = {
-        let mut a = compress_args(&base, &ft, &file);
+        let mut a = json_args(&base, &ft, &file);
         a.retain(|x| *x != "--json");
         a.extend(["--target-size", "60KB", "--force"]);
         a
@@ -216,7 +207,7 @@ fn target_size_in_bytes_and_the_dry_run_agree() {
     let text = ok(udelta(&text_args));
     assert!(text.contains("target 60000 bytes: sparsity"), "{text}");
     // The dry run plans with the sparsity the target gives (from samples: close, not equal).
-    let mut args = compress_args(&base, &ft, &file);
+    let mut args = json_args(&base, &ft, &file);
     args.extend(["--dry-run", "--target-size", "60KB"]);
     let plan: Value = serde_json::from_str(&ok(udelta(&args))).unwrap();
     let planned = plan["models"][0]["sparsity"].as_f64().unwrap();
@@ -230,7 +221,7 @@ fn target_options_are_checked_before_any_output() {
     let (base, ft) = synth(dir.path(), "tiny", "1");
     let file = dir.path().join("out.udelta");
     let run = |extra: &[&str]| {
-        let mut args = compress_args(&base, &ft, &file);
+        let mut args = json_args(&base, &ft, &file);
         args.extend_from_slice(extra);
         udelta(&args)
     };
@@ -255,7 +246,7 @@ fn target_options_are_checked_before_any_output() {
     assert!(!file.exists());
     let second = dir.path().join("m/ft-2");
     std::fs::create_dir_all(&second).unwrap();
-    let mut args = compress_args(&base, &ft, dir.path());
+    let mut args = json_args(&base, &ft, dir.path());
     args.extend(["--finetuned", s(&ft), "--target-ratio", "20"]);
     fails(udelta(&args), &["single --finetuned"]);
 }
@@ -266,7 +257,7 @@ fn dry_run_estimates_the_real_minilm_file_within_its_bound() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("minilm.udelta");
     for extra in [&[][..], &["--embeddings", "lossless"][..]] {
-        let mut args = compress_args(&base, &ft, &file);
+        let mut args = json_args(&base, &ft, &file);
         args.extend_from_slice(extra);
         args.push("--dry-run");
         let plan: Value = serde_json::from_str(&ok(udelta(&args))).unwrap();

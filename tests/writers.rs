@@ -32,21 +32,6 @@ fn synth(dir: &Path, name: &str, models: usize, layers: usize, seed: u64) -> Pat
     out
 }
 
-fn compress_args<'a>(base: &'a Path, ft: &'a Path, out: &'a Path) -> Vec<&'a str> {
-    vec![
-        "compress",
-        "--base",
-        s(base),
-        "--finetuned",
-        s(ft),
-        "-o",
-        s(out),
-        "--adapter",
-        "cpu",
-        "-q",
-    ]
-}
-
 fn spawn(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_udelta-gpu"))
         .args(args)

@@ -265,6 +265,22 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The arguments of `compress --base base --finetuned ft -o out --adapter cpu -q`.
+pub fn compress_args<'a>(base: &'a Path, ft: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
+        "compress",
+        "--base",
+        s(base),
+        "--finetuned",
+        s(ft),
+        "-o",
+        s(out),
+        "--adapter",
+        "cpu",
+        "-q",
+    ]
+}
+
 /// `synth --preset tiny` (with `extra` synth arguments) into `dir/m`, its fine-tune compressed
 /// with the CPU engine to `dir/ft.udelta`; returns the file.
 pub fn tiny_file(dir: &Path, extra: &[&str]) -> PathBuf {
@@ -274,18 +290,7 @@ pub fn tiny_file(dir: &Path, extra: &[&str]) -> PathBuf {
     ok(udelta(&args));
     let file = dir.join("ft.udelta");
     let (base, ft) = (synth.join("base"), synth.join("ft-1"));
-    ok(udelta(&[
-        "compress",
-        "--base",
-        s(&base),
-        "--finetuned",
-        s(&ft),
-        "-o",
-        s(&file),
-        "--adapter",
-        "cpu",
-        "-q",
-    ]));
+    ok(udelta(&compress_args(&base, &ft, &file)));
     file
 }
 
