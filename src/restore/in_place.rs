@@ -235,7 +235,8 @@ impl<'a> KeptStreams<'a> {
                 Ok(histogram(&s.levels))
             })
             .collect();
-        let Some(failure) = first_failure(&outcomes).or_else(|| self.histogram_failure(&outcomes))
+        let Some(failure) =
+            first_failure(&outcomes).or_else(|| self.histogram_failure(outcomes.iter().flatten()))
         else {
             return Ok(());
         };
@@ -263,12 +264,12 @@ impl<'a> KeptStreams<'a> {
     }
 
     /// The stored-histogram check over the blocks' level histograms.
-    fn histogram_failure(
+    fn histogram_failure<'h>(
         &self,
-        outcomes: &[Result<[u64; 256], ScatterError>],
+        histograms: impl Iterator<Item = &'h [u64; 256]>,
     ) -> Option<ScatterError> {
         let mut total = [0u64; 256];
-        for h in outcomes.iter().flatten() {
+        for h in histograms {
             total.iter_mut().zip(h).for_each(|(t, c)| *t += c);
         }
         self.codec
@@ -424,16 +425,12 @@ impl KeptStreams<'_> {
                 }
             })
             .collect();
-        let results: Vec<_> = outcomes.iter().map(|(_, r)| r.clone()).collect();
-        let failure = results
+        let failure = outcomes
             .iter()
-            .find_map(|r| r.as_ref().err().cloned())
+            .find_map(|(_, r)| r.as_ref().err().cloned())
             .or_else(|| {
-                let ok: Vec<_> = results
-                    .iter()
-                    .map(|r| r.clone().map_err(|(_, e)| e))
-                    .collect();
-                self.histogram_failure(&ok).map(|e| (Side::To, e))
+                let histograms = outcomes.iter().filter_map(|(_, r)| r.as_ref().ok());
+                self.histogram_failure(histograms).map(|e| (Side::To, e))
             });
         let Some(failure) = failure else {
             return Ok(());
