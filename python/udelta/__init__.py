@@ -194,35 +194,30 @@ def _compress(base, finetuned, output, o, dry_run: bool):
         finetuned = [finetuned]
     if o["sparsity"] is not None and (o["target_size"] is not None or o["target_ratio"] is not None):
         raise UdeltaError("give sparsity or a target size/ratio, not both")
-    sparsity, bits, step, factor, seed = (o[k] for k in ("sparsity", "bits", "step", "factor", "seed"))
-    adapter, gpu_mem, include, exclude, embeddings = (o[k] for k in ("adapter", "gpu_mem", "include", "exclude", "embeddings"))
-    side_files, with_remote_code, model_name, verify = (o[k] for k in ("side_files", "with_remote_code", "model_name", "verify"))
-    trace_norm, gamma, force, progress = (o[k] for k in ("trace_norm", "gamma", "force", "progress"))
-    target_size, target_ratio = o["target_size"], o["target_ratio"]
     return _udelta.compress(
         os.fspath(base),
         [os.fspath(f) for f in finetuned],
         os.fspath(output),
-        0.95 if sparsity is None else float(sparsity),
-        int(bits),
-        float(step),
-        float(factor),
-        int(seed),
-        adapter,
-        str(gpu_mem),
-        include,
-        exclude,
-        str(embeddings),
-        bool(side_files),
-        bool(with_remote_code),
-        model_name,
-        bool(verify),
-        bool(trace_norm),
-        None if gamma is None else float(gamma),
-        bool(force),
-        bool(progress),
-        None if target_size is None else str(target_size),
-        None if target_ratio is None else float(target_ratio),
+        0.95 if o["sparsity"] is None else float(o["sparsity"]),
+        int(o["bits"]),
+        float(o["step"]),
+        float(o["factor"]),
+        int(o["seed"]),
+        o["adapter"],
+        str(o["gpu_mem"]),
+        o["include"],
+        o["exclude"],
+        str(o["embeddings"]),
+        bool(o["side_files"]),
+        bool(o["with_remote_code"]),
+        o["model_name"],
+        bool(o["verify"]),
+        bool(o["trace_norm"]),
+        None if o["gamma"] is None else float(o["gamma"]),
+        bool(o["force"]),
+        bool(o["progress"]),
+        None if o["target_size"] is None else str(o["target_size"]),
+        None if o["target_ratio"] is None else float(o["target_ratio"]),
         dry_run,
     )
 

@@ -435,9 +435,10 @@ impl<'a> DirectPositions<'a> {
         self.base + o
     }
 
-    /// The fast path: the next position when at least 8 stream bytes remain unread and its
-    /// codeword lies in the loaded bits (no division), `None` otherwise (nothing consumed:
-    /// call [`DirectPositions::next_checked`]). The caller decodes at most `k` positions.
+    /// The fast path: the next position when its codeword lies in the loaded bits (the buffer
+    /// is refilled 8 bytes at a time while 8 remain; no division), `None` otherwise (nothing
+    /// consumed: call [`DirectPositions::next_checked`]). The caller decodes at most `k`
+    /// positions.
     #[inline(always)]
     pub fn next_loaded(&mut self) -> Option<Result<u32, &'static str>> {
         if self.r.avail < 32 && !self.r.refill_fast() {
