@@ -178,13 +178,13 @@ fn gpu_run_counts_its_uploads_readbacks_and_waits() {
 }
 
 #[test]
-fn levels_spilled_to_the_temporary_file_give_the_same_file() {
+fn data_spilled_to_the_temporary_file_give_the_same_file() {
     let dir = tempfile::tempdir().unwrap();
     let (base, fts) = synth(dir.path(), 1);
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
-    let run = |name: &str, budget: &str| {
-        let file = out_dir.join(name);
+    let run = |name: &str, sparsity: &str, budget: &str| {
+        let file = out_dir.join(format!("{name}-{sparsity}.udelta"));
         let out = udelta_env(
             &[
                 "compress",
@@ -198,39 +198,59 @@ fn levels_spilled_to_the_temporary_file_give_the_same_file() {
                 "cpu",
                 "-q",
                 "--json",
+                "--sparsity",
+                sparsity,
             ],
             &[("UDELTA_KEPT_LEVELS_BUDGET", budget)],
         );
         let r: serde_json::Value = serde_json::from_str(&ok(out)).unwrap();
-        (
-            std::fs::read(&file).unwrap(),
-            counter(&r, "levels_spilled_bytes"),
-            r,
-        )
+        let spilled = counter(&r, "kept_spilled_bytes");
+        (std::fs::read(&file).unwrap(), spilled, r)
     };
-    let (in_memory, none, _) = run("memory.udelta", "1000000000");
-    let (spilled, bytes, r) = run("spilled.udelta", "0");
-    assert_eq!(none, 0);
-    // Every compressed parameter's 4-bit level, two per byte.
-    let params: u64 = r["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|t| t["kind"] == "compressed")
-        .map(|t| t["bytes_tensor"].as_u64().unwrap() / 2)
-        .sum();
-    assert_eq!(
-        bytes,
-        params.div_ceil(2),
-        "half a byte per compressed parameter"
-    );
-    assert!(in_memory == spilled, "the spilled run wrote other bytes");
+    // Every compressed parameter, for the checks below.
+    let params = |r: &serde_json::Value| -> u64 {
+        r["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["kind"] == "compressed")
+            .map(|t| t["bytes_tensor"].as_u64().unwrap() / 2)
+            .sum()
+    };
+    for sparsity in ["0.95", "0.5"] {
+        let (in_memory, none, _) = run("memory", sparsity, "1000000000");
+        let (spilled, bytes, r) = run("spilled", sparsity, "0");
+        assert_eq!(none, 0);
+        assert_eq!(counter(&r, "kept_bytes"), bytes, "everything spilled");
+        assert!(in_memory == spilled, "the spilled run wrote other bytes");
+        let n = params(&r);
+        let (candidates, tensors) = (counter(&r, "candidates"), counter(&r, "candidate_tensors"));
+        if sparsity == "0.5" {
+            // Rates from 0.49 on: half the entries are candidates, 5 bytes each, against half
+            // a byte per parameter for its 4-bit level: every tensor keeps its levels.
+            assert_eq!((candidates, tensors), (0, 0));
+            assert_eq!(bytes, n.div_ceil(2), "half a byte per compressed parameter");
+        } else {
+            // Rates from 0.94 on: about 6 % of the entries (more in small levels, whose
+            // margins are wider), 5 bytes each.
+            assert_eq!(bytes, 5 * candidates);
+            let share = candidates as f64 / n as f64;
+            assert!(share > 0.06 && share < 0.09, "{share}");
+            let compressed = r["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["kind"] == "compressed")
+                .count() as u64;
+            assert_eq!(tensors, compressed);
+        }
+    }
     // The temporary file was unnamed: only the two outputs are in the directory.
     let names: Vec<_> = std::fs::read_dir(&out_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names.len(), 4, "{names:?}");
     fails(
         udelta_env(
             &[

@@ -26,6 +26,21 @@ pub struct Allocation {
 /// Upper clamp of the high group's rate (as in the released code).
 pub const HIGH_RATE_MAX: f64 = 0.99;
 
+/// The lowest pruning rate [`allocate_rates`] can give any tensor under `params`, known
+/// before any tensor is seen: the low and middle groups get `s + step` and `s`, and the high
+/// group `s - step * N_low / N_high` clamped to `[0, HIGH_RATE_MAX]`, where `N_low <= N / 3 <=
+/// N_high` (the high group holds every tensor past two thirds of the count), so at least
+/// `min(s - step, HIGH_RATE_MAX)`; less [`RATE_FLOOR_MARGIN`] for the rounding of that
+/// formula, and never below 0.
+pub fn rate_floor(params: &CompressParams) -> f64 {
+    ((params.sparsity - params.step).min(HIGH_RATE_MAX) - RATE_FLOOR_MARGIN).max(0.0)
+}
+
+/// How far below its exact value [`rate_floor`] is set: the high group's rate is a sum of
+/// three products over up to 2^64 parameters divided by at least a third of them, whose
+/// rounding error is below 1e-14.
+pub const RATE_FLOOR_MARGIN: f64 = 1e-9;
+
 /// Allocates rates to tensors given as `(parameter count, std of dequantized values)`, in input
 /// order. Tensors are sorted by std ascending (ties keep input order); walking them with the
 /// running parameter count `c` (this tensor included), `3c <= N` is low, `3c <= 2N` is middle,
@@ -110,6 +125,34 @@ mod tests {
         let mean: f64 = a.iter().map(|x| x.rate).sum::<f64>() / 9.0;
         assert!((mean - 0.95).abs() < 1e-12);
         assert!((a[8].rate - 0.94).abs() < 1e-12);
+    }
+
+    #[test]
+    fn no_allocation_falls_below_the_rate_floor() {
+        let mut rng = crate::splitmix::SplitMix64(11);
+        let mut closest = f64::INFINITY;
+        for case in 0..2000 {
+            let n = 1 + (rng.next_u64() % 40) as usize;
+            let t: Vec<(u64, f64)> = (0..n)
+                .map(|_| (1 + rng.next_u64() % 1_000_000_000, rng.unit()))
+                .collect();
+            let s = [0.5, 0.9, 0.95, 0.99, 0.995, 0.999][case % 6];
+            let step: f64 = [0.0, 0.001, 0.01, 0.05][case % 4];
+            let step = step.min(1.0 - s);
+            let p = params(s, step);
+            let floor = rate_floor(&p);
+            for a in allocate_rates(&t, &p) {
+                assert!(a.rate >= floor, "{a:?} below {floor} (s {s}, step {step})");
+                closest = closest.min(a.rate - floor);
+            }
+        }
+        // The floor is reached (equal thirds give the high group exactly s - step).
+        assert!(closest < 1e-8, "{closest}");
+        assert_eq!(
+            rate_floor(&params(0.999, 0.001)),
+            HIGH_RATE_MAX - RATE_FLOOR_MARGIN
+        );
+        assert_eq!(rate_floor(&params(0.1, 0.5)), 0.0);
     }
 
     #[test]

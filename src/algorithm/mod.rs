@@ -8,7 +8,7 @@ pub mod quantize;
 pub mod rescale;
 pub mod selection;
 
-pub use allocation::{allocate_rates, Allocation, Group};
+pub use allocation::{allocate_rates, rate_floor, Allocation, Group};
 pub use params::CompressParams;
 pub use quantize::{QuantGrid, TensorStats};
 pub use selection::{SelectionPlan, TensorKey};

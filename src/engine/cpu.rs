@@ -18,12 +18,12 @@ pub struct CpuEngine;
 
 /// Per-thread buffers of one chunk.
 #[derive(Default)]
-struct Scratch {
+pub(super) struct Scratch {
     delta: Vec<f32>,
     base: Vec<f32>,
     levels: Vec<u8>,
     /// The selection's candidates in the chunk.
-    candidates: kernels::Candidates,
+    pub(super) candidates: kernels::Candidates,
 }
 
 impl Scratch {
@@ -48,7 +48,10 @@ impl Scratch {
 /// Each thread keeps its scratch buffers for the life of the process (about 1.1 MB): rayon
 /// calls a `map_init` initializer once per split job, and fresh buffers of that size come
 /// from `mmap`, so their pages would be faulted in and zeroed again and again.
-fn for_chunks<T: Send>(n: usize, f: impl Fn(usize, usize, &mut Scratch) -> T + Sync) -> Vec<T> {
+pub(super) fn for_chunks<T: Send>(
+    n: usize,
+    f: impl Fn(usize, usize, &mut Scratch) -> T + Sync,
+) -> Vec<T> {
     (0..n.div_ceil(CHUNK))
         .into_par_iter()
         .map(|c| SCRATCH.with_borrow_mut(|sc| f(c * CHUNK, CHUNK.min(n - c * CHUNK), sc)))
@@ -179,7 +182,7 @@ fn chunk_min_max(start: usize, d: &[f32]) -> (f32, f32, Option<usize>) {
 
 /// Histogram of levels. Up to 16 levels (4 bits or fewer) they are counted by comparison,
 /// 16 byte counters per lane ([`count_levels_16`]); beyond, by [`byte_histogram`].
-fn level_histogram(levels: &[u8], n_levels: usize) -> Vec<u64> {
+pub(super) fn level_histogram(levels: &[u8], n_levels: usize) -> Vec<u64> {
     if n_levels <= 16 {
         let mut counts = [0u64; 16];
         count_levels_16(levels, &mut counts);
@@ -370,28 +373,40 @@ impl Engine for CpuEngine {
 
 /// Half-width of the key window around each level's expected cut, in standard deviations of
 /// the cut's position (`sqrt(p(1-p)/n)` in quantile units).
-const WINDOW_SIGMAS: f64 = 8.0;
+pub(super) const WINDOW_SIGMAS: f64 = 8.0;
 
 /// Per level, the key window `[lo, hi)` expected to hold the largest pruned key: keys are a
 /// pseudo-random permutation, so the cut of a level pruning `k` of `n` lies near `k/n * 2^32`.
 fn key_windows(plan: &SelectionPlan, sigmas: f64) -> Vec<(u64, u64)> {
-    const SPAN: f64 = 4_294_967_296.0;
     plan.histogram
         .iter()
         .zip(&plan.pruned)
-        .map(|(&n, &k)| {
-            if k == 0 {
-                return (0, 0);
-            }
-            if k == n {
-                return (1 << 32, 1 << 32);
-            }
-            let p = k as f64 / n as f64;
-            let margin = sigmas * (p * (1.0 - p) / n as f64).sqrt() + sigmas / n as f64;
-            let at = |q: f64| (q.clamp(0.0, 1.0) * SPAN) as u64;
-            (at(p - margin), at(p + margin))
-        })
+        .map(|(&n, &k)| key_window(n, k, sigmas))
         .collect()
+}
+
+/// The key window `[lo, hi)` of a level pruning `k` of its `n` entries: `sigmas` standard
+/// deviations of the cut's position (`sqrt(p(1-p)/n)` in quantile units, `p = k/n`) plus
+/// `sigmas / n` on either side of `p * 2^32`; `(0, 0)` when nothing is pruned, `(2^32, 2^32)`
+/// when everything is.
+fn key_window(n: u64, k: u64, sigmas: f64) -> (u64, u64) {
+    const SPAN: f64 = 4_294_967_296.0;
+    if k == 0 {
+        return (0, 0);
+    }
+    if k == n {
+        return (1 << 32, 1 << 32);
+    }
+    let p = k as f64 / n as f64;
+    let margin = sigmas * (p * (1.0 - p) / n as f64).sqrt() + sigmas / n as f64;
+    let at = |q: f64| (q.clamp(0.0, 1.0) * SPAN) as u64;
+    (at(p - margin), at(p + margin))
+}
+
+/// The start of [`key_window`]: the key below which, but for a chance of about one in 10^14
+/// at 8 sigma, none of the `k` pruned entries' cut lies.
+pub(super) fn window_start(n: u64, k: u64, sigmas: f64) -> u64 {
+    key_window(n, k, sigmas).0
 }
 
 /// What one chunk contributes: the keys inside each level's window, and the entries at or

@@ -136,6 +136,16 @@ impl PackedLevels {
         &self.data
     }
 
+    /// A bit width packed as these levels are (4: two per byte; 8: one per byte), for
+    /// [`from_bytes`](Self::from_bytes).
+    pub fn packing_bits(&self) -> u32 {
+        if self.nibbles {
+            4
+        } else {
+            8
+        }
+    }
+
     /// The levels of elements `start .. start + len` where they lie (`start` even).
     pub fn slice(&self, start: usize, len: usize) -> LevelSlice<'_> {
         debug_assert!(start % 2 == 0 && start + len <= self.numel);

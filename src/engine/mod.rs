@@ -12,12 +12,14 @@
 //! element's level ([`PackedLevels`]), and pass 2 is [`Engine::select_levels`] on them.
 //! [`Engine::analyze`] and [`Engine::select`] on the inputs remain (tests, benchmarks).
 
+pub mod candidates;
 pub mod cpu;
 pub mod factory;
 pub mod gpu;
 mod kernels;
 pub mod levels;
 
+pub use candidates::CandidateSet;
 pub use factory::{create, Fallback};
 pub use levels::PackedLevels;
 
@@ -261,6 +263,18 @@ pub trait Engine: Send {
         plan: &SelectionPlan,
     ) -> Result<KeptEntries, EngineError> {
         cpu::CpuEngine.select_levels(levels, stats, plan)
+    }
+
+    /// Pass 2 from the candidates pass 1 kept ([`CandidateSet::extract`]): the same kept
+    /// entries as [`select_levels`](Self::select_levels) on the tensor's levels, for any plan
+    /// whose rate is at or above the floor the candidates were kept for. The default selects
+    /// on the host.
+    fn select_candidates(
+        &mut self,
+        candidates: &CandidateSet,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError> {
+        candidates.select(plan)
     }
 
     /// Estimated nuclear norm (sum of singular values) of a sparse delta, for trace-norm

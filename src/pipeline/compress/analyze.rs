@@ -133,7 +133,8 @@ impl Run<'_> {
             Kind::Compress(bi, shared_numel) => {
                 let base = self.base.clone();
                 let pair = pair_of(&base, m, bi, ti);
-                let analysis = self.analyze_in_blocks(&pair, bi, shared_numel, threshold)?;
+                let analysis =
+                    self.analyze_in_blocks(&m.name, &pair, bi, shared_numel, threshold)?;
                 progress.inc(pair.b.len + pair.t.len);
                 Plan::Compress(analysis)
             }
@@ -219,13 +220,15 @@ impl Run<'_> {
         let (stats, levels) = result;
         let tail_start = (shared_numel * pair.ft_type()?.size()).min(ft_buf.len());
         progress.inc(pair.b.len + pair.t.len);
+        let names = (models[model].name.as_str(), pair.t.name.as_str());
+        let kept = self.keep_for_selection(names, &stats, levels)?;
         let analysis = Analysis {
             base: bi,
             shared_numel,
             stats,
             base_crc32,
             allocation: None,
-            kept: Some(self.kept.keep(levels, bits)?),
+            kept: Some(kept),
             tail: ft_buf[tail_start..].to_vec(),
         };
         models[model].plans[ti] = Some(Plan::Compress(analysis));

@@ -166,10 +166,11 @@ fn shifted(e: EngineError, start: usize) -> EngineError {
 }
 
 impl Run<'_> {
-    /// The statistics of one compressed pair too large to read whole, with its levels and new
-    /// rows kept for pass 2, reading it in blocks (twice).
+    /// The statistics of one compressed pair of model `model` too large to read whole, with
+    /// what pass 2 selects from and its new rows kept, reading it in blocks (twice).
     pub(super) fn analyze_in_blocks(
         &mut self,
+        model: &str,
         pair: &Pair,
         bi: usize,
         shared_numel: usize,
@@ -185,13 +186,14 @@ impl Run<'_> {
         let tail_start = (shared_numel * pair.ft_type()?.size()) as u64;
         let mut tail = vec![0u8; (pair.t.len.max(tail_start) - tail_start) as usize];
         pair.ft.read_range(pair.t, tail_start, &mut tail)?;
+        let kept = self.keep_for_selection((model, &pair.t.name), &stats, levels)?;
         Ok(Analysis {
             base: bi,
             shared_numel,
             stats,
             base_crc32,
             allocation: None,
-            kept: Some(self.kept.keep(levels, bits)?),
+            kept: Some(kept),
             tail,
         })
     }

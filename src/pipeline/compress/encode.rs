@@ -1,9 +1,11 @@
 //! Step 5, pass 2: writes every tensor's record. Tensors stored whole are coded losslessly
 //! against the base first ([`lossless::store_tensor`]; the disk writes them back while the
 //! compressed ones are computed); then the compressed tensors, in reverse order, get their
-//! kept entries selected from the levels pass 1 kept ([`Engine::select_levels`]; neither
-//! checkpoint is read again), entropy-coded and appended, and their nuclear norms estimated.
+//! kept entries selected from what pass 1 kept ([`Engine::select_candidates`] or
+//! [`Engine::select_levels`]; neither checkpoint is read again), entropy-coded and appended,
+//! and their nuclear norms estimated.
 
+use super::kept::ForSelection;
 use super::model::{Analysis, Model, Plan};
 use super::pair::Pair;
 use super::schedule::pass2_bytes;
@@ -14,7 +16,7 @@ use crate::algorithm::{SelectionPlan, TensorKey, TensorStats};
 use crate::checkpoint::dtype::dtype_name;
 use crate::checkpoint::reader::TensorEntry;
 use crate::codec::{self, EncodedTensor};
-use crate::engine::{Engine, KeptEntries, PackedLevels};
+use crate::engine::{Engine, KeptEntries};
 use crate::error::{Error, Result};
 use crate::format::{CompressedTensor, RecordRef, TensorKind, TensorRecord, UdeltaWriter};
 use crate::pipeline::lossless;
@@ -120,8 +122,11 @@ impl Run<'_> {
             ft: &ckpt,
             t: &ckpt.tensors[ti],
         };
-        let kept = analysis.kept.take().expect("pass 1 kept the levels");
-        let levels = timed(&mut self.times.read_pass2, || self.kept.take(kept))?;
+        let kept = analysis
+            .kept
+            .take()
+            .expect("pass 1 kept what pass 2 selects from");
+        let source = timed(&mut self.times.read_pass2, || self.kept.take(kept))?;
         let allocation = analysis
             .allocation
             .expect("one allocation per compressed tensor");
@@ -130,8 +135,8 @@ impl Run<'_> {
             &analysis.stats,
             allocation.rate,
         );
-        let kept = self.select(&pair, &levels, &analysis.stats, &selection)?;
-        levels.recycle();
+        let kept = self.select(&pair, &source, &analysis.stats, &selection)?;
+        source.recycle();
         let kept_counts = selection.kept_counts();
         let enc = self.entropy_code(&pair, analysis.shared_numel, &kept, &kept_counts)?;
         // After encoding, so that the worker can take the positions over.
@@ -162,27 +167,29 @@ impl Run<'_> {
         ))))
     }
 
-    /// The kept entries of one pair, from its levels (checked against the CPU engine with
-    /// `--verify`).
+    /// The kept entries of one pair, from its levels or its candidates (checked against the
+    /// CPU engine with `--verify`).
     fn select(
         &mut self,
         pair: &Pair,
-        levels: &PackedLevels,
+        source: &ForSelection,
         stats: &TensorStats,
         selection: &SelectionPlan,
     ) -> Result<KeptEntries> {
         let engine: &mut dyn Engine = self.engine;
-        let kept = timed(&mut self.times.select, || {
-            engine.select_levels(levels, stats, selection)
-        })
-        .map_err(|e| pair.engine_error(e))?;
+        let select = |engine: &mut dyn Engine| match source {
+            ForSelection::Levels(levels) => engine.select_levels(levels, stats, selection),
+            ForSelection::Candidates(set) => engine.select_candidates(set, selection),
+        };
+        let kept = timed(&mut self.times.select, || select(&mut *engine))
+            .map_err(|e| pair.engine_error(e))?;
         if self.opts.verify {
             pair.check_against_cpu(
                 &kept,
                 &engine.name(),
                 "kept entries",
                 &mut self.times.verify,
-                |cpu| cpu.select_levels(levels, stats, selection),
+                |cpu| select(cpu),
             )?;
         }
         Ok(kept)

@@ -5,10 +5,13 @@
 //!    is classified against the base, before any output exists;
 //! 2. [`stage`]: the outputs are staged (temporary names, renamed only when complete);
 //! 3. [`analyze`] (pass 1) reads every tensor pair once: compressed tensors go through
-//!    [`Engine::analyze_levels`], which keeps their levels for pass 2, the others are compared with the base (unchanged ones cost nothing);
+//!    [`Engine::analyze_levels`], and [`kept`] keeps what pass 2 selects from (their levels,
+//!    or only the selection candidates when the run's rate floor leaves few); the others are
+//!    compared with the base (unchanged ones cost nothing);
 //! 4. [`allocate`] makes each model's allocation plan from all standard deviations;
-//! 5. [`encode`] (pass 2) selects the kept entries from the levels pass 1 kept ([`kept`],
-//!    [`Engine::select_levels`]: the checkpoints are not read again), entropy-codes them and
+//! 5. [`encode`] (pass 2) selects the kept entries from what pass 1 kept ([`kept`],
+//!    [`Engine::select_candidates`] or [`Engine::select_levels`]: the checkpoints are not read
+//!    again), entropy-codes them and
 //!    appends the records, while [`trace_norms`] estimates the nuclear norms beside it;
 //! 6. [`finish`] picks each model's gamma and writes the indexes; the outputs are complete,
 //!    still under temporary names, and [`StagedCompress::commit`] renames them into place
@@ -36,7 +39,7 @@ mod stage;
 mod tests;
 mod trace_norms;
 
-use crate::algorithm::CompressParams;
+use crate::algorithm::{rate_floor, CompressParams};
 use crate::checkpoint::reader::Checkpoint;
 use crate::checkpoint::select::TensorSelector;
 use crate::checkpoint::side_files::SideFileOptions;
@@ -121,6 +124,9 @@ pub struct StageTimes {
     pub compare: f64,
     /// Engine pass 1 (min/max, histograms; for tensors analysed in blocks, their two reads too).
     pub analyze: f64,
+    /// Pass 1 keeping each tensor's selection candidates (hashing every element; on the host,
+    /// whatever the engine), where the run's rate floor allows ([`kept`]).
+    pub candidates: f64,
     /// Of `analyze`, starting the analyses on the engine: on a GPU, copying the inputs into
     /// the upload ring and submitting (the rest is waiting for the results and the host's
     /// levels); on the CPU engine, all of its pass 1 but the blocked tensors.
@@ -160,9 +166,16 @@ pub struct RunCounters {
     /// Bytes of the compressed tensors' inputs, each counted once: each base tensor that some
     /// fine-tune compresses against, and each compressed fine-tuned tensor.
     pub compressed_input_bytes: u64,
-    /// Bytes of kept levels that did not fit in [`memory::KEPT_LEVELS_BUDGET`] and went through the
-    /// temporary file.
-    pub levels_spilled_bytes: u64,
+    /// Bytes pass 1 kept for pass 2's selection: every element's packed level, or the
+    /// selection candidates where the run's rate floor leaves few ([`kept`]).
+    pub kept_bytes: u64,
+    /// Of `kept_bytes`, the bytes that did not fit in [`memory::KEPT_LEVELS_BUDGET`] and went
+    /// through the temporary file.
+    pub kept_spilled_bytes: u64,
+    /// Selection candidates kept (over the tensors kept as candidates).
+    pub candidates: u64,
+    /// Compressed tensors kept as candidates rather than levels.
+    pub candidate_tensors: u64,
     /// Device traffic and blocking waits (zero on the CPU engine).
     #[serde(flatten)]
     pub device: DeviceCounters,
@@ -194,6 +207,9 @@ struct Run<'a> {
     target: Option<TargetOutcome>,
     /// Whether each model's trace norm is estimated.
     with_trace_norm: bool,
+    /// The lowest pruning rate the allocation can give (none with a target size: the
+    /// sparsity is chosen after pass 1).
+    rate_floor: Option<f64>,
     /// The levels pass 1 keeps for pass 2.
     kept: kept::KeptStore,
     /// The buffers of pairs analysed in blocks, from one pair to the next.
@@ -275,6 +291,7 @@ pub fn compress_staged(
         engine,
         target: None,
         with_trace_norm: opts.trace_norm || models.len() > 1,
+        rate_floor: opts.target.is_none().then(|| rate_floor(&opts.params)),
         kept: kept::KeptStore::new(levels_budget, &scratch_dir(out)),
         block_buffers: Default::default(),
         times: StageTimes::default(),
@@ -288,7 +305,10 @@ pub fn compress_staged(
     let counters = RunCounters {
         bytes_read: run.base.bytes_read() + models.iter().map(|m| m.ckpt.bytes_read()).sum::<u64>(),
         device: run.engine.counters(),
-        levels_spilled_bytes: run.kept.spilled,
+        kept_bytes: run.kept.total,
+        kept_spilled_bytes: run.kept.spilled,
+        candidates: run.kept.candidates,
+        candidate_tensors: run.kept.candidate_tensors,
         ..schedule::compressed_inputs(&order, &run.base, &models)
     };
     let outputs = run.finish(models, outputs)?;

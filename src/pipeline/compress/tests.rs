@@ -10,7 +10,8 @@ use crate::algorithm::{QuantGrid, SelectionPlan, TensorStats};
 use crate::checkpoint::dtype::Dtype;
 use crate::checkpoint::writer::{SafetensorsWriter, TensorHeader};
 use crate::engine::{
-    cpu::CpuEngine, AnalysisTicket, DeltaInput, EngineError, KeptEntries, PackedLevels,
+    cpu::CpuEngine, AnalysisTicket, CandidateSet, DeltaInput, EngineError, KeptEntries,
+    PackedLevels,
 };
 use crate::error::Error;
 
@@ -271,17 +272,32 @@ impl Engine for Skewed {
         }
         Ok(kept)
     }
+    fn select_candidates(
+        &mut self,
+        candidates: &CandidateSet,
+        plan: &SelectionPlan,
+    ) -> Result<KeptEntries, EngineError> {
+        let mut kept = CpuEngine.select_candidates(candidates, plan)?;
+        if self.wrong_selection {
+            kept.levels[0] ^= 1;
+        }
+        Ok(kept)
+    }
 }
 
 #[test]
 fn a_verify_mismatch_names_the_engine_that_ran_not_the_gpu() {
-    for (wrong_selection, what) in [(false, "statistics"), (true, "kept entries")] {
+    // At the default sparsity pass 2 selects from candidates, at 0.5 from every level.
+    let cases = [(false, "statistics"), (true, "kept entries")];
+    for ((wrong_selection, what), sparsity) in cases.into_iter().flat_map(|c| [(c, 0.95), (c, 0.5)])
+    {
         let dir = tempfile::tempdir().unwrap();
         let (base, ft) = checkpoints(dir.path(), "ft.safetensors", 8);
-        let opts = CompressOptions {
+        let mut opts = CompressOptions {
             verify: true,
             ..options()
         };
+        opts.params.sparsity = sparsity;
         let out = dir.path().join("x.udelta");
         let mut engine = Skewed { wrong_selection };
         let err = compress(&base, &[ft], &out, &opts, &mut engine).unwrap_err();
