@@ -20,8 +20,11 @@
 //! packed levels at 4 bits: candidates are kept when they are fewer than a tenth of the
 //! elements (at the default sparsity 0.95 and step 0.01 they are about 6 %).
 
-use super::cpu::{for_chunks, level_histogram, window_start, WINDOW_SIGMAS};
-use super::{check_kept, kernels, EngineError, KeptEntries, PackedLevels};
+use super::cpu::{
+    cut_thresholds, for_chunks, kept_from_parts, level_histogram, window_start, ChunkSelection,
+    Windows, WINDOW_SIGMAS,
+};
+use super::{kernels, EngineError, KeptEntries, PackedLevels};
 use crate::algorithm::selection::element_key;
 use crate::algorithm::{SelectionPlan, TensorKey, TensorStats};
 use rayon::prelude::*;
@@ -165,43 +168,36 @@ impl CandidateSet {
 
     /// The kept entries under `plan`: in each level, the candidates beyond the
     /// `k_v - below_v` with the smallest keys. The same entries as the CPU engine's selection
-    /// from every level ([`super::cpu::CpuEngine`]'s `select_levels`).
+    /// from every level ([`super::cpu::CpuEngine`]'s `select_levels`), found the same way:
+    /// the cut among the keys in a narrow window, or, should it fall outside, among all the
+    /// level's candidates.
     pub fn select(&self, plan: &SelectionPlan) -> Result<KeptEntries, EngineError> {
-        let prune = self.candidates_to_prune(plan)?;
-        let keys = self.keys();
-        let thresholds = self.thresholds(&keys, &prune);
-        let pieces: Vec<KeptEntries> = self
-            .positions
-            .par_chunks(PIECE)
-            .zip(self.levels.par_chunks(PIECE))
-            .zip(keys.par_chunks(PIECE))
-            .map(|((pos, lev), ks)| {
-                let mut piece = KeptEntries::default();
-                for ((&p, &l), &k) in pos.iter().zip(lev).zip(ks) {
-                    if u64::from(k) >= thresholds[l as usize] {
-                        piece.positions.push(p);
-                        piece.levels.push(l);
-                    }
-                }
-                piece
-            })
-            .collect();
-        let total = plan.kept() as usize;
-        let mut kept = KeptEntries {
-            positions: Vec::with_capacity(total),
-            levels: Vec::with_capacity(total),
-        };
-        for p in pieces {
-            kept.positions.extend_from_slice(&p.positions);
-            kept.levels.extend_from_slice(&p.levels);
-        }
-        check_kept(&kept, plan)?;
-        Ok(kept)
+        self.select_with_margin(plan, WINDOW_SIGMAS)
     }
 
-    /// Per level, how many candidates `plan` prunes (`k_v - below_v`), after checking that
-    /// the plan is for these candidates: same key, same histogram, no rate below the floor.
-    fn candidates_to_prune(&self, plan: &SelectionPlan) -> Result<Vec<u64>, EngineError> {
+    /// [`select`](Self::select) with windows `sigmas` wide (with 0, most cuts fall outside).
+    fn select_with_margin(
+        &self,
+        plan: &SelectionPlan,
+        sigmas: f64,
+    ) -> Result<KeptEntries, EngineError> {
+        self.check_plan(plan)?;
+        let keys = self.keys();
+        let windows = Windows::new(plan, sigmas);
+        let parts = self.parts(&keys, &windows);
+        if let Some(thresholds) = cut_thresholds(&parts, plan, &windows) {
+            return kept_from_parts(parts, &thresholds, plan);
+        }
+        let whole = Windows::whole(self.below.len());
+        let parts = self.parts(&keys, &whole);
+        let thresholds = cut_thresholds(&parts, plan, &whole)
+            .ok_or_else(|| EngineError::Inconsistent("no cut among the candidates".into()))?;
+        kept_from_parts(parts, &thresholds, plan)
+    }
+
+    /// Checks that `plan` is for these candidates: same key, same histogram, and no level
+    /// pruning fewer entries than were set aside (a rate below the floor).
+    fn check_plan(&self, plan: &SelectionPlan) -> Result<(), EngineError> {
         let inconsistent = |what: String| Err(EngineError::Inconsistent(what));
         if plan.key != self.key {
             return inconsistent("candidates kept under another selection key".into());
@@ -219,16 +215,14 @@ impl CandidateSet {
                 plan.histogram
             ));
         }
-        let mut prune = Vec::with_capacity(self.below.len());
         for (l, (&b, &k)) in self.below.iter().zip(&plan.pruned).enumerate() {
             if b > k {
                 return inconsistent(format!(
                     "level {l} prunes {k} entries, but {b} were set aside as below the rate floor"
                 ));
             }
-            prune.push(k - b);
         }
-        Ok(prune)
+        Ok(())
     }
 
     /// Every candidate's selection key, in parallel.
@@ -241,24 +235,19 @@ impl CandidateSet {
         keys
     }
 
-    /// Per level, the smallest key kept: one above the `prune[v]`-th smallest candidate key
-    /// (0 when the level prunes no candidate).
-    fn thresholds(&self, keys: &[u32], prune: &[u64]) -> Vec<u64> {
-        let mut by_level: Vec<Vec<u32>> = prune
-            .iter()
-            .map(|&p| Vec::with_capacity(if p > 0 { 1024 } else { 0 }))
-            .collect();
-        for (&l, &k) in self.levels.iter().zip(keys) {
-            if prune[l as usize] > 0 {
-                by_level[l as usize].push(k);
-            }
-        }
-        by_level
-            .iter_mut()
-            .zip(prune)
-            .map(|(ks, &p)| match p {
-                0 => 0,
-                p => u64::from(*ks.select_nth_unstable(p as usize - 1).1) + 1,
+    /// The candidates passed on under `windows` (with their `keys`), piece by piece.
+    fn parts(&self, keys: &[u32], windows: &Windows) -> Vec<ChunkSelection> {
+        let n_levels = self.below.len();
+        self.positions
+            .par_chunks(PIECE)
+            .zip(self.levels.par_chunks(PIECE))
+            .zip(keys.par_chunks(PIECE))
+            .map(|((pos, lev), ks)| {
+                let mut part = ChunkSelection::new(n_levels, pos.len());
+                for ((&p, &l), &k) in pos.iter().zip(lev).zip(ks) {
+                    part.add(windows, p, l, k);
+                }
+                part
             })
             .collect()
     }

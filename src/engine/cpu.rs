@@ -403,23 +403,91 @@ fn key_window(n: u64, k: u64, sigmas: f64) -> (u64, u64) {
     (at(p - margin), at(p + margin))
 }
 
-/// The start of [`key_window`]: the key below which, but for a chance of about one in 10^14
-/// at 8 sigma, none of the `k` pruned entries' cut lies.
+/// The start of [`key_window`]: at 8 sigma, the level's cut (its `k`-th smallest key) lies
+/// below it about once in 10^14 levels.
 pub(super) fn window_start(n: u64, k: u64, sigmas: f64) -> u64 {
     key_window(n, k, sigmas).0
 }
 
-/// What one chunk contributes: the keys inside each level's window, and the entries at or
-/// above the window's start (kept unless their key is below the cut), with their keys and
-/// their count per level.
+/// Every level's key window ([`key_window`]), also indexable by a u8 level (no bounds
+/// check, and a copy a loop can keep in registers).
+pub(super) struct Windows {
+    list: Vec<(u64, u64)>,
+    of: [(u64, u64); 256],
+}
+
+impl Windows {
+    /// The windows of `plan`'s levels, `sigmas` wide.
+    pub(super) fn new(plan: &SelectionPlan, sigmas: f64) -> Windows {
+        Self::from_list(key_windows(plan, sigmas))
+    }
+
+    /// Windows that hold every key, for `n_levels` levels (the cut is then found among all
+    /// the entries passed on).
+    pub(super) fn whole(n_levels: usize) -> Windows {
+        Self::from_list(vec![(0, 1 << 32); n_levels])
+    }
+
+    fn from_list(list: Vec<(u64, u64)>) -> Windows {
+        let mut of = [(0u64, 0u64); 256];
+        of[..list.len()].copy_from_slice(&list);
+        Windows { list, of }
+    }
+
+    /// The vector prefilter's minimum key per level: each window's start, where that fits a
+    /// u32 (a start of 2^32 lets the largest key through, and [`ChunkSelection::add`] drops
+    /// it).
+    fn min_keys(&self) -> [u32; 256] {
+        let mut min_key = [u32::MAX; 256];
+        for (m, &(w_lo, _)) in min_key.iter_mut().zip(&self.list) {
+            *m = w_lo.min(u32::MAX as u64) as u32;
+        }
+        min_key
+    }
+}
+
+/// What one piece of a selection pass contributes: the keys inside each level's window, and
+/// the entries at or above the window's start (kept unless their key is below the cut), with
+/// their keys and their count per level.
 #[derive(Default)]
-struct ChunkSelection {
+pub(super) struct ChunkSelection {
     window: Vec<(u8, u32)>,
     maybe_kept: KeptEntries,
     /// The key of each entry of `maybe_kept`.
     keys: Vec<u32>,
     /// Entries of `maybe_kept` per level.
     per_level: Vec<u64>,
+}
+
+impl ChunkSelection {
+    /// An empty piece over `n_levels` levels, with room for `capacity` entries.
+    pub(super) fn new(n_levels: usize, capacity: usize) -> ChunkSelection {
+        let mut part = ChunkSelection {
+            per_level: vec![0; n_levels],
+            ..Default::default()
+        };
+        part.maybe_kept.positions.reserve(capacity);
+        part.maybe_kept.levels.reserve(capacity);
+        part.keys.reserve(capacity);
+        part
+    }
+
+    /// Passes on the entry at `position` of `level` with `key`, unless it lies below its
+    /// level's window (and is pruned).
+    #[inline(always)]
+    pub(super) fn add(&mut self, windows: &Windows, position: u32, level: u8, key: u32) {
+        let (w_lo, w_hi) = windows.of[level as usize];
+        if (key as u64) < w_lo {
+            return;
+        }
+        if (key as u64) < w_hi {
+            self.window.push((level, key));
+        }
+        self.maybe_kept.positions.push(position);
+        self.maybe_kept.levels.push(level);
+        self.keys.push(key);
+        self.per_level[level as usize] += 1;
+    }
 }
 
 /// Selection in one pass over the elements: entries below their level's key window are
@@ -433,47 +501,35 @@ fn select_with_margin(
     sigmas: f64,
 ) -> Result<KeptEntries, EngineError> {
     let key = plan.key;
-    let windows = key_windows(plan, sigmas);
-    let n_levels = windows.len();
-    // Indexed by a u8 level: no bounds check, and a copy the loop can keep in registers.
-    let mut window_of = [(0u64, 0u64); 256];
-    window_of[..n_levels].copy_from_slice(&windows);
-    // The vector prefilter's minimum key per level: each window's start, where that fits a
-    // u32 (a start of 2^32 lets the largest key through, and the test below drops it).
-    let mut min_key = [u32::MAX; 256];
-    for (m, &(w_lo, _)) in min_key.iter_mut().zip(&windows) {
-        *m = w_lo.min(u32::MAX as u64) as u32;
-    }
+    let windows = Windows::new(plan, sigmas);
+    let n_levels = windows.list.len();
+    let min_key = windows.min_keys();
     let parts = map_selection_chunks(src, |start, levels, c| {
         kernels::candidates_into(levels, key, start as u32, &min_key, n_levels, c);
-        let mut part = ChunkSelection {
-            per_level: vec![0; n_levels],
-            ..Default::default()
-        };
-        let m = &mut part.maybe_kept;
-        m.positions.reserve(c.offsets.len());
-        m.levels.reserve(c.offsets.len());
-        part.keys.reserve(c.offsets.len());
+        let mut part = ChunkSelection::new(n_levels, c.offsets.len());
         for (&j, &kk) in c.offsets.iter().zip(&c.keys) {
-            let l = levels.get(j as usize);
-            let (w_lo, w_hi) = window_of[l as usize];
-            if (kk as u64) < w_lo {
-                continue;
-            }
-            if (kk as u64) < w_hi {
-                part.window.push((l, kk));
-            }
-            m.positions.push(start as u32 + j);
-            m.levels.push(l);
-            part.keys.push(kk);
-            part.per_level[l as usize] += 1;
+            part.add(&windows, start as u32 + j, levels.get(j as usize), kk);
         }
         part
     });
-    // Entries below a window are the level's entries not passed on.
+    match cut_thresholds(&parts, plan, &windows) {
+        Some(thresholds) => kept_from_parts(parts, &thresholds, plan),
+        None => select_exact(src, plan),
+    }
+}
+
+/// Per level, the smallest key kept, from the pieces of a selection pass under `windows`:
+/// the level's entries not passed on are below its window, and the cut is found among the
+/// keys in it. `None` when a cut falls outside its window.
+pub(super) fn cut_thresholds(
+    parts: &[ChunkSelection],
+    plan: &SelectionPlan,
+    windows: &Windows,
+) -> Option<Vec<u64>> {
+    let n_levels = windows.list.len();
     let mut below = plan.histogram.clone();
     let mut window_keys = vec![Vec::new(); n_levels];
-    for p in &parts {
+    for p in parts {
         below
             .iter_mut()
             .zip(&p.per_level)
@@ -484,9 +540,9 @@ fn select_with_margin(
     }
     let mut thresholds = Vec::with_capacity(n_levels);
     for (l, (&k_v, keys)) in plan.pruned.iter().zip(window_keys.iter_mut()).enumerate() {
-        let (b, (w_lo, _)) = (below[l], windows[l]);
+        let (b, (w_lo, _)) = (below[l], windows.list[l]);
         if b > k_v || b + (keys.len() as u64) < k_v {
-            return select_exact(src, plan);
+            return None;
         }
         thresholds.push(if k_v == b {
             w_lo
@@ -494,6 +550,16 @@ fn select_with_margin(
             *keys.select_nth_unstable((k_v - b - 1) as usize).1 as u64 + 1
         });
     }
+    Some(thresholds)
+}
+
+/// The entries of `parts` whose key reaches their level's threshold, in order, checked
+/// against the plan.
+pub(super) fn kept_from_parts(
+    parts: Vec<ChunkSelection>,
+    thresholds: &[u64],
+    plan: &SelectionPlan,
+) -> Result<KeptEntries, EngineError> {
     let pieces: Vec<KeptEntries> = parts
         .par_iter()
         .map(|p| {
