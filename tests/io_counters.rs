@@ -38,6 +38,18 @@ fn compress_json(
     adapter: &str,
     extra: &[&str],
 ) -> serde_json::Value {
+    compress_json_env(dir, base, fts, adapter, extra, &[])
+}
+
+/// [`compress_json`] with environment variables `env` set.
+fn compress_json_env(
+    dir: &Path,
+    base: &Path,
+    fts: &[std::path::PathBuf],
+    adapter: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> serde_json::Value {
     let out = dir.join(format!("{adapter}.out"));
     let mut args = vec!["compress", "--base", s(base)];
     for f in fts {
@@ -53,7 +65,7 @@ fn compress_json(
         "--force",
     ]);
     args.extend(extra);
-    let v: serde_json::Value = serde_json::from_str(&ok(udelta(&args))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(udelta_env(&args, env))).unwrap();
     match v {
         serde_json::Value::Array(mut files) => files.remove(0),
         one => one,
@@ -175,6 +187,12 @@ fn gpu_run_counts_its_uploads_readbacks_and_waits() {
     // Pass 1 keeps one tensor in flight: each tensor but the first is submitted before the
     // host reads the one before it back.
     assert_eq!(counter(&r, "overlapped_tensors"), tensors - 1);
+    // Unless two pairs take more than the in-flight bound: then none overlaps, same file.
+    let file = std::fs::read(dir.path().join("vulkan.out")).unwrap();
+    let env = [("UDELTA_IN_FLIGHT_BYTES", "1")];
+    let r = compress_json_env(dir.path(), &base, &fts, "vulkan", &[], &env);
+    assert_eq!(counter(&r, "overlapped_tensors"), 0);
+    assert!(std::fs::read(dir.path().join("vulkan.out")).unwrap() == file);
 }
 
 #[test]

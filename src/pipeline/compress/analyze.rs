@@ -4,7 +4,7 @@
 //! base, so that unchanged ones are stored as a reference to it.
 
 use super::blocked::blocked_threshold;
-use super::memory::READ_AHEAD_BYTES;
+use super::memory::{bytes_from_env, IN_FLIGHT_BYTES, IN_FLIGHT_ENV, READ_AHEAD_BYTES};
 use super::model::{Analysis, Model, Plan};
 use super::open::Kind;
 use super::pair::Pair;
@@ -32,6 +32,13 @@ struct InFlight {
     ticket: AnalysisTicket,
 }
 
+impl InFlight {
+    /// The bytes of its inputs held.
+    fn bytes(&self) -> u64 {
+        (self.base.len() + self.ft.len()) as u64
+    }
+}
+
 /// The pair of fine-tuned tensor `ti` of `m` and base tensor `bi`.
 fn pair_of<'a>(base: &'a Checkpoint, m: &'a Model, bi: usize, ti: usize) -> Pair<'a> {
     Pair {
@@ -56,8 +63,8 @@ impl Run<'_> {
     /// One compressed pair stays in flight: the engine starts the next pair (a GPU uploads it
     /// and submits its kernels) before the host waits for the previous one's result, so that
     /// the device works while the host reads back, quantizes and reads. Its buffers are held
-    /// meanwhile, beyond the read-ahead budget (at most one tensor name's, which is below the
-    /// blocked threshold). Results are finished in the order started.
+    /// meanwhile, beyond the read-ahead budget, as long as the two pairs together take at most
+    /// [`IN_FLIGHT_BYTES`]. Results are finished in the order started.
     pub(super) fn analyze_all(&mut self, models: &mut [Model], order: &[String]) -> Result<()> {
         let progress = Progress::new(
             "analyze",
@@ -65,6 +72,7 @@ impl Run<'_> {
             self.opts.progress,
         );
         let threshold = blocked_threshold()?;
+        let in_flight_bound = bytes_from_env(IN_FLIGHT_ENV, IN_FLIGHT_BYTES)?;
         let (jobs, blocked) = pass1_reads(order, &self.base, models, threshold);
         let mut loads = Prefetch::start_bounded(jobs, READ_AHEAD_BYTES);
         let mut in_flight: Option<InFlight> = None;
@@ -88,6 +96,13 @@ impl Run<'_> {
                     }
                 };
                 let ft = loaded.next().expect("one read per compressing model");
+                let in_hand = (base_buf.len() + ft.len()) as u64;
+                if let Some(earlier) = in_flight.take_if(|f| f.bytes() + in_hand > in_flight_bound)
+                {
+                    // Too large to hold beside this pair: finished before it is started.
+                    self.finish_analysis(models, earlier, &loads, &progress)?;
+                }
+                let m = &models[mi];
                 let ticket = self.start_analysis(m, (bi, ti), shared_numel, (&base_buf, &ft))?;
                 let job = InFlight {
                     model: mi,

@@ -6,13 +6,19 @@
 //! - a tensor name whose inputs (the base tensor and every fine-tuned tensor compressed against
 //!   it) exceed [`BLOCKED_INPUT_BYTES`] is not read whole: pass 1 analyses it in blocks of
 //!   elements ([`super::blocked`]), reading it twice, so the read-ahead
-//!   ([`super::super::prefetch`]) holds only tensors below that size;
-//! - the read-ahead holds at most [`READ_AHEAD_BYTES`] (the step in hand included); on an
-//!   engine that analyses on a device, the pair in flight (one tensor name's inputs, below
-//!   [`BLOCKED_INPUT_BYTES`]) is held beside it until the next one has been submitted.
+//!   ([`super::super::prefetch`]) holds only tensors below that size. The threshold, 768 MiB,
+//!   lets the largest tables of LLaMA-2 7B and 13B (a 32000 x 4096 or x 5120 embedding or
+//!   head: 524 and 655 MB per pair in 16 bits) be read once; Llama-3's 128256-row tables
+//!   (2.1 GB per pair at 8B) are still read twice;
+//! - the read-ahead holds at most [`READ_AHEAD_BYTES`] (the step in hand included), or the
+//!   next step alone when it is larger; on an engine that analyses on a device, the pair in
+//!   flight is held beside the step in hand until the latter has been submitted, but only
+//!   while both together take at most [`IN_FLIGHT_BYTES`] (otherwise the one in flight is
+//!   finished first).
 //!
-//! At the defaults (2 GiB): 512 MiB of kept levels, 512 MiB of read-ahead, and a huge tensor in
-//! flight as blocks of 2 x 32 MiB (shared out among the threads) plus its own packed levels.
+//! At the defaults (2 GiB): 512 MiB of kept data, 512 MiB of read-ahead (or one pair of up to
+//! 768 MiB), and a huge tensor as blocks of 2 x 32 MiB (shared out among the threads) plus its
+//! own packed levels.
 
 use crate::error::{Error, Result};
 
@@ -27,15 +33,21 @@ pub const KEPT_LEVELS_BUDGET: u64 = MEMORY_BOUND / 4;
 pub const READ_AHEAD_BYTES: u64 = MEMORY_BOUND / 4;
 
 /// A tensor name whose inputs take more bytes than this is analysed in blocks.
-pub const BLOCKED_INPUT_BYTES: u64 = MEMORY_BOUND / 8;
+pub const BLOCKED_INPUT_BYTES: u64 = MEMORY_BOUND / 8 * 3;
+
+/// Bytes of the pair in flight on a device and the step in hand together, at most.
+pub const IN_FLIGHT_BYTES: u64 = MEMORY_BOUND / 4;
+
+/// The environment variable that replaces [`IN_FLIGHT_BYTES`] (tests raise or lower it).
+pub const IN_FLIGHT_ENV: &str = "UDELTA_IN_FLIGHT_BYTES";
 
 /// The environment variable that replaces [`BLOCKED_INPUT_BYTES`] (tests lower it to send
 /// small tensors through the blocked path).
 pub const BLOCKED_ENV: &str = "UDELTA_BLOCKED_INPUT_BYTES";
 
 /// Bytes of one side (base or fine-tuned) of the blocks in flight (all threads' together), per
-/// byte of the blocked threshold.
-pub const BLOCK_FRACTION: u64 = 8;
+/// byte of the blocked threshold (32 MiB at the default threshold).
+pub const BLOCK_FRACTION: u64 = 24;
 
 /// A number of bytes from the environment variable `var`, or `default` when it is unset.
 pub fn bytes_from_env(var: &str, default: u64) -> Result<u64> {
