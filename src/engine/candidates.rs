@@ -21,10 +21,9 @@
 //! elements (at the default sparsity 0.95 and step 0.01 they are about 6 %).
 
 use super::cpu::{
-    cut_thresholds, for_chunks, kept_from_parts, level_histogram, window_start, ChunkSelection,
-    Windows, WINDOW_SIGMAS,
+    for_chunks, level_histogram, thresholds_in_windows, window_start, Windows, WINDOW_SIGMAS,
 };
-use super::{kernels, EngineError, KeptEntries, PackedLevels};
+use super::{check_kept, kernels, EngineError, KeptEntries, PackedLevels};
 use crate::algorithm::selection::element_key;
 use crate::algorithm::{SelectionPlan, TensorKey, TensorStats};
 use rayon::prelude::*;
@@ -184,15 +183,20 @@ impl CandidateSet {
         self.check_plan(plan)?;
         let keys = self.keys();
         let windows = Windows::new(plan, sigmas);
-        let parts = self.parts(&keys, &windows);
-        if let Some(thresholds) = cut_thresholds(&parts, plan, &windows) {
-            return kept_from_parts(parts, &thresholds, plan);
-        }
-        let whole = Windows::whole(self.below.len());
-        let parts = self.parts(&keys, &whole);
-        let thresholds = cut_thresholds(&parts, plan, &whole)
-            .ok_or_else(|| EngineError::Inconsistent("no cut among the candidates".into()))?;
-        kept_from_parts(parts, &thresholds, plan)
+        let mut tally = self.tally(&keys, &windows);
+        let thresholds = match tally.thresholds(plan, &windows) {
+            Some(t) => t,
+            None => {
+                let whole = Windows::whole(self.below.len());
+                tally = self.tally(&keys, &whole);
+                tally.thresholds(plan, &whole).ok_or_else(|| {
+                    EngineError::Inconsistent("no cut among the candidates".into())
+                })?
+            }
+        };
+        let kept = self.kept_at(&keys, &thresholds, &tally.kept_per_piece(&thresholds));
+        check_kept(&kept, plan)?;
+        Ok(kept)
     }
 
     /// Checks that `plan` is for these candidates: same key, same histogram, and no level
@@ -235,19 +239,117 @@ impl CandidateSet {
         keys
     }
 
-    /// The candidates passed on under `windows` (with their `keys`), piece by piece.
-    fn parts(&self, keys: &[u32], windows: &Windows) -> Vec<ChunkSelection> {
+    /// Where the candidates' `keys` fall against `windows`, piece by piece.
+    fn tally(&self, keys: &[u32], windows: &Windows) -> Tally {
         let n_levels = self.below.len();
-        self.positions
+        let pieces = self
+            .levels
             .par_chunks(PIECE)
+            .zip(keys.par_chunks(PIECE))
+            .map(|(levels, keys)| {
+                let mut piece = PieceTally {
+                    under: vec![0; n_levels],
+                    ..Default::default()
+                };
+                for (&l, &k) in levels.iter().zip(keys) {
+                    let (lo, hi) = windows.of(l);
+                    let k64 = u64::from(k);
+                    if k64 < lo {
+                        piece.under[l as usize] += 1;
+                    } else if k64 < hi {
+                        piece.window.push((l, k));
+                    } else {
+                        piece.above += 1;
+                    }
+                }
+                piece
+            })
+            .collect();
+        Tally {
+            set_aside: self.below.clone(),
+            pieces,
+        }
+    }
+
+    /// The candidates whose key reaches their level's threshold, each piece writing its
+    /// `kept[i]` entries straight into its place in the result.
+    fn kept_at(&self, keys: &[u32], thresholds: &[u64], kept: &[usize]) -> KeptEntries {
+        let total = kept.iter().sum();
+        let mut out = KeptEntries {
+            positions: vec![0; total],
+            levels: vec![0; total],
+        };
+        let mut slices = Vec::with_capacity(kept.len());
+        let (mut positions, mut levels) = (&mut out.positions[..], &mut out.levels[..]);
+        for &n in kept {
+            let (p, rest_p) = positions.split_at_mut(n);
+            let (l, rest_l) = levels.split_at_mut(n);
+            slices.push((p, l));
+            (positions, levels) = (rest_p, rest_l);
+        }
+        slices
+            .into_par_iter()
+            .zip(self.positions.par_chunks(PIECE))
             .zip(self.levels.par_chunks(PIECE))
             .zip(keys.par_chunks(PIECE))
-            .map(|((pos, lev), ks)| {
-                let mut part = ChunkSelection::new(n_levels, pos.len());
+            .for_each(|((((out_p, out_l), pos), lev), ks)| {
+                let mut at = 0;
                 for ((&p, &l), &k) in pos.iter().zip(lev).zip(ks) {
-                    part.add(windows, p, l, k);
+                    if u64::from(k) >= thresholds[l as usize] {
+                        out_p[at] = p;
+                        out_l[at] = l;
+                        at += 1;
+                    }
                 }
-                part
+                debug_assert_eq!(at, out_p.len());
+            });
+        out
+    }
+}
+
+/// Where one piece's candidates fall against the levels' windows.
+#[derive(Default)]
+struct PieceTally {
+    /// Per level, the candidates below the window (pruned).
+    under: Vec<u64>,
+    /// The candidates in a window: level and key.
+    window: Vec<(u8, u32)>,
+    /// The candidates above their window (kept).
+    above: usize,
+}
+
+/// Where every candidate falls against the levels' windows.
+struct Tally {
+    /// Per level, the entries set aside in pass 1 (below the floor key, pruned).
+    set_aside: Vec<u64>,
+    pieces: Vec<PieceTally>,
+}
+
+impl Tally {
+    /// Per level, the smallest key kept (`None` when a cut falls outside its window).
+    fn thresholds(&self, plan: &SelectionPlan, windows: &Windows) -> Option<Vec<u64>> {
+        let mut below = self.set_aside.clone();
+        let mut window_keys = vec![Vec::new(); below.len()];
+        for p in &self.pieces {
+            below.iter_mut().zip(&p.under).for_each(|(b, &n)| *b += n);
+            p.window
+                .iter()
+                .for_each(|&(l, k)| window_keys[l as usize].push(k));
+        }
+        thresholds_in_windows(&below, &mut window_keys, plan, windows)
+    }
+
+    /// The entries each piece keeps under `thresholds`: those above their window, and those
+    /// in it at or above the threshold.
+    fn kept_per_piece(&self, thresholds: &[u64]) -> Vec<usize> {
+        self.pieces
+            .iter()
+            .map(|p| {
+                let in_window = p.window.iter();
+                p.above
+                    + in_window
+                        .filter(|&&(l, k)| u64::from(k) >= thresholds[l as usize])
+                        .count()
             })
             .collect()
     }

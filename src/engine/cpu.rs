@@ -428,6 +428,12 @@ impl Windows {
         Self::from_list(vec![(0, 1 << 32); n_levels])
     }
 
+    /// Level `level`'s window.
+    #[inline(always)]
+    pub(super) fn of(&self, level: u8) -> (u64, u64) {
+        self.of[level as usize]
+    }
+
     fn from_list(list: Vec<(u64, u64)>) -> Windows {
         let mut of = [(0u64, 0u64); 256];
         of[..list.len()].copy_from_slice(&list);
@@ -450,7 +456,7 @@ impl Windows {
 /// the entries at or above the window's start (kept unless their key is below the cut), with
 /// their keys and their count per level.
 #[derive(Default)]
-pub(super) struct ChunkSelection {
+struct ChunkSelection {
     window: Vec<(u8, u32)>,
     maybe_kept: KeptEntries,
     /// The key of each entry of `maybe_kept`.
@@ -461,7 +467,7 @@ pub(super) struct ChunkSelection {
 
 impl ChunkSelection {
     /// An empty piece over `n_levels` levels, with room for `capacity` entries.
-    pub(super) fn new(n_levels: usize, capacity: usize) -> ChunkSelection {
+    fn new(n_levels: usize, capacity: usize) -> ChunkSelection {
         let mut part = ChunkSelection {
             per_level: vec![0; n_levels],
             ..Default::default()
@@ -475,7 +481,7 @@ impl ChunkSelection {
     /// Passes on the entry at `position` of `level` with `key`, unless it lies below its
     /// level's window (and is pruned).
     #[inline(always)]
-    pub(super) fn add(&mut self, windows: &Windows, position: u32, level: u8, key: u32) {
+    fn add(&mut self, windows: &Windows, position: u32, level: u8, key: u32) {
         let (w_lo, w_hi) = windows.of[level as usize];
         if (key as u64) < w_lo {
             return;
@@ -521,7 +527,7 @@ fn select_with_margin(
 /// Per level, the smallest key kept, from the pieces of a selection pass under `windows`:
 /// the level's entries not passed on are below its window, and the cut is found among the
 /// keys in it. `None` when a cut falls outside its window.
-pub(super) fn cut_thresholds(
+fn cut_thresholds(
     parts: &[ChunkSelection],
     plan: &SelectionPlan,
     windows: &Windows,
@@ -538,7 +544,19 @@ pub(super) fn cut_thresholds(
             .iter()
             .for_each(|&(l, kk)| window_keys[l as usize].push(kk));
     }
-    let mut thresholds = Vec::with_capacity(n_levels);
+    thresholds_in_windows(&below, &mut window_keys, plan, windows)
+}
+
+/// Per level, the smallest key kept, given the level's entries `below` its window and the
+/// keys in it: the cut is the `(k_v - below_v)`-th smallest key in the window (the window's
+/// start when that is 0). `None` when a cut falls outside its window.
+pub(super) fn thresholds_in_windows(
+    below: &[u64],
+    window_keys: &mut [Vec<u32>],
+    plan: &SelectionPlan,
+    windows: &Windows,
+) -> Option<Vec<u64>> {
+    let mut thresholds = Vec::with_capacity(below.len());
     for (l, (&k_v, keys)) in plan.pruned.iter().zip(window_keys.iter_mut()).enumerate() {
         let (b, (w_lo, _)) = (below[l], windows.list[l]);
         if b > k_v || b + (keys.len() as u64) < k_v {
@@ -555,7 +573,7 @@ pub(super) fn cut_thresholds(
 
 /// The entries of `parts` whose key reaches their level's threshold, in order, checked
 /// against the plan.
-pub(super) fn kept_from_parts(
+fn kept_from_parts(
     parts: Vec<ChunkSelection>,
     thresholds: &[u64],
     plan: &SelectionPlan,
