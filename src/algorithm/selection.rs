@@ -7,7 +7,10 @@
 //! uses a bucket method (`src/engine/gpu/buckets.rs`): a histogram of the keys' top bits per
 //! level finds the bucket holding each level's cut, and only that bucket's entries are sorted.
 //! The CPU engine looks for the cut in a narrow key window around its expected place
-//! (`k_v / n_v * 2^32`) in one pass, with an exact fallback.
+//! (`k_v / n_v * 2^32`) in one pass, with an exact fallback. `compress` at a fixed sparsity
+//! selects from candidates pass 1 kept ([`crate::engine::CandidateSet`]): every rate is at
+//! least [`super::allocation::rate_floor`], so the entries below a per-level floor key are
+//! pruned at any rate and need not be hashed again.
 
 use super::{round_half_even, TensorStats};
 use crate::splitmix::mix64;
