@@ -167,7 +167,7 @@ pub struct RunCounters {
     /// fine-tune compresses against, and each compressed fine-tuned tensor.
     pub compressed_input_bytes: u64,
     /// Bytes pass 1 kept for pass 2's selection: every element's packed level, or the
-    /// selection candidates where the run's rate floor leaves few ([`kept`]).
+    /// selection candidates where the run's rate floor leaves few.
     pub kept_bytes: u64,
     /// Of `kept_bytes`, the bytes that did not fit in [`memory::KEPT_LEVELS_BUDGET`] and went
     /// through the temporary file.
