@@ -130,6 +130,60 @@ fn cpu_run_reads_each_compressed_input_once_and_touches_no_device() {
     }
 }
 
+/// Drops the page cache of every file under `dir` (written through first).
+fn evict(dir: &Path) {
+    use std::os::unix::io::AsRawFd;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            evict(&path);
+            continue;
+        }
+        let f = std::fs::File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: an advisory call on an open file.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+    }
+}
+
+#[test]
+fn tensors_not_cached_are_read_past_the_page_cache_to_the_same_file() {
+    // On the build directory's disk (`/tmp` may be a tmpfs, which has no page cache to skip).
+    let target = concat!(env!("CARGO_MANIFEST_DIR"), "/target");
+    let dir = tempfile::tempdir_in(target).unwrap();
+    let (base, fts) = synth(dir.path(), 1);
+    let run = |name: &str, setting: &str| {
+        evict(dir.path());
+        let env = [("UDELTA_DIRECT_READS", setting)];
+        let r = compress_json_env(dir.path(), &base, &fts, "cpu", &[], &env);
+        let file = std::fs::read(dir.path().join("cpu.out")).unwrap();
+        std::fs::rename(dir.path().join("cpu.out"), dir.path().join(name)).unwrap();
+        (r, file)
+    };
+    let (buffered, want) = run("buffered", "off");
+    assert_eq!(counter(&buffered, "bytes_read_direct"), 0);
+    // Every tensor of one byte or more may be read directly.
+    let (direct, got) = run("direct", "1");
+    let inputs = counter(&direct, "compressed_input_bytes");
+    let read_direct = counter(&direct, "bytes_read_direct");
+    assert!(2 * read_direct >= inputs, "{read_direct} of {inputs}");
+    assert_eq!(
+        counter(&direct, "bytes_read"),
+        counter(&buffered, "bytes_read")
+    );
+    assert!(got == want, "direct reads changed the file");
+    // Once cached, the same tensors are read from the cache.
+    for ckpt in std::iter::once(&base).chain(&fts) {
+        for entry in std::fs::read_dir(ckpt).unwrap() {
+            std::fs::read(entry.unwrap().path()).unwrap();
+        }
+    }
+    let env = [("UDELTA_DIRECT_READS", "1")];
+    let warm = compress_json_env(dir.path(), &base, &fts, "cpu", &[], &env);
+    assert_eq!(counter(&warm, "bytes_read_direct"), 0);
+}
+
 #[test]
 fn several_fine_tunes_read_the_base_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,8 +4,11 @@
 //! Only the headers are parsed at open time; tensor data is read on demand with positioned
 //! reads (`pread`) into caller-provided buffers. Nothing is memory-mapped and no file is read
 //! whole, so peak memory does not grow with the size of the model. Reads go through `&self` and
-//! are safe to issue from several threads at once.
+//! are safe to issue from several threads at once. Whole tensors of 32 MiB or more that are
+//! mostly not in the page cache are read past it ([`super::direct`]; `UDELTA_DIRECT_READS=off`
+//! turns that off).
 
+use super::direct;
 use super::dtype::{byte_len, dtype_name, Dtype, FloatType};
 use super::views::MatrixOf;
 use crate::bytesource::ByteSource;
@@ -17,6 +20,20 @@ use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+/// The environment variable that turns direct reads off (`off`) or sets the smallest tensor
+/// read directly (a number of bytes; default [`direct::DIRECT_MIN`]).
+pub const DIRECT_READS_ENV: &str = "UDELTA_DIRECT_READS";
+
+/// The smallest tensor read past the page cache when not cached, `None` when direct reads are
+/// off (an unreadable value keeps the default).
+fn direct_read_min() -> Option<u64> {
+    match std::env::var(DIRECT_READS_ENV) {
+        Ok(v) if v == "off" => None,
+        Ok(v) => Some(v.parse().unwrap_or(direct::DIRECT_MIN)),
+        Err(_) => Some(direct::DIRECT_MIN),
+    }
+}
 
 /// Largest accepted JSON header, in bytes (the limit the `safetensors` crate uses too).
 pub use crate::limits::MAX_SAFETENSORS_HEADER_LEN as MAX_HEADER_LEN;
@@ -54,6 +71,8 @@ pub struct ShardFile {
     /// Length of the data section in bytes (file length - `data_start`).
     pub data_len: u64,
     file: File,
+    /// The same file opened for direct reads, once one is tried (`None` where that fails).
+    direct: std::sync::OnceLock<Option<File>>,
 }
 
 /// Where one tensor lives and what it holds.
@@ -118,6 +137,8 @@ pub struct Checkpoint {
     by_name: HashMap<String, usize>,
     /// Bytes of tensor data read so far ([`Checkpoint::bytes_read`]).
     bytes_read: std::sync::atomic::AtomicU64,
+    /// Of them, bytes read past the page cache ([`Checkpoint::bytes_read_direct`]).
+    bytes_read_direct: std::sync::atomic::AtomicU64,
 }
 
 impl Checkpoint {
@@ -333,6 +354,7 @@ impl Checkpoint {
             index_metadata,
             by_name,
             bytes_read: Default::default(),
+            bytes_read_direct: Default::default(),
         })
     }
 
@@ -421,13 +443,47 @@ impl Checkpoint {
         // Only growth is zero-filled: the read overwrites every byte.
         buf.truncate(len);
         buf.resize(len, 0);
+        if self.read_direct(shard, t, buf) {
+            return Ok(());
+        }
         self.read_range(t, 0, buf)
+    }
+
+    /// Reads all of tensor `t` of `shard` into `buf` past the page cache when it is large and
+    /// mostly not cached; false when it was not read so (too small, cached, direct reads off
+    /// or failing: the caller then reads it through the cache, which reports any real error).
+    fn read_direct(&self, shard: &ShardFile, t: &TensorEntry, buf: &mut [u8]) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if direct_read_min().is_none_or(|min| t.len < min) {
+            return false;
+        }
+        if direct::mostly_uncached(&shard.file, t.offset, t.len) != Some(true) {
+            return false;
+        }
+        let opened = shard
+            .direct
+            .get_or_init(|| direct::reopen_direct(&shard.file));
+        let Some(file) = opened else {
+            return false;
+        };
+        if direct::read_exact_direct(file, t.offset, buf).is_err() {
+            return false;
+        }
+        self.bytes_read.fetch_add(t.len, Relaxed);
+        self.bytes_read_direct.fetch_add(t.len, Relaxed);
+        true
     }
 
     /// Bytes of tensor data read from this checkpoint's files so far, by every thread
     /// ([`read_range`](Self::read_range) and [`read_tensor`](Self::read_tensor)).
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Of [`bytes_read`](Self::bytes_read), the bytes read past the page cache.
+    pub fn bytes_read_direct(&self) -> u64 {
+        self.bytes_read_direct
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Total bytes of tensor data (all tensors, headers excluded).
@@ -599,6 +655,7 @@ fn open_shard(path: &Path, file_name: String) -> Result<(ShardFile, Vec<(String,
         data_start: header.data_start,
         data_len: header.data_len,
         file,
+        direct: Default::default(),
     };
     Ok((shard, header.tensors))
 }

@@ -161,6 +161,8 @@ pub struct RunCounters {
     /// Bytes of tensor data read from the checkpoints' files (base and fine-tunes, both
     /// passes, compared and stored-whole tensors included).
     pub bytes_read: u64,
+    /// Of `bytes_read`, the bytes read past the page cache (large tensors not cached).
+    pub bytes_read_direct: u64,
     /// Tensors compressed (over all fine-tunes).
     pub compressed_tensors: u64,
     /// Bytes of the compressed tensors' inputs, each counted once: each base tensor that some
@@ -304,6 +306,11 @@ pub fn compress_staged(
     run.encode_all(&mut models, &order)?;
     let counters = RunCounters {
         bytes_read: run.base.bytes_read() + models.iter().map(|m| m.ckpt.bytes_read()).sum::<u64>(),
+        bytes_read_direct: run.base.bytes_read_direct()
+            + models
+                .iter()
+                .map(|m| m.ckpt.bytes_read_direct())
+                .sum::<u64>(),
         device: run.engine.counters(),
         kept_bytes: run.kept.total,
         kept_spilled_bytes: run.kept.spilled,
