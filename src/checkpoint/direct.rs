@@ -5,20 +5,19 @@
 //! 6.7 GB shard spends 3.4 s of system CPU for 6.5 s of wall time, one of its two vCPUs, which
 //! `compress` needs for its own work. A direct read moves the data from the device into an
 //! aligned buffer without any of that (`dd iflag=direct bs=64M`: 0.2 s of system CPU, 5.3 s).
-//! The data then needs one copy into the caller's buffer (the caller's memory is not aligned),
-//! which two threads do while the other's next read is in flight.
+//! The span of whole pages around the tensor is read into page-aligned memory ([`TensorBuf`]),
+//! the tensor's bytes landing in place, by two threads so that two reads are in flight.
 //!
 //! Only ranges that are mostly not in the page cache are read this way (`mincore` on a mapping
 //! that is never touched, so a file truncated meanwhile cannot fault): a warm file is still
 //! read from memory. Any failure of the direct path (a file system without `O_DIRECT`, no
 //! `/proc`, an error) falls back to a buffered read, which reports real errors.
 
-use std::alloc::{alloc, dealloc, Layout};
+use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::sync::Mutex;
 
 /// Alignment of direct reads' offsets, lengths and buffers: a page, a multiple of every
 /// device's logical block size in practice.
@@ -74,81 +73,146 @@ pub fn mostly_uncached(file: &File, offset: u64, len: u64) -> Option<bool> {
     }
 }
 
-/// A zeroed buffer aligned for direct reads.
-struct Bounce {
+/// Zeroed memory aligned for direct reads (empty until first grown).
+struct AlignedBytes {
     ptr: *mut u8,
-    layout: Layout,
+    len: usize,
 }
 
-// SAFETY: the buffer is owned memory, used by one thread at a time.
-unsafe impl Send for Bounce {}
+// SAFETY: owned memory, handed between threads whole.
+unsafe impl Send for AlignedBytes {}
+// SAFETY: shared access only reads it.
+unsafe impl Sync for AlignedBytes {}
 
-impl Bounce {
-    /// Room for one piece and the alignment slack at both ends.
-    fn new() -> Bounce {
-        let layout = Layout::from_size_align(PIECE + 2 * ALIGN, ALIGN).expect("valid layout");
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc(layout) };
+impl Default for AlignedBytes {
+    fn default() -> Self {
+        AlignedBytes {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        }
+    }
+}
+
+impl AlignedBytes {
+    /// At least `len` bytes (a multiple of [`ALIGN`]); the contents are not kept.
+    fn grow_to(&mut self, len: usize) {
+        if self.len >= len {
+            return;
+        }
+        self.free();
+        let layout = Layout::from_size_align(len, ALIGN).expect("valid layout");
+        // SAFETY: the layout has a non-zero size (`len > self.len >= 0`). Zeroed: every byte
+        // is initialized before any slice over it exists.
+        let ptr = unsafe { alloc_zeroed(layout) };
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        Bounce { ptr, layout }
+        (self.ptr, self.len) = (ptr, len);
     }
 
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` holds `layout.size()` bytes owned by `self` (uninitialized bytes are
-        // only ever written by the kernel's reads before the bytes read are looked at; a u8
-        // has no invalid values).
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    fn free(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: allocated in `grow_to` with this size and alignment.
+            unsafe { dealloc(self.ptr, Layout::from_size_align_unchecked(self.len, ALIGN)) };
+            (self.ptr, self.len) = (std::ptr::null_mut(), 0);
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        if self.ptr.is_null() {
+            return &[];
+        }
+        // SAFETY: `len` initialized bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.ptr.is_null() {
+            return &mut [];
+        }
+        // SAFETY: `len` initialized bytes owned by `self`, borrowed mutably once.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
 
-impl Drop for Bounce {
+impl Drop for AlignedBytes {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.ptr, self.layout) }
+        self.free();
     }
 }
 
-/// Bounce buffers from one read to the next (faulted in once).
-static SPARE: Mutex<Vec<Bounce>> = Mutex::new(Vec::new());
-
-fn take_bounce() -> Bounce {
-    let spare = SPARE.lock().unwrap_or_else(|e| e.into_inner()).pop();
-    spare.unwrap_or_else(Bounce::new)
+/// A tensor's bytes where a read left them: `len` bytes from `start` of memory aligned for
+/// direct reads (`start` is the tensor's offset within its first page, so that the read of
+/// the aligned span around it lands each byte in place, with no copy). Derefs to the bytes.
+#[derive(Default)]
+pub struct TensorBuf {
+    mem: AlignedBytes,
+    start: usize,
+    len: usize,
 }
 
-fn give_back(b: Bounce) {
-    let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
-    if spare.len() < READERS {
-        spare.push(b);
+impl TensorBuf {
+    /// Makes room for `len` bytes from `start` (below [`ALIGN`]) and returns the whole aligned
+    /// span that holds them (its length a multiple of [`ALIGN`]).
+    fn span_for(&mut self, start: usize, len: usize) -> &mut [u8] {
+        let span = (start + len).div_ceil(ALIGN) * ALIGN;
+        self.mem.grow_to(span);
+        (self.start, self.len) = (start, len);
+        &mut self.mem.bytes_mut()[..span]
+    }
+
+    /// Bytes of aligned memory it holds (0 before its first read).
+    pub fn capacity(&self) -> usize {
+        self.mem.len
+    }
+
+    /// Makes room for `len` bytes and returns them (for a buffered read).
+    pub fn prepare(&mut self, len: usize) -> &mut [u8] {
+        self.span_for(0, len);
+        &mut self.mem.bytes_mut()[..len]
     }
 }
 
-/// Fills `buf` from `offset` of `direct` (a file opened with `O_DIRECT`): pieces of
-/// [`PIECE`] bytes, each read aligned into a bounce buffer and copied out, by [`READERS`]
-/// threads taking pieces in turn.
-pub fn read_exact_direct(direct: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-    let pieces: Vec<(u64, &mut [u8])> = buf
-        .chunks_mut(PIECE)
-        .enumerate()
-        .map(|(i, piece)| (offset + (i * PIECE) as u64, piece))
-        .collect();
-    let mut shares: Vec<Vec<(u64, &mut [u8])>> = (0..READERS).map(|_| Vec::new()).collect();
-    for (i, p) in pieces.into_iter().enumerate() {
-        shares[i % READERS].push(p);
+impl std::ops::Deref for TensorBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.mem.bytes()[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for TensorBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TensorBuf({} bytes)", self.len)
+    }
+}
+
+/// Fills `buf` with the `len` bytes at `offset` of `direct` (a file opened with `O_DIRECT`):
+/// the aligned span around them is read in pieces of [`PIECE`] bytes straight into `buf`'s
+/// aligned memory, by [`READERS`] threads taking pieces in turn.
+pub fn read_direct_into(
+    direct: &File,
+    offset: u64,
+    len: usize,
+    buf: &mut TensorBuf,
+) -> io::Result<()> {
+    let skip = (offset % ALIGN as u64) as usize;
+    let start = offset - skip as u64;
+    let need = skip + len;
+    let span = buf.span_for(skip, len);
+    let mut shares: Vec<Vec<(u64, &mut [u8], usize)>> = (0..READERS).map(|_| Vec::new()).collect();
+    for (i, piece) in span.chunks_mut(PIECE).enumerate() {
+        let from = i * PIECE;
+        let wanted = need.saturating_sub(from).min(piece.len());
+        shares[i % READERS].push((start + from as u64, piece, wanted));
     }
     std::thread::scope(|s| {
         let workers: Vec<_> = shares
             .into_iter()
             .map(|share| {
                 s.spawn(move || {
-                    let mut bounce = take_bounce();
-                    let result = share
+                    share
                         .into_iter()
-                        .try_for_each(|(at, piece)| read_piece(direct, at, piece, &mut bounce));
-                    give_back(bounce);
-                    result
+                        .try_for_each(|(at, piece, wanted)| read_piece(direct, at, piece, wanted))
                 })
             })
             .collect();
@@ -163,26 +227,19 @@ pub fn read_exact_direct(direct: &File, offset: u64, buf: &mut [u8]) -> io::Resu
     Ok(())
 }
 
-/// Reads `piece.len()` bytes at `offset` through `bounce`: the aligned span around them, then
-/// the bytes asked for.
-fn read_piece(direct: &File, offset: u64, piece: &mut [u8], bounce: &mut Bounce) -> io::Result<()> {
-    let start = offset / ALIGN as u64 * ALIGN as u64;
-    let skip = (offset - start) as usize;
-    let need = skip + piece.len();
-    let span = need.div_ceil(ALIGN) * ALIGN;
-    let bytes = &mut bounce.bytes()[..span];
+/// Reads at aligned `offset` into the aligned `piece` until at least `wanted` bytes are in.
+fn read_piece(direct: &File, offset: u64, piece: &mut [u8], wanted: usize) -> io::Result<()> {
     let mut got = 0;
-    while got < need {
+    while got < wanted {
         // Every read starts at an aligned offset with an aligned length: `got` is a multiple of
         // the alignment unless the file ended (then the next read returns 0).
-        match direct.read_at(&mut bytes[got..], start + got as u64) {
+        match direct.read_at(&mut piece[got..], offset + got as u64) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    piece.copy_from_slice(&bytes[skip..need]);
     Ok(())
 }
 
@@ -210,6 +267,7 @@ mod tests {
         let len = 2 * PIECE + 3 * ALIGN + 123;
         let (_dir, file, data) = pattern_file(len);
         let direct = reopen_direct(&file).expect("O_DIRECT on the build directory's file system");
+        let mut long: Option<TensorBuf> = None;
         // Unaligned starts and ends, one and several pieces, up to the file's last byte.
         for (offset, n) in [
             (0, 10),
@@ -220,17 +278,23 @@ mod tests {
             (len - PIECE - 17, PIECE + 17),
             (len - 1, 1),
         ] {
-            let mut buf = vec![0u8; n];
-            read_exact_direct(&direct, offset as u64, &mut buf).unwrap();
-            assert!(
-                buf == data[offset..offset + n],
-                "offset {offset}, {n} bytes"
-            );
+            // A buffer that held a longer read before, then a fresh one.
+            for mut buf in [long.take().unwrap_or_default(), TensorBuf::default()] {
+                read_direct_into(&direct, offset as u64, n, &mut buf).unwrap();
+                assert!(
+                    *buf == data[offset..offset + n],
+                    "offset {offset}, {n} bytes"
+                );
+                long = Some(buf);
+            }
         }
         // Past the end: an error, never bytes that are not there.
-        let mut buf = vec![0u8; 100];
-        let e = read_exact_direct(&direct, (len - 50) as u64, &mut buf).unwrap_err();
+        let mut buf = TensorBuf::default();
+        let e = read_direct_into(&direct, (len - 50) as u64, 100, &mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        // A buffered read into the same kind of buffer.
+        buf.prepare(5).copy_from_slice(&data[..5]);
+        assert!(*buf == data[..5]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Checkpoint I/O: safetensors files (single or HF-sharded), dtypes, tensor selection, writing.
 
-mod direct;
+pub mod direct;
 pub mod dtype;
 pub mod reader;
 pub mod select;

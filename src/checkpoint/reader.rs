@@ -8,7 +8,7 @@
 //! mostly not in the page cache are read past it ([`super::direct`]; `UDELTA_DIRECT_READS=off`
 //! turns that off).
 
-use super::direct;
+use super::direct::{self, TensorBuf};
 use super::dtype::{byte_len, dtype_name, Dtype, FloatType};
 use super::views::MatrixOf;
 use crate::bytesource::ByteSource;
@@ -443,16 +443,38 @@ impl Checkpoint {
         // Only growth is zero-filled: the read overwrites every byte.
         buf.truncate(len);
         buf.resize(len, 0);
-        if self.read_direct(shard, t, buf) {
-            return Ok(());
-        }
         self.read_range(t, 0, buf)
     }
 
-    /// Reads all of tensor `t` of `shard` into `buf` past the page cache when it is large and
-    /// mostly not cached; false when it was not read so (too small, cached, direct reads off
-    /// or failing: the caller then reads it through the cache, which reports any real error).
-    fn read_direct(&self, shard: &ShardFile, t: &TensorEntry, buf: &mut [u8]) -> bool {
+    /// Reads the whole of tensor `t` into `buf` (its memory is reused): past the page cache
+    /// when `t` is large and mostly not cached, straight into place; otherwise through the
+    /// cache.
+    pub fn read_tensor_into(&self, t: &TensorEntry, buf: &mut TensorBuf) -> Result<()> {
+        let shard = self.check_range(t, 0, t.len)?;
+        let len = usize::try_from(t.len).map_err(|_| {
+            Error::tensor(
+                &shard.path,
+                &t.name,
+                "tensor too large for this platform's memory",
+            )
+        })?;
+        if self.read_direct(shard, t, len, buf) {
+            return Ok(());
+        }
+        self.read_range(t, 0, buf.prepare(len))
+    }
+
+    /// Reads all of tensor `t` (`len` bytes) of `shard` into `buf` past the page cache when
+    /// it is large and mostly not cached; false when it was not read so (too small, cached,
+    /// direct reads off or failing: the caller then reads it through the cache, which reports
+    /// any real error).
+    fn read_direct(
+        &self,
+        shard: &ShardFile,
+        t: &TensorEntry,
+        len: usize,
+        buf: &mut TensorBuf,
+    ) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         if direct_read_min().is_none_or(|min| t.len < min) {
             return false;
@@ -466,7 +488,7 @@ impl Checkpoint {
         let Some(file) = opened else {
             return false;
         };
-        if direct::read_exact_direct(file, t.offset, buf).is_err() {
+        if direct::read_direct_into(file, t.offset, len, buf).is_err() {
             return false;
         }
         self.bytes_read.fetch_add(t.len, Relaxed);

@@ -9,6 +9,7 @@
 //! (one job is always allowed). Buffers handed back with [`Prefetch::recycle`] are reused, so
 //! steady state allocates nothing.
 
+use crate::checkpoint::direct::TensorBuf;
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
 use crate::error::Result;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,34 +58,61 @@ impl Held {
 }
 
 /// One job as the reader hands it over: its bytes and its buffers.
-type LoadedJob = Result<(u64, Vec<Vec<u8>>)>;
+type LoadedJob<B> = Result<(u64, Vec<B>)>;
 
-/// A reader thread working through a list of [`ReadJob`]s.
-pub struct Prefetch {
-    loaded: Option<Receiver<LoadedJob>>,
+/// A buffer the reader thread fills with one whole tensor: a `Vec<u8>` (read through the
+/// page cache), or a [`TensorBuf`] (read past it when the tensor is large and not cached).
+pub trait ReadBuffer: Default + Send + std::ops::Deref<Target = [u8]> + 'static {
+    /// Reads tensor `t` of `ckpt` into the buffer (its memory reused).
+    fn read(&mut self, ckpt: &Checkpoint, t: &TensorEntry) -> Result<()>;
+    /// Bytes of memory it holds.
+    fn capacity(&self) -> usize;
+}
+
+impl ReadBuffer for Vec<u8> {
+    fn read(&mut self, ckpt: &Checkpoint, t: &TensorEntry) -> Result<()> {
+        ckpt.read_tensor(t, self)
+    }
+    fn capacity(&self) -> usize {
+        Vec::capacity(self)
+    }
+}
+
+impl ReadBuffer for TensorBuf {
+    fn read(&mut self, ckpt: &Checkpoint, t: &TensorEntry) -> Result<()> {
+        ckpt.read_tensor_into(t, self)
+    }
+    fn capacity(&self) -> usize {
+        TensorBuf::capacity(self)
+    }
+}
+
+/// A reader thread working through a list of [`ReadJob`]s into buffers of type `B`.
+pub struct Prefetch<B: ReadBuffer = Vec<u8>> {
+    loaded: Option<Receiver<LoadedJob<B>>>,
     held: Arc<Held>,
     /// Bytes of the job the consumer has now (released when it asks for the next).
     consumer_bytes: u64,
-    spare: Sender<Vec<u8>>,
+    spare: Sender<B>,
     /// Buffers waiting in `spare`, kept at most `spare_limit`.
     spare_count: Arc<AtomicUsize>,
     spare_limit: usize,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Prefetch {
+impl<B: ReadBuffer> Prefetch<B> {
     /// Starts reading `jobs` in order.
-    pub fn start(jobs: Vec<ReadJob>) -> Prefetch {
+    pub fn start(jobs: Vec<ReadJob>) -> Prefetch<B> {
         Self::start_bounded(jobs, u64::MAX)
     }
 
     /// Starts reading `jobs` in order, holding at most `budget` bytes of them at once (but
     /// always one job, however large).
-    pub fn start_bounded(jobs: Vec<ReadJob>, budget: u64) -> Prefetch {
+    pub fn start_bounded(jobs: Vec<ReadJob>, budget: u64) -> Prefetch<B> {
         let (loaded_tx, loaded_rx) = sync_channel(0);
         let held = Arc::new(Held::default());
         let reader_held = held.clone();
-        let (spare_tx, spare_rx) = channel::<Vec<u8>>();
+        let (spare_tx, spare_rx) = channel::<B>();
         let spare_count = Arc::new(AtomicUsize::new(0));
         let spare_limit = 2 * jobs.iter().map(Vec::len).max().unwrap_or(0);
         let taken = spare_count.clone();
@@ -104,9 +132,9 @@ impl Prefetch {
                                 taken.fetch_sub(1, Ordering::Relaxed);
                                 b
                             }
-                            Err(_) => Vec::new(),
+                            Err(_) => B::default(),
                         };
-                        result = r.ckpt.read_tensor(&r.tensor, &mut buf);
+                        result = buf.read(&r.ckpt, &r.tensor);
                         bufs.push(buf);
                         if result.is_err() {
                             break;
@@ -132,7 +160,7 @@ impl Prefetch {
 
     /// The buffers of the next job, one per tensor in the job's order (blocks until read).
     /// The consumer is then done with the previous job: its bytes no longer count.
-    pub fn next_job(&mut self) -> Result<Vec<Vec<u8>>> {
+    pub fn next_job(&mut self) -> Result<Vec<B>> {
         self.held
             .release(std::mem::take(&mut self.consumer_bytes), false);
         let (bytes, bufs) = self
@@ -151,7 +179,7 @@ impl Prefetch {
     /// Hands buffers back for reuse by later reads. The pool keeps at most two jobs' worth;
     /// buffers beyond that (e.g. output buffers of steps that read nothing) are freed, so
     /// memory stays bounded however many steps there are.
-    pub fn recycle(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+    pub fn recycle(&self, bufs: impl IntoIterator<Item = B>) {
         // Buffers without capacity are not worth a slot: a reader taking one would allocate
         // anew while a real buffer waited behind it.
         for b in bufs.into_iter().filter(|b| b.capacity() > 0) {
@@ -166,7 +194,7 @@ impl Prefetch {
     }
 }
 
-impl Drop for Prefetch {
+impl<B: ReadBuffer> Drop for Prefetch<B> {
     fn drop(&mut self) {
         // Closing the channel stops the reader at its next send; wait for it so no read
         // outlives the pass that asked for it (waking it if it waits for room).
@@ -215,7 +243,7 @@ mod tests {
         let jobs: Vec<ReadJob> = (0..20)
             .flat_map(|k| [vec![read(2 * k), read(2 * k + 1)], vec![]])
             .collect();
-        let mut p = Prefetch::start(jobs);
+        let mut p = Prefetch::<Vec<u8>>::start(jobs);
         let mut seen = std::collections::HashSet::new();
         for k in 0..20 {
             let bufs = p.next_job().unwrap();
@@ -262,7 +290,7 @@ mod tests {
             .collect();
         // A budget below one job (4,000 bytes): nothing is read ahead of the consumer, yet
         // every job comes.
-        let mut p = Prefetch::start_bounded(jobs, 1);
+        let mut p = Prefetch::<Vec<u8>>::start_bounded(jobs, 1);
         for i in 0..3u64 {
             let bufs = p.next_job().unwrap();
             assert!(bytemuck::cast_slice::<u8, f32>(&bufs[0])
@@ -290,7 +318,7 @@ mod tests {
                 tensor: bogus,
             }],
         ];
-        let mut p = Prefetch::start(jobs);
+        let mut p = Prefetch::<Vec<u8>>::start(jobs);
         assert_eq!(p.next_job().unwrap().len(), 1);
         let err = p.next_job().unwrap_err().to_string();
         assert!(err.contains("t1"), "{err}");

@@ -10,6 +10,7 @@ use super::open::Kind;
 use super::pair::Pair;
 use super::schedule::{pass1_bytes, pass1_reads};
 use super::{timed, Run, COPY_CHUNK};
+use crate::checkpoint::direct::TensorBuf;
 use crate::checkpoint::reader::{Checkpoint, TensorEntry};
 use crate::engine::{AnalysisTicket, Engine};
 use crate::error::Result;
@@ -26,9 +27,9 @@ struct InFlight {
     ti: usize,
     bi: usize,
     shared_numel: usize,
-    base: Rc<Vec<u8>>,
+    base: Rc<TensorBuf>,
     base_crc32: u32,
-    ft: Vec<u8>,
+    ft: TensorBuf,
     ticket: AnalysisTicket,
 }
 
@@ -50,7 +51,7 @@ fn pair_of<'a>(base: &'a Checkpoint, m: &'a Model, bi: usize, ti: usize) -> Pair
 }
 
 /// Hands `buf` back to the reader when nothing else holds it.
-fn recycle_shared(loads: &Prefetch, buf: Rc<Vec<u8>>) {
+fn recycle_shared(loads: &Prefetch<TensorBuf>, buf: Rc<TensorBuf>) {
     if let Ok(b) = Rc::try_unwrap(buf) {
         loads.recycle([b]);
     }
@@ -74,7 +75,7 @@ impl Run<'_> {
         let threshold = blocked_threshold()?;
         let in_flight_bound = bytes_from_env(IN_FLIGHT_ENV, IN_FLIGHT_BYTES)?;
         let (jobs, blocked) = pass1_reads(order, &self.base, models, threshold);
-        let mut loads = Prefetch::start_bounded(jobs, READ_AHEAD_BYTES);
+        let mut loads = Prefetch::<TensorBuf>::start_bounded(jobs, READ_AHEAD_BYTES);
         let mut in_flight: Option<InFlight> = None;
         for (name, &blocked) in order.iter().zip(&blocked) {
             let mut loaded = timed(&mut self.times.read, || loads.next_job())?.into_iter();
@@ -201,7 +202,7 @@ impl Run<'_> {
         &mut self,
         models: &mut [Model],
         job: InFlight,
-        loads: &Prefetch,
+        loads: &Prefetch<TensorBuf>,
         progress: &Progress,
     ) -> Result<()> {
         let InFlight {
