@@ -52,14 +52,14 @@
 /// no branch on how full the accumulator is.
 #[derive(Debug, Default)]
 pub struct BitWriter {
-    /// Complete bytes are `out[..pos]`; `out` has at least 8 bytes from `pos` on after a
-    /// `put` (bytes past the pending bits are scratch, overwritten or cut off).
+    /// The stream is the first `bits` bits of `out`; `out` has at least 8 bytes from byte
+    /// `bits / 8` on after a `put` (bytes past the last bit are scratch: zero, overwritten
+    /// or cut off).
     out: Vec<u8>,
-    pos: usize,
-    /// Pending bits live in the low `filled` bits of `acc` (`filled < 8` between calls);
-    /// the bits above them are stale and ignored.
+    bits: usize,
+    /// The pending bits (those of the incomplete byte `bits / 8`) live in the low `bits % 8`
+    /// bits of `acc`; the bits above them are stale and ignored.
     acc: u64,
-    filled: u32,
 }
 
 impl BitWriter {
@@ -71,9 +71,8 @@ impl BitWriter {
     pub fn with_capacity(bytes: usize) -> Self {
         BitWriter {
             out: vec![0; bytes + 8],
-            pos: 0,
+            bits: 0,
             acc: 0,
-            filled: 0,
         }
     }
 
@@ -82,29 +81,32 @@ impl BitWriter {
     #[inline(always)]
     pub fn put(&mut self, value: u64, n: u32) {
         debug_assert!(n <= Self::MAX_PUT_BITS && value >> n == 0);
-        if n == 0 {
-            return;
+        if n > 0 {
+            self.put_nonempty(value, n);
+        }
+    }
+
+    /// [`BitWriter::put`] for `1 <= n <= MAX_PUT_BITS`.
+    #[inline(always)]
+    fn put_nonempty(&mut self, value: u64, n: u32) {
+        let byte = self.bits / 8;
+        if self.out.len() < byte + 8 {
+            // Only the vector goes to the (cold) call: the accumulator and the bit count stay
+            // in registers in a caller's loop.
+            grow(&mut self.out, byte + 8);
         }
         self.acc = (self.acc << n) | value;
-        self.filled += n;
-        if self.out.len() < self.pos + 8 {
-            self.grow();
-        }
-        // 1 <= filled <= 63: the pending bits, left-aligned, stale bits shifted out.
-        let word = self.acc << (64 - self.filled);
-        self.out[self.pos..self.pos + 8].copy_from_slice(&word.to_be_bytes());
-        self.pos += (self.filled / 8) as usize;
-        self.filled %= 8;
+        // 1 <= pending <= 63: the pending bits, left-aligned, stale bits shifted out, stored
+        // from the incomplete byte on.
+        let pending = (self.bits % 8) as u32 + n;
+        let word = self.acc << (64 - pending);
+        self.out[byte..byte + 8].copy_from_slice(&word.to_be_bytes());
+        self.bits += n as usize;
     }
 
-    /// Doubles the room (at least 8 bytes from `pos` on).
-    #[cold]
-    fn grow(&mut self) {
-        let len = (self.out.len() * 2).max(self.pos + 8);
-        self.out.resize(len, 0);
-    }
-
-    /// Appends `count` one bits.
+    /// Appends `count` one bits. (Inlined, as `put`, so that a caller's loop keeps the
+    /// writer in registers.)
+    #[inline(always)]
     pub fn put_ones(&mut self, mut count: u64) {
         while count >= 32 {
             self.put(0xFFFF_FFFF, 32);
@@ -117,15 +119,23 @@ impl BitWriter {
 
     /// Number of bits written so far.
     pub fn bit_len(&self) -> u64 {
-        self.pos as u64 * 8 + u64::from(self.filled)
+        self.bits as u64
     }
 
     /// Pads the last byte with zero bits and returns the bytes.
     pub fn finish(mut self) -> Vec<u8> {
-        // The last put stored the pending bits followed by zeros at `pos`.
-        self.out.truncate(self.pos + usize::from(self.filled > 0));
+        // The last put stored the pending bits followed by zeros.
+        self.out.truncate(self.bits.div_ceil(8));
         self.out
     }
+}
+
+/// Doubles `out`'s length (zero-filled), to at least `min_len`.
+#[cold]
+#[inline(never)]
+fn grow(out: &mut Vec<u8>, min_len: usize) {
+    let len = (out.len() * 2).max(min_len);
+    out.resize(len, 0);
 }
 
 /// Reads bits MSB-first from a byte slice; never reads past its end.
@@ -319,7 +329,7 @@ impl GolombCode {
         if q + 1 + rn <= BitWriter::MAX_PUT_BITS {
             // q ones, a zero, the remainder: one field.
             let unary = ((1u64 << q) - 1) << 1;
-            w.put((unary << rn) | rv, q + 1 + rn);
+            w.put_nonempty((unary << rn) | rv, q + 1 + rn);
         } else {
             w.put_ones(u64::from(q));
             w.put(0, 1);
