@@ -805,3 +805,24 @@ fn codec_fused_block_encoder_reports_bad_entries_as_before() {
         .unwrap();
     assert_eq!((p, l), ([s + 5, s + 9, s + 20], [0, 3, 1]));
 }
+
+#[test]
+fn codec_level_histogram_counts_every_level() {
+    // Against a plain count: several 2^16-entry chunks plus a tail that is not a multiple of
+    // four, long runs of one level (every sub-histogram takes a share) and all 256 levels.
+    let mut rng = Rng::new(11);
+    let mut levels: Vec<u8> = (0..3 * (1 << 16) + 7).map(|_| rng.next() as u8).collect();
+    levels[1000..90_000].fill(200);
+    let mut want = vec![0u64; 256];
+    for &l in &levels {
+        want[usize::from(l)] += 1;
+    }
+    assert_eq!(level_histogram(&levels), want);
+    assert!(want[200] >= 89_000);
+    assert_eq!(level_histogram(&levels[..3]), {
+        let mut h = vec![0u64; 256];
+        levels[..3].iter().for_each(|&l| h[usize::from(l)] += 1);
+        h
+    });
+    assert_eq!(level_histogram(&[]), vec![0u64; 256]);
+}
