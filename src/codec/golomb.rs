@@ -326,7 +326,8 @@ impl GolombCode {
         let long = u32::from(r >= self.u);
         let rv = u64::from(r + (self.u & long.wrapping_neg()));
         let rn = (self.b + long).wrapping_sub(1);
-        if q + 1 + rn <= BitWriter::MAX_PUT_BITS {
+        // q + 1 + rn <= MAX_PUT_BITS, written so that no q (up to 2^32 - 1) overflows.
+        if q < BitWriter::MAX_PUT_BITS - rn {
             // q ones, a zero, the remainder: one field.
             let unary = ((1u64 << q) - 1) << 1;
             w.put_nonempty((unary << rn) | rv, q + 1 + rn);
