@@ -1,8 +1,9 @@
 //! Single-thread speed of the entropy encoder on one LLaMA-7B MLP-shaped tensor: 4096 x 11008
 //! = 45 M elements, 5 % kept at uniform random positions, levels from a 16-level bell-shaped
 //! histogram (binomial(15, 1/2)). Prints ns per kept entry for the position streams (Golomb),
-//! the level streams (rANS), whole blocks (`BlockCodec::encode_block`) and the whole tensor
-//! (`encode_tensor` in a one-thread pool), the fastest of `UD_REPEAT` runs (default 7), and a
+//! the level streams (rANS), whole blocks (`BlockCodec::encode_block`), the level histogram
+//! and the whole tensor (`encode_tensor`, which includes the histogram check, in a one-thread
+//! pool), the fastest of `UD_REPEAT` runs (default 7), and a
 //! hash of the encoded bytes (equal hashes: equal bytes, e.g. before and after a change).
 //!
 //! `cargo run --release --example encode_speed`
