@@ -47,43 +47,66 @@
 //! A decoder rejects a stream that ends early, a gap that would leave too few elements for the
 //! coded offsets still to come (`o_i <= n - (c - i)`), trailing bytes, and nonzero padding.
 
-/// Writes bits MSB-first into a byte vector, 32 bits at a time.
+/// Writes bits MSB-first into a byte vector. Every `put` stores the pending bits as one
+/// 8-byte big-endian word at the first incomplete byte and advances by the bytes completed:
+/// no branch on how full the accumulator is.
 #[derive(Debug, Default)]
 pub struct BitWriter {
+    /// The stream is the first `bits` bits of `out`; `out` has at least 8 bytes from byte
+    /// `bits / 8` on after a `put` (bytes past the last bit are scratch: zero, overwritten
+    /// or cut off).
     out: Vec<u8>,
-    /// Pending bits live in the low `filled` bits of `acc` (`filled < 32` between calls);
-    /// the bits above them are stale and ignored.
+    bits: usize,
+    /// The pending bits (those of the incomplete byte `bits / 8`) live in the low `bits % 8`
+    /// bits of `acc`; the bits above them are stale and ignored.
     acc: u64,
-    filled: u32,
 }
 
 impl BitWriter {
-    /// A writer whose output vector starts with `bytes` of capacity.
+    /// The most bits one [`BitWriter::put`] takes: with up to 7 pending bits they fill at
+    /// most 63 bits of the accumulator.
+    pub const MAX_PUT_BITS: u32 = 56;
+
+    /// A writer whose output vector starts with `bytes` of room.
     pub fn with_capacity(bytes: usize) -> Self {
         BitWriter {
-            out: Vec::with_capacity(bytes),
+            out: vec![0; bytes + 8],
+            bits: 0,
             acc: 0,
-            filled: 0,
         }
     }
 
-    /// Appends the low `n` bits of `value` (`n <= 32`, `value < 2^n`), most significant first.
-    #[inline]
+    /// Appends the low `n` bits of `value` (`n <= MAX_PUT_BITS`, `value < 2^n`), most
+    /// significant first.
+    #[inline(always)]
     pub fn put(&mut self, value: u64, n: u32) {
-        debug_assert!(n <= 32 && (n == 32 || value >> n == 0));
-        if n == 0 {
-            return;
+        debug_assert!(n <= Self::MAX_PUT_BITS && value >> n == 0);
+        if n > 0 {
+            self.put_nonempty(value, n);
+        }
+    }
+
+    /// [`BitWriter::put`] for `1 <= n <= MAX_PUT_BITS`.
+    #[inline(always)]
+    fn put_nonempty(&mut self, value: u64, n: u32) {
+        let byte = self.bits / 8;
+        if self.out.len() < byte + 8 {
+            // Only the vector goes to the (cold) call: the accumulator and the bit count stay
+            // in registers in a caller's loop.
+            grow(&mut self.out, byte + 8);
         }
         self.acc = (self.acc << n) | value;
-        self.filled += n;
-        if self.filled >= 32 {
-            self.filled -= 32;
-            let word = (self.acc >> self.filled) as u32;
-            self.out.extend_from_slice(&word.to_be_bytes());
-        }
+        // 1 <= pending <= 63: the pending bits, left-aligned, stale bits shifted out, stored
+        // from the incomplete byte on.
+        let pending = (self.bits % 8) as u32 + n;
+        let word = self.acc << (64 - pending);
+        self.out[byte..byte + 8].copy_from_slice(&word.to_be_bytes());
+        self.bits += n as usize;
     }
 
-    /// Appends `count` one bits.
+    /// Appends `count` one bits. (Inlined, as `put`, so that a caller's loop keeps the
+    /// writer in registers.)
+    #[inline(always)]
     pub fn put_ones(&mut self, mut count: u64) {
         while count >= 32 {
             self.put(0xFFFF_FFFF, 32);
@@ -96,21 +119,23 @@ impl BitWriter {
 
     /// Number of bits written so far.
     pub fn bit_len(&self) -> u64 {
-        self.out.len() as u64 * 8 + u64::from(self.filled)
+        self.bits as u64
     }
 
     /// Pads the last byte with zero bits and returns the bytes.
     pub fn finish(mut self) -> Vec<u8> {
-        let nbytes = self.filled.div_ceil(8);
-        if nbytes > 0 {
-            let mask = (1u64 << self.filled) - 1;
-            let v = (self.acc & mask) << (nbytes * 8 - self.filled);
-            for i in (0..nbytes).rev() {
-                self.out.push((v >> (8 * i)) as u8);
-            }
-        }
+        // The last put stored the pending bits followed by zeros.
+        self.out.truncate(self.bits.div_ceil(8));
         self.out
     }
+}
+
+/// Doubles `out`'s length (zero-filled), to at least `min_len`.
+#[cold]
+#[inline(never)]
+fn grow(out: &mut Vec<u8>, min_len: usize) {
+    let len = (out.len() * 2).max(min_len);
+    out.resize(len, 0);
 }
 
 /// Reads bits MSB-first from a byte slice; never reads past its end.
@@ -260,6 +285,10 @@ pub struct GolombCode {
     pub b: u32,
     /// `u = 2^b - m`: remainders below `u` take `b - 1` bits.
     pub u: u32,
+    /// `ceil(2^64 / m)` for `m >= 2` (0 for `m = 1`): `g / m = (g * rcp) >> 64` exactly for
+    /// every `g < 2^32` (Lemire, Kaser, Kurz, "Faster remainder by direct computation":
+    /// a 32-bit numerator and a 64-bit reciprocal).
+    pub rcp: u64,
 }
 
 impl GolombCode {
@@ -268,23 +297,40 @@ impl GolombCode {
         let m = m.max(1);
         let b = 32 - (m - 1).leading_zeros();
         let u = ((1u64 << b) - u64::from(m)) as u32;
-        GolombCode { m, b, u }
+        // ceil(2^64 / m) = floor((2^64 - 1) / m) + 1 for m >= 2 (m divides 2^64 only as a
+        // power of two, and then both sides are 2^64 / m).
+        let rcp = if m == 1 {
+            0
+        } else {
+            u64::MAX / u64::from(m) + 1
+        };
+        GolombCode { m, b, u, rcp }
+    }
+
+    /// `(gap / m, gap % m)` without a division.
+    #[inline(always)]
+    fn divide(&self, gap: u32) -> (u32, u32) {
+        if self.m == 1 {
+            return (gap, 0);
+        }
+        let q = ((u128::from(gap) * u128::from(self.rcp)) >> 64) as u32;
+        (q, gap - q * self.m)
     }
 
     /// Appends the codeword of `gap`.
-    #[inline]
+    #[inline(always)]
     pub fn put(&self, w: &mut BitWriter, gap: u32) {
-        let q = gap / self.m;
-        let r = gap % self.m;
-        let (rv, rn) = if r < self.u {
-            (u64::from(r), self.b - 1)
-        } else {
-            (u64::from(r + self.u), self.b)
-        };
-        if q + 1 + rn <= 32 {
+        let (q, r) = self.divide(gap);
+        // Truncated binary, branch-free: `long` when r >= u (always for u = 0, which covers
+        // m = 1 with b = 0: then nothing is written).
+        let long = u32::from(r >= self.u);
+        let rv = u64::from(r + (self.u & long.wrapping_neg()));
+        let rn = (self.b + long).wrapping_sub(1);
+        // q + 1 + rn <= MAX_PUT_BITS, written so that no q (up to 2^32 - 1) overflows.
+        if q < BitWriter::MAX_PUT_BITS - rn {
             // q ones, a zero, the remainder: one field.
             let unary = ((1u64 << q) - 1) << 1;
-            w.put((unary << rn) | rv, q + 1 + rn);
+            w.put_nonempty((unary << rn) | rv, q + 1 + rn);
         } else {
             w.put_ones(u64::from(q));
             w.put(0, 1);
@@ -356,15 +402,13 @@ pub fn encode_block_positions(n: u32, offsets: &[u32]) -> Vec<u8> {
     if k == 0 || k == n {
         return Vec::new();
     }
-    if 2 * u64::from(k) <= u64::from(n) {
-        let code = GolombCode::new(golomb_parameter(n, k));
-        let mut w = BitWriter::with_capacity(estimate_bytes(n, k, code));
+    if let Some(mut direct) = DirectWriter::new(n, k) {
         let mut next = 0u32;
         for &o in offsets {
-            code.put(&mut w, o - next);
+            direct.put_gap(o - next);
             next = o + 1;
         }
-        w.finish()
+        direct.finish()
     } else {
         let c = n - k;
         let code = GolombCode::new(golomb_parameter(n, c));
@@ -384,6 +428,39 @@ pub fn encode_block_positions(n: u32, offsets: &[u32]) -> Vec<u8> {
             cursor = o + 1;
         }
         w.finish()
+    }
+}
+
+/// Writes a direct-mode block position stream (`0 < 2k <= n`) one gap at a time, so that a
+/// caller can interleave it with the level stream of the same block (the encoder side of
+/// [`DirectPositions`]); [`encode_block_positions`] uses it.
+#[derive(Debug)]
+pub struct DirectWriter {
+    code: GolombCode,
+    w: BitWriter,
+}
+
+impl DirectWriter {
+    /// A writer for `k` kept offsets among `n` elements, or `None` unless `0 < 2k <= n`.
+    pub fn new(n: u32, k: u32) -> Option<Self> {
+        (k > 0 && 2 * u64::from(k) <= u64::from(n)).then(|| {
+            let code = GolombCode::new(golomb_parameter(n, k));
+            DirectWriter {
+                code,
+                w: BitWriter::with_capacity(estimate_bytes(n, k, code)),
+            }
+        })
+    }
+
+    /// Appends the next kept offset's gap (`o_0`, then `o_i - o_(i-1) - 1`).
+    #[inline(always)]
+    pub fn put_gap(&mut self, gap: u32) {
+        self.code.put(&mut self.w, gap);
+    }
+
+    /// The padded stream.
+    pub fn finish(self) -> Vec<u8> {
+        self.w.finish()
     }
 }
 
@@ -602,12 +679,18 @@ mod tests {
 
     #[test]
     fn codec_golomb_constants() {
-        assert_eq!(GolombCode::new(1), GolombCode { m: 1, b: 0, u: 0 });
-        assert_eq!(GolombCode::new(2), GolombCode { m: 2, b: 1, u: 0 });
-        assert_eq!(GolombCode::new(3), GolombCode { m: 3, b: 2, u: 1 });
-        assert_eq!(GolombCode::new(7), GolombCode { m: 7, b: 3, u: 1 });
-        assert_eq!(GolombCode::new(8), GolombCode { m: 8, b: 3, u: 0 });
-        assert_eq!(GolombCode::new(9), GolombCode { m: 9, b: 4, u: 7 });
+        let mbu = |c: GolombCode| (c.m, c.b, c.u);
+        assert_eq!(mbu(GolombCode::new(1)), (1, 0, 0));
+        assert_eq!(mbu(GolombCode::new(2)), (2, 1, 0));
+        assert_eq!(mbu(GolombCode::new(3)), (3, 2, 1));
+        assert_eq!(mbu(GolombCode::new(7)), (7, 3, 1));
+        assert_eq!(mbu(GolombCode::new(8)), (8, 3, 0));
+        assert_eq!(mbu(GolombCode::new(9)), (9, 4, 7));
+        // Reciprocals: ceil(2^64 / m); 2^63 for m = 2, 0 (unused) for m = 1.
+        assert_eq!(GolombCode::new(1).rcp, 0);
+        assert_eq!(GolombCode::new(2).rcp, 1 << 63);
+        assert_eq!(GolombCode::new(3).rcp, 0x5555_5555_5555_5556);
+        assert_eq!(GolombCode::new(8).rcp, 1 << 61);
     }
 
     #[test]
@@ -757,5 +840,153 @@ mod tests {
         }
         // Both outcomes were exercised.
         assert!(ok > 10 && refused > 100, "{ok} accepted, {refused} refused");
+    }
+
+    /// Appends the codeword of `gap` under divisor `m`, one bit at a time, straight from the
+    /// module docs (division, unary, truncated binary): the reference for the writer.
+    fn push_codeword_reference(bits: &mut Vec<bool>, m: u32, gap: u32) {
+        let (q, r) = (gap / m, gap % m);
+        bits.extend(std::iter::repeat_n(true, q as usize));
+        bits.push(false);
+        let b = (0..=32).find(|&b| 1u64 << b >= u64::from(m)).unwrap();
+        let u = (1u64 << b) - u64::from(m);
+        let (v, width) = if u64::from(r) < u {
+            (u64::from(r), b - 1)
+        } else {
+            (u64::from(r) + u, b)
+        };
+        bits.extend((0..width).rev().map(|i| v >> i & 1 == 1));
+    }
+
+    /// Packs bits MSB-first, zero-padded.
+    fn pack(bits: &[bool]) -> Vec<u8> {
+        bits.chunks(8)
+            .map(|c| {
+                c.iter()
+                    .enumerate()
+                    .fold(0u8, |a, (i, &b)| a | u8::from(b) << (7 - i))
+            })
+            .collect()
+    }
+
+    /// A block's position stream from the module docs: the coded set (kept offsets, or the
+    /// non-kept ones when 2k > n), its gaps, one codeword after the other, bit by bit.
+    fn block_positions_reference(n: u32, offsets: &[u32]) -> Vec<u8> {
+        let k = offsets.len() as u32;
+        if k == 0 || k == n {
+            return Vec::new();
+        }
+        let coded: Vec<u32> = if 2 * k <= n {
+            offsets.to_vec()
+        } else {
+            (0..n)
+                .filter(|o| offsets.binary_search(o).is_err())
+                .collect()
+        };
+        let m = golomb_parameter(n, coded.len() as u32);
+        let mut bits = Vec::new();
+        let mut next = 0;
+        for &o in &coded {
+            push_codeword_reference(&mut bits, m, o - next);
+            next = o + 1;
+        }
+        pack(&bits)
+    }
+
+    #[test]
+    fn codec_golomb_division_by_reciprocal_is_exact() {
+        use crate::splitmix::mix64;
+        let mut divisors: Vec<u32> = (1..=1000)
+            .chain([u32::MAX, u32::MAX - 1, 1 << 31])
+            .collect();
+        divisors.extend((0..2000).map(|i| (mix64(i) >> (32 + i % 32)) as u32 | 1));
+        divisors.extend((0..31).map(|b| 1u32 << b));
+        for m in divisors {
+            let code = GolombCode::new(m);
+            let mut gaps = vec![0, 1, m - 1, m, m.saturating_add(1), u32::MAX, u32::MAX - 1];
+            let top = u32::MAX / m; // largest quotient
+            for j in [1, 2, top / 2, top.saturating_sub(1), top] {
+                let g = u64::from(j) * u64::from(m);
+                gaps.extend(
+                    [g.saturating_sub(1), g, g + 1].map(|g| g.min(u64::from(u32::MAX)) as u32),
+                );
+            }
+            gaps.extend((0..16).map(|i| mix64(u64::from(m) << 8 | i) as u32));
+            for g in gaps {
+                assert_eq!(code.divide(g), (g / m, g % m), "{g} / {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn codec_golomb_writer_equals_bitwise_reference() {
+        use crate::splitmix::mix64;
+        // Per divisor, a run of codewords in one writer (so they straddle every byte and word
+        // boundary), including unary parts of 0 to 200 bits (over 32 and 56).
+        let mut divisors: Vec<u32> = (1..=40).chain([63, 64, 65, 1000, 726_817]).collect();
+        divisors.extend((0..40).map(|i| (mix64(i) >> (33 + i % 31)) as u32 | 1));
+        divisors.extend([1u32 << 31, u32::MAX]);
+        for (t, &m) in divisors.iter().enumerate() {
+            let code = GolombCode::new(m);
+            let mut w = BitWriter::default();
+            let mut bits = Vec::new();
+            for i in 0..300u64 {
+                let r = mix64((t as u64) << 20 | i);
+                let q = match i % 5 {
+                    0 => r % 201,
+                    _ => r % 3,
+                };
+                let gap = (q * u64::from(m) + (r >> 32) % u64::from(m)).min(u64::from(u32::MAX));
+                let gap = gap as u32;
+                code.put(&mut w, gap);
+                push_codeword_reference(&mut bits, m, gap);
+                assert_eq!(w.bit_len(), bits.len() as u64, "m {m}, codeword {i}");
+            }
+            assert_eq!(w.finish(), pack(&bits), "m {m}");
+        }
+    }
+
+    #[test]
+    fn codec_block_positions_equal_bitwise_reference() {
+        use crate::splitmix::mix64;
+        let mut cases: Vec<(u32, Vec<u32>)> = vec![
+            (1, vec![]),
+            (1, vec![0]),
+            (2, vec![1]),
+            (3, vec![0, 2]),
+            // k = n / 2 exactly: direct mode with m = 1, then one gap of 500 ones.
+            (1000, (0..499).chain([999]).collect()),
+            // Complement mode (2k > n): non-kept 0..400 and 999, m = 1, then a gap of 598.
+            (1000, (400..999).collect()),
+            // Almost all kept, almost none kept.
+            (5000, (0..5000).filter(|&o| o != 2500).collect()),
+            (1 << 20, vec![(1 << 20) - 1]),
+            (1 << 20, vec![0]),
+        ];
+        for seed in 0..300u64 {
+            let n = 1 + (mix64(seed) % 5000) as u32;
+            // Densities from 2^-12 to 1.
+            let shift = mix64(seed + 1) % 13;
+            let offsets: Vec<u32> = (0..n)
+                .filter(|&o| mix64(seed << 32 | u64::from(o)) >> (64 - 12) < 4096 >> shift)
+                .collect();
+            cases.push((n, offsets));
+        }
+        let mut complement = 0;
+        for (n, offsets) in &cases {
+            let bytes = encode_block_positions(*n, offsets);
+            assert_eq!(
+                bytes,
+                block_positions_reference(*n, offsets),
+                "n {n}, {offsets:?}"
+            );
+            if !offsets.is_empty() && offsets.len() < *n as usize {
+                let mut out = vec![0u32; offsets.len()];
+                decode_block_positions(*n, 0, &bytes, &mut out).unwrap();
+                assert_eq!(&out, offsets);
+            }
+            complement += usize::from(2 * offsets.len() > *n as usize);
+        }
+        assert!(complement > 20, "{complement} complement-mode blocks");
     }
 }

@@ -25,7 +25,9 @@
 //! while x >= ((RANS_L >> PROB_BITS) << 8) * f { emit byte (x & 0xFF); x >>= 8 }
 //! x = ((x / f) << PROB_BITS) + (x % f) + c
 //! ```
-//! then emits the final state. The stream is stored so that the decoder reads it front to
+//! then emits the final state (the encoder computes this step without a division, with a
+//! per-symbol reciprocal, and renormalizes without a loop: same bytes, see `EncSymbol` and
+//! [`Encoder`]). The stream is stored so that the decoder reads it front to
 //! back: bytes 0..4 are the final state, little-endian, followed by the renormalization bytes
 //! in reverse order of emission. The decoder reads `x` from the first 4 bytes, then for each
 //! symbol, in forward order:
@@ -127,6 +129,56 @@ pub struct FreqTable {
     /// For each slot in `0..PROB_SCALE`, its symbol; empty unless at least two symbols occur.
     slot_symbol: Vec<u8>,
     single: Option<u8>,
+    /// Each symbol's encoding constants (all 256, so that a `u8` indexes without a bounds
+    /// check; zero for symbols out of the table).
+    enc: Box<[EncSymbol; 256]>,
+}
+
+/// How the encoder codes one symbol of frequency `f >= 1` and cumulative frequency `c`
+/// without a division (ryg_rans' `RansEncSymbol`, with a 64-bit reciprocal):
+/// `x' = (x / f) * M + x % f + c = x + (x / f) * (M - f) + c`, where
+/// `x / f = (x * rcp) >> 64` exactly for every `x < 2^32` when `rcp = ceil(2^64 / f)` and
+/// `f >= 2` (Lemire, Kaser, Kurz: 32-bit numerator, divisor below `2^32`, 64-bit reciprocal).
+/// For `f = 1`, `rcp = 2^64 - 1` gives `x - 1` (for `x >= 1`) instead of `x`, and `bias`
+/// adds the missing `M - 1`: `x + (x - 1) (M - 1) + c + M - 1 = x M + c`.
+#[derive(Debug, Clone, Copy, Default)]
+struct EncSymbol {
+    /// Renormalization bound `((RANS_L >> PROB_BITS) << 8) * f`; 0 marks `f = 0`.
+    x_max: u32,
+    /// The reciprocal of `f` (see the type's docs).
+    rcp: u64,
+    /// `c`, plus `M - 1` when `f = 1`.
+    bias: u32,
+    /// `M - f`.
+    cmpl: u32,
+}
+
+impl EncSymbol {
+    /// The constants for frequency `f` (`1..=PROB_SCALE`) and cumulative frequency `c`.
+    fn new(f: u32, c: u32) -> Self {
+        let (rcp, bias) = if f == 1 {
+            (u64::MAX, c + PROB_SCALE - 1)
+        } else {
+            // ceil(2^64 / f) = floor((2^64 - 1) / f) + 1 for every f >= 2 (f divides 2^64
+            // only as a power of two, and then both sides are 2^64 / f).
+            (u64::MAX / u64::from(f) + 1, c)
+        };
+        EncSymbol {
+            x_max: ((RANS_L >> PROB_BITS) << 8) * f,
+            rcp,
+            bias,
+            cmpl: PROB_SCALE - f,
+        }
+    }
+
+    /// The state after coding this symbol from the renormalized state `x`
+    /// (`x < x_max <= 2^31`).
+    #[inline(always)]
+    fn code(&self, x: u32) -> u32 {
+        let q = ((u128::from(x) * u128::from(self.rcp)) >> 64) as u32;
+        // The sum is the new state (< 2^31); every term is nonnegative, so nothing wraps.
+        x + self.bias + q * self.cmpl
+    }
 }
 
 impl FreqTable {
@@ -147,11 +199,18 @@ impl FreqTable {
                 slot_symbol.extend(std::iter::repeat_n(s as u8, f as usize));
             }
         }
+        let mut enc = Box::new([EncSymbol::default(); 256]);
+        for (e, (&f, &c)) in enc.iter_mut().zip(freq.iter().zip(&cum)) {
+            if f > 0 && f < PROB_SCALE {
+                *e = EncSymbol::new(f, c);
+            }
+        }
         Ok(FreqTable {
             freq,
             cum,
             slot_symbol,
             single,
+            enc,
         })
     }
 
@@ -177,23 +236,78 @@ pub fn encode(table: &FreqTable, symbols: &[u8]) -> Result<Vec<u8>, &'static str
             _ => Ok(Vec::new()),
         };
     }
-    let mut out = Vec::with_capacity(symbols.len() / 2 + 8);
-    let mut x: u32 = RANS_L;
+    let mut encoder = Encoder::new(symbols.len());
     for &s in symbols.iter().rev() {
-        let f = table.freq.get(usize::from(s)).copied().unwrap_or(0);
-        if f == 0 {
+        encoder.put(table, s)?;
+    }
+    Ok(encoder.finish())
+}
+
+/// Encodes one (non-empty, multi-symbol) rANS stream symbol by symbol, in *reverse* order
+/// (last symbol first), so that a caller can interleave it with the position stream of the
+/// same block; [`encode`] uses it. The stream is written back to front into a buffer sized
+/// for the worst case, so that it needs no final reversal.
+#[derive(Debug)]
+pub struct Encoder {
+    /// The stream is `buf[pos..]` once the state is flushed.
+    buf: Vec<u8>,
+    pos: usize,
+    x: u32,
+}
+
+/// Most bytes one symbol emits: the state is below `2^31 = 256 RANS_L` and the
+/// renormalization bound at least `2^16`, so at most two bytes are shifted out.
+const MAX_BYTES_PER_SYMBOL: usize = 2;
+/// Bytes below the write position when every symbol has been coded: room for the final
+/// 4-byte state and for `put`'s 2-byte store. (A symbol count instead of this bound costs a
+/// counter in the hot loop.)
+const MIN_ROOM: usize = 4 + MAX_BYTES_PER_SYMBOL;
+
+impl Encoder {
+    /// An encoder for (at most) `symbols` symbols.
+    pub fn new(symbols: usize) -> Self {
+        let len = symbols * MAX_BYTES_PER_SYMBOL + MIN_ROOM;
+        Encoder {
+            buf: vec![0; len],
+            pos: len,
+            x: RANS_L,
+        }
+    }
+
+    /// Codes `s` (symbols go in reverse order). Fails for a symbol of frequency 0 (or out of
+    /// the table, or under a single-symbol table, whose streams are empty), and when the
+    /// buffer runs out of room, which it does not within the symbol count given to
+    /// [`Encoder::new`].
+    #[inline(always)]
+    pub fn put(&mut self, table: &FreqTable, s: u8) -> Result<(), &'static str> {
+        let sym = &table.enc[usize::from(s)];
+        if sym.x_max == 0 {
             return Err("level has zero frequency in the histogram");
         }
-        let x_max = ((RANS_L >> PROB_BITS) << 8) * f;
-        while x >= x_max {
-            out.push(x as u8);
-            x >>= 8;
+        if self.pos < MIN_ROOM + MAX_BYTES_PER_SYMBOL {
+            return Err("more symbols than the encoder was sized for");
         }
-        x = ((x / f) << PROB_BITS) + (x % f) + table.cum[usize::from(s)];
+        // Renormalize without a loop: the bytes `while x >= x_max { emit x & 0xFF; x >>= 8 }`
+        // emits (at most two, see MAX_BYTES_PER_SYMBOL), stored back to front with one
+        // 2-byte store; a byte below `pos` that is not emitted is overwritten later (or lies
+        // outside the stream).
+        let x = self.x;
+        let emitted =
+            usize::from(x >= sym.x_max) + usize::from(u64::from(x) >= u64::from(sym.x_max) << 8);
+        self.buf[self.pos - 2..self.pos].copy_from_slice(&(x as u16).to_be_bytes());
+        self.pos -= emitted;
+        self.x = sym.code(x >> (8 * emitted));
+        Ok(())
     }
-    out.extend_from_slice(&x.to_be_bytes());
-    out.reverse();
-    Ok(out)
+
+    /// Flushes the state and returns the stream.
+    pub fn finish(mut self) -> Vec<u8> {
+        // `put` leaves pos >= MIN_ROOM >= 4.
+        self.pos -= 4;
+        self.buf[self.pos..self.pos + 4].copy_from_slice(&self.x.to_le_bytes());
+        self.buf.drain(..self.pos);
+        self.buf
+    }
 }
 
 /// Decodes `out.len()` symbols from one rANS stream, which must be consumed exactly and end in
@@ -375,5 +489,141 @@ mod tests {
         decode(&table, &[], &mut out).unwrap();
         assert_eq!(out, [3, 3, 3]);
         assert!(decode(&table, &[0], &mut out).is_err());
+    }
+
+    /// The straightforward encoder (division, byte-wise renormalization loop, push and a
+    /// final reversal): the reference for [`encode`].
+    fn encode_by_division(table: &FreqTable, symbols: &[u8]) -> Result<Vec<u8>, &'static str> {
+        if symbols.is_empty() || table.single.is_some() {
+            return match table.single {
+                Some(s) if symbols.iter().any(|&v| v != s) => Err("zero frequency"),
+                _ => Ok(Vec::new()),
+            };
+        }
+        let mut out = Vec::new();
+        let mut x: u32 = RANS_L;
+        for &s in symbols.iter().rev() {
+            let f = table.freq.get(usize::from(s)).copied().unwrap_or(0);
+            if f == 0 {
+                return Err("zero frequency");
+            }
+            while x >= ((RANS_L >> PROB_BITS) << 8) * f {
+                out.push(x as u8);
+                x >>= 8;
+            }
+            x = ((x / f) << PROB_BITS) + (x % f) + table.cum[usize::from(s)];
+        }
+        out.extend_from_slice(&x.to_be_bytes());
+        out.reverse();
+        Ok(out)
+    }
+
+    #[test]
+    fn codec_rans_reciprocal_step_equals_division() {
+        use crate::splitmix::mix64;
+        // Every frequency, states at the edges of the renormalized range, and random ones
+        // in it.
+        for f in 1..PROB_SCALE {
+            let sym = EncSymbol::new(f, 7);
+            let x_max = ((RANS_L >> PROB_BITS) << 8) * f;
+            // `code` takes renormalized states: 256 f <= x < x_max (<= 2^31).
+            let mut xs = vec![256 * f, 256 * f + 1, x_max - f, x_max - 1];
+            xs.extend((0..8).map(|i| {
+                256 * f + (mix64(u64::from(f) * 8 + i) % u64::from(x_max - 256 * f)) as u32
+            }));
+            for x in xs {
+                let want = u64::from(x / f) * u64::from(PROB_SCALE) + u64::from(x % f) + 7;
+                assert_eq!(u64::from(sym.code(x)), want, "f {f}, x {x}");
+            }
+        }
+    }
+
+    /// A table with the given frequencies (as counts: normalize keeps exact proportions).
+    fn table_of(freqs: &[u64]) -> FreqTable {
+        let t = FreqTable::from_counts(freqs).unwrap();
+        assert_eq!(
+            t.freqs().iter().map(|&f| u64::from(f)).collect::<Vec<_>>(),
+            freqs
+        );
+        t
+    }
+
+    #[test]
+    fn codec_rans_encoder_equals_reference() {
+        use crate::splitmix::mix64;
+        let m = u64::from(PROB_SCALE);
+        let mut tables = vec![
+            // f = 1 next to f = max.
+            table_of(&[1, m - 1]),
+            table_of(&[m - 1, 1]),
+            table_of(&[1, m - 2, 0, 1]),
+            table_of(&[m / 2, m / 2]),
+            // 256 symbols: one with all but 255, the others 1.
+            table_of(&std::iter::once(m - 255).chain([1; 255]).collect::<Vec<_>>()),
+            // Single symbol: empty streams.
+            table_of(&[0, m, 0, 0]),
+        ];
+        for seed in 0..20u64 {
+            let n = 2 + (mix64(seed) % 255) as usize;
+            let counts: Vec<u64> = (0..n)
+                .map(|i| mix64(seed << 16 | i as u64) % 1000 * u64::from(i % 3 != 0))
+                .collect();
+            if counts.iter().sum::<u64>() > 0 {
+                tables.push(FreqTable::from_counts(&counts).unwrap());
+            }
+        }
+        for (t, table) in tables.iter().enumerate() {
+            let coded: Vec<u8> = (0..=255u8)
+                .filter(|&s| table.freqs().get(usize::from(s)).is_some_and(|&f| f > 0))
+                .collect();
+            for (len, seed) in [
+                (0usize, 1u64),
+                (1, 2),
+                (2, 3),
+                (7, 4),
+                (1000, 5),
+                (100_000, 6),
+            ] {
+                // Symbols drawn uniformly among the coded ones (far from the model: long
+                // runs of rare symbols, two renormalization bytes per step).
+                let symbols: Vec<u8> = (0..len)
+                    .map(|i| coded[(mix64(seed << 32 | i as u64) % coded.len() as u64) as usize])
+                    .collect();
+                let fast = encode(table, &symbols).unwrap();
+                assert_eq!(
+                    fast,
+                    encode_by_division(table, &symbols).unwrap(),
+                    "table {t}, {len}"
+                );
+                let mut out = vec![0u8; len];
+                decode(table, &fast, &mut out).unwrap();
+                assert_eq!(out, symbols, "table {t}, {len}");
+            }
+            // A symbol of frequency 0 or beyond the table is refused, as by the reference.
+            if let Some(z) = (0..=255u8).find(|&s| !coded.contains(&s)) {
+                let symbols = [coded[0], z, coded[0]];
+                assert!(encode(table, &symbols).is_err());
+                assert!(encode_by_division(table, &symbols).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn codec_rans_encoder_refuses_symbols_past_its_room() {
+        // Symbol 0 has f = 1: every step after the first emits two bytes, so an encoder
+        // sized for 2 symbols takes 2 and then runs out of room within a few more.
+        let table = FreqTable::from_counts(&[1, u64::from(PROB_SCALE) - 1]).unwrap();
+        let mut e = Encoder::new(2);
+        let mut accepted = 0;
+        while e.put(&table, 0).is_ok() {
+            accepted += 1;
+            assert!(accepted < 10, "no refusal");
+        }
+        assert!(accepted >= 2, "{accepted} accepted");
+        // The accepted symbols still make a valid stream.
+        let bytes = e.finish();
+        let mut out = vec![1u8; accepted];
+        decode(&table, &bytes, &mut out).unwrap();
+        assert!(out.iter().all(|&s| s == 0));
     }
 }

@@ -700,3 +700,129 @@ fn codec_block_beside_another_decodes_as_each_alone() {
         "{accepted} accepted, {refused} refused"
     );
 }
+
+#[test]
+fn codec_fused_block_encoder_equals_one_stream_after_the_other() {
+    // Blocks in every mode (direct, complement, empty, full), with multi- and single-symbol
+    // tables: encode_block (one loop where it applies) against the two streams coded apart
+    // from the offsets (each checked against its bit-level reference in golomb and rans).
+    let mut fused = 0;
+    for (seed, p, bits) in [
+        (1u64, 0.05, 4),
+        (2, 0.3, 2),
+        (3, 0.5, 1),
+        (4, 0.7, 3),
+        (5, 1.0, 2),
+        (6, 0.001, 8),
+        (7, 0.0, 1),
+    ] {
+        let c = gen(seed, 3 * BLOCK_ELEMENTS + 4321, p, bits);
+        let mut cases = vec![(c.counts.clone(), c.levels.clone())];
+        // The same entries under a single-symbol table (all levels 0).
+        let mut single = vec![0u64; c.counts.len()];
+        single[0] = c.positions.len() as u64;
+        cases.push((single, vec![0; c.levels.len()]));
+        for (counts, levels) in &cases {
+            let codec = BlockCodec::new(c.numel, counts).unwrap();
+            for b in 0..codec.block_count() {
+                let (start, len) = codec.block_range(b);
+                let lo = c.positions.partition_point(|&x| u64::from(x) < start);
+                let hi = c
+                    .positions
+                    .partition_point(|&x| u64::from(x) < start + u64::from(len));
+                let (ps, ls) = (&c.positions[lo..hi], &levels[lo..hi]);
+                let got = codec.encode_block(b, ps, ls).unwrap();
+                let (pw, lw) = codec.encode_streams_apart(b, ps, ls).unwrap();
+                assert_eq!(
+                    (&got.positions, &got.levels),
+                    (&pw, &lw),
+                    "seed {seed}, block {b}"
+                );
+                let k = ps.len() as u32;
+                fused +=
+                    usize::from(k > 0 && 2 * k <= len && codec.table().single_symbol().is_none());
+            }
+        }
+    }
+    assert!(fused >= 10, "{fused} blocks took the fused path");
+}
+
+#[test]
+fn codec_fused_block_encoder_reports_bad_entries_as_before() {
+    // Block 1 of a 3-block tensor, direct mode: every problem the fused loop meets is named
+    // by the one-stream-after-the-other path.
+    let codec = BlockCodec::new(3 * BLOCK_ELEMENTS, &[5, 5, 0, 1]).unwrap();
+    let s = BLOCK_ELEMENTS as u32;
+    let message = |positions: &[u32], levels: &[u8]| match codec.encode_block(1, positions, levels)
+    {
+        Err(CodecError::Input(m)) => m,
+        other => panic!("{positions:?} {levels:?}: {other:?}"),
+    };
+    assert_eq!(
+        message(&[s + 5, s + 5], &[0, 1]),
+        format!(
+            "block 1: position {} (entry 1 of the block) is not strictly increasing",
+            s + 5
+        )
+    );
+    assert_eq!(
+        message(&[s + 5, s - 1], &[0, 1]),
+        format!(
+            "block 1: position {} (entry 1 of the block) is not strictly increasing",
+            s - 1
+        )
+    );
+    assert_eq!(
+        message(&[s - 1, s + 5], &[0, 1]),
+        format!(
+            "block 1: position {} (entry 0 of the block) is not strictly increasing",
+            s - 1
+        )
+    );
+    assert_eq!(
+        message(&[s + 5, 2 * s], &[0, 1]),
+        format!(
+            "block 1: position {} (entry 1 of the block) is beyond the block (or the tensor)",
+            2 * s
+        )
+    );
+    // A zero-frequency level (2), and one beyond the table (9), with valid positions.
+    for bad in [2u8, 9] {
+        assert_eq!(
+            message(&[s + 5, s + 9, s + 20], &[0, bad, 1]),
+            "block 1: level has zero frequency in the histogram"
+        );
+    }
+    // Both wrong: the position problem is reported (positions are checked first).
+    assert!(message(&[s + 9, s + 5], &[2, 0]).contains("not strictly increasing"));
+    // A valid block round-trips.
+    let enc = codec
+        .encode_block(1, &[s + 5, s + 9, s + 20], &[0, 3, 1])
+        .unwrap();
+    let (mut p, mut l) = ([0u32; 3], [0u8; 3]);
+    codec
+        .decode_block(1, &enc.info, &enc.positions, &enc.levels, &mut p, &mut l)
+        .unwrap();
+    assert_eq!((p, l), ([s + 5, s + 9, s + 20], [0, 3, 1]));
+}
+
+#[test]
+fn codec_level_histogram_counts_every_level() {
+    // Against a plain count: several 2^16-entry chunks plus a tail that is not a multiple of
+    // four, long runs of one level (every sub-histogram takes a share) and all 256 levels.
+    let mut rng = Rng::new(11);
+    let mut levels: Vec<u8> = (0..3 * (1 << 16) + 7).map(|_| rng.next() as u8).collect();
+    levels[1000..90_000].fill(200);
+    let mut want = vec![0u64; 256];
+    for &l in &levels {
+        want[usize::from(l)] += 1;
+    }
+    assert_eq!(level_histogram(&levels), want);
+    assert!(want[200] >= 89_000);
+    assert_eq!(level_histogram(&levels[..3]), {
+        let mut h = vec![0u64; 256];
+        levels[..3].iter().for_each(|&l| h[usize::from(l)] += 1);
+        h
+    });
+    assert_eq!(level_histogram(&[]), vec![0u64; 256]);
+}
