@@ -23,7 +23,7 @@
 use super::cpu::{
     for_chunks, level_histogram, thresholds_in_windows, window_start, Windows, WINDOW_SIGMAS,
 };
-use super::{check_kept, kernels, EngineError, KeptEntries, PackedLevels};
+use super::{check_kept, kernels, EngineError, KeptEntries, PackedLevels, SPARE_U32, SPARE_U8};
 use crate::algorithm::selection::element_key;
 use crate::algorithm::{SelectionPlan, TensorKey, TensorStats};
 use rayon::prelude::*;
@@ -123,11 +123,12 @@ impl CandidateSet {
             }
             piece
         });
+        let total = pieces.iter().map(|p| p.positions.len()).sum();
         let mut set = CandidateSet {
             key,
             below: vec![0; n_levels],
-            positions: Vec::with_capacity(pieces.iter().map(|p| p.positions.len()).sum()),
-            levels: Vec::with_capacity(pieces.iter().map(|p| p.levels.len()).sum()),
+            positions: SPARE_U32.with_capacity(total),
+            levels: SPARE_U8.with_capacity(total),
         };
         for p in pieces {
             set.positions.extend_from_slice(&p.positions);
@@ -140,6 +141,12 @@ impl CandidateSet {
             .map(|(n, c)| n - c)
             .collect();
         set
+    }
+
+    /// Hands the buffers over to the next tensor's.
+    pub fn recycle(self) {
+        SPARE_U32.give(self.positions);
+        SPARE_U8.give(self.levels);
     }
 
     /// Number of candidates.
@@ -195,6 +202,7 @@ impl CandidateSet {
             }
         };
         let kept = self.kept_at(&keys, &thresholds, &tally.kept_per_piece(&thresholds));
+        SPARE_U32.give(keys);
         check_kept(&kept, plan)?;
         Ok(kept)
     }
@@ -232,7 +240,7 @@ impl CandidateSet {
     /// Every candidate's selection key, in parallel.
     fn keys(&self) -> Vec<u32> {
         let key = self.key;
-        let mut keys = vec![0u32; self.len()];
+        let mut keys = SPARE_U32.filled(self.len());
         keys.par_chunks_mut(PIECE)
             .zip(self.positions.par_chunks(PIECE))
             .for_each(|(out, pos)| keys_of(key, pos, out));
@@ -274,11 +282,7 @@ impl CandidateSet {
     /// The candidates whose key reaches their level's threshold, each piece writing its
     /// `kept[i]` entries straight into its place in the result.
     fn kept_at(&self, keys: &[u32], thresholds: &[u64], kept: &[usize]) -> KeptEntries {
-        let total = kept.iter().sum();
-        let mut out = KeptEntries {
-            positions: vec![0; total],
-            levels: vec![0; total],
-        };
+        let mut out = KeptEntries::filled(kept.iter().sum());
         let mut slices = Vec::with_capacity(kept.len());
         let (mut positions, mut levels) = (&mut out.positions[..], &mut out.levels[..]);
         for &n in kept {

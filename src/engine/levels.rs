@@ -3,23 +3,12 @@
 //! With the levels kept, pass 2 needs neither checkpoint again: the selection key of an element
 //! is a hash of its index ([`crate::algorithm::selection::element_key`]).
 
+use super::spare::Spare;
 use crate::simd::multiversion;
-use std::sync::Mutex;
 
 /// Buffers of levels no longer needed (spilled to the temporary file, or selected from), for
-/// the next tensor's ([`PackedLevels::buffer`]). Memory fresh from the system costs a page
-/// fault per 4 KiB page on its first touch (on the 2-vCPU test machine about 0.5 ms per MB,
-/// twice that with both threads faulting at once), and a large model's levels go through
-/// pass 1 and pass 2 one tensor after another: reused, they are faulted in once.
-static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-
-/// Bytes of buffers [`SPARE`] holds at most (the largest are kept).
-const SPARE_BYTES: usize = 128 << 20;
-
-/// The spare buffers, whatever a thread that panicked while holding them left (buffers only).
-fn spare() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
-    SPARE.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// the next tensor's ([`PackedLevels::buffer`]).
+static SPARE: Spare<u8> = Spare::new(128 << 20);
 
 /// The levels of one tensor.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -96,34 +85,12 @@ impl PackedLevels {
     /// ([`recycle`](Self::recycle)) that holds them, else a fresh one. Its contents are
     /// unspecified: the caller overwrites every byte.
     pub fn buffer(len: usize) -> Vec<u8> {
-        let reused = {
-            let mut spare = spare();
-            let fit = (0..spare.len())
-                .filter(|&i| spare[i].capacity() >= len)
-                .min_by_key(|&i| spare[i].capacity());
-            fit.map(|i| spare.swap_remove(i))
-        };
-        match reused {
-            Some(mut buf) => {
-                buf.truncate(len);
-                buf.resize(len, 0);
-                buf
-            }
-            None => vec![0u8; len],
-        }
+        SPARE.filled(len)
     }
 
-    /// Hands this tensor's buffer over to the next [`buffer`](Self::buffer) (the largest
-    /// spare buffers are kept, [`SPARE_BYTES`] in all).
+    /// Hands this tensor's buffer over to the next [`buffer`](Self::buffer).
     pub fn recycle(self) {
-        let mut spare = spare();
-        spare.push(self.data);
-        spare.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
-        let mut total = 0;
-        spare.retain(|b| {
-            total += b.capacity();
-            total <= SPARE_BYTES
-        });
+        SPARE.give(self.data);
     }
 
     /// Number of elements.

@@ -18,6 +18,7 @@ pub mod factory;
 pub mod gpu;
 mod kernels;
 pub mod levels;
+pub mod spare;
 
 pub use candidates::CandidateSet;
 pub use factory::{create, Fallback};
@@ -108,6 +109,27 @@ pub struct KeptEntries {
     pub positions: Vec<u32>,
     /// Quantization level of each kept element.
     pub levels: Vec<u8>,
+}
+
+/// Spare position and level buffers of entry lists ([`KeptEntries`], selection candidates, keys).
+pub(crate) static SPARE_U32: spare::Spare<u32> = spare::Spare::new(96 << 20);
+pub(crate) static SPARE_U8: spare::Spare<u8> = spare::Spare::new(32 << 20);
+
+impl KeptEntries {
+    /// `len` entries with unspecified values (the caller overwrites them), in reused memory
+    /// where there is some.
+    pub fn filled(len: usize) -> KeptEntries {
+        KeptEntries {
+            positions: SPARE_U32.filled(len),
+            levels: SPARE_U8.filled(len),
+        }
+    }
+
+    /// Hands the buffers over to the next entry list.
+    pub fn recycle(self) {
+        SPARE_U32.give(self.positions);
+        SPARE_U8.give(self.levels);
+    }
 }
 
 /// Why an engine could not process a tensor (the caller adds file and tensor names).

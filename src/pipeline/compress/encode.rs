@@ -151,6 +151,8 @@ impl Run<'_> {
                     .scaled_values(self.opts.params.rescale()),
             };
             norms.add(mi, m, matrix, &mut self.times.trace_norm);
+        } else {
+            kept.recycle();
         }
         let tail = std::mem::take(&mut analysis.tail);
         let streams = timed(&mut self.times.write, || {

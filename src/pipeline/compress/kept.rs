@@ -11,7 +11,7 @@
 use super::memory::{bytes_from_env, KEPT_LEVELS_BUDGET};
 use super::{timed, Run};
 use crate::algorithm::{TensorKey, TensorStats};
-use crate::engine::{CandidateSet, PackedLevels};
+use crate::engine::{CandidateSet, KeptEntries, PackedLevels};
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -125,8 +125,10 @@ impl ForSelection {
                 )
             }
             SpilledShape::Candidates { key, below, count } => {
-                let mut positions = vec![0u32; count];
-                let mut levels = vec![0u8; count];
+                let KeptEntries {
+                    mut positions,
+                    mut levels,
+                } = KeptEntries::filled(count);
                 file.read_exact_at(bytemuck::cast_slice_mut(&mut positions), offset)?;
                 file.read_exact_at(&mut levels, offset + 4 * count as u64)?;
                 ForSelection::Candidates(CandidateSet {
@@ -141,8 +143,9 @@ impl ForSelection {
 
     /// Hands its buffers back for the next tensor's ([`PackedLevels::recycle`]).
     pub fn recycle(self) {
-        if let ForSelection::Levels(l) = self {
-            l.recycle();
+        match self {
+            ForSelection::Levels(l) => l.recycle(),
+            ForSelection::Candidates(c) => c.recycle(),
         }
     }
 }
