@@ -188,21 +188,19 @@ impl CandidateSet {
         sigmas: f64,
     ) -> Result<KeptEntries, EngineError> {
         self.check_plan(plan)?;
-        let keys = self.keys();
         let windows = Windows::new(plan, sigmas);
-        let mut tally = self.tally(&keys, &windows);
+        let mut tally = self.tally(&windows);
         let thresholds = match tally.thresholds(plan, &windows) {
             Some(t) => t,
             None => {
                 let whole = Windows::whole(self.below.len());
-                tally = self.tally(&keys, &whole);
+                tally = self.tally(&whole);
                 tally.thresholds(plan, &whole).ok_or_else(|| {
                     EngineError::Inconsistent("no cut among the candidates".into())
                 })?
             }
         };
-        let kept = self.kept_at(&keys, &thresholds, &tally.kept_per_piece(&thresholds));
-        SPARE_U32.give(keys);
+        let kept = self.kept_at(&thresholds, &tally.kept_per_piece(&thresholds));
         check_kept(&kept, plan)?;
         Ok(kept)
     }
@@ -237,39 +235,32 @@ impl CandidateSet {
         Ok(())
     }
 
-    /// Every candidate's selection key, in parallel.
-    fn keys(&self) -> Vec<u32> {
-        let key = self.key;
-        let mut keys = SPARE_U32.filled(self.len());
-        keys.par_chunks_mut(PIECE)
-            .zip(self.positions.par_chunks(PIECE))
-            .for_each(|(out, pos)| keys_of(key, pos, out));
-        keys
-    }
-
-    /// Where the candidates' `keys` fall against `windows`, piece by piece.
-    fn tally(&self, keys: &[u32], windows: &Windows) -> Tally {
+    /// Where the candidates' keys fall against `windows`, piece by piece (keys computed a
+    /// run of [`RUN`] at a time).
+    fn tally(&self, windows: &Windows) -> Tally {
         let n_levels = self.below.len();
         let pieces = self
-            .levels
+            .positions
             .par_chunks(PIECE)
-            .zip(keys.par_chunks(PIECE))
-            .map(|(levels, keys)| {
-                let mut piece = PieceTally {
-                    under: vec![0; n_levels],
-                    ..Default::default()
-                };
-                for (&l, &k) in levels.iter().zip(keys) {
-                    let (lo, hi) = windows.of(l);
-                    let k64 = u64::from(k);
-                    if k64 < lo {
-                        piece.under[l as usize] += 1;
-                    } else if k64 < hi {
-                        piece.window.push((l, k));
-                    } else {
-                        piece.above += 1;
+            .zip(self.levels.par_chunks(PIECE))
+            .map(|(positions, levels)| {
+                let mut under = [0u64; 256];
+                let mut piece = PieceTally::default();
+                let mut keys = [0u32; RUN];
+                for (pos, lev) in positions.chunks(RUN).zip(levels.chunks(RUN)) {
+                    let keys = &mut keys[..pos.len()];
+                    keys_of(self.key, pos, keys);
+                    for (&l, &k) in lev.iter().zip(keys.iter()) {
+                        let (lo, hi) = windows.of(l);
+                        let k = u64::from(k);
+                        under[l as usize] += u64::from(k < lo);
+                        piece.above += usize::from(k >= hi);
+                        if k >= lo && k < hi {
+                            piece.window.push((l, k as u32));
+                        }
                     }
                 }
+                piece.under = under[..n_levels].to_vec();
                 piece
             })
             .collect();
@@ -280,8 +271,9 @@ impl CandidateSet {
     }
 
     /// The candidates whose key reaches their level's threshold, each piece writing its
-    /// `kept[i]` entries straight into its place in the result.
-    fn kept_at(&self, keys: &[u32], thresholds: &[u64], kept: &[usize]) -> KeptEntries {
+    /// `kept[i]` entries straight into its place in the result (compacted a run at a time
+    /// without a branch per candidate).
+    fn kept_at(&self, thresholds: &[u64], kept: &[usize]) -> KeptEntries {
         let mut out = KeptEntries::filled(kept.iter().sum());
         let mut slices = Vec::with_capacity(kept.len());
         let (mut positions, mut levels) = (&mut out.positions[..], &mut out.levels[..]);
@@ -291,21 +283,30 @@ impl CandidateSet {
             slices.push((p, l));
             (positions, levels) = (rest_p, rest_l);
         }
+        let mut threshold = [0u64; 256];
+        threshold[..thresholds.len()].copy_from_slice(thresholds);
         slices
             .into_par_iter()
             .zip(self.positions.par_chunks(PIECE))
             .zip(self.levels.par_chunks(PIECE))
-            .zip(keys.par_chunks(PIECE))
-            .for_each(|((((out_p, out_l), pos), lev), ks)| {
-                let mut at = 0;
-                for ((&p, &l), &k) in pos.iter().zip(lev).zip(ks) {
-                    if u64::from(k) >= thresholds[l as usize] {
-                        out_p[at] = p;
-                        out_l[at] = l;
-                        at += 1;
+            .for_each(|(((out_p, out_l), positions), levels)| {
+                let mut keys = [0u32; RUN];
+                let (mut run_p, mut run_l) = ([0u32; RUN], [0u8; RUN]);
+                let mut written = 0;
+                for (pos, lev) in positions.chunks(RUN).zip(levels.chunks(RUN)) {
+                    let keys = &mut keys[..pos.len()];
+                    keys_of(self.key, pos, keys);
+                    let mut at = 0;
+                    for ((&p, &l), &k) in pos.iter().zip(lev).zip(keys.iter()) {
+                        run_p[at] = p;
+                        run_l[at] = l;
+                        at += usize::from(u64::from(k) >= threshold[l as usize]);
                     }
+                    out_p[written..written + at].copy_from_slice(&run_p[..at]);
+                    out_l[written..written + at].copy_from_slice(&run_l[..at]);
+                    written += at;
                 }
-                debug_assert_eq!(at, out_p.len());
+                debug_assert_eq!(written, out_p.len());
             });
         out
     }
@@ -361,6 +362,9 @@ impl Tally {
 
 /// Candidates per parallel piece of [`CandidateSet::select`].
 const PIECE: usize = 1 << 16;
+
+/// Candidates whose keys are computed together (on the stack).
+const RUN: usize = 1024;
 
 crate::simd::multiversion! {
     /// `out[i] = element_key(key, positions[i])`.
