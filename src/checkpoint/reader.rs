@@ -432,14 +432,7 @@ impl Checkpoint {
 
     /// Reads the whole of tensor `t` into `buf` (resized to `t.len`; its capacity is reused).
     pub fn read_tensor(&self, t: &TensorEntry, buf: &mut Vec<u8>) -> Result<()> {
-        let shard = self.check_range(t, 0, t.len)?;
-        let len = usize::try_from(t.len).map_err(|_| {
-            Error::tensor(
-                &shard.path,
-                &t.name,
-                "tensor too large for this platform's memory",
-            )
-        })?;
+        let (_, len) = self.whole_tensor(t)?;
         // Only growth is zero-filled: the read overwrites every byte.
         buf.truncate(len);
         buf.resize(len, 0);
@@ -450,6 +443,16 @@ impl Checkpoint {
     /// when `t` is large and mostly not cached, straight into place; otherwise through the
     /// cache.
     pub fn read_tensor_into(&self, t: &TensorEntry, buf: &mut TensorBuf) -> Result<()> {
+        let (shard, len) = self.whole_tensor(t)?;
+        if self.read_direct(shard, t, len, buf) {
+            return Ok(());
+        }
+        self.read_range(t, 0, buf.prepare(len))
+    }
+
+    /// The shard of tensor `t` and its length in memory, once `t` is known to lie within its
+    /// shard and to fit this platform's memory.
+    fn whole_tensor(&self, t: &TensorEntry) -> Result<(&ShardFile, usize)> {
         let shard = self.check_range(t, 0, t.len)?;
         let len = usize::try_from(t.len).map_err(|_| {
             Error::tensor(
@@ -458,10 +461,7 @@ impl Checkpoint {
                 "tensor too large for this platform's memory",
             )
         })?;
-        if self.read_direct(shard, t, len, buf) {
-            return Ok(());
-        }
-        self.read_range(t, 0, buf.prepare(len))
+        Ok((shard, len))
     }
 
     /// Reads all of tensor `t` (`len` bytes) of `shard` into `buf` past the page cache when

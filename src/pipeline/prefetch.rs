@@ -286,18 +286,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn huge_buffers_are_freed_not_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let ckpt = checkpoint(dir.path(), 2);
-        let jobs = (0..2)
+    /// One job per tensor `t0` .. `t{n-1}` of `ckpt`.
+    fn one_tensor_jobs(ckpt: &Arc<Checkpoint>, n: usize) -> Vec<ReadJob> {
+        (0..n)
             .map(|i| {
                 vec![TensorRead {
                     ckpt: ckpt.clone(),
                     tensor: ckpt.get(&format!("t{i}")).unwrap().clone(),
                 }]
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn huge_buffers_are_freed_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = checkpoint(dir.path(), 2);
+        let jobs = one_tensor_jobs(&ckpt, 2);
         // A budget of one byte: while the first job is held, the reader waits before the
         // second (it takes no spare buffer meanwhile).
         let mut p = Prefetch::<Vec<u8>>::start_bounded(jobs, 1);
@@ -313,14 +318,7 @@ mod tests {
     fn a_byte_budget_holds_the_reader_back_but_always_allows_one_job() {
         let dir = tempfile::tempdir().unwrap();
         let ckpt = checkpoint(dir.path(), 3);
-        let jobs: Vec<ReadJob> = (0..3)
-            .map(|i| {
-                vec![TensorRead {
-                    ckpt: ckpt.clone(),
-                    tensor: ckpt.get(&format!("t{i}")).unwrap().clone(),
-                }]
-            })
-            .collect();
+        let jobs = one_tensor_jobs(&ckpt, 3);
         // A budget below one job (4,000 bytes): nothing is read ahead of the consumer, yet
         // every job comes.
         let mut p = Prefetch::<Vec<u8>>::start_bounded(jobs, 1);
