@@ -130,6 +130,22 @@ fn cpu_run_reads_each_compressed_input_once_and_touches_no_device() {
     }
 }
 
+/// Whether the file system holding the checkpoint directory `dir` accepts `O_DIRECT`.
+fn direct_io_supported(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::read_dir(dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(file)
+        .is_ok()
+}
+
 /// Drops the page cache of every file under `dir` (written through first).
 fn evict(dir: &Path) {
     use std::os::unix::io::AsRawFd;
@@ -167,7 +183,13 @@ fn tensors_not_cached_are_read_past_the_page_cache_to_the_same_file() {
     let (direct, got) = run("direct", "1");
     let inputs = counter(&direct, "compressed_input_bytes");
     let read_direct = counter(&direct, "bytes_read_direct");
-    assert!(2 * read_direct >= inputs, "{read_direct} of {inputs}");
+    if direct_io_supported(&base) {
+        assert!(2 * read_direct >= inputs, "{read_direct} of {inputs}");
+    } else {
+        // A file system that refuses O_DIRECT: every read falls back to the page cache.
+        eprintln!("\n!!!!!!!! O_DIRECT refused here: only the fallback was exercised\n");
+        assert_eq!(read_direct, 0);
+    }
     assert_eq!(
         counter(&direct, "bytes_read"),
         counter(&buffered, "bytes_read")

@@ -266,7 +266,13 @@ mod tests {
     fn direct_reads_equal_the_bytes_at_any_offset_and_length() {
         let len = 2 * PIECE + 3 * ALIGN + 123;
         let (_dir, file, data) = pattern_file(len);
-        let direct = reopen_direct(&file).expect("O_DIRECT on the build directory's file system");
+        let Some(direct) = reopen_direct(&file) else {
+            // Some file systems (older tmpfs, some container overlays) refuse O_DIRECT: there
+            // the reader always reads through the page cache, which `tests/io_counters.rs`
+            // checks. Said loudly, as nothing of this test applies.
+            eprintln!("\n!!!!!!!! O_DIRECT refused under target/: direct reads not exercised\n");
+            return;
+        };
         let mut long: Option<TensorBuf> = None;
         // Unaligned starts and ends, one and several pieces, up to the file's last byte.
         for (offset, n) in [
