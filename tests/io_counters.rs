@@ -167,6 +167,7 @@ fn evict(dir: &Path) {
 fn tensors_not_cached_are_read_past_the_page_cache_to_the_same_file() {
     // On the build directory's disk (`/tmp` may be a tmpfs, which has no page cache to skip).
     let target = concat!(env!("CARGO_MANIFEST_DIR"), "/target");
+    std::fs::create_dir_all(target).unwrap();
     let dir = tempfile::tempdir_in(target).unwrap();
     let (base, fts) = synth(dir.path(), 1);
     let run = |name: &str, setting: &str| {
