@@ -17,13 +17,15 @@
 //! entry below `t_v` is pruned by it anyway.
 //!
 //! A candidate takes 5 bytes (position and level) against half a byte per element for the
-//! packed levels at 4 bits: candidates are kept when they are fewer than a tenth of the
-//! elements (at the default sparsity 0.95 and step 0.01 they are about 6 %).
+//! packed levels at 4 bits (one byte above): candidates are kept when they are expected to
+//! take fewer bytes than the levels, at 4 bits when they are fewer than a tenth of the
+//! elements (at the default sparsity 0.95 and step 0.01 they are about 6.5 %).
 
 use super::cpu::{
-    for_chunks, level_histogram, thresholds_in_windows, window_start, Windows, WINDOW_SIGMAS,
+    for_chunks, level_histogram, prefilter_keys, thresholds_in_windows, window_start, Windows,
+    WINDOW_SIGMAS,
 };
-use super::{check_kept, kernels, EngineError, KeptEntries, PackedLevels, SPARE_U32, SPARE_U8};
+use super::{check_kept, kernels, EngineError, KeptEntries, PackedLevels};
 use crate::algorithm::selection::element_key;
 use crate::algorithm::{SelectionPlan, TensorKey, TensorStats};
 use rayon::prelude::*;
@@ -94,12 +96,7 @@ impl CandidateSet {
         floor_keys: &[u64],
     ) -> CandidateSet {
         let n_levels = floor_keys.len();
-        // The vector prefilter's u32 keys: a floor key of 2^32 lets the largest key through,
-        // and the test below drops it.
-        let mut min_key = [u32::MAX; 256];
-        for (m, &t) in min_key.iter_mut().zip(floor_keys) {
-            *m = t.min(u32::MAX as u64) as u32;
-        }
+        let min_key = prefilter_keys(floor_keys.iter().copied());
         let pieces = for_chunks(levels.numel(), |start, len, sc| {
             let slice = levels.slice(start, len);
             kernels::candidates_into(
@@ -123,30 +120,25 @@ impl CandidateSet {
             }
             piece
         });
-        let total = pieces.iter().map(|p| p.positions.len()).sum();
-        let mut set = CandidateSet {
-            key,
-            below: vec![0; n_levels],
-            positions: SPARE_U32.with_capacity(total),
-            levels: SPARE_U8.with_capacity(total),
-        };
-        for p in pieces {
-            set.positions.extend_from_slice(&p.positions);
-            set.levels.extend_from_slice(&p.levels);
-        }
-        let candidates = level_histogram(&set.levels, n_levels);
-        set.below = histogram
+        let KeptEntries { positions, levels } = KeptEntries::concat(pieces);
+        let candidates = level_histogram(&levels, n_levels);
+        let below = histogram
             .iter()
             .zip(&candidates)
             .map(|(n, c)| n - c)
             .collect();
-        set
+        CandidateSet {
+            key,
+            below,
+            positions,
+            levels,
+        }
     }
 
     /// Hands the buffers over to the next tensor's.
     pub fn recycle(self) {
-        SPARE_U32.give(self.positions);
-        SPARE_U8.give(self.levels);
+        let (positions, levels) = (self.positions, self.levels);
+        KeptEntries { positions, levels }.recycle();
     }
 
     /// Number of candidates.

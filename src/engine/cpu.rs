@@ -444,12 +444,19 @@ impl Windows {
     /// u32 (a start of 2^32 lets the largest key through, and [`ChunkSelection::add`] drops
     /// it).
     fn min_keys(&self) -> [u32; 256] {
-        let mut min_key = [u32::MAX; 256];
-        for (m, &(w_lo, _)) in min_key.iter_mut().zip(&self.list) {
-            *m = w_lo.min(u32::MAX as u64) as u32;
-        }
-        min_key
+        prefilter_keys(self.list.iter().map(|&(w_lo, _)| w_lo))
     }
+}
+
+/// The vector prefilter's minimum key per level from each level's lowest key of interest
+/// (`starts`, one per level): the start where that fits a u32; a start of 2^32 lets the
+/// largest key through, and the caller's exact test drops it. Levels beyond get `u32::MAX`.
+pub(super) fn prefilter_keys(starts: impl IntoIterator<Item = u64>) -> [u32; 256] {
+    let mut min_key = [u32::MAX; 256];
+    for (m, start) in min_key.iter_mut().zip(starts) {
+        *m = start.min(u32::MAX as u64) as u32;
+    }
+    min_key
 }
 
 /// What one piece of a selection pass contributes: the keys inside each level's window, and
@@ -593,15 +600,7 @@ fn kept_from_parts(
         })
         .collect();
     drop(parts);
-    let total_kept = plan.kept() as usize;
-    let mut kept = KeptEntries {
-        positions: Vec::with_capacity(total_kept),
-        levels: Vec::with_capacity(total_kept),
-    };
-    for piece in pieces {
-        kept.positions.extend_from_slice(&piece.positions);
-        kept.levels.extend_from_slice(&piece.levels);
-    }
+    let kept = KeptEntries::concat(pieces);
     check_kept(&kept, plan)?;
     Ok(kept)
 }

@@ -111,7 +111,7 @@ pub struct KeptEntries {
     pub levels: Vec<u8>,
 }
 
-/// Spare position and level buffers of entry lists ([`KeptEntries`], selection candidates, keys).
+/// Spare position and level buffers of entry lists ([`KeptEntries`], selection candidates).
 pub(crate) static SPARE_U32: spare::Spare<u32> = spare::Spare::new(96 << 20);
 pub(crate) static SPARE_U8: spare::Spare<u8> = spare::Spare::new(32 << 20);
 
@@ -129,6 +129,20 @@ impl KeptEntries {
     pub fn recycle(self) {
         SPARE_U32.give(self.positions);
         SPARE_U8.give(self.levels);
+    }
+
+    /// The entries of `pieces` one after another, in reused memory where there is some.
+    pub fn concat(pieces: Vec<KeptEntries>) -> KeptEntries {
+        let total = pieces.iter().map(|p| p.positions.len()).sum();
+        let mut all = KeptEntries {
+            positions: SPARE_U32.with_capacity(total),
+            levels: SPARE_U8.with_capacity(total),
+        };
+        for p in pieces {
+            all.positions.extend_from_slice(&p.positions);
+            all.levels.extend_from_slice(&p.levels);
+        }
+        all
     }
 }
 

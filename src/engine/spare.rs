@@ -26,27 +26,36 @@ impl<T: Copy + Default> Spare<T> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The smallest spare vector with room for `capacity` values, as its last user left it.
+    fn take(&self, capacity: usize) -> Option<Vec<T>> {
+        let mut pool = self.pool();
+        let fit = (0..pool.len())
+            .filter(|&i| pool[i].capacity() >= capacity)
+            .min_by_key(|&i| pool[i].capacity());
+        fit.map(|i| pool.swap_remove(i))
+    }
+
     /// An empty vector with room for `capacity` values: the smallest spare one that has it,
     /// else a fresh one.
     pub fn with_capacity(&self, capacity: usize) -> Vec<T> {
-        let reused = {
-            let mut pool = self.pool();
-            let fit = (0..pool.len())
-                .filter(|&i| pool[i].capacity() >= capacity)
-                .min_by_key(|&i| pool[i].capacity());
-            fit.map(|i| pool.swap_remove(i))
-        };
-        let mut v = reused.unwrap_or_else(|| Vec::with_capacity(capacity));
+        let mut v = self
+            .take(capacity)
+            .unwrap_or_else(|| Vec::with_capacity(capacity));
         v.clear();
         v
     }
 
     /// A vector of `len` values; the values are unspecified (the caller overwrites them):
-    /// only memory that no earlier use touched is filled.
+    /// only the part beyond what the spare vector's last user filled is written.
     pub fn filled(&self, len: usize) -> Vec<T> {
-        let mut v = self.with_capacity(len);
-        v.resize(len, T::default());
-        v
+        match self.take(len) {
+            Some(mut v) => {
+                v.truncate(len);
+                v.resize(len, T::default());
+                v
+            }
+            None => vec![T::default(); len],
+        }
     }
 
     /// Hands `v` over to the next caller (the largest spare buffers are kept).
@@ -77,9 +86,10 @@ mod tests {
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         spare.give(a);
         spare.give(b);
-        // 40 values fit in both: the smaller one comes back, cleared then filled.
+        // 40 values fit in both: the smaller one comes back, its values left as they were.
         let v = spare.filled(40);
         assert_eq!((v.as_ptr(), v.len()), (pb, 40));
+        assert!(v.iter().all(|&x| x == 2));
         let w = spare.with_capacity(60);
         assert_eq!((w.as_ptr(), w.len()), (pa, 0));
         // Nothing left that fits: a fresh one.
